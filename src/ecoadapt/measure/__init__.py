@@ -1,0 +1,1 @@
+"""Measurements of a run: memory, environment (and, in later modules, energy and FLOPs)."""

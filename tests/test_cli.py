@@ -1,0 +1,109 @@
+"""`ecoadapt adapt` end to end on tiny models, and its answers to bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from ecoadapt.cli import main
+
+
+def write_config(tmp_path, model, corpus, **sections):
+    cfg = {
+        "model": {"name_or_path": str(model)},
+        "data": {"train": [str(corpus)], "text_field": "caption", "max_seq_len": 16, "eval_fraction": 0.1},
+        "train": {"max_steps": 6, "micro_batch_size": 4, "lr": 5e-3, "log_every": 2},
+        "output": {"dir": str(tmp_path / "run")},
+    }
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_adapt_mlm_end_to_end(tmp_path, tiny_bert, corpus_jsonl, capsys):
+    path = write_config(tmp_path, tiny_bert, corpus_jsonl, train={"grad_accum": 2})
+    assert main(["adapt", str(path)]) == 0
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert summary["objective"] == "mlm"
+    assert summary["steps"] == 6
+    assert summary["tokens"] == 6 * 2 * 4 * 16
+    assert summary["tokens_per_s"] > 0 and summary["time_s"] > 0
+    assert summary["eval"]["loss"] < summary["eval"]["loss_before"]
+    assert summary["memory"]["peak_bytes"] > 0 and summary["memory"]["device"] == "cpu"
+    assert summary["environment"]["torch"]
+    assert summary["config"]["train"]["grad_accum"] == 2
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["grad_accum"] == 2
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [2, 4, 6]
+    assert {"step", "loss", "lr", "tokens", "elapsed_s"} <= lines[0].keys()
+    from transformers import AutoModelForMaskedLM
+
+    assert AutoModelForMaskedLM.from_pretrained(run / "model") is not None
+    assert "held-out loss" in capsys.readouterr().out
+
+
+def test_adapt_clm_lora_saves_a_loadable_adapter_and_merged_model(tmp_path, tiny_llama, corpus_jsonl):
+    path = write_config(tmp_path, tiny_llama, corpus_jsonl, lora={"enabled": True, "r": 4, "merge": True})
+    assert main(["adapt", str(path), "--set", "train.max_steps=8"]) == 0
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["objective"] == "clm" and summary["model"]["lora"] is True
+    assert summary["steps"] == 8
+    assert summary["eval"]["perplexity"] < summary["eval"]["perplexity_before"]
+    assert summary["model"]["parameters"]["trainable"] < summary["model"]["parameters"]["total"]
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    assert isinstance(PeftModel.from_pretrained(base, run / "adapter"), PeftModel)
+    assert AutoModelForCausalLM.from_pretrained(run / "model") is not None
+    assert not list(run.glob(".*.tmp"))
+
+
+def test_bad_corpus_exits_2_and_writes_nothing(tmp_path, tiny_bert, capsys):
+    path = write_config(tmp_path, tiny_bert, tmp_path / "missing*.jsonl")
+    assert main(["adapt", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "missing*.jsonl' matches no file" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_field_exits_2_naming_file_and_line(tmp_path, tiny_bert, corpus_jsonl, capsys):
+    corpus_jsonl.write_text(corpus_jsonl.read_text() + '{"text": "no caption here"}\n')
+    path = write_config(tmp_path, tiny_bert, corpus_jsonl)
+    assert main(["adapt", str(path)]) == 2
+    assert "corpus.jsonl:401: no field 'caption'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_existing_run_dir_is_not_overwritten(tmp_path, tiny_bert, corpus_jsonl, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "keep.txt").write_text("precious")
+    path = write_config(tmp_path, tiny_bert, corpus_jsonl)
+    assert main(["adapt", str(path)]) == 2
+    assert "already holds files" in capsys.readouterr().err
+    assert (tmp_path / "run" / "keep.txt").read_text() == "precious"
+
+
+def test_unknown_key_and_missing_model(tmp_path, tiny_bert, corpus_jsonl, capsys):
+    path = write_config(tmp_path, tiny_bert, corpus_jsonl)
+    assert main(["adapt", str(path), "--set", "train.micro_batch=2"]) == 2
+    assert "did you mean 'train.micro_batch_size'" in capsys.readouterr().err
+    assert main(["adapt", str(path), "--set", f"model.name_or_path={tmp_path}/nope"]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    with pytest.raises(Exception, match="no such folder"):
+        main(["--debug", "adapt", str(path), "--set", f"model.name_or_path={tmp_path}/nope"])
+
+
+def test_console_entry_point_exit_status(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    proc = subprocess.run([sys.executable, "-m", "ecoadapt", "adapt", str(bad)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "invalid YAML" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,99 @@
+"""Config loading, overrides, and the errors a user meets."""
+
+from pathlib import Path
+
+import pytest
+
+from ecoadapt import config
+from ecoadapt.cli import keys_help, preset_names, resolve_config
+from ecoadapt.errors import UserError
+
+BASE = "model:\n  name_or_path: m\ndata:\n  train: [c.txt]\n"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_and_overrides_are_typed(tmp_path):
+    path = write(tmp_path, BASE + "train:\n  lr: 1e-4\n  max_steps: 7\n")
+    cfg = config.load(path, ["train.grad_accum=4", "lora.enabled=true", "train.trainable_layers=2"])
+    assert cfg.train.lr == pytest.approx(1e-4)  # PyYAML reads 1e-4 as a string; we accept it
+    assert cfg.train.max_steps == 7
+    assert cfg.train.grad_accum == 4
+    assert cfg.lora.enabled is True
+    assert cfg.train.trainable_layers == 2
+    assert cfg.data.train == ["c.txt"]
+
+
+def test_single_string_becomes_a_list(tmp_path):
+    cfg = config.load(None, ["model.name_or_path=m", "data.train=a/*.txt"])
+    assert cfg.data.train == ["a/*.txt"]
+
+
+def test_unknown_key_names_the_closest(tmp_path):
+    with pytest.raises(UserError, match=r"unknown key 'train\.lrr'.*did you mean 'train\.lr'"):
+        config.load(write(tmp_path, BASE + "train:\n  lrr: 0.1\n"))
+
+
+def test_unknown_section_names_the_closest(tmp_path):
+    with pytest.raises(UserError, match=r"unknown section 'trian'.*'train'"):
+        config.load(write(tmp_path, BASE + "trian:\n  lr: 0.1\n"))
+
+
+def test_unknown_override_key():
+    with pytest.raises(UserError, match=r"--set.*unknown key 'data\.max_seq'.*data\.max_seq_len"):
+        config.load(None, ["model.name_or_path=m", "data.train=x", "data.max_seq=3"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.max_steps=-3", r"train\.max_steps = -3 is not valid: must be at least 1"),
+        ("train.max_steps=abc", r"train\.max_steps = 'abc' is not valid: expected an integer or null"),
+        ("precision.mode=fp8", r"precision\.mode = 'fp8' is not valid: expected one of fp32"),
+        ("data.eval_fraction=1.5", r"data\.eval_fraction = 1\.5 is not valid"),
+        ("lora.enabled=maybe", r"lora\.enabled = 'maybe' is not valid: expected true or false"),
+        ("train.trainable_layers=0", r"train\.trainable_layers = 0 is not valid"),
+    ],
+)
+def test_bad_values_name_key_and_expectation(tmp_path, override, message):
+    with pytest.raises(UserError, match=message):
+        config.load(write(tmp_path, BASE), [override])
+
+
+def test_invalid_yaml_names_file_and_line(tmp_path):
+    path = write(tmp_path, BASE + "train:\n  lr: [1, 2\n  x: 3\n")
+    with pytest.raises(UserError, match=r"run\.yaml: line \d+, column \d+: invalid YAML"):
+        config.load(path)
+
+
+def test_missing_model_and_corpus_are_reported():
+    with pytest.raises(UserError, match="model.name_or_path"):
+        config.load(None, ["data.train=x"])
+    with pytest.raises(UserError, match="data.train"):
+        config.load(None, ["model.name_or_path=m"])
+
+
+def test_round_trip_through_dump(tmp_path):
+    cfg = config.load(write(tmp_path, BASE), ["train.lr=0.001", "lora.target_modules=[q, v]"])
+    again = config.from_dict(__import__("yaml").safe_load(config.dump(cfg)))
+    assert again == cfg
+
+
+def test_help_comes_from_field_docstrings():
+    text = keys_help()
+    for key, _, _, doc in config.all_keys():
+        assert key in text
+        assert doc, f"{key} has no docstring"
+    assert "Optimizer steps" in text
+
+
+def test_every_shipped_preset_loads():
+    names = preset_names()
+    assert "quickstart" in names
+    for name in names:
+        cfg = config.load(resolve_config(name))
+        assert cfg.model.name_or_path and cfg.data.train

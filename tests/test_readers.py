@@ -1,0 +1,112 @@
+"""Corpus readers: every format, and the messages for bad input."""
+
+import json
+
+import pytest
+
+from ecoadapt.data import readers
+from ecoadapt.errors import UserError
+
+
+def texts(path, **kw):
+    return [d.text for d in readers.read(str(path), **kw)]
+
+
+def test_txt_is_one_document_per_line_and_skips_blank_lines(tmp_path):
+    p = tmp_path / "a.txt"
+    p.write_text("first doc\n\n   \nsecond doc\n")
+    assert texts(p) == ["first doc", "second doc"]
+
+
+def test_jsonl(tmp_path):
+    p = tmp_path / "a.jsonl"
+    p.write_text('{"text": "one"}\n\n{"text": "two", "x": 1}\n')
+    assert texts(p) == ["one", "two"]
+
+
+def test_jsonl_bad_line_is_named(tmp_path):
+    p = tmp_path / "a.jsonl"
+    p.write_text('{"text": "one"}\n{"text": broken\n')
+    with pytest.raises(UserError, match=r"a\.jsonl:2: not valid JSON"):
+        texts(p)
+
+
+def test_missing_field_names_file_line_and_fields(tmp_path):
+    p = tmp_path / "a.jsonl"
+    p.write_text('{"text": "one"}\n{"body": "two"}\n')
+    with pytest.raises(UserError, match=r"a\.jsonl:2: no field 'text' \(fields: body\)"):
+        texts(p)
+
+
+def test_json_list(tmp_path):
+    p = tmp_path / "a.json"
+    p.write_text(json.dumps([{"question": "what is this?"}, {"question": "color?"}]))
+    assert texts(p, text_field="question") == ["what is this?", "color?"]
+
+
+def test_coco_captions_pick_the_list_with_the_field(tmp_path):
+    p = tmp_path / "captions.json"
+    coco = {
+        "info": {"year": 2019},
+        "images": [{"id": 1, "file_name": "x.jpg"}],
+        "annotations": [{"id": 5, "image_id": 1, "caption": "A tan couch."}, {"id": 6, "caption": "A lamp."}],
+    }
+    p.write_text(json.dumps(coco))
+    assert texts(p, text_field="caption") == ["A tan couch.", "A lamp."]
+
+
+def test_json_key_and_ambiguity(tmp_path):
+    p = tmp_path / "a.json"
+    p.write_text(json.dumps({"a": [{"text": "x"}], "b": [{"text": "y"}]}))
+    with pytest.raises(UserError, match="several lists hold 'text'.*set data.json_key"):
+        texts(p)
+    assert texts(p, json_key="b") == ["y"]
+    with pytest.raises(UserError, match="data.json_key 'c'"):
+        texts(p, json_key="c")
+
+
+@pytest.mark.parametrize(("suffix", "sep"), [(".csv", ","), (".tsv", "\t")])
+def test_tables(tmp_path, suffix, sep):
+    p = tmp_path / f"a{suffix}"
+    p.write_text(f"id{sep}body\n1{sep}hello there\n2{sep}\n3{sep}general kenobi\n")
+    assert texts(p, text_field="body") == ["hello there", "general kenobi"]
+    with pytest.raises(UserError, match=rf"a\{suffix}:1: no column 'text' \(columns: id, body\)"):
+        texts(p)
+
+
+def test_not_utf8_names_line(tmp_path):
+    p = tmp_path / "a.txt"
+    p.write_bytes(b"fine\nstill fine\nbad \xff byte\n")
+    with pytest.raises(UserError, match=r"a\.txt:3: not UTF-8"):
+        texts(p)
+
+
+def test_resolve_globs_and_errors(tmp_path):
+    (tmp_path / "b.txt").write_text("x\n")
+    (tmp_path / "a.txt").write_text("y\n")
+    (tmp_path / "c.bin").write_text("z\n")
+    assert readers.resolve([str(tmp_path / "*.txt")]) == [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")]
+    assert readers.resolve(["a.txt"], base=tmp_path) == [str(tmp_path / "a.txt")]
+    with pytest.raises(UserError, match="matches no file"):
+        readers.resolve([str(tmp_path / "nope*.txt")])
+    with pytest.raises(UserError, match="unknown corpus type '.bin'"):
+        readers.resolve([str(tmp_path / "c.bin")])
+    with pytest.raises(UserError, match="unknown builtin corpus"):
+        readers.resolve(["builtin:nope"])
+
+
+def test_empty_corpus(tmp_path):
+    p = tmp_path / "a.txt"
+    p.write_text("\n\n")
+    with pytest.raises(UserError, match="holds no text"):
+        readers.read_all([str(p)])
+
+
+def test_builtin_python_docstrings_is_real_text():
+    docs = []
+    for doc in readers.read("builtin:python-docstrings"):
+        docs.append(doc.text)
+        if len(docs) == 200:
+            break
+    assert len(docs) == 200
+    assert all(len(d) >= 40 and "\n" not in d for d in docs)
