@@ -77,3 +77,23 @@ def test_lora_bad_target_modules(tiny_llama):
     loaded = models.load(ModelConfig(str(tiny_llama)), 32)
     with pytest.raises(UserError, match="lora.target_modules"):
         adapters.prepare(loaded, TrainConfig(), LoraConfig(enabled=True, target_modules=["nope_proj"]))
+
+
+def test_hub_id_loads_from_the_local_cache_only(tiny_llama, tmp_path, monkeypatch):
+    # Lay the tiny model out as the Hugging Face cache does: models--ORG--NAME/snapshots/REV.
+    repo = tmp_path / "hub" / "models--tiny-org--tiny-llama"
+    snapshot = repo / "snapshots" / "0123456789abcdef"
+    snapshot.mkdir(parents=True)
+    for f in tiny_llama.iterdir():
+        (snapshot / f.name).write_bytes(f.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123456789abcdef")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    loaded = models.load(ModelConfig("tiny-org/tiny-llama"), 32)
+    assert loaded.objective == "clm"
+    assert loaded.source == "tiny-org/tiny-llama"
+    with pytest.raises(UserError, match="not in the local Hugging Face cache"):
+        models.load(ModelConfig("tiny-org/other-model"), 32)

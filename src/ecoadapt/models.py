@@ -8,8 +8,10 @@ once instead of a hang on the network.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,6 +80,24 @@ def resolve(name_or_path: str) -> tuple[str, str | None, bool]:
     return name_or_path, None, False
 
 
+@contextlib.contextmanager
+def offline() -> Iterator[None]:
+    """No network for the Hugging Face hub client inside this block.
+
+    ``local_files_only`` alone does not cover every lookup (transformers still probes the hub
+    for optional files of a cached repo, with retries and back-off), so the hub client's own
+    offline switch is turned on, and restored afterwards.
+    """
+    import huggingface_hub.constants as hub_constants
+
+    before = hub_constants.HF_HUB_OFFLINE
+    hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub_constants.HF_HUB_OFFLINE = before
+
+
 def detect_objective(config: Any) -> str:
     """Masked LM for encoders (BERT-like), causal LM for decoders, from the architecture."""
     from transformers.models.auto.modeling_auto import (
@@ -114,7 +134,8 @@ def load(cfg: ModelConfig, seq_len: int, seed: int = 0) -> LoadedModel:
     transformers.logging.set_verbosity_error()  # we report missing weights ourselves, below
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
-        config = AutoConfig.from_pretrained(where, **kwargs)
+        with offline():
+            config = AutoConfig.from_pretrained(where, **kwargs)
     except (OSError, ValueError) as e:
         if local:
             raise UserError(f"model.name_or_path: cannot read a model config from {cfg.name_or_path} ({e})") from None
@@ -130,10 +151,11 @@ def load(cfg: ModelConfig, seq_len: int, seed: int = 0) -> LoadedModel:
     auto = AutoModelForMaskedLM if objective == "mlm" else AutoModelForCausalLM
     torch.manual_seed(seed)  # newly initialised heads start the same in every run of a seed
     try:
-        model, info = auto.from_pretrained(  # type: ignore[misc]
-            where, output_loading_info=True, dtype=torch.float32, **kwargs
-        )
-        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+        with offline():
+            model, info = auto.from_pretrained(  # type: ignore[misc]
+                where, output_loading_info=True, dtype=torch.float32, **kwargs
+            )
+            tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
     except ValueError as e:
         raise UserError(f"model: {cfg.name_or_path} cannot be loaded for objective {objective} ({e})") from None
     if objective == "mlm" and tokenizer.mask_token_id is None:
