@@ -21,7 +21,8 @@ from ecoadapt.data import corpus, readers
 from ecoadapt.data.batches import BlockLoader, MaskSpec
 from ecoadapt.errors import UserError
 from ecoadapt.evaluate import heldout
-from ecoadapt.measure import environment, memory
+from ecoadapt.measure import energy, environment, memory
+from ecoadapt.measure.budget import Budget
 from ecoadapt.precision import Policy
 from ecoadapt.progress import Progress, say
 
@@ -88,10 +89,15 @@ def run(cfg: RunConfig, base: Path | None = None) -> dict[str, Any]:
     models.resolve(cfg.model.name_or_path)
     device = pick_device(cfg.train.device)
     phases: dict[str, float] = {}
+    chosen = energy.choose(cfg.measure.energy, cfg.measure.cpu_watts_per_core, cfg.measure.memory_watts_per_gib)
+    for note in chosen.notes:
+        say(note)
+    tracker = energy.EnergyTracker(chosen.meter)
 
     rss_before_load = memory.rss_bytes()
     t = time.perf_counter()
     say(f"loading {cfg.model.name_or_path} ...")
+    tracker.begin_window("load")
     loaded = models.load(cfg.model, cfg.data.max_seq_len, cfg.train.seed)
     phases["load_s"] = time.perf_counter() - t
     if loaded.fresh:
@@ -100,6 +106,7 @@ def run(cfg: RunConfig, base: Path | None = None) -> dict[str, Any]:
     t = time.perf_counter()
     blocks = corpus.build(cfg.data, loaded.tokenizer, loaded.objective, base)
     phases["tokenize_s"] = time.perf_counter() - t
+    tracker.end_window("load")  # loading the model and tokenizing the corpus
     stats = blocks.stats
     say(
         f"corpus: {stats['train_documents']} train / {stats['eval_documents']} held-out documents, "
@@ -132,7 +139,9 @@ def run(cfg: RunConfig, base: Path | None = None) -> dict[str, Any]:
     rundir.atomic_write_text(run_dir / "config.yaml", dump(cfg))
     summary: dict[str, Any] = {"status": "failed", "config": cfg.to_dict()}
     try:
+        tracker.begin_window("eval")
         before = heldout(model, eval_blocks, loaded.objective, mask, cfg.train.micro_batch_size, policy, device)
+        tracker.end_window("eval")
         say(f"held-out loss before: {before['loss']:.4f}")
         torch.manual_seed(cfg.train.seed)  # dropout masks depend on the seed alone
         memory.reset_cuda_peak(device)
@@ -144,20 +153,46 @@ def run(cfg: RunConfig, base: Path | None = None) -> dict[str, Any]:
             rundir.append_jsonl(metrics, record.__dict__)
             progress.update(record.step, record.loss, record.tokens_per_s)
 
-        result = train_loop.run(model, loader, steps, cfg.train, loaded.objective, policy, device, on_log)
+        tracker.begin_window("train")
+        limits = Budget(cfg.budget, tracker, steps, say)
+        result = train_loop.run(
+            model,
+            loader,
+            steps,
+            cfg.train,
+            loaded.objective,
+            policy,
+            device,
+            on_log,
+            limits.check if limits.active else None,
+        )
+        train_energy = tracker.end_window("train")
         progress.close()
+        if result.stopped_by:
+            say(f"stopped by budget.{result.stopped_by} after {result.steps} of {steps} steps; evaluating and saving")
+        tracker.begin_window("eval_after")
         after = heldout(model, eval_blocks, loaded.objective, mask, cfg.train.micro_batch_size, policy, device)
+        tracker.end_window("eval_after")
         say(f"held-out loss after: {after['loss']:.4f} (before {before['loss']:.4f})")
         mem = memory.report(device, rss_before_load)
 
         t = time.perf_counter()
+        tracker.begin_window("save")
         saved = save(model, loaded.tokenizer, run_dir, plan.lora, cfg.lora.merge) if cfg.output.save_model else []
+        tracker.end_window("save")
         phases["save_s"] = time.perf_counter() - t
+        energy_summary = tracker.summary()
+        if energy_summary is not None:
+            energy_summary["train_joules"] = train_energy.joules
+            energy_summary["tokens_per_joule"] = result.tokens / train_energy.joules if train_energy.joules else None
+            gain = before["loss"] - after["loss"]
+            energy_summary["joules_per_loss_point"] = train_energy.joules / gain if gain > 0 else None
         phases["train_s"] = result.time_s
         phases["eval_s"] = before["time_s"] + after["time_s"]
         summary.update(
             {
-                "status": "completed",
+                "status": "stopped_by_budget" if result.stopped_by else "completed",
+                "budget": limits.summary(result),
                 "objective": loaded.objective,
                 "model": {
                     "source": loaded.source,
@@ -187,7 +222,7 @@ def run(cfg: RunConfig, base: Path | None = None) -> dict[str, Any]:
                     "blocks": len(eval_blocks),
                 },
                 "precision": policy.summary(),
-                "energy": None,
+                "energy": energy_summary,
                 "memory": mem,
                 "mfu": None,
                 "task": None,

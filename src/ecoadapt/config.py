@@ -132,6 +132,33 @@ class TrainConfig:
 
 
 @dataclass
+class MeasureConfig:
+    """How energy is measured or estimated."""
+
+    energy: Literal["auto", "rapl", "estimate", "off"] = "auto"
+    """Energy meter: rapl (CPU package and DRAM counters, measured), estimate (CPU time x
+    watts per core + memory), auto (measured where the machine allows, else estimated, saying
+    why), off."""
+    cpu_watts_per_core: float = 7.5
+    """Estimator input: watts drawn by one fully busy CPU core (your CPU's TDP / cores is a
+    fair value)."""
+    memory_watts_per_gib: float = 0.375
+    """Estimator input: watts per GiB of resident memory."""
+
+
+@dataclass
+class BudgetConfig:
+    """Limits a run stops at (checked after every optimizer step)."""
+
+    energy_j: float | None = None
+    """Stop after this many joules of training (as the energy meter counts them)."""
+    time_s: float | None = None
+    """Stop after this many seconds of training."""
+    tokens: int | None = None
+    """Stop after this many training tokens."""
+
+
+@dataclass
 class OutputConfig:
     """Where the run directory goes."""
 
@@ -152,6 +179,8 @@ class RunConfig:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -338,6 +367,13 @@ def check(cfg: RunConfig, source: str = "config") -> None:
     need(t.max_grad_norm is None or t.max_grad_norm > 0, "train.max_grad_norm", "must be positive")
     need(t.trainable_layers == "all" or t.trainable_layers >= 1, "train.trainable_layers", "at least 1, or all")
     need(t.log_every >= 1, "train.log_every", "must be at least 1")
+    need(cfg.measure.cpu_watts_per_core > 0, "measure.cpu_watts_per_core", "must be positive")
+    need(cfg.measure.memory_watts_per_gib >= 0, "measure.memory_watts_per_gib", "must not be negative")
+    b = cfg.budget
+    need(b.energy_j is None or b.energy_j > 0, "budget.energy_j", "must be positive (or null)")
+    need(b.time_s is None or b.time_s > 0, "budget.time_s", "must be positive (or null)")
+    need(b.tokens is None or b.tokens > 0, "budget.tokens", "must be positive (or null)")
+    need(b.energy_j is None or cfg.measure.energy != "off", "budget.energy_j", "needs measure.energy other than off")
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

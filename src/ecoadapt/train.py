@@ -149,6 +149,7 @@ class TrainResult:
         time_s: wall time of the loop, seconds (no model loading, no evaluation).
         train_loss: mean loss per target token over the last logging window.
         logs: the records written to metrics.jsonl.
+        stopped_by: the budget that ended the run early, if one did.
     """
 
     steps: int = 0
@@ -157,6 +158,7 @@ class TrainResult:
     time_s: float = 0.0
     train_loss: float = float("nan")
     logs: list[StepLog] = field(default_factory=list)
+    stopped_by: str | None = None
 
 
 def run(
@@ -168,6 +170,7 @@ def run(
     policy: Policy,
     device: torch.device,
     on_log: Callable[[StepLog], None] | None = None,
+    should_stop: Callable[[TrainResult], str | None] | None = None,
 ) -> TrainResult:
     """Train ``model`` for ``steps`` optimizer steps.
 
@@ -180,6 +183,8 @@ def run(
         policy: precision policy (autocast, loss scaling).
         device: where the model lives.
         on_log: called with each StepLog (progress display, metrics.jsonl).
+        should_stop: called after every optimizer step; a returned reason (a budget reached)
+            ends the loop after that step, recorded in ``stopped_by``.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     # foreach kernels batch the per-parameter updates: fewer, larger ops on CPU and GPU.
@@ -208,8 +213,11 @@ def run(
         window_loss += step_loss
         window_steps += 1
         result.steps = step
+        result.time_s = time.perf_counter() - start
+        if should_stop is not None:
+            result.stopped_by = should_stop(result)
 
-        if step % cfg.log_every == 0 or step == steps:
+        if step % cfg.log_every == 0 or step == steps or result.stopped_by:
             # .item() is a device-host sync: paid once per logging window, not per step.
             loss_value = window_loss.item() / window_steps
             now = time.perf_counter()
@@ -228,6 +236,8 @@ def run(
             window_loss.zero_()
             window_steps = window_tokens = 0
             window_start = now
+        if result.stopped_by:
+            break
     if device.type == "cuda":
         torch.cuda.synchronize()  # time what the GPU did, not what was queued
     result.time_s = time.perf_counter() - start

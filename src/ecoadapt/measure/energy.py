@@ -1,0 +1,263 @@
+"""Energy meters behind one small interface, and measurement windows over them.
+
+A meter is a monotonic joule counter (``total_joules``) with a ``method`` (measured or
+estimated) and a ``meter`` name; :class:`EnergyTracker` turns it into named windows
+(``begin_window`` / ``end_window``, as Zeus does) that return a :class:`Measurement` whose fields
+carry their units. Meters:
+
+- ``rapl``: Intel/AMD CPU package (and DRAM, where exposed) energy from the Linux powercap
+  sysfs counters, measured; counter wraparound is handled.
+- ``estimate``: CPU seconds of this process and its children x watts per busy core, plus
+  resident memory x watts per GiB over the wall time. Fine for comparing recipes on one
+  machine; never reported as measured.
+
+``auto`` takes the first meter that can read on this machine and says which it took and why the
+others could not; a meter asked for by name that cannot read is an error, never a silent
+fallback.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import psutil
+
+from ecoadapt.errors import UserError
+
+POWERCAP_ROOT = Path("/sys/class/powercap")
+DEFAULT_CPU_WATTS_PER_CORE = 7.5  # busy x86 server core incl. its share of uncore; see README
+DEFAULT_MEMORY_WATTS_PER_GIB = 0.375  # DDR4/DDR5 DIMM power per GiB (3 W per 8 GiB)
+
+
+class Meter(Protocol):
+    """A monotonic energy counter."""
+
+    name: str
+    method: str  # "measured" or "estimated"
+
+    def total_joules(self) -> float:
+        """Joules since the meter was created."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """How the figure is obtained (formula, inputs, devices), for the summary."""
+        ...
+
+
+@dataclass
+class Measurement:
+    """Energy and time of one window.
+
+    Attributes:
+        joules: energy in J.
+        seconds: wall time in s.
+        method: "measured" or "estimated".
+        meter: which meter produced it.
+    """
+
+    joules: float
+    seconds: float
+    method: str
+    meter: str
+
+    @property
+    def watts(self) -> float:
+        """Mean power over the window, W."""
+        return self.joules / self.seconds if self.seconds > 0 else 0.0
+
+
+class EstimateMeter:
+    """Energy estimated from CPU time and resident memory: no hardware counter needed.
+
+    joules = cpu_seconds(process tree) x cpu_watts_per_core
+             + mean resident GiB x memory_watts_per_gib x wall_seconds
+    """
+
+    name = "cpu-time-estimate"
+    method = "estimated"
+
+    def __init__(
+        self,
+        cpu_watts_per_core: float = DEFAULT_CPU_WATTS_PER_CORE,
+        memory_watts_per_gib: float = DEFAULT_MEMORY_WATTS_PER_GIB,
+        process: psutil.Process | None = None,
+    ) -> None:
+        self.cpu_watts_per_core = cpu_watts_per_core
+        self.memory_watts_per_gib = memory_watts_per_gib
+        self.process = process or psutil.Process()
+        self._cpu0 = self._cpu_seconds()
+        self._last_wall = time.perf_counter()
+        self._memory_joules = 0.0
+        self.cpu_seconds = 0.0
+
+    def _cpu_seconds(self) -> float:
+        t = self.process.cpu_times()
+        total = t.user + t.system + t.children_user + t.children_system
+        for child in self.process.children(recursive=True):
+            try:
+                c = child.cpu_times()
+                total += c.user + c.system
+            except psutil.Error:  # a child that ended between listing and reading
+                pass
+        return total
+
+    def total_joules(self) -> float:
+        """Estimated joules since creation (memory power integrated between reads)."""
+        now = time.perf_counter()
+        gib = self.process.memory_info().rss / 2**30
+        self._memory_joules += gib * self.memory_watts_per_gib * (now - self._last_wall)
+        self._last_wall = now
+        self.cpu_seconds = self._cpu_seconds() - self._cpu0
+        return self.cpu_seconds * self.cpu_watts_per_core + self._memory_joules
+
+    def describe(self) -> dict[str, Any]:
+        """The formula and its inputs, so that a user can redo the arithmetic."""
+        return {
+            "formula": "cpu_seconds x cpu_watts_per_core + resident_GiB x memory_watts_per_gib x wall_seconds",
+            "cpu_watts_per_core": self.cpu_watts_per_core,
+            "memory_watts_per_gib": self.memory_watts_per_gib,
+            "cpu_seconds": self.cpu_seconds,
+            "memory_joules": self._memory_joules,
+        }
+
+
+@dataclass
+class _RaplDomain:
+    name: str
+    path: Path
+    max_uj: int
+    last_uj: int
+    total_uj: int = 0
+
+
+class RaplMeter:
+    """CPU package and DRAM energy from the powercap counters (Intel RAPL, AMD RAPL), measured.
+
+    Reads the top-level ``intel-rapl:N`` (package) zones and their ``dram`` sub-zones; core and
+    uncore sub-zones are skipped because the package already contains them. Each counter wraps
+    at ``max_energy_range_uj``; a reading below the previous one adds the range back.
+    """
+
+    name = "rapl"
+    method = "measured"
+
+    def __init__(self, root: Path = POWERCAP_ROOT) -> None:
+        self.domains: list[_RaplDomain] = []
+        for zone in sorted(root.glob("intel-rapl:*")):
+            if zone.name.count(":") == 1 or _read(zone / "name", "").startswith("dram"):
+                energy = zone / "energy_uj"
+                try:
+                    first = int(energy.read_text())
+                    max_uj = int(_read(zone / "max_energy_range_uj", str(2**32)))
+                except (OSError, ValueError) as e:
+                    raise RuntimeError(f"cannot read {energy} ({e}); reading RAPL usually needs root") from e
+                self.domains.append(_RaplDomain(_read(zone / "name", zone.name), energy, max_uj, first))
+        if not self.domains:
+            raise RuntimeError(f"no RAPL zones under {root}")
+
+    def total_joules(self) -> float:
+        """Measured joules since creation, summed over package and DRAM zones."""
+        for d in self.domains:
+            now = int(d.path.read_text())
+            delta = now - d.last_uj
+            if delta < 0:  # the counter wrapped around
+                delta += d.max_uj
+            d.total_uj += delta
+            d.last_uj = now
+        return sum(d.total_uj for d in self.domains) / 1e6
+
+    def describe(self) -> dict[str, Any]:
+        """The zones read."""
+        return {"zones": [d.name for d in self.domains]}
+
+
+def _read(path: Path, default: str) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return default
+
+
+@dataclass
+class MeterChoice:
+    """The meter a run uses and why (what ``auto`` tried and could not use)."""
+
+    meter: Meter | None
+    notes: list[str] = field(default_factory=list)
+
+
+def choose(
+    kind: str,
+    cpu_watts_per_core: float = DEFAULT_CPU_WATTS_PER_CORE,
+    memory_watts_per_gib: float = DEFAULT_MEMORY_WATTS_PER_GIB,
+    powercap_root: Path = POWERCAP_ROOT,
+) -> MeterChoice:
+    """Build the meter that ``measure.energy`` names.
+
+    Raises:
+        UserError: a meter named explicitly that cannot read on this machine.
+    """
+    if kind == "off":
+        return MeterChoice(None, ["energy: off (measure.energy = off)"])
+    if kind == "estimate":
+        return MeterChoice(EstimateMeter(cpu_watts_per_core, memory_watts_per_gib))
+    if kind == "rapl":
+        try:
+            return MeterChoice(RaplMeter(powercap_root))
+        except RuntimeError as e:
+            raise UserError(f"measure.energy = rapl: {e}; use auto or estimate") from None
+    notes = []
+    try:
+        return MeterChoice(RaplMeter(powercap_root))
+    except RuntimeError as e:
+        notes.append(f"energy: no measured meter on this machine (RAPL: {e}); estimating from CPU time instead")
+    return MeterChoice(EstimateMeter(cpu_watts_per_core, memory_watts_per_gib), notes)
+
+
+class EnergyTracker:
+    """Named measurement windows over one meter (which may be None: energy off)."""
+
+    def __init__(self, meter: Meter | None) -> None:
+        self.meter = meter
+        self._open: dict[str, tuple[float, float]] = {}
+        self.windows: dict[str, Measurement] = {}
+
+    def total_joules(self) -> float:
+        """Joules so far (0 when energy is off)."""
+        return self.meter.total_joules() if self.meter is not None else 0.0
+
+    def begin_window(self, name: str) -> None:
+        """Start the window ``name``."""
+        self._open[name] = (self.total_joules(), time.perf_counter())
+
+    def end_window(self, name: str) -> Measurement:
+        """End the window ``name`` and return (and keep) its measurement."""
+        joules0, t0 = self._open.pop(name)
+        m = Measurement(
+            joules=self.total_joules() - joules0,
+            seconds=time.perf_counter() - t0,
+            method=self.meter.method if self.meter else "off",
+            meter=self.meter.name if self.meter else "off",
+        )
+        self.windows[name] = m
+        return m
+
+    def summary(self) -> dict[str, Any] | None:
+        """The energy part of summary.json, or None when energy is off."""
+        if self.meter is None:
+            return None
+        total = sum(m.joules for m in self.windows.values())
+        return {
+            "joules": total,
+            "method": self.meter.method,
+            "meter": self.meter.name,
+            "phases": {
+                k: {"joules": m.joules, "seconds": m.seconds, "watts": m.watts} for k, m in self.windows.items()
+            },
+            "details": self.meter.describe(),
+            "pid": os.getpid(),
+        }
