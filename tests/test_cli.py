@@ -36,12 +36,17 @@ def test_adapt_mlm_end_to_end(tmp_path, tiny_bert, corpus_jsonl, capsys):
     assert summary["tokens_per_s"] > 0 and summary["time_s"] > 0
     assert summary["eval"]["loss"] < summary["eval"]["loss_before"]
     assert summary["memory"]["peak_bytes"] > 0 and summary["memory"]["device"] == "cpu"
+    assert summary["memory"]["peak_above_baseline_bytes"] > 0
+    assert 0 < summary["mfu"] <= 1
+    assert summary["flops"]["peak_source"] in ("probe", "cache")
+    assert summary["energy"]["method"] in ("measured", "estimated") and summary["energy"]["joules"] > 0
     assert summary["environment"]["torch"]
     assert summary["config"]["train"]["grad_accum"] == 2
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["grad_accum"] == 2
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [2, 4, 6]
-    assert {"step", "loss", "lr", "tokens", "elapsed_s"} <= lines[0].keys()
+    assert {"step", "loss", "lr", "tokens", "elapsed_s", "energy_j"} <= lines[0].keys()
+    assert lines[-1]["energy_j"] >= lines[0]["energy_j"] > 0
     from transformers import AutoModelForMaskedLM
 
     assert AutoModelForMaskedLM.from_pretrained(run / "model") is not None

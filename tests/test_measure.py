@@ -158,3 +158,124 @@ def test_adapt_stopped_by_budget_leaves_a_usable_adapter(tmp_path, tiny_llama, c
     assert "cpu_watts_per_core" in e["details"]
     base = AutoModelForCausalLM.from_pretrained(tiny_llama)
     assert isinstance(PeftModel.from_pretrained(base, out / "adapter"), PeftModel)
+
+
+class FakeZeusMonitor:
+    """Stands in for zeus.monitor.ZeusMonitor: each GPU gains 2 J per window opened so far."""
+
+    def __init__(self, gpu_indices, cpu_indices):
+        self.gpu_indices = gpu_indices
+        self.open = {}
+        self.clock = 0
+
+    def begin_window(self, key, sync_execution=True):
+        self.clock += 1
+        self.open[key] = self.clock
+
+    def end_window(self, key, sync_execution=True):
+        start = self.open.pop(key)
+        joules = 2.0 * (self.clock - start)
+        return SimpleNamespace(gpu_energy=dict.fromkeys(self.gpu_indices, joules), time=1.0)
+
+
+def test_zeus_gpu_meter_chains_windows_without_gaps(monkeypatch):
+    import sys
+
+    fake = SimpleNamespace(ZeusMonitor=FakeZeusMonitor)
+    monkeypatch.setitem(sys.modules, "zeus.monitor", fake)
+    meter = energy.ZeusGpuMeter([0, 1])
+    assert meter.total_joules() == pytest.approx(2 * 2.0)  # one tick, two GPUs
+    assert meter.total_joules() == pytest.approx(2 * 4.0)
+    assert meter.monitor.open.keys() == {"ecoadapt-2"}  # exactly one window left open
+    chosen = energy.choose("auto", gpu_indices=[0])
+    assert isinstance(chosen.meter, energy.ZeusGpuMeter) and chosen.meter.method == "measured"
+
+
+def test_nvml_without_zeus_is_an_error_and_auto_says_gpu_not_counted(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "zeus.monitor", None)  # import fails
+    with pytest.raises(UserError, match=r"measure.energy = nvml: .*ecoadapt\[energy\]"):
+        energy.choose("nvml", gpu_indices=[0])
+    chosen = energy.choose("auto", gpu_indices=[0])
+    assert isinstance(chosen.meter, energy.EstimateMeter)
+    assert "GPU's own energy is not counted" in chosen.notes[0]
+
+
+def test_flop_count_matches_a_hand_computation(tiny_llama):
+    from ecoadapt import adapters, models
+    from ecoadapt.config import LoraConfig, ModelConfig, TrainConfig
+    from ecoadapt.measure import flops
+
+    seq, d, ff = 16, 32, 64
+    block = 4 * d * d + 3 * d * ff  # q, k, v, o + gate, up, down
+    loaded = models.load(ModelConfig(str(tiny_llama)), seq)
+    vocab = loaded.model.config.vocab_size
+    head = d * vocab
+    attention = 4 * seq * d
+    _, blocks = models.transformer_blocks(loaded.model)
+    full = flops.training_flops(loaded.model, blocks, seq, d)
+    assert full.per_token == 6 * (2 * block + head) + 12 * 2 * seq * d  # the usual 6N + 12 L s d
+    assert full.lowest_trained_block == 0
+
+    loaded = models.load(ModelConfig(str(tiny_llama)), seq)
+    model, _ = adapters.prepare(loaded, TrainConfig(trainable_layers=1), LoraConfig())
+    _, blocks = models.transformer_blocks(model)
+    top = flops.training_flops(model, blocks, seq, d)
+    forward = 2 * (2 * block + head) + 2 * attention
+    backward = 2 * head + (2 * block + 2 * attention + 2 * block)  # tied head frozen; block 1 only
+    assert (top.forward, top.backward, top.lowest_trained_block) == (forward, backward, 1)
+
+    mlm = flops.training_flops(loaded.model, blocks, seq, d, head_fraction=0.15)
+    assert mlm.forward == pytest.approx(2 * 2 * block + 2 * attention + 2 * head * 0.15)
+
+
+def test_peak_probe_is_cached_and_can_be_given(tmp_path):
+    import torch
+
+    from ecoadapt.measure import flops
+
+    cpu = torch.device("cpu")
+    assert flops.peak_flops(cpu, torch.float32, given=1e12) == (1e12, "given")
+    value, source = flops.peak_flops(cpu, torch.float32)
+    assert source == "probe" and 1e8 < value < 1e14
+    assert flops.peak_flops(cpu, torch.float32) == (value, "cache")
+    report = flops.mfu_report(flops.FlopCount(6e6, 2e6, 4e6, 0), tokens_per_s=1000, peak=1e10, peak_source="given")
+    assert report["mfu"] == pytest.approx(0.6)
+
+
+def test_early_stop_rule():
+    from ecoadapt.early_stop import EarlyStop
+
+    stop = EarlyStop(patience=2, min_delta=0.1)
+    assert [stop.update(s, loss) for s, loss in [(1, 5.0), (2, 4.0), (3, 3.95), (4, 3.99)]] == [
+        False, False, False, True,
+    ]  # fmt: skip
+    assert stop.best == 4.0 and len(stop.history) == 4
+    assert not any(EarlyStop(None).update(s, 1.0) for s in range(10))
+
+
+def test_adapt_early_stop_and_idle_and_co2(tmp_path, tiny_llama, corpus_jsonl):
+    from ecoadapt.cli import main
+
+    out = tmp_path / "run"
+    (tmp_path / "empty.yaml").write_text("{}\n")
+    sets = {
+        "model.name_or_path": tiny_llama, "data.train": corpus_jsonl, "data.text_field": "caption",
+        "data.max_seq_len": 16, "data.eval_fraction": 0.1, "train.max_steps": 400, "train.micro_batch_size": 2,
+        "train.lr": 1e-6, "train.eval_every": 2, "train.early_stop": 2, "train.early_stop_delta": 0.5,
+        "measure.energy": "estimate", "measure.idle_s": 0.2, "measure.grid_g_co2_per_kwh": 400,
+        "output.dir": out,
+    }  # fmt: skip
+    args = ["adapt", str(tmp_path / "empty.yaml")] + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    # lr 1e-6 cannot lower the loss by 0.5: the first evaluation sets the best, two more stop it.
+    assert summary["status"] == "completed" and summary["stopped_by"] == "early_stop"
+    assert summary["steps"] == 6 and len(summary["early_stop"]["history"]) == 3
+    e = summary["energy"]
+    assert "eval_periodic" in e["phases"] and e["train_joules"] == pytest.approx(e["phases"]["train"]["joules"])
+    assert e["idle_watts"] >= 0 and e["joules_above_idle"] <= e["joules"]
+    assert e["co2e_g"] == pytest.approx(e["joules"] / 3.6e6 * 400)
+    evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "eval_loss" in x]
+    assert [r["step"] for r in evals] == [2, 4, 6]

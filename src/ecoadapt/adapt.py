@@ -19,10 +19,11 @@ from ecoadapt import train as train_loop
 from ecoadapt.config import RunConfig, dump
 from ecoadapt.data import corpus, readers
 from ecoadapt.data.batches import BlockLoader, MaskSpec
+from ecoadapt.early_stop import EarlyStop, combine
 from ecoadapt.errors import UserError
 from ecoadapt.evaluate import heldout
-from ecoadapt.measure import energy, environment, memory
-from ecoadapt.measure.budget import Budget
+from ecoadapt.measure import energy, environment, flops, memory
+from ecoadapt.measure.budget import BUDGETS, Budget
 from ecoadapt.precision import Policy
 from ecoadapt.progress import Progress, say
 
@@ -72,6 +73,19 @@ def save(model: Any, tokenizer: Any, run_dir: Path, lora: bool, merge: bool) -> 
     return written
 
 
+def _mfu(
+    model: Any, loaded: models.LoadedModel, cfg: RunConfig, policy: Policy, device: torch.device, tokens_per_s: float
+) -> dict[str, Any]:
+    """MFU of the training loop: model FLOPs per token x tokens/s over the device's peak."""
+    _, blocks = models.transformer_blocks(model)
+    head_fraction = 1.0
+    if loaded.objective == "mlm" and train_loop.encoder_and_head(model) is not None:
+        head_fraction = cfg.data.mlm_probability  # only masked positions reach the head
+    count = flops.training_flops(model, blocks, cfg.data.max_seq_len, loaded.model.config.hidden_size, head_fraction)
+    peak, source = flops.peak_flops(device, policy.compute_dtype, cfg.measure.peak_flops)
+    return flops.mfu_report(count, tokens_per_s, peak, source)
+
+
 def run(cfg: RunConfig, base: Path | None = None) -> dict[str, Any]:
     """Run continued pre-training as ``cfg`` says and return the summary (also in summary.json).
 
@@ -89,10 +103,18 @@ def run(cfg: RunConfig, base: Path | None = None) -> dict[str, Any]:
     models.resolve(cfg.model.name_or_path)
     device = pick_device(cfg.train.device)
     phases: dict[str, float] = {}
-    chosen = energy.choose(cfg.measure.energy, cfg.measure.cpu_watts_per_core, cfg.measure.memory_watts_per_gib)
+    chosen = energy.choose(
+        cfg.measure.energy,
+        cfg.measure.cpu_watts_per_core,
+        cfg.measure.memory_watts_per_gib,
+        gpu_indices=[device.index or 0] if device.type == "cuda" else None,
+    )
     for note in chosen.notes:
         say(note)
     tracker = energy.EnergyTracker(chosen.meter)
+    if cfg.measure.idle_s > 0:
+        say(f"measuring idle power for {cfg.measure.idle_s:g} s ...")
+        say(f"idle power: {tracker.measure_idle(cfg.measure.idle_s):.1f} W")
 
     rss_before_load = memory.rss_bytes()
     t = time.perf_counter()
@@ -139,40 +161,59 @@ def run(cfg: RunConfig, base: Path | None = None) -> dict[str, Any]:
     rundir.atomic_write_text(run_dir / "config.yaml", dump(cfg))
     summary: dict[str, Any] = {"status": "failed", "config": cfg.to_dict()}
     try:
-        tracker.begin_window("eval")
-        before = heldout(model, eval_blocks, loaded.objective, mask, cfg.train.micro_batch_size, policy, device)
-        tracker.end_window("eval")
+
+        def evaluate(window: str) -> dict[str, Any]:
+            tracker.begin_window(window)
+            scores = heldout(model, eval_blocks, loaded.objective, mask, cfg.train.micro_batch_size, policy, device)
+            tracker.end_window(window)
+            return scores
+
+        before = evaluate("eval")
         say(f"held-out loss before: {before['loss']:.4f}")
         torch.manual_seed(cfg.train.seed)  # dropout masks depend on the seed alone
         memory.reset_cuda_peak(device)
         loader = BlockLoader(blocks.train, cfg.train.micro_batch_size, loaded.objective, mask, cfg.train.seed)
         progress = Progress(steps)
         metrics = run_dir / "metrics.jsonl"
+        stopper = EarlyStop(cfg.train.early_stop, cfg.train.early_stop_delta)
+        limits = Budget(cfg.budget, tracker, steps, say)
+        train_start_j = 0.0
 
         def on_log(record: train_loop.StepLog) -> None:
-            rundir.append_jsonl(metrics, record.__dict__)
+            line: dict[str, Any] = dict(record.__dict__)
+            if tracker.meter is not None:  # cumulative training energy, where the meter allows
+                line["energy_j"] = tracker.total_joules() - train_start_j
+                line["energy_method"] = tracker.meter.method
+            rundir.append_jsonl(metrics, line)
             progress.update(record.step, record.loss, record.tokens_per_s)
 
+        def periodic_eval(result: train_loop.TrainResult) -> str | None:
+            if cfg.train.eval_every is None or result.steps % cfg.train.eval_every:
+                return None
+            t0 = time.perf_counter()
+            scores = evaluate("eval_periodic")
+            result.excluded_s += time.perf_counter() - t0  # evaluation is not training time
+            rundir.append_jsonl(metrics, {"step": result.steps, "eval_loss": scores["loss"]})
+            say(f"[eval] step {result.steps}: held-out loss {scores['loss']:.4f}")
+            return "early_stop" if stopper.update(result.steps, scores["loss"]) else None
+
+        should_stop = combine(limits.check if limits.active else None, periodic_eval if cfg.train.eval_every else None)
+        train_start_j = tracker.total_joules()
         tracker.begin_window("train")
-        limits = Budget(cfg.budget, tracker, steps, say)
-        result = train_loop.run(
-            model,
-            loader,
-            steps,
-            cfg.train,
-            loaded.objective,
-            policy,
-            device,
-            on_log,
-            limits.check if limits.active else None,
-        )
-        train_energy = tracker.end_window("train")
+        result = train_loop.run(model, loader, steps, cfg.train, loaded.objective, policy, device, on_log, should_stop)
+        train_window = tracker.end_window("train")
         progress.close()
+        # Periodic evaluations ran inside the train window: their energy is not training's.
+        periodic = tracker.windows.pop("eval_periodic", None)
+        train_joules = train_window.joules - (periodic.joules if periodic else 0.0)
+        if periodic:
+            tracker.windows["train"] = energy.Measurement(
+                train_joules, train_window.seconds - periodic.seconds, train_window.method, train_window.meter
+            )
+            tracker.windows["eval_periodic"] = periodic
         if result.stopped_by:
-            say(f"stopped by budget.{result.stopped_by} after {result.steps} of {steps} steps; evaluating and saving")
-        tracker.begin_window("eval_after")
-        after = heldout(model, eval_blocks, loaded.objective, mask, cfg.train.micro_batch_size, policy, device)
-        tracker.end_window("eval_after")
+            say(f"stopped by {result.stopped_by} after {result.steps} of {steps} steps; evaluating and saving")
+        after = evaluate("eval_after")
         say(f"held-out loss after: {after['loss']:.4f} (before {before['loss']:.4f})")
         mem = memory.report(device, rss_before_load)
 
@@ -181,18 +222,21 @@ def run(cfg: RunConfig, base: Path | None = None) -> dict[str, Any]:
         saved = save(model, loaded.tokenizer, run_dir, plan.lora, cfg.lora.merge) if cfg.output.save_model else []
         tracker.end_window("save")
         phases["save_s"] = time.perf_counter() - t
-        energy_summary = tracker.summary()
+        flop_report = _mfu(model, loaded, cfg, policy, device, result.tokens / max(result.time_s, 1e-9))
+        energy_summary = tracker.summary(cfg.measure.grid_g_co2_per_kwh)
         if energy_summary is not None:
-            energy_summary["train_joules"] = train_energy.joules
-            energy_summary["tokens_per_joule"] = result.tokens / train_energy.joules if train_energy.joules else None
+            energy_summary["train_joules"] = train_joules
+            energy_summary["tokens_per_joule"] = result.tokens / train_joules if train_joules > 0 else None
             gain = before["loss"] - after["loss"]
-            energy_summary["joules_per_loss_point"] = train_energy.joules / gain if gain > 0 else None
+            energy_summary["joules_per_loss_point"] = train_joules / gain if gain > 0 else None
         phases["train_s"] = result.time_s
         phases["eval_s"] = before["time_s"] + after["time_s"]
         summary.update(
             {
-                "status": "stopped_by_budget" if result.stopped_by else "completed",
+                "status": "stopped_by_budget" if result.stopped_by in BUDGETS else "completed",
+                "stopped_by": result.stopped_by,
                 "budget": limits.summary(result),
+                "early_stop": {"history": stopper.history, "best": stopper.best} if stopper.history else None,
                 "objective": loaded.objective,
                 "model": {
                     "source": loaded.source,
@@ -224,7 +268,8 @@ def run(cfg: RunConfig, base: Path | None = None) -> dict[str, Any]:
                 "precision": policy.summary(),
                 "energy": energy_summary,
                 "memory": mem,
-                "mfu": None,
+                "mfu": flop_report["mfu"],
+                "flops": flop_report,
                 "task": None,
                 "phases_s": phases,
                 "environment": environment.describe(device),

@@ -49,6 +49,9 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
         f"{summary['status']}: {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['time_s']:.1f} s "
         f"({summary['tokens_per_s']:,.0f} tok/s, measured); held-out loss {ev['loss_before']:.4f} -> {ev['loss']:.4f}"
     )
+    if summary["mfu"] is not None:
+        f = summary["flops"]
+        print(f"MFU: {summary['mfu']:.1%} of a {f['peak_flops_per_s'] / 1e9:,.0f} GFLOP/s peak ({f['peak_source']})")
     if summary["energy"] is not None:
         e = summary["energy"]
         print(f"energy: {e['joules']:,.0f} J in all, {e['train_joules']:,.0f} J training ({e['method']}, {e['meter']})")

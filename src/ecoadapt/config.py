@@ -127,6 +127,14 @@ class TrainConfig:
     those blocks only."""
     log_every: int = 10
     """Optimizer steps between log lines and metrics.jsonl records."""
+    eval_every: int | None = None
+    """Evaluate the held-out loss every this many optimizer steps (recorded in metrics.jsonl;
+    its time and energy are kept out of training's)."""
+    early_stop: int | None = None
+    """Stop when the held-out loss has not improved by train.early_stop_delta for this many
+    evaluations in a row (needs train.eval_every): the cheapest joule is the one not spent."""
+    early_stop_delta: float = 0.0
+    """Smallest drop of the held-out loss that counts as an improvement."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train: auto picks cuda when a GPU is visible, else cpu."""
 
@@ -135,8 +143,9 @@ class TrainConfig:
 class MeasureConfig:
     """How energy is measured or estimated."""
 
-    energy: Literal["auto", "rapl", "estimate", "off"] = "auto"
-    """Energy meter: rapl (CPU package and DRAM counters, measured), estimate (CPU time x
+    energy: Literal["auto", "nvml", "rapl", "estimate", "off"] = "auto"
+    """Energy meter: nvml (NVIDIA GPU energy via Zeus, measured; pip install
+    'ecoadapt[energy]'), rapl (CPU package and DRAM counters, measured), estimate (CPU time x
     watts per core + memory), auto (measured where the machine allows, else estimated, saying
     why), off."""
     cpu_watts_per_core: float = 7.5
@@ -144,6 +153,14 @@ class MeasureConfig:
     fair value)."""
     memory_watts_per_gib: float = 0.375
     """Estimator input: watts per GiB of resident memory."""
+    idle_s: float = 0.0
+    """Seconds to measure the machine's idle power before the run (0: skip); the summary then
+    also reports energy above that idle baseline."""
+    grid_g_co2_per_kwh: float | None = None
+    """Carbon intensity of your electricity (g CO2e per kWh), to report grams of CO2e."""
+    peak_flops: float | None = None
+    """The device's peak FLOP/s in the run's precision, for MFU; default: measured by a short
+    matmul probe (cached per device, dtype and thread count)."""
 
 
 @dataclass
@@ -367,8 +384,19 @@ def check(cfg: RunConfig, source: str = "config") -> None:
     need(t.max_grad_norm is None or t.max_grad_norm > 0, "train.max_grad_norm", "must be positive")
     need(t.trainable_layers == "all" or t.trainable_layers >= 1, "train.trainable_layers", "at least 1, or all")
     need(t.log_every >= 1, "train.log_every", "must be at least 1")
+    need(t.eval_every is None or t.eval_every >= 1, "train.eval_every", "must be at least 1 (or null)")
+    need(t.early_stop is None or t.early_stop >= 1, "train.early_stop", "must be at least 1 (or null)")
+    need(t.early_stop is None or t.eval_every is not None, "train.early_stop", "needs train.eval_every")
+    need(t.early_stop_delta >= 0, "train.early_stop_delta", "must not be negative")
     need(cfg.measure.cpu_watts_per_core > 0, "measure.cpu_watts_per_core", "must be positive")
     need(cfg.measure.memory_watts_per_gib >= 0, "measure.memory_watts_per_gib", "must not be negative")
+    need(cfg.measure.idle_s >= 0, "measure.idle_s", "must not be negative")
+    need(
+        cfg.measure.idle_s == 0 or cfg.measure.energy != "off", "measure.idle_s", "needs measure.energy other than off"
+    )
+    g = cfg.measure.grid_g_co2_per_kwh
+    need(g is None or g >= 0, "measure.grid_g_co2_per_kwh", "must not be negative")
+    need(cfg.measure.peak_flops is None or cfg.measure.peak_flops > 0, "measure.peak_flops", "must be positive")
     b = cfg.budget
     need(b.energy_j is None or b.energy_j > 0, "budget.energy_j", "must be positive (or null)")
     need(b.time_s is None or b.time_s > 0, "budget.time_s", "must be positive (or null)")

@@ -149,7 +149,9 @@ class TrainResult:
         time_s: wall time of the loop, seconds (no model loading, no evaluation).
         train_loss: mean loss per target token over the last logging window.
         logs: the records written to metrics.jsonl.
-        stopped_by: the budget that ended the run early, if one did.
+        stopped_by: the budget (or early stop) that ended the run before its last step.
+        excluded_s: seconds spent in ``should_stop`` on other work (periodic evaluation),
+            left out of ``time_s``.
     """
 
     steps: int = 0
@@ -159,6 +161,7 @@ class TrainResult:
     train_loss: float = float("nan")
     logs: list[StepLog] = field(default_factory=list)
     stopped_by: str | None = None
+    excluded_s: float = 0.0
 
 
 def run(
@@ -183,8 +186,9 @@ def run(
         policy: precision policy (autocast, loss scaling).
         device: where the model lives.
         on_log: called with each StepLog (progress display, metrics.jsonl).
-        should_stop: called after every optimizer step; a returned reason (a budget reached)
-            ends the loop after that step, recorded in ``stopped_by``.
+        should_stop: called after every optimizer step; a returned reason (a budget reached,
+            an early stop) ends the loop after that step, recorded in ``stopped_by``. Time it
+            spends on other work it adds to ``result.excluded_s``.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     # foreach kernels batch the per-parameter updates: fewer, larger ops on CPU and GPU.
@@ -201,6 +205,7 @@ def run(
     window_tokens = 0
     model.train()
     start = window_start = time.perf_counter()
+    window_excluded = 0.0
     for step in range(1, steps + 1):
         micro = [next(batches) for _ in range(cfg.grad_accum)]
         step_loss, n_tokens, n_targets = accumulate(model, micro, objective, policy, device)
@@ -213,7 +218,7 @@ def run(
         window_loss += step_loss
         window_steps += 1
         result.steps = step
-        result.time_s = time.perf_counter() - start
+        result.time_s = time.perf_counter() - start - result.excluded_s
         if should_stop is not None:
             result.stopped_by = should_stop(result)
 
@@ -227,7 +232,7 @@ def run(
                 lr=scheduler.get_last_lr()[0],
                 tokens=result.tokens,
                 elapsed_s=now - start,
-                tokens_per_s=window_tokens / max(now - window_start, 1e-9),
+                tokens_per_s=window_tokens / max(now - window_start - (result.excluded_s - window_excluded), 1e-9),
             )
             result.logs.append(record)
             result.train_loss = loss_value
@@ -236,9 +241,10 @@ def run(
             window_loss.zero_()
             window_steps = window_tokens = 0
             window_start = now
+            window_excluded = result.excluded_s
         if result.stopped_by:
             break
     if device.type == "cuda":
         torch.cuda.synchronize()  # time what the GPU did, not what was queued
-    result.time_s = time.perf_counter() - start
+    result.time_s = time.perf_counter() - start - result.excluded_s
     return result

@@ -13,6 +13,8 @@ from ecoadapt.config import BudgetConfig
 from ecoadapt.measure.energy import EnergyTracker
 from ecoadapt.train import TrainResult
 
+BUDGETS = ("energy_j", "time_s", "tokens")  # the reasons Budget.check returns
+
 
 class Budget:
     """Checks a run's training against its limits, and forecasts once whether it will fit."""

@@ -5,6 +5,9 @@ estimated) and a ``meter`` name; :class:`EnergyTracker` turns it into named wind
 (``begin_window`` / ``end_window``, as Zeus does) that return a :class:`Measurement` whose fields
 carry their units. Meters:
 
+- ``nvml``: NVIDIA GPU energy through Zeus's ``ZeusMonitor`` (the NVML total-energy counter
+  where the GPU has one, sampled power otherwise), measured. Zeus is an optional extra
+  (``pip install 'ecoadapt[energy]'``): it pulls pandas and scikit-learn.
 - ``rapl``: Intel/AMD CPU package (and DRAM, where exposed) energy from the Linux powercap
   sysfs counters, measured; counter wraparound is handled.
 - ``estimate``: CPU seconds of this process and its children x watts per busy core, plus
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -175,6 +179,49 @@ class RaplMeter:
         return {"zones": [d.name for d in self.domains]}
 
 
+class ZeusGpuMeter:
+    """GPU energy from Zeus's ZeusMonitor, measured.
+
+    ZeusMonitor measures windows; a running total comes from chaining them: each read opens the
+    next window before it closes the current one (Zeus allows overlapping windows), so no
+    interval is lost or counted twice. Reads do not synchronise CUDA (that would stall the
+    training loop at every budget check); work still queued is counted by the next read.
+    """
+
+    name = "zeus-nvml"
+    method = "measured"
+
+    def __init__(self, gpu_indices: list[int]) -> None:
+        try:
+            from zeus.monitor import ZeusMonitor
+        except ImportError as e:
+            raise RuntimeError("the NVML meter needs Zeus: pip install 'ecoadapt[energy]'") from e
+        try:
+            self.monitor = ZeusMonitor(gpu_indices=gpu_indices, cpu_indices=[])
+        except Exception as e:  # Zeus raises its own types for "no NVML", "no GPU"
+            raise RuntimeError(f"Zeus cannot read NVML ({type(e).__name__}: {e})") from e
+        self.gpu_indices = gpu_indices
+        self._reads = 0
+        self._total = 0.0
+        self.monitor.begin_window(self._key())
+
+    def _key(self) -> str:
+        return f"ecoadapt-{self._reads}"
+
+    def total_joules(self) -> float:
+        """Measured GPU joules since creation, summed over the metered GPUs."""
+        current = self._key()
+        self._reads += 1
+        self.monitor.begin_window(self._key(), sync_execution=False)
+        measurement = self.monitor.end_window(current, sync_execution=False)
+        self._total += float(sum(measurement.gpu_energy.values()))
+        return self._total
+
+    def describe(self) -> dict[str, Any]:
+        """The GPUs metered."""
+        return {"library": "zeus", "gpu_indices": self.gpu_indices}
+
+
 def _read(path: Path, default: str) -> str:
     try:
         return path.read_text().strip()
@@ -195,8 +242,13 @@ def choose(
     cpu_watts_per_core: float = DEFAULT_CPU_WATTS_PER_CORE,
     memory_watts_per_gib: float = DEFAULT_MEMORY_WATTS_PER_GIB,
     powercap_root: Path = POWERCAP_ROOT,
+    gpu_indices: list[int] | None = None,
 ) -> MeterChoice:
     """Build the meter that ``measure.energy`` names.
+
+    Args:
+        kind: auto, nvml, rapl, estimate or off.
+        gpu_indices: the GPUs the run uses (None on CPU); auto meters them with NVML.
 
     Raises:
         UserError: a meter named explicitly that cannot read on this machine.
@@ -205,16 +257,25 @@ def choose(
         return MeterChoice(None, ["energy: off (measure.energy = off)"])
     if kind == "estimate":
         return MeterChoice(EstimateMeter(cpu_watts_per_core, memory_watts_per_gib))
-    if kind == "rapl":
+    builders: dict[str, Callable[[], Meter]] = {
+        "nvml": lambda: ZeusGpuMeter(gpu_indices or [0]),
+        "rapl": lambda: RaplMeter(powercap_root),
+    }
+    if kind in builders:
         try:
-            return MeterChoice(RaplMeter(powercap_root))
+            return MeterChoice(builders[kind]())
         except RuntimeError as e:
-            raise UserError(f"measure.energy = rapl: {e}; use auto or estimate") from None
+            raise UserError(f"measure.energy = {kind}: {e}; use auto or estimate") from None
+    # auto: a GPU run is metered on its GPUs; a CPU run on the CPU package.
+    order = ["nvml"] if gpu_indices else ["rapl"]
     notes = []
-    try:
-        return MeterChoice(RaplMeter(powercap_root))
-    except RuntimeError as e:
-        notes.append(f"energy: no measured meter on this machine (RAPL: {e}); estimating from CPU time instead")
+    for name in order:
+        try:
+            return MeterChoice(builders[name]())
+        except RuntimeError as e:
+            notes.append(f"{name}: {e}")
+    what = "CPU time (the GPU's own energy is not counted)" if gpu_indices else "CPU time"
+    notes = [f"energy: no measured meter on this machine ({'; '.join(notes)}); estimating from {what} instead"]
     return MeterChoice(EstimateMeter(cpu_watts_per_core, memory_watts_per_gib), notes)
 
 
@@ -225,6 +286,7 @@ class EnergyTracker:
         self.meter = meter
         self._open: dict[str, tuple[float, float]] = {}
         self.windows: dict[str, Measurement] = {}
+        self.idle_watts: float | None = None
 
     def total_joules(self) -> float:
         """Joules so far (0 when energy is off)."""
@@ -235,7 +297,10 @@ class EnergyTracker:
         self._open[name] = (self.total_joules(), time.perf_counter())
 
     def end_window(self, name: str) -> Measurement:
-        """End the window ``name`` and return (and keep) its measurement."""
+        """End the window ``name`` and return its measurement.
+
+        A name used for several windows (periodic evaluation) keeps their sum in ``windows``.
+        """
         joules0, t0 = self._open.pop(name)
         m = Measurement(
             joules=self.total_joules() - joules0,
@@ -243,15 +308,33 @@ class EnergyTracker:
             method=self.meter.method if self.meter else "off",
             meter=self.meter.name if self.meter else "off",
         )
-        self.windows[name] = m
+        if name in self.windows:
+            kept = self.windows[name]
+            self.windows[name] = Measurement(kept.joules + m.joules, kept.seconds + m.seconds, m.method, m.meter)
+        else:
+            self.windows[name] = m
         return m
 
-    def summary(self) -> dict[str, Any] | None:
-        """The energy part of summary.json, or None when energy is off."""
+    def measure_idle(self, seconds: float) -> float:
+        """Idle power (W) over ``seconds`` of sleep; kept out of the run's windows."""
+        self.begin_window("idle")
+        time.sleep(seconds)
+        idle = self.end_window("idle")
+        del self.windows["idle"]
+        self.idle_watts = idle.watts
+        return idle.watts
+
+    def summary(self, grid_g_co2_per_kwh: float | None = None) -> dict[str, Any] | None:
+        """The energy part of summary.json, or None when energy is off.
+
+        Args:
+            grid_g_co2_per_kwh: carbon intensity, to add grams of CO2e.
+        """
         if self.meter is None:
             return None
         total = sum(m.joules for m in self.windows.values())
-        return {
+        seconds = sum(m.seconds for m in self.windows.values())
+        out: dict[str, Any] = {
             "joules": total,
             "method": self.meter.method,
             "meter": self.meter.name,
@@ -261,3 +344,11 @@ class EnergyTracker:
             "details": self.meter.describe(),
             "pid": os.getpid(),
         }
+        if self.idle_watts is not None:
+            # Energy the machine would have drawn anyway, idle, over the same seconds.
+            out["idle_watts"] = self.idle_watts
+            out["joules_above_idle"] = total - self.idle_watts * seconds
+        if grid_g_co2_per_kwh is not None:
+            out["grid_g_co2_per_kwh"] = grid_g_co2_per_kwh
+            out["co2e_g"] = total / 3.6e6 * grid_g_co2_per_kwh
+        return out

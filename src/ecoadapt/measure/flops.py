@@ -1,0 +1,167 @@
+"""Model FLOPs per training token, the device's measured matmul peak, and MFU.
+
+MFU = model FLOPs per token x tokens/s / peak FLOP/s of the device in the run's precision.
+
+Model FLOPs follow the PaLM convention (matmuls only; recomputation under gradient
+checkpointing is not counted, so checkpointing lowers MFU honestly), extended to runs that do
+not train everything:
+
+- forward: 2 x (matmul weights of every block) + 4 x seq x d_model per block (attention scores
+  and their weighted sum) + 2 x head weights x (fraction of positions through the head: the
+  masked fraction for masked LM);
+- backward, for the head and for every block at or above the lowest block with a trainable
+  weight: 2 x weights (input gradients) + 8 x seq x d_model per block (attention), plus
+  2 x *trainable* weights (weight gradients). Blocks below run forward only.
+
+A full fine-tune gives the usual 6 N + 12 L seq d. The peak comes from a short matmul probe on
+the device, in the run's precision, cached per device, dtype and thread count; or from
+``measure.peak_flops``. Never a constant for one GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class FlopCount:
+    """Training FLOPs per input token, with the parts that make them up.
+
+    Attributes:
+        per_token: total model FLOPs per training token.
+        forward: forward-pass FLOPs per token.
+        backward: backward-pass FLOPs per token.
+        lowest_trained_block: index of the lowest block with trainable weights (None: none).
+    """
+
+    per_token: float
+    forward: float
+    backward: float
+    lowest_trained_block: int | None
+
+
+def _linear_weights(module: nn.Module) -> tuple[int, int]:
+    """(all, trainable) weight elements of the Linear layers in ``module`` (LoRA's included)."""
+    total = trainable = 0
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            total += m.weight.numel()
+            trainable += m.weight.numel() if m.weight.requires_grad else 0
+    return total, trainable
+
+
+def training_flops(
+    model: nn.Module, blocks: nn.ModuleList, seq_len: int, d_model: int, head_fraction: float = 1.0
+) -> FlopCount:
+    """Model FLOPs per training token of ``model`` as its parameters are frozen now.
+
+    Args:
+        model: the model (PEFT-wrapped or not).
+        blocks: its stack of transformer blocks.
+        seq_len: tokens per sequence (attention cost grows with it).
+        d_model: hidden size.
+        head_fraction: fraction of positions that go through the LM head (the masked fraction
+            for masked LM, where only masked positions are projected to the vocabulary).
+    """
+    per_block = [_linear_weights(b) for b in blocks]
+    in_blocks = {id(m) for b in blocks for m in b.modules()}
+    head_total = head_trainable = 0
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and id(m) not in in_blocks:
+            head_total += m.weight.numel()
+            head_trainable += m.weight.numel() if m.weight.requires_grad else 0
+    trained = [i for i, (_, t) in enumerate(per_block) if t > 0]
+    lowest = trained[0] if trained else None
+    attention = 4.0 * seq_len * d_model
+    forward = sum(2.0 * p + attention for p, _ in per_block) + 2.0 * head_total * head_fraction
+    backward = 2.0 * head_trainable * head_fraction
+    if lowest is not None:
+        backward += 2.0 * head_total * head_fraction  # input gradients through the head
+        for p, t in per_block[lowest:]:
+            backward += 2.0 * p + 2.0 * attention + 2.0 * t
+    return FlopCount(forward + backward, forward, backward, lowest)
+
+
+def _cache_path() -> Path:
+    env = os.environ.get("ECOADAPT_CACHE")
+    root = Path(env).expanduser().parent if env else Path.home() / ".cache" / "ecoadapt"
+    return root / "peak_flops.json"
+
+
+def device_key(device: torch.device, dtype: torch.dtype) -> str:
+    """What a peak depends on: the device model, the dtype and (on CPU) the thread count."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        return f"cuda|{name}|{dtype}|tf32={tf32}"
+    from ecoadapt.measure.environment import cpu_name
+
+    return f"cpu|{cpu_name()}|{dtype}|threads={torch.get_num_threads()}"
+
+
+def probe_peak(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) -> float:
+    """Measured matmul FLOP/s of ``device`` in ``dtype``: square matmuls for about ``seconds``."""
+    n = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):  # warm-up: kernel selection, caches, clocks
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    reps = 0
+    start = time.perf_counter()
+    while True:
+        for _ in range(4):
+            a @ b
+        reps += 4
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return 2.0 * n**3 * reps / elapsed
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype, given: float | None = None) -> tuple[float, str]:
+    """The device's peak FLOP/s in ``dtype`` and where it came from ("given", "probe", "cache")."""
+    if given is not None:
+        return given, "given"
+    path = _cache_path()
+    key = device_key(device, dtype)
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key in cache:
+        return float(cache[key]), "cache"
+    value = probe_peak(device, dtype)
+    cache[key] = value
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # the cache only saves a probe next time
+    return value, "probe"
+
+
+def mfu_report(count: FlopCount, tokens_per_s: float, peak: float, peak_source: str) -> dict[str, Any]:
+    """The flops part of summary.json, and the MFU itself."""
+    achieved = count.per_token * tokens_per_s
+    return {
+        "mfu": achieved / peak if peak > 0 else None,
+        "model_flops_per_token": count.per_token,
+        "achieved_flops_per_s": achieved,
+        "peak_flops_per_s": peak,
+        "peak_source": peak_source,
+        "count": asdict(count),
+        "convention": "PaLM model FLOPs (matmuls, no recomputation); peak = matmul probe in the run's dtype",
+    }
