@@ -127,3 +127,30 @@ def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test gets its own token cache (and never writes to the user's)."""
     monkeypatch.setenv("ECOADAPT_CACHE", str(tmp_path / "token-cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def fit(folder, cfg, lora=None, mode="fp32", layers=None):
+    """Train a tiny model on 4 repeated blocks; returns (TrainResult, model, policy)."""
+    from ecoadapt import adapters, layerwise, models
+    from ecoadapt import train as train_loop
+    from ecoadapt.config import LoraConfig, ModelConfig
+    from ecoadapt.data.batches import BlockLoader, MaskSpec
+    from ecoadapt.precision import Policy
+
+    loaded = models.load(ModelConfig(str(folder)), 16, seed=cfg.seed)
+    model, _ = adapters.prepare(loaded, cfg, lora or LoraConfig())
+    # Repetitive text: the same 4 blocks over and over, easy to learn.
+    blocks = torch.randint(5, 30, (4, 16), generator=torch.Generator().manual_seed(1))
+    mask = None
+    if loaded.objective == "mlm":
+        tok = loaded.tokenizer
+        mask = MaskSpec(tok.mask_token_id, len(tok), tok.all_special_ids)
+    loader = BlockLoader(blocks, cfg.micro_batch_size, loaded.objective, mask, cfg.seed)
+    torch.manual_seed(cfg.seed)
+    steps = cfg.max_steps or 1
+    policy = Policy(mode, "cpu")
+    policy.apply(model)
+    if layers:
+        layerwise.apply_map(model, layers, "cpu")
+    result = train_loop.run(model, loader, steps, cfg, loaded.objective, policy, torch.device("cpu"))
+    return result, model, policy

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from ecoadapt import adapters, models
+from conftest import fit
+from ecoadapt import models
 from ecoadapt import train as train_loop
 from ecoadapt.config import LoraConfig, ModelConfig, TrainConfig
-from ecoadapt.data.batches import IGNORE, BlockLoader, MaskSpec
+from ecoadapt.data.batches import IGNORE
 from ecoadapt.precision import Policy
 
 CPU = torch.device("cpu")
@@ -61,23 +62,8 @@ def test_masked_positions_only_head_matches_full_logits(tiny_bert):
     )
 
 
-def fit(folder, cfg: TrainConfig, lora: LoraConfig | None = None, mode="fp32"):
-    loaded = models.load(ModelConfig(str(folder)), 16, seed=cfg.seed)
-    model, _ = adapters.prepare(loaded, cfg, lora or LoraConfig())
-    # Repetitive text: the same 4 blocks over and over, easy to learn.
-    blocks = torch.randint(5, 30, (4, 16), generator=torch.Generator().manual_seed(1))
-    mask = None
-    if loaded.objective == "mlm":
-        tok = loaded.tokenizer
-        mask = MaskSpec(tok.mask_token_id, len(tok), tok.all_special_ids)
-    loader = BlockLoader(blocks, cfg.micro_batch_size, loaded.objective, mask, cfg.seed)
-    torch.manual_seed(cfg.seed)
-    steps = cfg.max_steps or 1
-    return train_loop.run(model, loader, steps, cfg, loaded.objective, Policy(mode, "cpu"), CPU)
-
-
 def test_loss_goes_down_on_repetitive_text(tiny_llama):
-    result = fit(tiny_llama, TrainConfig(max_steps=40, lr=1e-2, micro_batch_size=4, log_every=10, warmup_ratio=0))
+    result, _, _ = fit(tiny_llama, TrainConfig(max_steps=40, lr=1e-2, micro_batch_size=4, log_every=10, warmup_ratio=0))
     losses = [r.loss for r in result.logs]
     assert len(losses) == 4
     assert losses[-1] < 0.5 * losses[0]
@@ -87,13 +73,13 @@ def test_loss_goes_down_on_repetitive_text(tiny_llama):
 
 def test_mlm_lora_with_checkpointing_learns(tiny_bert):
     cfg = TrainConfig(max_steps=30, lr=1e-2, micro_batch_size=4, grad_accum=2, gradient_checkpointing=True)
-    result = fit(tiny_bert, cfg, LoraConfig(enabled=True, r=4))
+    result, _, _ = fit(tiny_bert, cfg, LoraConfig(enabled=True, r=4))
     assert result.logs[-1].loss < result.logs[0].loss
 
 
 def test_gradient_checkpointing_gives_the_same_loss(tiny_llama):
-    base = fit(tiny_llama, TrainConfig(max_steps=5, micro_batch_size=2, log_every=1))
-    ckpt = fit(tiny_llama, TrainConfig(max_steps=5, micro_batch_size=2, log_every=1, gradient_checkpointing=True))
+    base, _, _ = fit(tiny_llama, TrainConfig(max_steps=5, micro_batch_size=2, log_every=1))
+    ckpt, _, _ = fit(tiny_llama, TrainConfig(max_steps=5, micro_batch_size=2, log_every=1, gradient_checkpointing=True))
     for a, b in zip(base.logs, ckpt.logs, strict=True):
         assert a.loss == pytest.approx(b.loss, rel=1e-4)
 

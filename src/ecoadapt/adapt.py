@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ecoadapt import adapters, models, rundir
+from ecoadapt import adapters, layerwise, models, rundir
 from ecoadapt import train as train_loop
 from ecoadapt.config import RunConfig, dump
 from ecoadapt.data import corpus, readers
@@ -24,6 +24,7 @@ from ecoadapt.errors import UserError
 from ecoadapt.evaluate import heldout
 from ecoadapt.measure import energy, environment, flops, memory
 from ecoadapt.measure.budget import BUDGETS, Budget
+from ecoadapt.precision import DTYPES as precision_dtypes
 from ecoadapt.precision import Policy
 from ecoadapt.progress import Progress, say
 
@@ -71,6 +72,77 @@ def save(model: Any, tokenizer: Any, run_dir: Path, lora: bool, merge: bool) -> 
         os.replace(tmp, run_dir / name)
         written.append(name)
     return written
+
+
+def apply_precision(
+    model: Any,
+    policy: Policy,
+    cfg: RunConfig,
+    train_blocks: torch.Tensor,
+    objective: str,
+    mask: MaskSpec | None,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Store and run the model as precision.mode and precision.layers say.
+
+    Returns:
+        The per-layer part of the summary: the map applied, the search table for auto, the
+        effective dtype of every module, weight bytes, and whether 16-bit is slower here.
+    """
+    report: dict[str, Any] = {"weight_bytes_before": layerwise.weight_bytes(model)}
+    policy.apply(model)
+    mapping = cfg.precision.layers
+    if mapping == "auto":
+        blocks_name, blocks = models.transformer_blocks(model)
+        n = cfg.precision.calibration_batches * cfg.train.micro_batch_size
+        calibration = train_blocks[:n]
+
+        def calibration_loss() -> float:
+            return heldout(model, calibration, objective, mask, cfg.train.micro_batch_size, policy, device)["loss"]
+
+        found = layerwise.search(
+            model,
+            blocks_name,
+            blocks,
+            calibration_loss,
+            cfg.precision.search_dtype,
+            cfg.precision.tolerance,
+            device.type,
+        )
+        say(f"precision search ({found.seconds:.1f} s, calibration loss {found.base_loss:.4f}):")
+        for row in found.table:
+            say(f"  {row['block']:<28} loss change {row['relative_loss_change']:+.3%}  -> {row['dtype']}")
+        say(
+            f"  lowered {len(found.chosen)} of {len(blocks)} blocks, predicted loss change "
+            f"{found.predicted_change:+.3%} (tolerance {cfg.precision.tolerance:.1%}), "
+            f"weights -{found.predicted_weight_saving_bytes / 2**20:.1f} MiB"
+        )
+        report["search"] = {
+            "table": found.table,
+            "base_loss": found.base_loss,
+            "predicted_change": found.predicted_change,
+            "predicted_weight_saving_bytes": found.predicted_weight_saving_bytes,
+            "seconds": found.seconds,
+        }
+        mapping = found.chosen
+    if mapping:
+        report["layers"] = layerwise.apply_map(model, mapping, device.type)
+        if "fp16" in mapping.values():
+            policy.use_fp16_layers()
+    report["layers_effective"] = layerwise.effective_dtypes(model)
+    report["weight_bytes"] = layerwise.weight_bytes(model)
+    lowered = [precision_dtypes[v] for v in (mapping or {}).values() if v != "fp32"]
+    low = policy.compute_dtype if policy.compute_dtype != torch.float32 else (lowered[0] if lowered else None)
+    if low is not None:
+        fast, _ = flops.peak_flops(device, low, None)
+        full, _ = flops.peak_flops(device, torch.float32, None)
+        report["matmul_speedup_vs_fp32"] = fast / full
+        if fast < full:
+            policy.notes.append(
+                f"{str(low).replace('torch.', '')} matmuls run at {fast / 1e9:,.0f} GFLOP/s on this {device.type} "
+                f"vs {full / 1e9:,.0f} for fp32: 16-bit is slower here (measured)"
+            )
+    return report
 
 
 def _mfu(
@@ -140,6 +212,8 @@ def run(cfg: RunConfig, base: Path | None = None) -> dict[str, Any]:
     model, plan = adapters.prepare(loaded, cfg.train, cfg.lora)
     model.to(device)
     policy = Policy(cfg.precision.mode, device.type)
+    mask = mask_spec(loaded.tokenizer, cfg.data.mlm_probability) if loaded.objective == "mlm" else None
+    precision_report = apply_precision(model, policy, cfg, blocks.train, loaded.objective, mask, device)
     for note in policy.notes:
         say(f"note: {note}")
     counts = models.parameter_counts(model)
@@ -153,7 +227,6 @@ def run(cfg: RunConfig, base: Path | None = None) -> dict[str, Any]:
             else ""
         )
     )
-    mask = mask_spec(loaded.tokenizer, cfg.data.mlm_probability) if loaded.objective == "mlm" else None
     eval_blocks = blocks.eval[: cfg.data.eval_max_blocks]
     steps = train_loop.total_steps(cfg.train, len(blocks.train))
 
@@ -265,7 +338,7 @@ def run(cfg: RunConfig, base: Path | None = None) -> dict[str, Any]:
                     "target_tokens": after["target_tokens"],
                     "blocks": len(eval_blocks),
                 },
-                "precision": policy.summary(),
+                "precision": {**policy.summary(), **precision_report},
                 "energy": energy_summary,
                 "memory": mem,
                 "mfu": flop_report["mfu"],

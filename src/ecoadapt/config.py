@@ -25,7 +25,7 @@ import yaml
 from ecoadapt.errors import UserError
 
 Objective = Literal["auto", "clm", "mlm"]
-PrecisionMode = Literal["fp32", "tf32", "fp16", "bf16"]
+PrecisionMode = Literal["fp32", "tf32", "fp16", "bf16", "bf16-pure"]
 
 
 @dataclass
@@ -74,7 +74,19 @@ class PrecisionConfig:
 
     mode: PrecisionMode = "fp32"
     """fp32; tf32 (TF32 matmuls on GPUs that have them, plain fp32 on CPU); fp16 (autocast with
-    dynamic loss scaling; overflowing steps are skipped); bf16 (autocast)."""
+    dynamic loss scaling; overflowing steps are skipped); bf16 (autocast); bf16-pure (weights,
+    activations and gradients in bf16, updates applied to fp32 master weights)."""
+    layers: dict[str, str] | Literal["auto"] | None = None
+    """Per-layer precision: a map from module-name glob patterns to fp32, bf16 or fp16 (later
+    entries win; e.g. {"*.layers.*": bf16, "*norm*": fp32}), applied to the weights and the
+    computation of the matched modules; or auto to search it (see precision.tolerance)."""
+    tolerance: float = 0.01
+    """For layers: auto, the allowed relative increase of the calibration loss, summed over
+    the blocks that are lowered."""
+    search_dtype: Literal["bf16", "fp16"] = "bf16"
+    """For layers: auto, the lower dtype each block may take."""
+    calibration_batches: int = 2
+    """For layers: auto, training micro-batches the sensitivity is measured on."""
 
 
 @dataclass
@@ -249,6 +261,8 @@ def _type_name(tp: Any) -> str:
         return " | ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is list:
         return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    if origin is dict:
+        return "map"
     if tp is type(None):
         return "null"
     return getattr(tp, "__name__", str(tp))
@@ -278,6 +292,11 @@ def _coerce(value: Any, tp: Any) -> Any:
             except _Invalid as e:
                 expected.append(str(e))
         raise _Invalid(" or ".join(expected))
+    if origin is dict:
+        key_tp, value_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise _Invalid(f"a mapping of {_type_name(key_tp)} to {_type_name(value_tp)}")
+        return {_coerce(k, key_tp): _coerce(v, value_tp) for k, v in value.items()}
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         items = [value] if isinstance(value, str) else value
@@ -369,6 +388,15 @@ def check(cfg: RunConfig, source: str = "config") -> None:
     need(0 < cfg.data.eval_fraction < 1, "data.eval_fraction", "must be between 0 and 1")
     need(cfg.data.eval_max_blocks >= 1, "data.eval_max_blocks", "must be at least 1")
     need(0 < cfg.data.mlm_probability < 1, "data.mlm_probability", "must be between 0 and 1")
+    p = cfg.precision
+    need(0 < p.tolerance < 1, "precision.tolerance", "must be between 0 and 1")
+    need(p.calibration_batches >= 1, "precision.calibration_batches", "must be at least 1")
+    need(
+        p.layers != "auto" or p.mode != "bf16-pure",
+        "precision.layers",
+        "auto searches which blocks can leave fp32, but bf16-pure has none in fp32; use mode fp32, tf32 or bf16",
+    )
+    need(p.layers != {}, "precision.layers", "give at least one pattern, or null")
     need(cfg.lora.r >= 1, "lora.r", "must be at least 1")
     need(cfg.lora.alpha >= 1, "lora.alpha", "must be at least 1")
     need(0 <= cfg.lora.dropout < 1, "lora.dropout", "must be in [0, 1)")

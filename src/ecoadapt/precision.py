@@ -1,13 +1,23 @@
-"""One precision policy: how the forward pass is cast and how gradients are scaled.
+"""One precision policy: how weights are stored, how each layer computes, how gradients scale.
+
+Global modes (``precision.mode``):
 
 - fp32: everything in float32.
 - tf32: float32 storage, TF32 tensor-core matmuls on GPUs that have them (Ampere and later);
   on CPU there is no TF32 and the run is plain fp32, which the policy's notes say.
 - fp16: autocast to float16 with dynamic loss scaling; a step whose gradients overflow is
   skipped, the scale halves, and both are counted.
-- bf16: autocast to bfloat16 (same range as fp32, so no loss scaling).
+- bf16: autocast to bfloat16 (fp32 weights and optimizer; 16-bit matmuls).
+- bf16-pure: weights, activations and gradients stored in bfloat16. Updates smaller than
+  bf16's resolution (2^-8 relative) would vanish if applied to bf16 weights, so the optimizer
+  keeps an fp32 *master* copy of every trainable weight, applies the update there, and copies
+  the rounded result back (Micikevicius et al. 2018). The memory win is in activations and in
+  frozen weights (LoRA, frozen blocks: half of fp32's); fully trained weights cost the same
+  16 bytes per parameter as fp32 (2 weight + 2 gradient + 4 master + 8 Adam).
 
-Autocast keeps fp32 master weights and optimizer state; only the computation is 16-bit.
+Per-layer precision (``precision.layers``, see :mod:`ecoadapt.layerwise`) stores the matched
+modules' weights in their dtype and runs their computation in it, on top of the global mode.
+Every trainable weight stored below fp32 gets an fp32 master, whatever put it there.
 """
 
 from __future__ import annotations
@@ -18,7 +28,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -29,8 +41,10 @@ class Policy:
     Attributes:
         mode: the configured precision mode.
         device: "cpu" or "cuda".
-        notes: what the user should know (TF32 unavailable, 16-bit unsupported, ...).
+        notes: what the user should know (TF32 unavailable, 16-bit slower than fp32, ...).
         skipped_steps: optimizer steps skipped because fp16 gradients overflowed.
+        scale_decreases: times the fp16 loss scale was lowered.
+        needs_scaler: use dynamic loss scaling (fp16 mode, or fp16 layers).
     """
 
     mode: str
@@ -38,7 +52,9 @@ class Policy:
     notes: list[str] = field(default_factory=list)
     skipped_steps: int = 0
     scale_decreases: int = 0
+    needs_scaler: bool = False
     _scaler: Any = None
+    _masters: list[tuple[nn.Parameter, nn.Parameter]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.mode == "tf32":
@@ -47,15 +63,61 @@ class Policy:
                 torch.backends.cudnn.allow_tf32 = True
             else:
                 self.notes.append(f"tf32: this {self.device} has no TF32 matmuls; the run is plain fp32")
-        if self.mode == "bf16" and self.device == "cuda" and not torch.cuda.is_bf16_supported():
-            self.notes.append("bf16: this GPU has no native bfloat16; autocast emulates it slowly")
+        if self.mode in ("bf16", "bf16-pure") and self.device == "cuda" and not torch.cuda.is_bf16_supported():
+            self.notes.append(f"{self.mode}: this GPU has no native bfloat16; it is emulated, slowly")
         if self.mode == "fp16":
+            self.needs_scaler = True
+        self._refresh_scaler()
+
+    def _refresh_scaler(self) -> None:
+        if self.needs_scaler and self._scaler is None:
             self._scaler = torch.amp.GradScaler(self.device)
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        """The dtype of matmuls inside autocast (float32 when no autocast)."""
+        """The dtype of most matmuls (float32 when neither autocast nor pure bf16)."""
+        if self.mode == "bf16-pure":
+            return torch.bfloat16
         return AUTOCAST_DTYPES.get(self.mode, torch.float32)
+
+    def apply(self, model: nn.Module) -> None:
+        """Store the model's weights as the global mode says (bf16-pure: all in bfloat16)."""
+        if self.mode == "bf16-pure":
+            model.to(torch.bfloat16)
+
+    def use_fp16_layers(self) -> None:
+        """Some layers compute in float16: gradients need dynamic loss scaling."""
+        self.needs_scaler = True
+        self._refresh_scaler()
+
+    def optimizer_params(self, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Swap every trainable weight stored below fp32 for an fp32 master copy.
+
+        Args:
+            groups: AdamW parameter groups over the model's trainable parameters.
+
+        Returns:
+            The same groups, over fp32 tensors the optimizer can update without losing small
+            steps; :meth:`step` copies gradients in and rounded weights back.
+        """
+        self._masters = []
+        out = []
+        for group in groups:
+            params = []
+            for p in group["params"]:
+                if p.dtype == torch.float32:
+                    params.append(p)
+                    continue
+                master = nn.Parameter(p.detach().float())
+                self._masters.append((p, master))
+                params.append(master)
+            out.append({**group, "params": params})
+        return out
+
+    @property
+    def master_bytes(self) -> int:
+        """Bytes held by fp32 master weights."""
+        return sum(m.numel() * 4 for _, m in self._masters)
 
     @contextlib.contextmanager
     def autocast(self) -> Iterator[None]:
@@ -74,32 +136,48 @@ class Policy:
             loss.backward()
 
     def step(self, optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor], max_norm: float | None) -> bool:
-        """Clip and apply the accumulated gradients.
+        """Clip and apply the accumulated gradients (through fp32 masters where there are any).
+
+        Args:
+            optimizer: the optimizer, built over :meth:`optimizer_params`.
+            params: the model's trainable parameters (whose gradients backward filled).
+            max_norm: gradient clipping threshold, or None.
 
         Returns:
             Whether the optimizer stepped (False when fp16 gradients overflowed).
         """
+        for p, master in self._masters:
+            master.grad = None if p.grad is None else p.grad.float()
+            p.grad = None  # the 16-bit gradient is no longer needed: free it now
+        targets = [g for group in optimizer.param_groups for g in group["params"]]
+        stepped = True
         if self._scaler is None:
             if max_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, max_norm)
+                torch.nn.utils.clip_grad_norm_(targets, max_norm)
             optimizer.step()
-            return True
-        self._scaler.unscale_(optimizer)
-        if max_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, max_norm)
-        before = self._scaler.get_scale()
-        self._scaler.step(optimizer)  # skips the step itself when it found inf/NaN gradients
-        self._scaler.update()
-        # .get_scale() is a device-host sync; fp16 pays it once per optimizer step.
-        if self._scaler.get_scale() < before:
-            self.scale_decreases += 1
-            self.skipped_steps += 1
-            return False
-        return True
+        else:
+            self._scaler.unscale_(optimizer)
+            if max_norm is not None:
+                torch.nn.utils.clip_grad_norm_(targets, max_norm)
+            before = self._scaler.get_scale()
+            self._scaler.step(optimizer)  # skips the update itself when it found inf/NaN gradients
+            self._scaler.update()
+            # .get_scale() is a device-host sync; fp16 pays it once per optimizer step.
+            if self._scaler.get_scale() < before:
+                self.scale_decreases += 1
+                self.skipped_steps += 1
+                stepped = False
+        if stepped:
+            with torch.no_grad():
+                for p, master in self._masters:
+                    p.copy_(master)  # round to the stored dtype
+        for _, master in self._masters:
+            master.grad = None
+        return stepped
 
     @property
     def loss_scale(self) -> float | None:
-        """The current fp16 loss scale, or None in other modes."""
+        """The current fp16 loss scale, or None without loss scaling."""
         return float(self._scaler.get_scale()) if self._scaler is not None else None
 
     def summary(self) -> dict[str, Any]:
@@ -108,6 +186,8 @@ class Policy:
             "mode": self.mode,
             "compute_dtype": str(self.compute_dtype).replace("torch.", ""),
             "skipped_steps": self.skipped_steps,
+            "scale_decreases": self.scale_decreases,
             "loss_scale": self.loss_scale,
+            "master_weight_bytes": self.master_bytes,
             "notes": list(self.notes),
         }

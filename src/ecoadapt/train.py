@@ -192,7 +192,8 @@ def run(
     """
     params = [p for p in model.parameters() if p.requires_grad]
     # foreach kernels batch the per-parameter updates: fewer, larger ops on CPU and GPU.
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr, foreach=True)
+    groups = policy.optimizer_params(parameter_groups(model, cfg.weight_decay))  # fp32 masters where needed
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, foreach=True)
     scheduler = get_scheduler(
         cfg.schedule if cfg.schedule != "constant" else "constant_with_warmup",
         optimizer,
