@@ -162,3 +162,22 @@ def test_adapt_with_auto_layers_and_bf16_pure_lora(tmp_path, tiny_llama, corpus_
     assert set(pure["layers_effective"].values()) == {"bfloat16"}
     assert pure["weight_bytes"] < 0.6 * pure["weight_bytes_before"]
     assert "matmul_speedup_vs_fp32" in pure
+
+
+def test_layer_map_without_autocast_reconciles_unmatched_modules(tiny_bert):
+    from ecoadapt.data.batches import IGNORE
+    from ecoadapt.train import forward_logits
+
+    model = models.load(ModelConfig(str(tiny_bert)), 16).model
+    layerwise.apply_map(model, {"bert.encoder.layer.*": "bf16"}, "cpu", default=torch.float32)
+    ids = torch.randint(5, 30, (2, 16))
+    labels = torch.where(torch.rand(ids.shape) < 0.3, ids, IGNORE)
+    logits, _ = forward_logits(model, ids, labels, "mlm")  # the fp32 head receives bf16 hidden states
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+def test_mfu_above_one_is_not_reported():
+    from ecoadapt.measure import flops
+
+    report = flops.mfu_report(flops.FlopCount(6e6, 2e6, 4e6, 0), tokens_per_s=1e6, peak=1e10, peak_source="probe")
+    assert report["mfu"] is None and "exceeds the probed peak" in report["note"]

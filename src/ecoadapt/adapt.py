@@ -24,8 +24,8 @@ from ecoadapt.errors import UserError
 from ecoadapt.evaluate import heldout
 from ecoadapt.measure import energy, environment, flops, memory
 from ecoadapt.measure.budget import BUDGETS, Budget
+from ecoadapt.precision import AUTOCAST_DTYPES, Policy
 from ecoadapt.precision import DTYPES as precision_dtypes
-from ecoadapt.precision import Policy
 from ecoadapt.progress import Progress, say
 
 
@@ -126,7 +126,8 @@ def apply_precision(
         }
         mapping = found.chosen
     if mapping:
-        report["layers"] = layerwise.apply_map(model, mapping, device.type)
+        default = None if policy.mode in AUTOCAST_DTYPES else policy.compute_dtype  # no autocast to reconcile
+        report["layers"] = layerwise.apply_map(model, mapping, device.type, default)
         if "fp16" in mapping.values():
             policy.use_fp16_layers()
     report["layers_effective"] = layerwise.effective_dtypes(model)

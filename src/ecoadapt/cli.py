@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import textwrap
+import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -98,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `ecoadapt` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
+    # Deprecation notices inside transformers are for its callers' developers, not our users.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
     try:
         return int(args.func(args))
     except UserError as e:

@@ -74,8 +74,15 @@ def clear_module_precision(module: nn.Module) -> None:
             leaf.forward = original
 
 
-def apply_map(model: nn.Module, mapping: dict[str, str], device_type: str) -> dict[str, str]:
+def apply_map(
+    model: nn.Module, mapping: dict[str, str], device_type: str, default: torch.dtype | None = None
+) -> dict[str, str]:
     """Apply ``{pattern: dtype}`` to the model's modules, in map order.
+
+    Args:
+        default: when the run has no autocast, the dtype every other module keeps; they are
+            wrapped too, so that each casts what it receives from a module of another dtype.
+            Under autocast (None), autocast itself reconciles the dtypes of other modules.
 
     Returns:
         {module name: dtype name} for every module a pattern matched (the last match wins).
@@ -86,6 +93,8 @@ def apply_map(model: nn.Module, mapping: dict[str, str], device_type: str) -> di
     names = [n for n, _ in model.named_modules() if n]
     modules = dict(model.named_modules())
     applied: dict[str, str] = {}
+    if default is not None:
+        set_module_precision(model, default, device_type)
     for pattern, dtype_name in mapping.items():
         if dtype_name not in DTYPES:
             raise UserError(f"precision.layers: '{pattern}: {dtype_name}': dtype must be one of {', '.join(DTYPES)}")

@@ -132,6 +132,7 @@ def load(cfg: ModelConfig, seq_len: int, seed: int = 0) -> LoadedModel:
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     transformers.logging.set_verbosity_error()  # we report missing weights ourselves, below
+    transformers.utils.logging.disable_progress_bar()  # one progress display: ours
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
         with offline():
