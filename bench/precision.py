@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="alternating repeats per point")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "precision.json")
     args = parser.parse_args()
-    steps = {"minilm-mlm": 8} if args.quick else {"minilm-mlm": 24, "smollm2-lora": 10}
+    steps = {"minilm-mlm": 8} if args.quick else {"minilm-mlm": 16, "smollm2-lora": 6}
     jobs = list(steps)
     repeats = args.repeats or 1
     results: dict[str, dict[str, list[dict[str, Any]]]] = {j: {m: [] for m in MODES} for j in jobs}

@@ -92,8 +92,17 @@ def test_help_comes_from_field_docstrings():
 
 
 def test_every_shipped_preset_loads():
+    from importlib import resources
+
+    from ecoadapt import sweep
+
     names = preset_names()
     assert "quickstart" in names
     for name in names:
         cfg = config.load(resolve_config(name))
         assert cfg.model.name_or_path and cfg.data.train
+    sweeps = list((resources.files("ecoadapt") / "presets" / "sweeps").iterdir())
+    assert any(s.name == "demo.yaml" for s in sweeps)
+    for path in sweeps:
+        spec = sweep.load(str(path))  # every point's config checked against the schema
+        assert len(spec.points) >= 3 and any(p.baseline for p in spec.points)

@@ -91,7 +91,7 @@ def test_resolve_globs_and_errors(tmp_path):
         readers.resolve([str(tmp_path / "nope*.txt")])
     with pytest.raises(UserError, match="unknown corpus type '.bin'"):
         readers.resolve([str(tmp_path / "c.bin")])
-    with pytest.raises(UserError, match="unknown builtin corpus"):
+    with pytest.raises(UserError, match="unknown builtin .nope."):
         readers.resolve(["builtin:nope"])
 
 

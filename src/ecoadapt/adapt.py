@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ecoadapt import adapters, layerwise, models, rundir
+from ecoadapt import adapters, downstream, layerwise, models, rundir
 from ecoadapt import train as train_loop
 from ecoadapt.config import RunConfig, dump
 from ecoadapt.data import corpus, readers
@@ -27,6 +27,11 @@ from ecoadapt.measure.budget import BUDGETS, Budget
 from ecoadapt.precision import AUTOCAST_DTYPES, Policy
 from ecoadapt.precision import DTYPES as precision_dtypes
 from ecoadapt.progress import Progress, say
+
+
+def measurement_dict(m: energy.Measurement) -> dict[str, Any]:
+    """A window's measurement for summary.json."""
+    return {"joules": m.joules, "seconds": m.seconds, "method": m.method, "meter": m.meter}
 
 
 def pick_device(choice: str) -> torch.device:
@@ -297,6 +302,11 @@ def run(cfg: RunConfig, base: Path | None = None) -> dict[str, Any]:
         tracker.end_window("save")
         phases["save_s"] = time.perf_counter() - t
         flop_report = _mfu(model, loaded, cfg, policy, device, result.tokens / max(result.time_s, 1e-9))
+        task_summary = None
+        if cfg.task.train:
+            tracker.begin_window("task")
+            task_summary = downstream.compare(cfg, loaded.tokenizer, downstream.backbone_state(model), device)
+            task_summary["energy"] = measurement_dict(tracker.end_window("task"))
         energy_summary = tracker.summary(cfg.measure.grid_g_co2_per_kwh)
         if energy_summary is not None:
             energy_summary["train_joules"] = train_joules
@@ -344,7 +354,7 @@ def run(cfg: RunConfig, base: Path | None = None) -> dict[str, Any]:
                 "memory": mem,
                 "mfu": flop_report["mfu"],
                 "flops": flop_report,
-                "task": None,
+                "task": task_summary,
                 "phases_s": phases,
                 "environment": environment.describe(device),
             }

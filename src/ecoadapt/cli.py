@@ -50,6 +50,9 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
         f"{summary['status']}: {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['time_s']:.1f} s "
         f"({summary['tokens_per_s']:,.0f} tok/s, measured); held-out loss {ev['loss_before']:.4f} -> {ev['loss']:.4f}"
     )
+    if summary["task"] is not None:
+        t = summary["task"]
+        print(f"task {t['metric']}: base {t['base']:.4f}, adapted {t['adapted']:.4f} (delta {t['delta']:+.4f})")
     if summary["mfu"] is not None:
         f = summary["flops"]
         print(f"MFU: {summary['mfu']:.1%} of a {f['peak_flops_per_s'] / 1e9:,.0f} GFLOP/s peak ({f['peak_source']})")
@@ -58,6 +61,62 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
         print(f"energy: {e['joules']:,.0f} J in all, {e['train_joules']:,.0f} J training ({e['method']}, {e['meter']})")
     print(f"run directory: {cfg.output.dir}")
     return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from ecoadapt import config, downstream
+
+    path = resolve_config(args.config)
+    cfg = config.load(path, args.set)
+    task = downstream.evaluate_run(cfg)
+    m = task["metric"]
+    print(
+        f"{m}: base {task['base']:.4f} +/- {task['base_std']:.4f}, adapted {task['adapted']:.4f} "
+        f"+/- {task['adapted_std']:.4f} (delta {task['delta']:+.4f}) over {len(task['per_seed'])} seed(s)"
+    )
+    e = task["energy"]
+    print(f"evaluation: {e['seconds']:.1f} s, {e['joules']:,.0f} J ({e['method']}, {e['meter']})")
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from ecoadapt import report, sweep
+
+    spec = sweep.load(args.sweep, args.set)
+    results = sweep.run(spec)
+    built = report.build(spec.out)
+    print(built["table"])
+    rec = built["recommendation"]
+    print(f"\nrecommendation: {rec['text'] if rec else 'no point completed'}")
+    print(f"report: {spec.out / 'report.html'}")
+    return 0 if any(r.get("status") != "failed" for r in results) else 1
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from ecoadapt import report
+
+    built = report.build(Path(args.dir), args.tolerance, args.objective)
+    print(built["table"])
+    rec = built["recommendation"]
+    print(f"\nrecommendation: {rec['text'] if rec else 'no point completed'}")
+    print(f"report: {Path(args.dir) / 'report.html'}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import platform
+
+    from ecoadapt import demo
+
+    built = demo.run(Path(args.out), quick=args.quick)
+    print(built["table"])
+    rec = built["recommendation"]
+    print(f"\nrecommendation: {rec['text'] if rec else 'no point completed'}")
+    for note in built["notes"]:
+        print(f"- {note}")
+    print(f"- {demo.SOURCE.format(version=platform.python_version())}")
+    print(f"report: {Path(args.out) / 'report.html'}")
+    return 0 if rec else 1
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
@@ -90,6 +149,29 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument("config", help="a YAML config file, or the name of a shipped preset")
     adapt.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     adapt.set_defaults(func=_cmd_adapt)
+
+    evaluate = sub.add_parser(
+        "evaluate", help="downstream fine-tune and test of the base and of the adapted model, same seeds"
+    )
+    evaluate.add_argument("config", help="the adapt config (its output.dir holds the adapted model)")
+    evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    evaluate.set_defaults(func=_cmd_evaluate)
+
+    sweep = sub.add_parser("sweep", help="run a grid of adapt configurations, one process each, resumable")
+    sweep.add_argument("sweep", help="a sweep YAML (base + grid and/or points)")
+    sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a base config key")
+    sweep.set_defaults(func=_cmd_sweep)
+
+    rep = sub.add_parser("report", help="report.md, report.html, results.csv and plots for a sweep or a run")
+    rep.add_argument("dir", help="a sweep or run directory")
+    rep.add_argument("--tolerance", type=float, default=None, help="metric distance from the best still accepted")
+    rep.add_argument("--objective", choices=["energy", "time", "memory"], default=None, help="what to minimise")
+    rep.set_defaults(func=_cmd_report)
+
+    demo = sub.add_parser("demo", help="the whole job on the embedded default: a short sweep and its report")
+    demo.add_argument("--out", default="runs/demo", help="where the demo's runs and report go")
+    demo.add_argument("--quick", action="store_true", help="three recipes, smaller budget (about 2 minutes)")
+    demo.set_defaults(func=_cmd_demo)
 
     sub.add_parser("keys", help="list every config key with its default and help").set_defaults(func=_cmd_keys)
     sub.add_parser("presets", help="list the shipped presets").set_defaults(func=_cmd_presets)

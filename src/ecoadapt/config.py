@@ -152,6 +152,43 @@ class TrainConfig:
 
 
 @dataclass
+class TaskConfig:
+    """The downstream task: a labelled text-classification set in the domain."""
+
+    train: list[str] = field(default_factory=list)
+    """Labelled training files (.jsonl, .json, .csv, .tsv); empty: no downstream task."""
+    test: list[str] = field(default_factory=list)
+    """Labelled test files; empty: task.test_fraction of task.train is held out, stratified by
+    label, deterministically."""
+    text_field: str = "text"
+    """Record field (or column) holding the text."""
+    label_field: str = "label"
+    """Record field (or column) holding the label."""
+    json_key: str | None = None
+    """Key of the record list inside a .json object (detected when unambiguous)."""
+    test_fraction: float = 0.2
+    """Fraction of each label's examples held out for testing when task.test is empty."""
+    metric: Literal["accuracy", "macro_f1", "micro_f1"] = "accuracy"
+    """The headline metric (all three are reported)."""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """Fine-tuning seeds: each runs on the base and on the adapted model; mean and std reported."""
+    epochs: float = 3.0
+    """Passes over the task's training examples per fine-tune."""
+    lr: float = 1e-4
+    """Peak learning rate of the fine-tune (AdamW, linear decay, 10% warm-up)."""
+    micro_batch_size: int = 32
+    """Examples per forward/backward pass."""
+    max_seq_len: int = 64
+    """Tokens per example (longer texts are truncated)."""
+    max_train_examples: int | None = None
+    """Fine-tune on at most this many training examples (a deterministic, label-stratified
+    subset), to bound the evaluation's cost."""
+    lora: bool = False
+    """Fine-tune LoRA adapters (lora.r, lora.alpha) and the classification head instead of all
+    weights."""
+
+
+@dataclass
 class MeasureConfig:
     """How energy is measured or estimated."""
 
@@ -208,6 +245,7 @@ class RunConfig:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -425,6 +463,15 @@ def check(cfg: RunConfig, source: str = "config") -> None:
     g = cfg.measure.grid_g_co2_per_kwh
     need(g is None or g >= 0, "measure.grid_g_co2_per_kwh", "must not be negative")
     need(cfg.measure.peak_flops is None or cfg.measure.peak_flops > 0, "measure.peak_flops", "must be positive")
+    k = cfg.task
+    need(0 < k.test_fraction < 1, "task.test_fraction", "must be between 0 and 1")
+    need(bool(k.seeds), "task.seeds", "give at least one seed")
+    need(k.epochs > 0, "task.epochs", "must be positive")
+    need(k.lr > 0, "task.lr", "must be positive")
+    need(k.micro_batch_size >= 1, "task.micro_batch_size", "must be at least 1")
+    need(k.max_seq_len >= 4, "task.max_seq_len", "must be at least 4")
+    need(k.max_train_examples is None or k.max_train_examples >= 2, "task.max_train_examples", "at least 2")
+    need(not k.test or bool(k.train), "task.test", "needs task.train too")
     b = cfg.budget
     need(b.energy_j is None or b.energy_j > 0, "budget.energy_j", "must be positive (or null)")
     need(b.time_s is None or b.time_s > 0, "budget.time_s", "must be positive (or null)")

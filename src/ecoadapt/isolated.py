@@ -7,11 +7,13 @@ Sweeps and benchmarks both go through here.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,8 @@ def run_adapt(
         config: the run's config as nested plain data; ``output.dir`` is set to ``run_dir``.
         run_dir: the run directory to create.
         timeout_s: kill the child after this many seconds.
-        stream_output: pass the child's stderr (progress) through instead of capturing it.
+        stream_output: pass the child's stderr (progress) through as it comes; its last lines
+            are kept either way, for the error of a failed run.
 
     Returns:
         The run's summary.json, or ``{"status": "failed", "error": ...}`` when the child
@@ -39,21 +42,33 @@ def run_adapt(
         yaml.safe_dump(config, f)
         config_path = f.name
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    tail: collections.deque[str] = collections.deque(maxlen=20)  # the child's last words, for the error
     try:
-        proc = subprocess.run(
+        with subprocess.Popen(
             [sys.executable, "-m", "ecoadapt", "adapt", config_path],
-            stdout=subprocess.PIPE,
-            stderr=None if stream_output else subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=timeout_s,
             env=env,
-            check=False,
-        )
-        code, err = proc.returncode, (proc.stderr or "")
-    except subprocess.TimeoutExpired:
-        code, err = -1, f"timed out after {timeout_s} s"
+        ) as proc:
+            timer = threading.Timer(timeout_s, proc.kill) if timeout_s else None
+            if timer:
+                timer.start()
+            assert proc.stderr is not None
+            for line in proc.stderr:  # progress passes through as it comes
+                tail.append(line)
+                if stream_output:
+                    sys.stderr.write(line)
+                    sys.stderr.flush()
+            code = proc.wait()
+            timed_out = timer is not None and not timer.is_alive() and code != 0
+            if timer:
+                timer.cancel()
+        if timed_out:
+            tail.append(f"timed out after {timeout_s} s")
     finally:
         Path(config_path).unlink(missing_ok=True)
+    err = "".join(tail)
     summary_path = run_dir / "summary.json"
     if summary_path.exists():
         summary: dict[str, Any] = json.loads(summary_path.read_text())

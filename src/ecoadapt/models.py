@@ -166,6 +166,18 @@ def load(cfg: ModelConfig, seq_len: int, seed: int = 0) -> LoadedModel:
     return LoadedModel(model, tokenizer, objective, str(Path(where) / gguf_file) if gguf_file else where, fresh)
 
 
+def load_tokenizer(cfg: ModelConfig) -> Any:
+    """The model's tokenizer alone (offline), for work that needs no weights."""
+    from transformers import AutoTokenizer
+
+    where, gguf_file, _ = resolve(cfg.name_or_path)
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    with offline():
+        return AutoTokenizer.from_pretrained(where, **kwargs)
+
+
 def tied_parameter_names(model: nn.Module) -> set[str]:
     """Names of parameters that share storage with another one (a tied LM head, say)."""
     seen: dict[int, str] = {}

@@ -59,15 +59,23 @@ def encoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.
 
 
 def forward_logits(
-    model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, objective: str
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    objective: str,
+    attention_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and labels for the loss.
 
     For masked LM only the masked positions (about 15%) go through the LM head: the head's
     vocabulary projection is about half of a small encoder's FLOPs, and its full
     (batch, seq, vocab) logits the largest tensor of the step. Returns logits (targets, vocab)
-    and labels (targets,) then; otherwise logits (batch, seq, vocab) and labels (batch, seq).
+    and labels (targets,) then; for classification ("cls") logits (batch, classes) and labels
+    (batch,); otherwise logits (batch, seq, vocab) and labels (batch, seq). Packed LM blocks
+    have no padding, so only classification batches carry an attention mask.
     """
+    if objective == "cls":
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits, labels
     if objective == "mlm":
         split = encoder_and_head(model)
         if split is not None:
@@ -99,12 +107,14 @@ def accumulate(
     for batch in micro:
         input_ids = batch["input_ids"].to(device, non_blocking=True)
         labels = batch["labels"].to(device, non_blocking=True)
+        mask = batch["attention_mask"].to(device, non_blocking=True) if "attention_mask" in batch else None
         with policy.autocast():
-            logits, labels = forward_logits(model, input_ids, labels, objective)
+            logits, labels = forward_logits(model, input_ids, labels, objective, mask)
         loss = loss_sum(logits, labels, objective) / n_targets
         policy.backward(loss)
         step_loss += loss.detach()
-        n_tokens += input_ids.numel()
+        # Real tokens only (padding excluded); counted on the host copy: no device sync.
+        n_tokens += int(batch["attention_mask"].sum()) if mask is not None else input_ids.numel()
     return step_loss, n_tokens, n_targets
 
 
@@ -182,7 +192,7 @@ def run(
         batches: endless micro-batches ({"input_ids", "labels"}, each (batch, seq)).
         steps: optimizer steps to take.
         cfg: the train section (lr, schedule, accumulation, clipping).
-        objective: "clm" or "mlm".
+        objective: "clm", "mlm", or "cls" (sequence classification, the downstream task).
         policy: precision policy (autocast, loss scaling).
         device: where the model lives.
         on_log: called with each StepLog (progress display, metrics.jsonl).

@@ -67,7 +67,10 @@ def make_batch(
 
 
 def target_count(labels: torch.Tensor, objective: str) -> int:
-    """Tokens that the loss is computed on (causal LM predicts positions 1..n-1)."""
+    """Targets the loss is computed on: tokens (causal LM predicts positions 1..n-1; masked LM
+    the masked ones), or examples for classification ("cls")."""
+    if objective == "cls":
+        return int(labels.numel())
     if objective == "clm":
         return int((labels[:, 1:] != IGNORE).sum())
     return int((labels != IGNORE).sum())

@@ -1,9 +1,13 @@
-"""Corpora that ship with Python itself, so that presets and the demo run offline.
+"""Corpora and a task that ship with Python itself, so that presets and the demo run offline.
 
 ``builtin:python-docstrings``: the docstrings of the Python standard library's own modules,
 classes and functions, read from its source files with :mod:`ast` (nothing is imported). The
 domain is technical English about programming, written by the CPython developers; its exact
 contents depend on the Python version, which the run's environment records.
+
+``builtin:python-docstring-topics``: a labelled task in that domain: which of eight standard
+library packages a docstring comes from (asyncio, email, http, importlib, logging,
+multiprocessing, unittest, xml), records ``{"text", "label"}``.
 """
 
 from __future__ import annotations
@@ -19,13 +23,15 @@ PREFIX = "builtin:"
 # Packages left out: tests (docstrings of test cases are noise) and vendored/IDE code.
 _SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "__pycache__", "turtledemo", "ensurepip"}
 CORPORA = {"python-docstrings": "docstrings of the Python standard library (read from its source)"}
+TASKS = {"python-docstring-topics": "which standard-library package a docstring comes from (8 labels)"}
+TOPICS = ("asyncio", "email", "http", "importlib", "logging", "multiprocessing", "unittest", "xml")
 
 
-def check_name(source: str) -> None:
-    """Raise a UserError unless ``source`` names a known builtin corpus."""
+def check_name(source: str, kinds: dict[str, str] = CORPORA, key: str = "data.train") -> None:
+    """Raise a UserError unless ``source`` names a known builtin corpus (or task)."""
     name = source[len(PREFIX) :]
-    if name not in CORPORA:
-        raise UserError(f"data.train: unknown builtin corpus '{name}'; available: {', '.join(CORPORA)}")
+    if name not in kinds:
+        raise UserError(f"{key}: unknown builtin '{name}'; available: {', '.join(kinds)}")
 
 
 def stdlib_files() -> list[Path]:
@@ -34,10 +40,8 @@ def stdlib_files() -> list[Path]:
     return sorted(p for p in root.rglob("*.py") if not _SKIP_DIRS.intersection(p.relative_to(root).parts[:-1]))
 
 
-def documents(source: str) -> Iterator[str]:
-    """Yield the documents of a builtin corpus: one docstring each, whitespace normalised."""
-    check_name(source)
-    for path in stdlib_files():
+def _docstrings(paths: list[Path]) -> Iterator[tuple[Path, str]]:
+    for path in paths:
         try:
             tree = ast.parse(path.read_bytes())
         except (SyntaxError, ValueError):  # a few files are templates or other Pythons' code
@@ -47,4 +51,20 @@ def documents(source: str) -> Iterator[str]:
                 # Layout whitespace is dropped so that packing sees prose, not indentation.
                 doc = " ".join((ast.get_docstring(node) or "").split())
                 if len(doc) >= 40:
-                    yield doc
+                    yield path, doc
+
+
+def documents(source: str) -> Iterator[str]:
+    """Yield the documents of a builtin corpus: one docstring each, whitespace normalised."""
+    check_name(source)
+    for _, doc in _docstrings(stdlib_files()):
+        yield doc
+
+
+def task_records(source: str) -> Iterator[tuple[str, dict[str, str]]]:
+    """Yield (where, {"text", "label"}) for a builtin task."""
+    check_name(source, TASKS, "task.train")
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [p for p in stdlib_files() if p.relative_to(root).parts[0] in TOPICS]
+    for path, doc in _docstrings(files):
+        yield f"{path}", {"text": doc, "label": path.relative_to(root).parts[0]}

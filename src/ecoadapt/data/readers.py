@@ -39,7 +39,7 @@ def resolve(patterns: list[str], base: Path | None = None) -> list[str]:
     out: list[str] = []
     for pattern in patterns:
         if pattern.startswith(builtin.PREFIX):
-            builtin.check_name(pattern)
+            builtin.check_name(pattern, {**builtin.CORPORA, **builtin.TASKS})
             out.append(pattern)
             continue
         candidates = [pattern]
@@ -60,19 +60,18 @@ def resolve(patterns: list[str], base: Path | None = None) -> list[str]:
     return out
 
 
-def read(source: str, text_field: str = "text", json_key: str | None = None) -> Iterator[Document]:
-    """Yield the documents of one source; empty and whitespace-only texts are skipped."""
+def records(source: str, text_field: str = "text", json_key: str | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield (where, record) for each record of a .jsonl, .json, .csv or .tsv file.
+
+    ``where`` names the file and line (or record index) for messages. CSV/TSV rows become
+    dicts keyed by the header; ``text_field`` is checked against the header at once.
+    """
     if source.startswith(builtin.PREFIX):
-        for text in builtin.documents(source):
-            yield Document(text, source)
+        yield from builtin.task_records(source)
         return
     path = Path(source)
     suffix = path.suffix.lower()
-    if suffix == ".txt":
-        for lineno, line in enumerate(_lines(path), 1):
-            if line.strip():
-                yield Document(line.strip(), f"{path}:{lineno}")
-    elif suffix == ".jsonl":
+    if suffix == ".jsonl":
         for lineno, line in enumerate(_lines(path), 1):
             if not line.strip():
                 continue
@@ -80,19 +79,32 @@ def read(source: str, text_field: str = "text", json_key: str | None = None) -> 
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove the line") from None
-            text = _field(record, text_field, f"{path}:{lineno}")
-            if text:
-                yield Document(text, f"{path}:{lineno}")
+            yield f"{path}:{lineno}", record
     elif suffix == ".json":
-        records = _json_records(path, text_field, json_key)
-        for i, record in enumerate(records):
-            text = _field(record, text_field, f"{path}: record {i}")
-            if text:
-                yield Document(text, f"{path}: record {i}")
+        for i, record in enumerate(_json_records(path, text_field, json_key)):
+            yield f"{path}: record {i}", record
     elif suffix in (".csv", ".tsv"):
         yield from _table(path, text_field, "\t" if suffix == ".tsv" else ",")
     else:
-        raise UserError(f"{path}: unknown corpus type '{suffix}'; use one of {', '.join(SUFFIXES)}")
+        raise UserError(f"{path}: expected a .jsonl, .json, .csv or .tsv file of records, not '{suffix}'")
+
+
+def read(source: str, text_field: str = "text", json_key: str | None = None) -> Iterator[Document]:
+    """Yield the documents of one source; empty and whitespace-only texts are skipped."""
+    if source.startswith(builtin.PREFIX):
+        for text in builtin.documents(source):
+            yield Document(text, source)
+        return
+    path = Path(source)
+    if path.suffix.lower() == ".txt":
+        for lineno, line in enumerate(_lines(path), 1):
+            if line.strip():
+                yield Document(line.strip(), f"{path}:{lineno}")
+        return
+    for where, record in records(source, text_field, json_key):
+        text = text_field_value(record, text_field, where)
+        if text:
+            yield Document(text, where)
 
 
 def read_all(sources: list[str], text_field: str = "text", json_key: str | None = None) -> list[Document]:
@@ -121,7 +133,8 @@ def _lines(path: Path) -> list[str]:
     return _text(path).splitlines()
 
 
-def _field(record: Any, text_field: str, where: str) -> str:
+def text_field_value(record: Any, text_field: str, where: str) -> str:
+    """The stripped text of ``record[text_field]`` ("" for null); errors name ``where``."""
     if not isinstance(record, dict):
         raise UserError(f"{where}: expected an object with a '{text_field}' field, got {type(record).__name__}")
     if text_field not in record:
@@ -162,7 +175,7 @@ def _json_records(path: Path, text_field: str, json_key: str | None) -> list[Any
     raise UserError(f"{path}: several lists hold '{text_field}' ({', '.join(with_field)}); set data.json_key")
 
 
-def _table(path: Path, text_field: str, delimiter: str) -> Iterator[Document]:
+def _table(path: Path, text_field: str, delimiter: str) -> Iterator[tuple[str, dict[str, Any]]]:
     rows = csv.reader(_text(path).splitlines(), delimiter=delimiter)
     header = next(rows, None)
     if header is None:
@@ -170,11 +183,9 @@ def _table(path: Path, text_field: str, delimiter: str) -> Iterator[Document]:
     header = [h.strip() for h in header]
     if text_field not in header:
         raise UserError(f"{path}:1: no column '{text_field}' (columns: {', '.join(header)}); set data.text_field")
-    col = header.index(text_field)
     for lineno, row in enumerate(rows, 2):
         if not row:
             continue
-        if col >= len(row):
-            raise UserError(f"{path}:{lineno}: the row has {len(row)} columns, '{text_field}' is column {col + 1}")
-        if row[col].strip():
-            yield Document(row[col].strip(), f"{path}:{lineno}")
+        if len(row) < len(header):
+            raise UserError(f"{path}:{lineno}: the row has {len(row)} columns, the header {len(header)}")
+        yield f"{path}:{lineno}", dict(zip(header, row, strict=False))

@@ -1,0 +1,237 @@
+"""`ecoadapt sweep`: a grid of adapt runs, one fresh process each, resumable.
+
+A sweep file is a base config plus small overrides per point (as in PEFT's method comparison):
+
+    base: configs/minilm.yaml          # or the sections inline
+    grid:                              # every combination
+      precision.mode: [fp32, bf16]
+      lora.enabled: [false, true]
+    points:                            # and/or explicit points
+      - {name: frugal, set: {precision.mode: bf16-pure, lora.enabled: true, train.trainable_layers: 2}}
+    baseline: {precision.mode: fp32, lora.enabled: false}   # default: fp32 full fine-tune
+    report: {tolerance: 0.05, objective: energy}
+    output: {dir: runs/sweep}
+
+Each point's config is resolved and checked before anything runs. Results are appended to
+``results.jsonl`` one line per point; running the sweep again skips every point whose resolved
+config already completed, and retries those that failed.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import itertools
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ecoadapt import config as config_mod
+from ecoadapt.errors import UserError
+from ecoadapt.isolated import run_adapt
+from ecoadapt.progress import fmt_duration, say
+
+SWEEP_KEYS = ("base", "grid", "points", "baseline", "report", "output")
+DEFAULT_BASELINE = {"precision.mode": "fp32", "precision.layers": None, "lora.enabled": False}
+
+
+@dataclass
+class Point:
+    """One configuration of a sweep.
+
+    Attributes:
+        name: readable label (given, or made from the overrides).
+        overrides: dotted key -> value, applied on top of the base.
+        config: the resolved, checked run configuration.
+        key: hash of the resolved config (output directory excluded): what "done" is keyed by.
+        baseline: whether this is the sweep's baseline point.
+    """
+
+    name: str
+    overrides: dict[str, Any]
+    config: config_mod.RunConfig
+    key: str
+    baseline: bool = False
+
+
+@dataclass
+class Sweep:
+    """A parsed sweep file."""
+
+    points: list[Point]
+    out: Path
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any, where: str) -> None:
+    parts = dotted.split(".")
+    if len(parts) != 2:
+        raise UserError(f"{where}: '{dotted}' must be section.key (for example precision.mode)")
+    section = raw.setdefault(parts[0], {})
+    if not isinstance(section, dict):
+        raise UserError(f"{where}: section '{parts[0]}' must be a mapping")
+    section[parts[1]] = value
+
+
+def config_key(cfg: config_mod.RunConfig) -> str:
+    """Hash of a resolved config, its output directory left out."""
+    data = cfg.to_dict()
+    data["output"] = {k: v for k, v in data["output"].items() if k not in ("dir", "overwrite")}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _label(overrides: dict[str, Any]) -> str:
+    if not overrides:
+        return "base"
+    return ",".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items())
+
+
+def slug(name: str) -> str:
+    """A folder name for a point."""
+    keep = "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
+    return keep.strip("-")[:80] or "point"
+
+
+def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Sweep:
+    """Read a sweep file, expand its grid and points, and check every point's config.
+
+    Args:
+        path: the sweep YAML.
+        overrides: ``section.key=value`` applied to the base (and so to every point).
+
+    Raises:
+        UserError: a bad sweep file, or a point whose config is invalid (named).
+    """
+    path = Path(path)
+    try:
+        spec = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such sweep file") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(spec, dict):
+        raise UserError(f"{path}: expected a mapping with base, grid and/or points")
+    for key in spec:
+        if key not in SWEEP_KEYS:
+            match = difflib.get_close_matches(str(key), SWEEP_KEYS, n=1)
+            hint = f" (did you mean '{match[0]}'?)" if match else f" (valid: {', '.join(SWEEP_KEYS)})"
+            raise UserError(f"{path}: unknown sweep key '{key}'{hint}")
+    base = spec.get("base") or {}
+    if isinstance(base, str):
+        base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
+        base = yaml.safe_load(base_path.read_text(encoding="utf-8")) if base_path.exists() else None
+        if base is None:
+            raise UserError(f"{path}: base config '{spec['base']}' not found")
+    if not isinstance(base, dict):
+        raise UserError(f"{path}: base must be a config mapping or a config file path")
+    base = copy.deepcopy(base)
+    for item in overrides:
+        (section, key), value = config_mod.parse_override(item)
+        _set_dotted(base, f"{section}.{key}", value, "--set")
+
+    wanted: list[tuple[str, dict[str, Any], bool]] = []
+    grid = spec.get("grid") or {}
+    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+        raise UserError(f"{path}: grid must map section.key to a non-empty list of values")
+    if grid:
+        for values in itertools.product(*grid.values()):
+            overrides_ = dict(zip(grid.keys(), values, strict=True))
+            wanted.append((_label(overrides_), overrides_, False))
+    for i, point in enumerate(spec.get("points") or []):
+        if not isinstance(point, dict) or not isinstance(point.get("set", {}), dict):
+            raise UserError(f"{path}: points[{i}] must be {{name: ..., set: {{section.key: value}}}}")
+        overrides_ = dict(point.get("set") or {})
+        wanted.append((str(point.get("name") or _label(overrides_)), overrides_, False))
+    baseline = spec.get("baseline", DEFAULT_BASELINE)
+    if not isinstance(baseline, dict):
+        raise UserError(f"{path}: baseline must map section.key to values")
+    wanted.append(("baseline", dict(baseline), True))
+    if len(wanted) == 1:
+        raise UserError(f"{path}: no points: give a grid or a list of points")
+
+    out = Path((spec.get("output") or {}).get("dir") or "runs/sweep")
+    points: list[Point] = []
+    for name, point_overrides, is_baseline in wanted:
+        raw = copy.deepcopy(base)
+        for dotted, value in point_overrides.items():
+            _set_dotted(raw, dotted, value, f"{path}: point '{name}'")
+        cfg = config_mod.from_dict(raw, f"{path}: point '{name}'")
+        key = config_key(cfg)
+        same = next((p for p in points if p.key == key), None)
+        if same is not None:  # the baseline is often one of the grid points already
+            same.baseline = same.baseline or is_baseline
+            continue
+        points.append(Point(name, point_overrides, cfg, key, is_baseline))
+    return Sweep(points, out, dict(spec.get("report") or {}))
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    """The records of results.jsonl (a torn last line from a killed sweep is ignored)."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def append_result(path: Path, record: dict[str, Any]) -> None:
+    """Append one record as a single write, fsynced: a line is either there whole or not."""
+    data = (json.dumps(record, default=str) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def run(sweep: Sweep, timeout_s: float | None = None) -> list[dict[str, Any]]:
+    """Run every point not already completed, one fresh process each; return all results."""
+    sweep.out.mkdir(parents=True, exist_ok=True)
+    results_path = sweep.out / "results.jsonl"
+    manifest = {
+        "report": sweep.report,
+        "points": [{"name": p.name, "key": p.key, "baseline": p.baseline} for p in sweep.points],
+    }
+    (sweep.out / "sweep.json").write_text(json.dumps(manifest, indent=1, default=str))
+    done = {r["key"] for r in read_results(results_path) if r.get("status") in ("completed", "stopped_by_budget")}
+    todo = [p for p in sweep.points if p.key not in done]
+    if len(todo) < len(sweep.points):
+        say(f"[sweep] {len(sweep.points) - len(todo)} of {len(sweep.points)} points already done: skipped")
+    durations: list[float] = []
+    for i, point in enumerate(todo, 1):
+        eta = f", about {fmt_duration(sum(durations) / len(durations) * (len(todo) - i + 1))} left" if durations else ""
+        say(f"[sweep] point {i}/{len(todo)}: {point.name}{eta}")
+        run_dir = sweep.out / "points" / f"{slug(point.name)}-{point.key[:6]}"
+        cfg = point.config.to_dict()
+        cfg["output"]["overwrite"] = True  # a retried point replaces its failed attempt
+        start = time.perf_counter()
+        summary = run_adapt(cfg, run_dir, timeout_s=timeout_s, stream_output=True)
+        durations.append(time.perf_counter() - start)
+        record = {
+            "name": point.name,
+            "key": point.key,
+            "baseline": point.baseline,
+            "overrides": point.overrides,
+            "run_dir": str(run_dir),
+            **summary,
+        }
+        append_result(results_path, record)
+        if record.get("status") == "failed":
+            say(f"[sweep] point {point.name} failed: {record.get('error')}; going on")
+    keys = {p.key for p in sweep.points}
+    latest: dict[str, dict[str, Any]] = {}
+    for r in read_results(results_path):
+        if r.get("key") in keys:
+            latest[r["key"]] = r  # the last attempt of each point counts
+    return [latest[p.key] for p in sweep.points if p.key in latest]

@@ -1,0 +1,73 @@
+"""Sweeps: expansion, isolated runs, resume, failures."""
+
+import json
+
+import pytest
+import yaml
+
+from ecoadapt import sweep
+from ecoadapt.cli import main
+from ecoadapt.errors import UserError
+
+
+def write_sweep(tmp_path, model, corpus, **extra):
+    spec = {
+        "base": {
+            "model": {"name_or_path": str(model)},
+            "data": {"train": [str(corpus)], "text_field": "caption", "max_seq_len": 16, "eval_fraction": 0.1},
+            "train": {"max_steps": 3, "micro_batch_size": 2, "lr": 5e-3, "log_every": 3},
+            "measure": {"energy": "estimate"},
+            "output": {"save_model": False},
+        },
+        "grid": {"lora.enabled": [False, True]},
+        "points": [{"name": "top-block", "set": {"train.trainable_layers": 1}}],
+        "output": {"dir": str(tmp_path / "sweep")},
+        **extra,
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_expansion_dedupes_the_baseline_and_checks_every_point(tmp_path):
+    path = write_sweep(tmp_path, "m", "c.txt")
+    spec = sweep.load(path)
+    assert [p.name for p in spec.points] == ["enabled=False", "enabled=True", "top-block"]
+    assert [p.baseline for p in spec.points] == [True, False, False]  # fp32 full = the first grid point
+    assert len({p.key for p in spec.points}) == 3
+    bad = write_sweep(tmp_path, "m", "c.txt", points=[{"name": "oops", "set": {"train.lrr": 1}}])
+    with pytest.raises(UserError, match=r"point 'oops'.*unknown key 'train\.lrr'"):
+        sweep.load(bad)
+    with pytest.raises(UserError, match="unknown sweep key 'gird'"):
+        path.write_text(yaml.safe_dump({"gird": {}}))
+        sweep.load(path)
+
+
+def test_three_point_sweep_runs_resumes_and_records_failures(tmp_path, tiny_llama, corpus_jsonl, capsys):
+    path = write_sweep(tmp_path, tiny_llama, corpus_jsonl)
+    assert main(["sweep", str(path)]) == 0
+    out = tmp_path / "sweep"
+    records = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in records] == ["completed"] * 3
+    assert all(r["energy"]["method"] == "estimated" for r in records)
+    for name in ("report.md", "report.html", "results.csv", "energy_vs_metric.png"):
+        assert (out / name).exists()
+    printed = capsys.readouterr()
+    assert "recommendation:" in printed.out and "point 3/3" in printed.err
+
+    # Again: every point is done, nothing runs.
+    assert main(["sweep", str(path)]) == 0
+    assert "3 of 3 points already done: skipped" in capsys.readouterr().err
+    assert len((out / "results.jsonl").read_text().splitlines()) == 3
+
+    # A failing point (2 blocks only) is recorded, and the others still run.
+    points = [{"name": "too-many", "set": {"train.trainable_layers": 5}}, {"name": "more", "set": {"train.lr": 1e-3}}]
+    path = write_sweep(tmp_path, tiny_llama, corpus_jsonl, points=points)
+    assert main(["sweep", str(path)]) == 0
+    records = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    by_name = {r["name"]: r for r in records}
+    assert by_name["too-many"]["status"] == "failed"
+    assert "only 2 blocks" in by_name["too-many"]["error"]
+    assert by_name["more"]["status"] == "completed"
+    csv_rows = (out / "results.csv").read_text().splitlines()
+    assert len(csv_rows) == 1 + 4  # header + enabled=False, enabled=True, too-many, more
