@@ -1,7 +1,8 @@
 """`ecoadapt adapt`: continued pre-training from config to run directory.
 
 Every check that can fail on bad input runs before the run directory is created; from then on a
-failure still writes ``summary.json`` with ``status: failed`` and the error.
+failure still writes ``summary.json`` with ``status: failed`` and the error. Under data
+parallelism every rank runs this same code on its shard; rank 0 alone prints and writes.
 """
 
 from __future__ import annotations
@@ -9,12 +10,14 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ecoadapt import adapters, downstream, layerwise, models, rundir
+from ecoadapt import adapters, downstream, layerwise, models, parallel, rundir
 from ecoadapt import train as train_loop
 from ecoadapt.config import RunConfig, dump
 from ecoadapt.data import corpus, readers
@@ -53,8 +56,13 @@ def mask_spec(tokenizer: Any, probability: float) -> MaskSpec:
     )
 
 
-def save(model: Any, tokenizer: Any, run_dir: Path, lora: bool, merge: bool) -> list[str]:
+def save(
+    model: Any, tokenizer: Any, run_dir: Path, lora: bool, merge: bool, state_dict: dict[str, Any] | None = None
+) -> list[str]:
     """Save the adapter (PEFT format) and/or the full model, each through a temp folder.
+
+    Args:
+        state_dict: the full weights when they had to be gathered (FSDP); else the model's own.
 
     Returns:
         The names of the folders written (``adapter``, ``model``).
@@ -72,7 +80,7 @@ def save(model: Any, tokenizer: Any, run_dir: Path, lora: bool, merge: bool) -> 
         shutil.rmtree(tmp, ignore_errors=True)
         if obj is None:  # merged copy: fold the adapter into the base weights
             obj = model.merge_and_unload()
-        obj.save_pretrained(tmp)
+        obj.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, run_dir / name)
         written.append(name)
@@ -164,6 +172,111 @@ def _mfu(
     return flops.mfu_report(count, tokens_per_s, peak, source)
 
 
+@dataclass
+class Prepared:
+    """Everything a run sets up before its run directory exists."""
+
+    loaded: models.LoadedModel
+    blocks: corpus.TokenBlocks
+    model: Any
+    plan: adapters.TrainablePlan
+    policy: Policy
+    mask: MaskSpec | None
+    precision_report: dict[str, Any]
+    counts: dict[str, int]
+    rss_before_load: int
+    phases: dict[str, float] = field(default_factory=dict)
+
+
+def _meter(cfg: RunConfig, world: parallel.World, device: torch.device, log: Callable[[str], None]) -> Any:
+    chosen = energy.choose(
+        cfg.measure.energy,
+        cfg.measure.cpu_watts_per_core,
+        cfg.measure.memory_watts_per_gib,
+        gpu_indices=[device.index or 0] if device.type == "cuda" else None,
+    )
+    for note in chosen.notes:
+        log(note)
+    meter = chosen.meter
+    if isinstance(meter, energy.RaplMeter) and world.local_rank != 0:
+        meter = None  # one CPU package, one meter: local rank 0 counts it for the machine
+    return energy.EnergyTracker(meter)
+
+
+def prepare(
+    cfg: RunConfig,
+    base: Path | None,
+    device: torch.device,
+    world: parallel.World,
+    tracker: Any,
+    log: Callable[[str], None],
+) -> Prepared:
+    """Load the model, tokenize the corpus, choose what trains and in which precision, wrap."""
+    rss_before_load = memory.rss_bytes()
+    phases: dict[str, float] = {}
+    t = time.perf_counter()
+    log(f"loading {cfg.model.name_or_path} ...")
+    tracker.begin_window("load")
+    loaded = models.load(cfg.model, cfg.data.max_seq_len, cfg.train.seed)
+    phases["load_s"] = time.perf_counter() - t
+    if loaded.fresh:
+        log(f"newly initialised (trained from scratch): {', '.join(loaded.fresh)}")
+    t = time.perf_counter()
+    blocks = corpus.build(cfg.data, loaded.tokenizer, loaded.objective, base)
+    phases["tokenize_s"] = time.perf_counter() - t
+    tracker.end_window("load")  # loading the model and tokenizing the corpus
+    stats = blocks.stats
+    log(
+        f"corpus: {stats['train_documents']} train / {stats['eval_documents']} held-out documents, "
+        f"{stats['train_blocks']} blocks of {cfg.data.max_seq_len} tokens (cache {stats['cache']})"
+    )
+    if len(blocks.train) < cfg.train.micro_batch_size * world.size:
+        log(f"note: only {len(blocks.train)} training blocks; micro-batches repeat blocks within an epoch")
+
+    model, plan = adapters.prepare(loaded, cfg.train, cfg.lora)
+    model.to(device)
+    policy = Policy(cfg.precision.mode, device.type)
+    mask = mask_spec(loaded.tokenizer, cfg.data.mlm_probability) if loaded.objective == "mlm" else None
+    precision_report = apply_precision(model, policy, cfg, blocks.train, loaded.objective, mask, device)
+    for note in policy.notes:
+        log(f"note: {note}")
+    counts = models.parameter_counts(model)
+    _, block_list = models.transformer_blocks(model)
+    model = parallel.wrap(model, world, device, block_list)
+    log(
+        f"{loaded.objective.upper()} on {device.type}, {cfg.precision.mode}: "
+        f"{counts['trainable']:,} of {counts['total']:,} parameters train"
+        + (f" (LoRA r={cfg.lora.r})" if plan.lora else "")
+        + (
+            f", blocks {plan.blocks[0]}-{plan.blocks[-1]} of {plan.n_blocks}"
+            if len(plan.blocks) < plan.n_blocks
+            else ""
+        )
+        + (f", {world.strategy.upper()} over {world.size} processes" if world.distributed else "")
+    )
+    return Prepared(loaded, blocks, model, plan, policy, mask, precision_report, counts, rss_before_load, phases)
+
+
+def _combined_energy(tracker: Any, cfg: RunConfig, world: parallel.World) -> dict[str, Any] | None:
+    """This rank's energy summary, or under data parallelism the sum over ranks (rank 0)."""
+    mine = tracker.summary(cfg.measure.grid_g_co2_per_kwh)
+    every = parallel.gather(mine, world)
+    if not world.distributed:
+        return mine
+    metered = [e for e in every if e is not None]
+    if not metered:
+        return None
+    total = dict(metered[0])
+    total["joules"] = sum(e["joules"] for e in metered)
+    total["phases"] = {
+        name: {k: sum(e["phases"].get(name, {}).get(k, 0.0) for e in metered) for k in ("joules", "seconds")}
+        for name in metered[0]["phases"]
+    }
+    total["per_rank_joules"] = [e["joules"] if e else None for e in every]
+    total["ranks_metered"] = len(metered)
+    return total
+
+
 def run(cfg: RunConfig, base: Path | None = None) -> dict[str, Any]:
     """Run continued pre-training as ``cfg`` says and return the summary (also in summary.json).
 
@@ -179,86 +292,60 @@ def run(cfg: RunConfig, base: Path | None = None) -> dict[str, Any]:
     rundir.check_writable(out, cfg.output.overwrite)
     readers.resolve(cfg.data.train, base)
     models.resolve(cfg.model.name_or_path)
-    device = pick_device(cfg.train.device)
-    phases: dict[str, float] = {}
-    chosen = energy.choose(
-        cfg.measure.energy,
-        cfg.measure.cpu_watts_per_core,
-        cfg.measure.memory_watts_per_gib,
-        gpu_indices=[device.index or 0] if device.type == "cuda" else None,
-    )
-    for note in chosen.notes:
-        say(note)
-    tracker = energy.EnergyTracker(chosen.meter)
+    world, device = parallel.setup(cfg.parallel.strategy, cfg.train.device, cfg.parallel.timeout_s)
+    if world.strategy == "fsdp" and cfg.lora.merge:
+        raise UserError("lora.merge is not available with parallel.strategy = fsdp; merge the saved adapter afterwards")
+    try:
+        return _run(cfg, base, out, world, device)
+    finally:
+        parallel.teardown()
+
+
+def _run(cfg: RunConfig, base: Path | None, out: Path, world: parallel.World, device: torch.device) -> dict[str, Any]:
+    def log(message: str) -> None:
+        if world.is_main:
+            say(message)
+
+    tracker = _meter(cfg, world, device, log)
     if cfg.measure.idle_s > 0:
-        say(f"measuring idle power for {cfg.measure.idle_s:g} s ...")
-        say(f"idle power: {tracker.measure_idle(cfg.measure.idle_s):.1f} W")
+        log(f"measuring idle power for {cfg.measure.idle_s:g} s ...")
+        watts = tracker.measure_idle(cfg.measure.idle_s)
+        log(f"idle power: {watts:.1f} W")
+    p = prepare(cfg, base, device, world, tracker, log)
+    loaded, model, policy = p.loaded, p.model, p.policy
+    eval_blocks = p.blocks.eval[: cfg.data.eval_max_blocks]
+    steps = train_loop.total_steps(cfg.train, len(p.blocks.train) // world.size)
 
-    rss_before_load = memory.rss_bytes()
-    t = time.perf_counter()
-    say(f"loading {cfg.model.name_or_path} ...")
-    tracker.begin_window("load")
-    loaded = models.load(cfg.model, cfg.data.max_seq_len, cfg.train.seed)
-    phases["load_s"] = time.perf_counter() - t
-    if loaded.fresh:
-        say(f"newly initialised (trained from scratch): {', '.join(loaded.fresh)}")
-
-    t = time.perf_counter()
-    blocks = corpus.build(cfg.data, loaded.tokenizer, loaded.objective, base)
-    phases["tokenize_s"] = time.perf_counter() - t
-    tracker.end_window("load")  # loading the model and tokenizing the corpus
-    stats = blocks.stats
-    say(
-        f"corpus: {stats['train_documents']} train / {stats['eval_documents']} held-out documents, "
-        f"{stats['train_blocks']} blocks of {cfg.data.max_seq_len} tokens (cache {stats['cache']})"
-    )
-    if len(blocks.train) < cfg.train.micro_batch_size:
-        say(f"note: only {len(blocks.train)} training blocks; micro-batches repeat blocks within an epoch")
-
-    model, plan = adapters.prepare(loaded, cfg.train, cfg.lora)
-    model.to(device)
-    policy = Policy(cfg.precision.mode, device.type)
-    mask = mask_spec(loaded.tokenizer, cfg.data.mlm_probability) if loaded.objective == "mlm" else None
-    precision_report = apply_precision(model, policy, cfg, blocks.train, loaded.objective, mask, device)
-    for note in policy.notes:
-        say(f"note: {note}")
-    counts = models.parameter_counts(model)
-    say(
-        f"{loaded.objective.upper()} on {device.type}, {cfg.precision.mode}: "
-        f"{counts['trainable']:,} of {counts['total']:,} parameters train"
-        + (f" (LoRA r={cfg.lora.r})" if plan.lora else "")
-        + (
-            f", blocks {plan.blocks[0]}-{plan.blocks[-1]} of {plan.n_blocks}"
-            if len(plan.blocks) < plan.n_blocks
-            else ""
-        )
-    )
-    eval_blocks = blocks.eval[: cfg.data.eval_max_blocks]
-    steps = train_loop.total_steps(cfg.train, len(blocks.train))
-
-    run_dir = rundir.create(out, cfg.output.overwrite)
-    rundir.atomic_write_text(run_dir / "config.yaml", dump(cfg))
+    run_dir = rundir.create(out, cfg.output.overwrite) if world.is_main else out
+    if world.is_main:
+        rundir.atomic_write_text(run_dir / "config.yaml", dump(cfg))
     summary: dict[str, Any] = {"status": "failed", "config": cfg.to_dict()}
     try:
 
         def evaluate(window: str) -> dict[str, Any]:
+            # Every rank evaluates every held-out block: no communication, and the numbers are
+            # those a single process gets (FSDP needs all ranks in each forward pass anyway).
             tracker.begin_window(window)
-            scores = heldout(model, eval_blocks, loaded.objective, mask, cfg.train.micro_batch_size, policy, device)
+            scores = heldout(model, eval_blocks, loaded.objective, p.mask, cfg.train.micro_batch_size, policy, device)
             tracker.end_window(window)
             return scores
 
         before = evaluate("eval")
-        say(f"held-out loss before: {before['loss']:.4f}")
+        log(f"held-out loss before: {before['loss']:.4f}")
         torch.manual_seed(cfg.train.seed)  # dropout masks depend on the seed alone
         memory.reset_cuda_peak(device)
-        loader = BlockLoader(blocks.train, cfg.train.micro_batch_size, loaded.objective, mask, cfg.train.seed)
-        progress = Progress(steps)
+        loader = BlockLoader(
+            p.blocks.train, cfg.train.micro_batch_size, loaded.objective, p.mask, cfg.train.seed, world.rank, world.size
+        )
+        progress = Progress(steps) if world.is_main else None
         metrics = run_dir / "metrics.jsonl"
         stopper = EarlyStop(cfg.train.early_stop, cfg.train.early_stop_delta)
-        limits = Budget(cfg.budget, tracker, steps, say)
+        limits = Budget(cfg.budget, tracker, steps, log)
         train_start_j = 0.0
 
         def on_log(record: train_loop.StepLog) -> None:
+            if progress is None:
+                return
             line: dict[str, Any] = dict(record.__dict__)
             if tracker.meter is not None:  # cumulative training energy, where the meter allows
                 line["energy_j"] = tracker.total_joules() - train_start_j
@@ -272,49 +359,73 @@ def run(cfg: RunConfig, base: Path | None = None) -> dict[str, Any]:
             t0 = time.perf_counter()
             scores = evaluate("eval_periodic")
             result.excluded_s += time.perf_counter() - t0  # evaluation is not training time
-            rundir.append_jsonl(metrics, {"step": result.steps, "eval_loss": scores["loss"]})
-            say(f"[eval] step {result.steps}: held-out loss {scores['loss']:.4f}")
+            if world.is_main:
+                rundir.append_jsonl(metrics, {"step": result.steps, "eval_loss": scores["loss"]})
+            log(f"[eval] step {result.steps}: held-out loss {scores['loss']:.4f}")
             return "early_stop" if stopper.update(result.steps, scores["loss"]) else None
 
-        should_stop = combine(limits.check if limits.active else None, periodic_eval if cfg.train.eval_every else None)
+        local_stop = combine(limits.check if limits.active else None, periodic_eval if cfg.train.eval_every else None)
+
+        def should_stop(result: train_loop.TrainResult) -> str | None:
+            assert local_stop is not None
+            # Rank 0 decides for everyone: budgets read clocks and meters that differ by rank.
+            return parallel.broadcast(local_stop(result), world)
+
         train_start_j = tracker.total_joules()
         tracker.begin_window("train")
-        result = train_loop.run(model, loader, steps, cfg.train, loaded.objective, policy, device, on_log, should_stop)
+        result = train_loop.run(
+            model, loader, steps, cfg.train, loaded.objective, policy, device, on_log,
+            should_stop if local_stop is not None else None, world.size,
+        )  # fmt: skip
         train_window = tracker.end_window("train")
-        progress.close()
+        if progress is not None:
+            progress.close()
         # Periodic evaluations ran inside the train window: their energy is not training's.
         periodic = tracker.windows.pop("eval_periodic", None)
-        train_joules = train_window.joules - (periodic.joules if periodic else 0.0)
         if periodic:
             tracker.windows["train"] = energy.Measurement(
-                train_joules, train_window.seconds - periodic.seconds, train_window.method, train_window.meter
+                train_window.joules - periodic.joules,
+                train_window.seconds - periodic.seconds,
+                train_window.method,
+                train_window.meter,
             )
             tracker.windows["eval_periodic"] = periodic
         if result.stopped_by:
-            say(f"stopped by {result.stopped_by} after {result.steps} of {steps} steps; evaluating and saving")
+            log(f"stopped by {result.stopped_by} after {result.steps} of {steps} steps; evaluating and saving")
         after = evaluate("eval_after")
-        say(f"held-out loss after: {after['loss']:.4f} (before {before['loss']:.4f})")
-        mem = memory.report(device, rss_before_load)
+        log(f"held-out loss after: {after['loss']:.4f} (before {before['loss']:.4f})")
+        mem = parallel.gather(memory.report(device, p.rss_before_load), world)
 
         t = time.perf_counter()
         tracker.begin_window("save")
-        saved = save(model, loaded.tokenizer, run_dir, plan.lora, cfg.lora.merge) if cfg.output.save_model else []
+        gathered = parallel.full_state_dict(model, world)  # FSDP: a collective, on every rank
+        saved: list[str] = []
+        if cfg.output.save_model and world.is_main:
+            inner = parallel.unwrap(model)
+            saved = save(inner, loaded.tokenizer, run_dir, p.plan.lora, cfg.lora.merge, gathered)
         tracker.end_window("save")
-        phases["save_s"] = time.perf_counter() - t
+        p.phases["save_s"] = time.perf_counter() - t
         flop_report = _mfu(model, loaded, cfg, policy, device, result.tokens / max(result.time_s, 1e-9))
-        task_summary = None
-        if cfg.task.train:
-            tracker.begin_window("task")
-            task_summary = downstream.compare(cfg, loaded.tokenizer, downstream.backbone_state(model), device)
-            task_summary["energy"] = measurement_dict(tracker.end_window("task"))
-        energy_summary = tracker.summary(cfg.measure.grid_g_co2_per_kwh)
+        energy_summary = _combined_energy(tracker, cfg, world)  # a collective: before rank 0 goes on alone
+        if not world.is_main:
+            return {"status": "completed", "rank": world.rank}
+        task_summary = _task(cfg, model, loaded, world, device, tracker, saved, log) if cfg.task.train else None
+        if energy_summary is not None and task_summary is not None and "energy" in task_summary:
+            # The task ran on rank 0 after the ranks' energy was summed: add its window.
+            task_energy = task_summary["energy"]
+            energy_summary["phases"]["task"] = {k: task_energy[k] for k in ("joules", "seconds")}
+            energy_summary["joules"] += task_energy["joules"]
+            if "co2e_g" in energy_summary:
+                energy_summary["co2e_g"] = energy_summary["joules"] / 3.6e6 * energy_summary["grid_g_co2_per_kwh"]
         if energy_summary is not None:
+            train_joules = energy_summary["phases"]["train"]["joules"]
             energy_summary["train_joules"] = train_joules
-            energy_summary["tokens_per_joule"] = result.tokens / train_joules if train_joules > 0 else None
+            energy_summary["tokens_per_joule"] = result.tokens * world.size / train_joules if train_joules > 0 else None
             gain = before["loss"] - after["loss"]
             energy_summary["joules_per_loss_point"] = train_joules / gain if gain > 0 else None
-        phases["train_s"] = result.time_s
-        phases["eval_s"] = before["time_s"] + after["time_s"]
+        p.phases["train_s"] = result.time_s
+        p.phases["eval_s"] = before["time_s"] + after["time_s"]
+        tokens = result.tokens * world.size  # every rank processes the same number of tokens
         summary.update(
             {
                 "status": "stopped_by_budget" if result.stopped_by in BUDGETS else "completed",
@@ -324,20 +435,20 @@ def run(cfg: RunConfig, base: Path | None = None) -> dict[str, Any]:
                 "objective": loaded.objective,
                 "model": {
                     "source": loaded.source,
-                    "parameters": counts,
-                    "trainable_blocks": plan.blocks,
-                    "n_blocks": plan.n_blocks,
-                    "lora": plan.lora,
+                    "parameters": p.counts,
+                    "trainable_blocks": p.plan.blocks,
+                    "n_blocks": p.plan.n_blocks,
+                    "lora": p.plan.lora,
                     "newly_initialised": loaded.fresh,
                     "saved": saved,
                 },
-                "data": stats,
+                "data": p.blocks.stats,
                 "steps": result.steps,
                 "epochs": loader.epochs_done,
-                "tokens": result.tokens,
+                "tokens": tokens,
                 "target_tokens": result.target_tokens,
                 "time_s": result.time_s,
-                "tokens_per_s": result.tokens / max(result.time_s, 1e-9),
+                "tokens_per_s": tokens / max(result.time_s, 1e-9),
                 "train_loss": result.train_loss,
                 "eval": {
                     "loss_before": before["loss"],
@@ -349,20 +460,57 @@ def run(cfg: RunConfig, base: Path | None = None) -> dict[str, Any]:
                     "target_tokens": after["target_tokens"],
                     "blocks": len(eval_blocks),
                 },
-                "precision": {**policy.summary(), **precision_report},
+                "precision": {**policy.summary(), **p.precision_report},
                 "energy": energy_summary,
-                "memory": mem,
+                "memory": _memory_summary(mem),
                 "mfu": flop_report["mfu"],
                 "flops": flop_report,
                 "task": task_summary,
-                "phases_s": phases,
+                "parallel": {"world_size": world.size, "strategy": world.strategy},
+                "phases_s": p.phases,
                 "environment": environment.describe(device),
             }
         )
     except BaseException as e:
-        summary["error"] = f"{type(e).__name__}: {e}"
-        summary["environment"] = environment.describe(device)
-        rundir.write_json(run_dir / "summary.json", summary)
+        if world.is_main:
+            summary["error"] = f"{type(e).__name__}: {e}"
+            summary["environment"] = environment.describe(device)
+            rundir.write_json(run_dir / "summary.json", summary)
         raise
     rundir.write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def _memory_summary(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rank 0's memory report, plus every rank's peak (max and sum) under data parallelism."""
+    out = dict(per_rank[0])
+    if len(per_rank) > 1:
+        key = out["compare_with"]
+        peaks = [m[key] for m in per_rank]
+        out.update({"per_rank_peak_bytes": peaks, "max_rank_peak_bytes": max(peaks), "sum_peak_bytes": sum(peaks)})
+    return out
+
+
+def _task(
+    cfg: RunConfig,
+    model: Any,
+    loaded: models.LoadedModel,
+    world: parallel.World,
+    device: torch.device,
+    tracker: Any,
+    saved: list[str],
+    log: Callable[[str], None],
+) -> dict[str, Any] | None:
+    """The downstream task on rank 0: base vs the adapted backbone (from memory, or as saved
+    when FSDP holds it in shards)."""
+    if world.strategy == "fsdp":
+        if not saved:
+            log("note: with FSDP the task reads the saved model; output.save_model is off, so run `ecoadapt evaluate`")
+            return None
+        backbone = downstream.adapted_backbone(cfg)
+    else:
+        backbone = downstream.backbone_state(parallel.unwrap(model))
+    tracker.begin_window("task")
+    task = downstream.compare(cfg, loaded.tokenizer, backbone, device)
+    task["energy"] = measurement_dict(tracker.end_window("task"))
+    return task

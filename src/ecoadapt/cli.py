@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
 import warnings
@@ -40,11 +41,16 @@ def keys_help() -> str:
 
 
 def _cmd_adapt(args: argparse.Namespace) -> int:
-    from ecoadapt import adapt, config
+    from ecoadapt import adapt, config, parallel
 
     path = resolve_config(args.config)
     cfg = config.load(path, args.set)
+    if cfg.parallel.nproc > 1 and not parallel.under_torchrun():
+        # Relaunch this very command as nproc processes under torchrun.
+        return parallel.launch(cfg.parallel.nproc, ["adapt", str(path), *(f"--set={s}" for s in args.set)])
     summary = adapt.run(cfg, base=path.parent if path.exists() else None)
+    if "steps" not in summary:  # a worker rank under torchrun: rank 0 reports
+        return 0
     ev = summary["eval"]
     print(
         f"{summary['status']}: {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['time_s']:.1f} s "
@@ -188,7 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         if args.debug:
             raise
-        print(f"ecoadapt: error: {e}", file=sys.stderr)
+        rank = (
+            f" [rank {os.environ['RANK']}]" if "RANK" in os.environ and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+        )
+        print(f"ecoadapt{rank}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ecoadapt: interrupted", file=sys.stderr)

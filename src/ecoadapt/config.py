@@ -152,6 +152,20 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Data parallelism through torch.distributed (launch with torchrun, or set parallel.nproc)."""
+
+    strategy: Literal["auto", "none", "ddp", "fsdp"] = "auto"
+    """ddp (replicas, gradients all-reduced), fsdp (weights, gradients and optimizer state
+    sharded per block), none; auto: ddp when several processes run, else none."""
+    nproc: int = 1
+    """Processes on this machine; above 1 ecoadapt starts torchrun itself (one per GPU, or CPU
+    processes with gloo)."""
+    timeout_s: float = 300.0
+    """Collective timeout in seconds: a rank that dies stops the others within this at most."""
+
+
+@dataclass
 class TaskConfig:
     """The downstream task: a labelled text-classification set in the domain."""
 
@@ -245,6 +259,7 @@ class RunConfig:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
@@ -463,6 +478,8 @@ def check(cfg: RunConfig, source: str = "config") -> None:
     g = cfg.measure.grid_g_co2_per_kwh
     need(g is None or g >= 0, "measure.grid_g_co2_per_kwh", "must not be negative")
     need(cfg.measure.peak_flops is None or cfg.measure.peak_flops > 0, "measure.peak_flops", "must be positive")
+    need(cfg.parallel.nproc >= 1, "parallel.nproc", "must be at least 1")
+    need(cfg.parallel.timeout_s > 0, "parallel.timeout_s", "must be positive")
     k = cfg.task
     need(0 < k.test_fraction < 1, "task.test_fraction", "must be between 0 and 1")
     need(bool(k.seeds), "task.seeds", "give at least one seed")

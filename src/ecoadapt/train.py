@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from transformers import get_scheduler
 
+from ecoadapt import parallel
 from ecoadapt.config import TrainConfig
 from ecoadapt.data.batches import IGNORE, target_count
 from ecoadapt.precision import Policy
@@ -50,6 +51,8 @@ def encoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.
     Works through a PEFT wrapper (LoRA layers sit inside the same modules). Returns None when
     the model is not ``encoder + one head module`` (the caller then computes full logits).
     """
+    if parallel.is_wrapped(model):
+        return None  # DDP/FSDP must see the whole forward pass (their gradient hooks hang on it)
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # type: ignore[operator]
     encoder = getattr(inner, "base_model", None)
     if encoder is None or encoder is inner:
@@ -92,26 +95,35 @@ def accumulate(
     objective: str,
     policy: Policy,
     device: torch.device,
+    world_size: int = 1,
 ) -> tuple[torch.Tensor, int, int]:
     """Forward and backward over the micro-batches of one optimizer step.
 
-    Every micro-batch's summed loss is divided by the target tokens of *all* of them, so the
-    accumulated gradient is that of the mean loss over the whole step's targets.
+    Every micro-batch's summed loss is divided by the target tokens of *all* of them (on all
+    ranks), so the accumulated gradient is that of the mean loss over the whole step's
+    targets. Under data parallelism the loss is also multiplied by the world size, because DDP
+    and FSDP average gradients over ranks; gradients are synchronised on the last micro-step
+    only.
 
     Returns:
-        (the step's mean loss as a detached device scalar, input tokens, target tokens).
+        (the step's mean loss on this rank's share, as a detached device scalar; input tokens
+        on this rank; target tokens of the whole step, all ranks).
     """
-    n_targets = max(1, sum(target_count(b["labels"], objective) for b in micro))
+    if "global_targets" in micro[0]:
+        n_targets = max(1, sum(int(b["global_targets"]) for b in micro))
+    else:
+        n_targets = max(1, sum(target_count(b["labels"], objective) for b in micro))
     step_loss = torch.zeros((), device=device)
     n_tokens = 0
-    for batch in micro:
+    for i, batch in enumerate(micro):
         input_ids = batch["input_ids"].to(device, non_blocking=True)
         labels = batch["labels"].to(device, non_blocking=True)
         mask = batch["attention_mask"].to(device, non_blocking=True) if "attention_mask" in batch else None
-        with policy.autocast():
-            logits, labels = forward_logits(model, input_ids, labels, objective, mask)
-        loss = loss_sum(logits, labels, objective) / n_targets
-        policy.backward(loss)
+        with parallel.gradient_sync(model, enabled=i == len(micro) - 1):
+            with policy.autocast():
+                logits, labels = forward_logits(model, input_ids, labels, objective, mask)
+            loss = loss_sum(logits, labels, objective) / n_targets
+            policy.backward(loss * world_size if world_size > 1 else loss)
         step_loss += loss.detach()
         # Real tokens only (padding excluded); counted on the host copy: no device sync.
         n_tokens += int(batch["attention_mask"].sum()) if mask is not None else input_ids.numel()
@@ -184,6 +196,7 @@ def run(
     device: torch.device,
     on_log: Callable[[StepLog], None] | None = None,
     should_stop: Callable[[TrainResult], str | None] | None = None,
+    world_size: int = 1,
 ) -> TrainResult:
     """Train ``model`` for ``steps`` optimizer steps.
 
@@ -198,7 +211,9 @@ def run(
         on_log: called with each StepLog (progress display, metrics.jsonl).
         should_stop: called after every optimizer step; a returned reason (a budget reached,
             an early stop) ends the loop after that step, recorded in ``stopped_by``. Time it
-            spends on other work it adds to ``result.excluded_s``.
+            spends on other work it adds to ``result.excluded_s``. Under data parallelism it
+            must return the same on every rank.
+        world_size: processes training together (the loss is scaled for gradient averaging).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     # foreach kernels batch the per-parameter updates: fewer, larger ops on CPU and GPU.
@@ -219,7 +234,7 @@ def run(
     window_excluded = 0.0
     for step in range(1, steps + 1):
         micro = [next(batches) for _ in range(cfg.grad_accum)]
-        step_loss, n_tokens, n_targets = accumulate(model, micro, objective, policy, device)
+        step_loss, n_tokens, n_targets = accumulate(model, micro, objective, policy, device, world_size)
         result.tokens += n_tokens
         window_tokens += n_tokens
         result.target_tokens += n_targets
@@ -234,6 +249,8 @@ def run(
             result.stopped_by = should_stop(result)
 
         if step % cfg.log_every == 0 or step == steps or result.stopped_by:
+            if world_size > 1:  # each rank holds its share of the global mean: add them up
+                torch.distributed.all_reduce(window_loss)
             # .item() is a device-host sync: paid once per logging window, not per step.
             loss_value = window_loss.item() / window_steps
             now = time.perf_counter()

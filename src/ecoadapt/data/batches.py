@@ -79,6 +79,11 @@ def target_count(labels: torch.Tensor, objective: str) -> int:
 class BlockLoader:
     """Endless micro-batches of training blocks, reshuffled every epoch with the run's seed.
 
+    Under data parallelism every rank draws the same *global* micro-batch (``micro_batch_size
+    x world`` blocks, masked with the same generator) and keeps its own slice of rows: the
+    shards are disjoint and deterministic, the masks are those a single process would draw,
+    and ``global_targets`` (the whole micro-batch's target count) needs no communication.
+
     Attributes:
         epoch: completed passes (plus the fraction of the current one in ``position``).
         position: index of the next block within the current epoch's order.
@@ -91,9 +96,13 @@ class BlockLoader:
         objective: str,
         mask: MaskSpec | None,
         seed: int,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
         self.blocks = blocks
         self.micro_batch_size = micro_batch_size
+        self.rank = rank
+        self.world = world
         self.objective = objective
         self.mask = mask
         self.seed = seed
@@ -110,7 +119,7 @@ class BlockLoader:
 
     def __next__(self) -> dict[str, torch.Tensor]:
         rows: list[torch.Tensor] = []
-        needed = self.micro_batch_size
+        needed = self.micro_batch_size * self.world
         while needed > 0:
             if self.position >= len(self._order):
                 self.epoch += 1
@@ -121,7 +130,13 @@ class BlockLoader:
             self.position += take
             needed -= take
         index = torch.cat(rows)
-        return make_batch(self.blocks[index], self.objective, self.mask, self._masks)
+        batch = make_batch(self.blocks[index], self.objective, self.mask, self._masks)
+        if self.world == 1:
+            return batch
+        mine = slice(self.rank * self.micro_batch_size, (self.rank + 1) * self.micro_batch_size)
+        out = {k: v[mine] for k, v in batch.items()}
+        out["global_targets"] = torch.tensor(target_count(batch["labels"], self.objective))
+        return out
 
     @property
     def epochs_done(self) -> float:

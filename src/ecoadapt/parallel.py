@@ -1,0 +1,182 @@
+"""Data parallelism through torch.distributed: set-up, DDP / FSDP wrapping, rank-0 helpers.
+
+Launch with ``torchrun --nproc-per-node N -m ecoadapt adapt CONFIG`` (or ``--set
+parallel.nproc=N``, which makes ecoadapt start torchrun itself). NCCL on GPUs, gloo on CPUs.
+
+Exactness: every rank builds the same *global* micro-batch (``micro_batch_size x world``
+blocks, the same masks) and trains on its own slice of it, so the shards are disjoint and
+deterministic, and every rank knows the global number of target tokens without communicating.
+Each rank divides its summed loss by that global count; DDP and FSDP average gradients over
+ranks, so the loss is also multiplied by the world size: the update is then exactly that of one
+process with batch ``N x b x a``. Gradients are not synchronised on accumulation micro-steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ecoadapt.errors import UserError
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the job.
+
+    Attributes:
+        rank: global rank (0 writes outputs).
+        size: number of processes.
+        local_rank: rank on this machine (picks the GPU).
+        strategy: "none", "ddp" or "fsdp".
+    """
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    strategy: str = "none"
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes outputs and prints."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        """Whether more than one process takes part."""
+        return self.size > 1
+
+
+def under_torchrun() -> bool:
+    """Whether torchrun (or another launcher) started this process as one of several."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def setup(strategy: str, device_choice: str, timeout_s: float) -> tuple[World, torch.device]:
+    """Join the process group (when launched as several processes) and pick this rank's device.
+
+    Args:
+        strategy: parallel.strategy (auto, none, ddp, fsdp).
+        device_choice: train.device (auto, cpu, cuda).
+        timeout_s: collective timeout: a rank that dies makes the others fail after this long
+            at most (torchrun usually stops them sooner).
+    """
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise UserError("train.device = 'cuda' but no CUDA GPU is visible; use auto or cpu")
+    if size == 1:
+        if strategy in ("ddp", "fsdp"):
+            raise UserError(
+                f"parallel.strategy = {strategy} needs several processes: launch with torchrun "
+                "--nproc-per-node N, or set parallel.nproc"
+            )
+        return World(), torch.device("cuda" if use_cuda else "cpu")
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+        # Two processes on two cores: one intra-op thread each, or they fight over the cores.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", size))))
+    if strategy == "none":
+        raise UserError(f"parallel.strategy = none, but {size} processes were launched; use ddp or fsdp")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    return World(rank, size, local_rank, "fsdp" if strategy == "fsdp" else "ddp"), device
+
+
+def teardown() -> None:
+    """Leave the process group."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(model: nn.Module, world: World, device: torch.device, blocks: nn.ModuleList | None = None) -> nn.Module:
+    """Wrap the model for data parallelism: DDP, or FSDP2 (``fully_shard``) per block."""
+    if not world.distributed:
+        return model
+    if world.strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in blocks or []:
+            fully_shard(block)  # parameters, gradients and optimizer state sharded per block
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def is_wrapped(model: nn.Module) -> bool:
+    """Whether the model is DDP- or FSDP-wrapped (its forward must then be called whole)."""
+    return hasattr(model, "no_sync") or hasattr(model, "set_requires_gradient_sync")
+
+
+def full_state_dict(model: nn.Module, world: World) -> dict[str, torch.Tensor] | None:
+    """The whole model's weights on CPU, gathered from the shards under FSDP (a collective:
+    every rank calls it); None where nothing needs gathering."""
+    if world.strategy != "fsdp" or not world.distributed:
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper (FSDP2 modules are the model itself)."""
+    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+
+
+@contextlib.contextmanager
+def gradient_sync(model: Any, enabled: bool) -> Iterator[None]:
+    """Synchronise gradients in this backward pass only when ``enabled`` (the last micro-step)."""
+    if enabled:
+        yield
+    elif hasattr(model, "no_sync"):  # DDP
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def broadcast(value: Any, world: World) -> Any:
+    """Rank 0's ``value`` on every rank (a stop decision, say, so that all ranks stop together)."""
+    if not world.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather(value: Any, world: World) -> list[Any]:
+    """Every rank's ``value``, in rank order, on every rank."""
+    if not world.distributed:
+        return [value]
+    out: list[Any] = [None] * world.size
+    dist.all_gather_object(out, value)
+    return out
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """Run ``python -m ecoadapt ARGV`` as ``nproc`` processes under torchrun; its exit status."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    cmd += ["-m", "ecoadapt", *argv]
+    return subprocess.call(cmd)

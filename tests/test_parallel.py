@@ -1,0 +1,117 @@
+"""Data parallelism on CPU with gloo: exact equivalence, FSDP, failures. Each job is 2 processes."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from ecoadapt.data.batches import BlockLoader, MaskSpec
+
+HERE = Path(__file__).parent
+
+
+def test_rank_shards_are_disjoint_slices_of_the_single_process_batch():
+    blocks = torch.randint(5, 100, (40, 12), generator=torch.Generator().manual_seed(0))
+    spec = MaskSpec(mask_id=3, vocab_size=100, special_ids=[0, 1, 2, 3])
+    single = BlockLoader(blocks, 8, "mlm", spec, seed=1)
+    ranks = [BlockLoader(blocks, 4, "mlm", spec, seed=1, rank=r, world=2) for r in range(2)]
+    for _ in range(7):  # across an epoch boundary
+        whole = next(single)
+        parts = [next(loader) for loader in ranks]
+        assert torch.equal(torch.cat([p["input_ids"] for p in parts]), whole["input_ids"])
+        assert torch.equal(torch.cat([p["labels"] for p in parts]), whole["labels"])  # the same masks
+        n = int((whole["labels"] != -100).sum())
+        assert all(int(p["global_targets"]) == n for p in parts)
+
+
+def config(tmp_path, name, model, corpus, **train):
+    cfg = {
+        "model": {"name_or_path": str(model)},
+        "data": {"train": [str(corpus)], "text_field": "caption", "max_seq_len": 16, "eval_fraction": 0.1},
+        "train": {"max_steps": 5, "lr": 3e-3, "log_every": 1, "warmup_ratio": 0, "seed": 3, **train},
+        "measure": {"energy": "estimate"},
+        "output": {"dir": str(tmp_path / name)},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run(path, nproc=1, *sets):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "ecoadapt", "adapt", str(path), *(f"--set={s}" for s in sets)]
+    if nproc > 1:
+        cmd += [f"--set=parallel.nproc={nproc}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def losses(folder):
+    return [json.loads(x)["loss"] for x in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("single", "per_rank"), [((8, 1), (4, 1)), ((4, 2), (2, 2))])
+def test_two_ranks_match_one_process_exactly(tmp_path, tiny_llama, corpus_jsonl, single, per_rank):
+    one = config(tmp_path, "one", tiny_llama, corpus_jsonl, micro_batch_size=single[0], grad_accum=single[1])
+    two = config(tmp_path, "two", tiny_llama, corpus_jsonl, micro_batch_size=per_rank[0], grad_accum=per_rank[1])
+    run(one)
+    run(two, 2)
+    s1 = json.loads((tmp_path / "one" / "summary.json").read_text())
+    s2 = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert s2["parallel"] == {"world_size": 2, "strategy": "ddp"}
+    assert s1["tokens"] == s2["tokens"] and s1["target_tokens"] == s2["target_tokens"]
+    torch.testing.assert_close(
+        torch.tensor(losses(tmp_path / "two")), torch.tensor(losses(tmp_path / "one")), rtol=1e-5, atol=1e-6
+    )
+    assert s2["eval"]["loss"] == pytest.approx(s1["eval"]["loss"], rel=1e-5)
+    w1 = load_file(tmp_path / "one" / "model" / "model.safetensors")
+    w2 = load_file(tmp_path / "two" / "model" / "model.safetensors")
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert len(s2["memory"]["per_rank_peak_bytes"]) == 2
+    assert s2["energy"]["ranks_metered"] == 2 and s2["energy"]["joules"] > 0
+
+
+@pytest.mark.slow
+def test_fsdp_completes_and_saves_a_model_and_an_adapter_that_load(tmp_path, tiny_llama, corpus_jsonl):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    path = config(tmp_path, "fsdp", tiny_llama, corpus_jsonl, micro_batch_size=2)
+    run(path, 2, "parallel.strategy=fsdp")
+    summary = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
+    assert summary["parallel"]["strategy"] == "fsdp" and summary["eval"]["loss"] < summary["eval"]["loss_before"]
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "model") is not None
+    path = config(tmp_path, "fsdp-lora", tiny_llama, corpus_jsonl, micro_batch_size=2)
+    run(path, 2, "parallel.strategy=fsdp", "lora.enabled=true")
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    assert isinstance(PeftModel.from_pretrained(base, tmp_path / "fsdp-lora" / "adapter"), PeftModel)
+
+
+@pytest.mark.slow
+def test_a_failing_rank_stops_the_job_within_seconds():
+    start = time.perf_counter()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    proc = subprocess.run(
+        [*cmd, str(HERE / "helpers" / "failing_rank.py")], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode != 0
+    assert "rank 1 fails on purpose" in proc.stderr
+    assert time.perf_counter() - start < 40  # not the 60 s collective timeout, let alone a hang
+
+
+def test_ddp_without_several_processes_is_a_clear_error():
+    from ecoadapt import parallel
+    from ecoadapt.errors import UserError
+
+    with pytest.raises(UserError, match="needs several processes"):
+        parallel.setup("ddp", "cpu", 10)
