@@ -80,15 +80,18 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="VizWiz captions_val.json")
     parser.add_argument("--repeats", type=int, default=None, help="alternating repeats per point")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "precision.json")
+    parser.add_argument("--jobs", nargs="*", default=None, help="a subset of: minilm-mlm smollm2-lora")
+    parser.add_argument("--modes", nargs="*", default=None, help="a subset of the modes (fp32 always runs)")
     args = parser.parse_args()
     steps = {"minilm-mlm": 8} if args.quick else {"minilm-mlm": 16, "smollm2-lora": 6}
-    jobs = list(steps)
+    jobs = args.jobs or list(steps)
+    modes = {m: MODES[m] for m in MODES if args.modes is None or m in args.modes or m == "fp32"}
     repeats = args.repeats or 1
-    results: dict[str, dict[str, list[dict[str, Any]]]] = {j: {m: [] for m in MODES} for j in jobs}
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {j: {m: [] for m in modes} for j in jobs}
     with tempfile.TemporaryDirectory() as tmp:
         for job_name in jobs:
             for r in range(repeats):
-                for mode, precision in MODES.items():  # alternate modes within a repeat
+                for mode, precision in modes.items():  # alternate modes within a repeat
                     cfg = {**job(job_name, args.data, steps[job_name]), "precision": precision}
                     summary = run_adapt(cfg, Path(tmp) / f"{job_name}-{mode}-{r}")
                     results[job_name][mode].append(row(summary))

@@ -92,7 +92,7 @@ def test_fsdp_completes_and_saves_a_model_and_an_adapter_that_load(tmp_path, tin
     assert summary["parallel"]["strategy"] == "fsdp" and summary["eval"]["loss"] < summary["eval"]["loss_before"]
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "model") is not None
     path = config(tmp_path, "fsdp-lora", tiny_llama, corpus_jsonl, micro_batch_size=2)
-    run(path, 2, "parallel.strategy=fsdp", "lora.enabled=true")
+    run(path, 2, "parallel.strategy=fsdp", "lora.enabled=true", "precision.mode=bf16")
     base = AutoModelForCausalLM.from_pretrained(tiny_llama)
     assert isinstance(PeftModel.from_pretrained(base, tmp_path / "fsdp-lora" / "adapter"), PeftModel)
 

@@ -181,3 +181,18 @@ def test_mfu_above_one_is_not_reported():
 
     report = flops.mfu_report(flops.FlopCount(6e6, 2e6, 4e6, 0), tokens_per_s=1e6, peak=1e10, peak_source="probe")
     assert report["mfu"] is None and "exceeds the probed peak" in report["note"]
+
+
+def test_auto_search_on_an_encoder_without_autocast(tiny_bert):
+    # BERT blocks end in a LayerNorm: a lowered block hands bf16 to the next, fp32 one.
+    model = models.load(ModelConfig(str(tiny_bert)), 16).model
+    name, blocks = models.transformer_blocks(model)
+    ids = torch.randint(5, 30, (4, 16))
+
+    def loss():
+        return model(input_ids=ids, labels=ids).loss.item()
+
+    base = loss()
+    found = layerwise.search(model, name, blocks, loss, "bf16", 0.5, "cpu", default=torch.float32)
+    assert set(found.sensitivity) == {"bert.encoder.layer.0", "bert.encoder.layer.1"}
+    assert loss() == base

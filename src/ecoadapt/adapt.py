@@ -121,6 +121,7 @@ def apply_precision(
             cfg.precision.search_dtype,
             cfg.precision.tolerance,
             device.type,
+            default=None if policy.mode in AUTOCAST_DTYPES else policy.compute_dtype,  # no autocast to reconcile
         )
         say(f"precision search ({found.seconds:.1f} s, calibration loss {found.base_loss:.4f}):")
         for row in found.table:
@@ -139,7 +140,7 @@ def apply_precision(
         }
         mapping = found.chosen
     if mapping:
-        default = None if policy.mode in AUTOCAST_DTYPES else policy.compute_dtype  # no autocast to reconcile
+        default = None if policy.mode in AUTOCAST_DTYPES else policy.compute_dtype
         report["layers"] = layerwise.apply_map(model, mapping, device.type, default)
         if "fp16" in mapping.values():
             policy.use_fp16_layers()

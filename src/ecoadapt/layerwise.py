@@ -155,6 +155,7 @@ def search(
     low: str,
     tolerance: float,
     device_type: str,
+    default: torch.dtype | None = None,
 ) -> SearchResult:
     """Choose a dtype per block: the cheapest that keeps the loss within ``tolerance``.
 
@@ -166,8 +167,12 @@ def search(
         low: the lower dtype to try ("bf16" or "fp16").
         tolerance: allowed relative increase of the calibration loss, summed over blocks.
         device_type: "cpu" or "cuda".
+        default: without autocast, the dtype of the other modules (they cast what a lowered
+            block hands them, as in :func:`apply_map`); None under autocast.
     """
     start = time.perf_counter()
+    if default is not None:
+        set_module_precision(model, default, device_type)
     was_training = model.training
     model.eval()
     base = loss_fn()
@@ -181,6 +186,8 @@ def search(
         for p in block.parameters():
             p.data = p.data.float()
         block.load_state_dict(saved)  # exact fp32 weights back, not the rounded ones
+        if default is not None:
+            set_module_precision(block, default, device_type)
     chosen: dict[str, str] = {}
     total = 0.0
     for name, change in sorted(sensitivity.items(), key=lambda kv: kv[1]):
@@ -190,5 +197,6 @@ def search(
     per_block = {f"{blocks_name}.{i}": sum(p.numel() for p in b.parameters()) for i, b in enumerate(blocks)}
     saving = sum(per_block[n] * (4 - DTYPES[low].itemsize) for n in chosen)
     table = [{"block": n, "relative_loss_change": sensitivity[n], "dtype": chosen.get(n, "fp32")} for n in sensitivity]
+    clear_module_precision(model)  # as found: apply_map wraps what the search chose
     model.train(was_training)
     return SearchResult(base, sensitivity, chosen, total, saving, time.perf_counter() - start, table)
