@@ -82,7 +82,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results" / "precision.json")
     parser.add_argument("--jobs", nargs="*", default=None, help="a subset of: minilm-mlm smollm2-lora")
     parser.add_argument("--modes", nargs="*", default=None, help="a subset of the modes (fp32 always runs)")
+    parser.add_argument("--table", type=Path, default=None, help="only print the table of a saved results file")
     args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(args.table.read_text())["results"]))
+        return
     steps = {"minilm-mlm": 8} if args.quick else {"minilm-mlm": 16, "smollm2-lora": 6}
     jobs = args.jobs or list(steps)
     modes = {m: MODES[m] for m in MODES if args.modes is None or m in args.modes or m == "fp32"}
@@ -124,7 +128,7 @@ def table(results: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
             loss, mfu = _median(runs, "eval_loss"), _median(runs, "mfu")
             lines.append(
                 f"| {mode} | {step / base['step_s']:.2f}x | {peak / base['peak_bytes']:.2f}x | "
-                f"{joules / base['train_joules']:.2f}x | {loss:.4f} | {mfu:.1%} |"
+                f"{joules / base['train_joules']:.2f}x | {loss:.4f} | {'-' if mfu is None else f'{mfu:.1%}'} |"
                 if step and peak and joules and base["step_s"] and base["peak_bytes"] and base["train_joules"]
                 else f"| {mode} | n/a | | | | |"
             )

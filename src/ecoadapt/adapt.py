@@ -161,7 +161,13 @@ def apply_precision(
 
 
 def _mfu(
-    model: Any, loaded: models.LoadedModel, cfg: RunConfig, policy: Policy, device: torch.device, tokens_per_s: float
+    model: Any,
+    loaded: models.LoadedModel,
+    cfg: RunConfig,
+    policy: Policy,
+    device: torch.device,
+    tokens_per_s: float,
+    precision_layers: dict[str, str],
 ) -> dict[str, Any]:
     """MFU of the training loop: model FLOPs per token x tokens/s over the device's peak."""
     _, blocks = models.transformer_blocks(model)
@@ -169,7 +175,10 @@ def _mfu(
     if loaded.objective == "mlm" and train_loop.encoder_and_head(model) is not None:
         head_fraction = cfg.data.mlm_probability  # only masked positions reach the head
     count = flops.training_flops(model, blocks, cfg.data.max_seq_len, loaded.model.config.hidden_size, head_fraction)
-    peak, source = flops.peak_flops(device, policy.compute_dtype, cfg.measure.peak_flops)
+    # The peak of the dtype the blocks (nearly all FLOPs) compute in: a layer map can lower them.
+    lowered = {v for v in precision_layers.values() if v != "fp32"}
+    dtype = precision_dtypes[lowered.pop()] if len(lowered) == 1 else policy.compute_dtype
+    peak, source = flops.peak_flops(device, dtype, cfg.measure.peak_flops)
     return flops.mfu_report(count, tokens_per_s, peak, source)
 
 
@@ -406,7 +415,10 @@ def _run(cfg: RunConfig, base: Path | None, out: Path, world: parallel.World, de
             saved = save(inner, loaded.tokenizer, run_dir, p.plan.lora, cfg.lora.merge, gathered)
         tracker.end_window("save")
         p.phases["save_s"] = time.perf_counter() - t
-        flop_report = _mfu(model, loaded, cfg, policy, device, result.tokens / max(result.time_s, 1e-9))
+        flop_report = _mfu(
+            model, loaded, cfg, policy, device, result.tokens / max(result.time_s, 1e-9),
+            p.precision_report.get("layers", {}),
+        )  # fmt: skip
         energy_summary = _combined_energy(tracker, cfg, world)  # a collective: before rank 0 goes on alone
         if not world.is_main:
             return {"status": "completed", "rank": world.rank}
