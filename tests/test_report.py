@@ -103,3 +103,16 @@ def test_report_of_a_single_run_and_of_nothing(tmp_path):
     assert report.build(tmp_path)["recommendation"]["name"] == "run"
     with pytest.raises(UserError, match="no results.jsonl"):
         report.build(tmp_path / "nope")
+
+
+def test_recommendation_flags_a_difference_within_seed_noise():
+    table = [
+        {"name": "fp32", "status": "completed", "baseline": True, "error": None, "train_joules": 100.0,
+         "task_score": 0.50, "task_std": 0.04, "peak_bytes": 10, "time_s": 1.0},
+        {"name": "bf16", "status": "completed", "baseline": False, "error": None, "train_joules": 50.0,
+         "task_score": 0.48, "task_std": 0.03, "peak_bytes": 10, "time_s": 0.5},
+    ]  # fmt: skip
+    rec = report.recommend(table, report.Metric("task_score", True), tolerance=0.05)
+    assert rec["name"] == "bf16" and "within seed noise: std 0.0400" in rec["text"]
+    table[1]["task_std"] = table[0]["task_std"] = 0.001
+    assert "seed noise" not in report.recommend(table, report.Metric("task_score", True), tolerance=0.05)["text"]

@@ -72,6 +72,8 @@ def row(record: dict[str, Any]) -> dict[str, Any]:
             "perplexity": (record.get("eval") or {}).get("perplexity"),
             "task_metric": task.get("metric"),
             "task_score": task.get("adapted"),
+            "task_std": task.get("adapted_std"),
+            "task_delta": task.get("delta"),
         }
     )
     return out
@@ -169,7 +171,11 @@ def recommend(
                 parts.append(f"{label} {ratios[label]:+.0%}")
         delta = chosen[metric.name] - base[metric.name]
         ratios["metric_delta"] = delta
-        parts.append(f"{_metric_label(metric)} {delta:+.4f}")
+        noise = max(chosen.get("task_std") or 0.0, base.get("task_std") or 0.0)
+        noisy = metric.name == "task_score" and abs(delta) <= noise
+        parts.append(
+            f"{_metric_label(metric)} {delta:+.4f}" + (f" (within seed noise: std {noise:.4f})" if noisy else "")
+        )
     text = f"{chosen['name']}: " + (", ".join(parts) + " vs the baseline" if parts else "the only point")
     return {"name": chosen["name"], "row": chosen, "ratios": ratios, "text": text, "best": best["name"]}
 
@@ -202,6 +208,8 @@ COLUMNS = [  # (row key, heading, format: a format spec, "bytes" or "pct")
     ("eval_loss", "held-out loss", ".4f"),
     ("perplexity", "perplexity", ",.1f"),
     ("task_score", "downstream", ".4f"),
+    ("task_std", "downstream std", ".4f"),
+    ("task_delta", "vs its base", "+.4f"),
 ]
 
 
@@ -238,7 +246,8 @@ def plots(
     fig, ax = plt.subplots(figsize=(7, 4.5))
     xs = [r["train_joules"] for r in usable]
     ys = [r[metric.name] for r in usable]
-    ax.scatter(xs, ys, color="tab:blue", label="recipes", zorder=3)
+    errors = [r.get("task_std") or 0.0 for r in usable] if metric.name == "task_score" else None
+    ax.errorbar(xs, ys, yerr=errors, fmt="o", color="tab:blue", ecolor="0.6", capsize=3, label="recipes", zorder=3)
     for r in usable:
         ax.annotate(
             r["name"], (r["train_joules"], r[metric.name]), fontsize=7, xytext=(4, 4), textcoords="offset points"
@@ -246,9 +255,14 @@ def plots(
     if front:
         fx = [usable[i]["train_joules"] for i in front]
         fy = [usable[i][metric.name] for i in front]
-        ax.step(fx, fy, where="post", color="tab:red", label="Pareto front", zorder=2)
+        ax.step(fx, fy, where="post", color="tab:red", zorder=2)
+        ax.scatter(fx, fy, s=160, facecolors="none", edgecolors="tab:red", label="Pareto front", zorder=4)
     ax.set_xlabel(f"training energy (J, {method})")
-    ax.set_ylabel(_metric_label(metric) + (" (higher is better)" if metric.higher_is_better else " (lower is better)"))
+    ax.set_ylabel(
+        _metric_label(metric)
+        + (" (higher: better" if metric.higher_is_better else " (lower: better")
+        + ("; mean, std)" if errors else ")")
+    )
     ax.set_title("Energy vs accuracy")
     ax.legend()
     ax.grid(alpha=0.3)
