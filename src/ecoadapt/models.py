@@ -89,7 +89,12 @@ def offline() -> Iterator[None]:
     offline switch is turned on, and restored afterwards.
     """
     import huggingface_hub.constants as hub_constants
+    import transformers
 
+    # Load reports and progress bars are transformers' voice; ecoadapt reports what matters
+    # (newly initialised weights) itself.
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     before = hub_constants.HF_HUB_OFFLINE
     hub_constants.HF_HUB_OFFLINE = True
     try:
@@ -124,15 +129,12 @@ def load(cfg: ModelConfig, seq_len: int, seed: int = 0) -> LoadedModel:
     Raises:
         UserError: the model is not there (not downloaded, wrong path), or does not fit.
     """
-    import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
     where, gguf_file, local = resolve(cfg.name_or_path)
     kwargs: dict[str, Any] = {"local_files_only": True}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
-    transformers.logging.set_verbosity_error()  # we report missing weights ourselves, below
-    transformers.utils.logging.disable_progress_bar()  # one progress display: ours
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
         with offline():
