@@ -47,23 +47,31 @@ def set_module_precision(module: nn.Module, dtype: torch.dtype, device_type: str
 
     Every submodule that owns parameters (Linear, norm, embedding) gets its weights converted in
     place (the Parameter objects stay the same, so tied weights stay tied) and its forward
-    wrapped: floating inputs are cast to ``dtype`` and autocast is off inside. Wrapping the
-    leaves rather than the container keeps nested maps consistent: a block in bf16 whose
-    norms are in fp32 feeds each of its Linear layers bf16 inputs whatever the norm returned.
+    wrapped: floating inputs are cast to ``dtype`` and autocast is off inside. Wrapping each
+    leaf keeps nested maps consistent: a block in bf16 whose norms are in fp32 feeds each of
+    its Linear layers bf16 inputs whatever the norm returned.
     """
     for leaf in module.modules():
         if not _owns_parameters(leaf):
             continue
         for p in leaf.parameters(recurse=False):
             p.data = p.data.to(dtype)
-        # Kept in the instance dict so that re-applying wraps the original, never a wrapper.
-        original = leaf.__dict__.setdefault("_ecoadapt_forward", leaf.forward)
+        _wrap_forward(leaf, dtype, device_type)
+    # The matched module itself casts what it is handed too: a block receives position
+    # embeddings (rotary cos/sin) computed outside it, which would otherwise promote its
+    # queries and keys back to fp32 while its values stay in the lower dtype.
+    _wrap_forward(module, dtype, device_type)
 
-        def forward(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
-            with torch.autocast(device_type, enabled=False):
-                return _original(*_cast(args, dtype), **_cast(kwargs, dtype))
 
-        leaf.forward = forward
+def _wrap_forward(module: nn.Module, dtype: torch.dtype, device_type: str) -> None:
+    # Kept in the instance dict so that re-applying wraps the original, never a wrapper.
+    original = module.__dict__.setdefault("_ecoadapt_forward", module.forward)
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(device_type, enabled=False):
+            return original(*_cast(args, dtype), **_cast(kwargs, dtype))
+
+    module.forward = forward
 
 
 def clear_module_precision(module: nn.Module) -> None:
