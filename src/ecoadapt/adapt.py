@@ -37,15 +37,6 @@ def measurement_dict(m: energy.Measurement) -> dict[str, Any]:
     return {"joules": m.joules, "seconds": m.seconds, "method": m.method, "meter": m.meter}
 
 
-def pick_device(choice: str) -> torch.device:
-    """The training device: ``auto`` takes the GPU when one is visible."""
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device = 'cuda' but no CUDA GPU is visible; use auto or cpu")
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(choice)
-
-
 def mask_spec(tokenizer: Any, probability: float) -> MaskSpec:
     """What masking needs from an MLM tokenizer."""
     return MaskSpec(
@@ -198,7 +189,10 @@ class Prepared:
     phases: dict[str, float] = field(default_factory=dict)
 
 
-def _meter(cfg: RunConfig, world: parallel.World, device: torch.device, log: Callable[[str], None]) -> Any:
+def energy_tracker(
+    cfg: RunConfig, world: parallel.World, device: torch.device, log: Callable[[str], None]
+) -> energy.EnergyTracker:
+    """The run's energy windows over the meter measure.energy names (notes go to ``log``)."""
     chosen = energy.choose(
         cfg.measure.energy,
         cfg.measure.cpu_watts_per_core,
@@ -316,7 +310,7 @@ def _run(cfg: RunConfig, base: Path | None, out: Path, world: parallel.World, de
         if world.is_main:
             say(message)
 
-    tracker = _meter(cfg, world, device, log)
+    tracker = energy_tracker(cfg, world, device, log)
     if cfg.measure.idle_s > 0:
         log(f"measuring idle power for {cfg.measure.idle_s:g} s ...")
         watts = tracker.measure_idle(cfg.measure.idle_s)

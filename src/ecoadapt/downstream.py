@@ -222,21 +222,15 @@ def evaluate_run(run: RunConfig) -> dict[str, Any]:
     from pathlib import Path
 
     from ecoadapt import rundir
-    from ecoadapt.adapt import measurement_dict, pick_device
-    from ecoadapt.measure import energy
+    from ecoadapt.adapt import energy_tracker, measurement_dict
+    from ecoadapt.parallel import World, pick_device
 
     if not run.task.train:
         raise UserError("task.train: name the labelled training files of the downstream task")
     device = pick_device(run.train.device)
     folder = Path(run.output.dir)
     adapted = adapted_backbone(run)
-    chosen = energy.choose(
-        run.measure.energy, run.measure.cpu_watts_per_core, run.measure.memory_watts_per_gib,
-        gpu_indices=[device.index or 0] if device.type == "cuda" else None,
-    )  # fmt: skip
-    for note in chosen.notes:
-        say(note)
-    tracker = energy.EnergyTracker(chosen.meter)
+    tracker = energy_tracker(run, World(), device, say)
     tracker.begin_window("task")
     result = compare(run, models.load_tokenizer(run.model), adapted, device)
     result["energy"] = measurement_dict(tracker.end_window("task"))

@@ -61,6 +61,15 @@ def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def pick_device(choice: str) -> torch.device:
+    """The device of a single-process run: ``auto`` takes the GPU when one is visible."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device = 'cuda' but no CUDA GPU is visible; use auto or cpu")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
 def setup(strategy: str, device_choice: str, timeout_s: float) -> tuple[World, torch.device]:
     """Join the process group (when launched as several processes) and pick this rank's device.
 
@@ -71,9 +80,7 @@ def setup(strategy: str, device_choice: str, timeout_s: float) -> tuple[World, t
             at most (torchrun usually stops them sooner).
     """
     size = int(os.environ.get("WORLD_SIZE", "1"))
-    use_cuda = device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise UserError("train.device = 'cuda' but no CUDA GPU is visible; use auto or cpu")
+    use_cuda = pick_device(device_choice).type == "cuda"
     if size == 1:
         if strategy in ("ddp", "fsdp"):
             raise UserError(
