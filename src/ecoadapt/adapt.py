@@ -302,7 +302,7 @@ def run(cfg: RunConfig, base: Path | None = None) -> dict[str, Any]:
     try:
         return _run(cfg, base, out, world, device)
     finally:
-        parallel.teardown()
+        parallel.teardown(barrier=False)  # after an error a peer may never reach a barrier
 
 
 def _run(cfg: RunConfig, base: Path | None, out: Path, world: parallel.World, device: torch.device) -> dict[str, Any]:
@@ -413,7 +413,11 @@ def _run(cfg: RunConfig, base: Path | None, out: Path, world: parallel.World, de
             model, loaded, cfg, policy, device, result.tokens / max(result.time_s, 1e-9),
             p.precision_report.get("layers", {}),
         )  # fmt: skip
-        energy_summary = _combined_energy(tracker, cfg, world)  # a collective: before rank 0 goes on alone
+        energy_summary = _combined_energy(tracker, cfg, world)  # the last collective
+        # All ranks leave the process group together, here: rank 0 may go on alone for a long
+        # time (the task), and a worker that exits while its peer still holds the group can
+        # abort in gloo's threads.
+        parallel.teardown(barrier=True)
         if not world.is_main:
             return {"status": "completed", "rank": world.rank}
         task_summary = _task(cfg, model, loaded, world, device, tracker, saved, log) if cfg.task.train else None

@@ -103,9 +103,11 @@ def setup(strategy: str, device_choice: str, timeout_s: float) -> tuple[World, t
     return World(rank, size, local_rank, "fsdp" if strategy == "fsdp" else "ddp"), device
 
 
-def teardown() -> None:
-    """Leave the process group."""
+def teardown(barrier: bool) -> None:
+    """Leave the process group (after a barrier, on the clean path), if still in one."""
     if dist.is_initialized():
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
 
 
