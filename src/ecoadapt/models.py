@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,7 +134,6 @@ def load(cfg: ModelConfig, seq_len: int, seed: int = 0) -> LoadedModel:
     kwargs: dict[str, Any] = {"local_files_only": True}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
-    logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
         with offline():
             config = AutoConfig.from_pretrained(where, **kwargs)

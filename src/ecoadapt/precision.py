@@ -42,8 +42,8 @@ class Policy:
         mode: the configured precision mode.
         device: "cpu" or "cuda".
         notes: what the user should know (TF32 unavailable, 16-bit slower than fp32, ...).
-        skipped_steps: optimizer steps skipped because fp16 gradients overflowed.
-        scale_decreases: times the fp16 loss scale was lowered.
+        skipped_steps: optimizer steps skipped because fp16 gradients overflowed (each one
+            also halved the loss scale: GradScaler lowers it exactly when it skips).
         needs_scaler: use dynamic loss scaling (fp16 mode, or fp16 layers).
     """
 
@@ -51,7 +51,6 @@ class Policy:
     device: str
     notes: list[str] = field(default_factory=list)
     skipped_steps: int = 0
-    scale_decreases: int = 0
     needs_scaler: bool = False
     _scaler: Any = None
     _masters: list[tuple[nn.Parameter, nn.Parameter]] = field(default_factory=list)
@@ -164,7 +163,6 @@ class Policy:
             self._scaler.update()
             # .get_scale() is a device-host sync; fp16 pays it once per optimizer step.
             if self._scaler.get_scale() < before:
-                self.scale_decreases += 1
                 self.skipped_steps += 1
                 stepped = False
         if stepped:
@@ -186,7 +184,6 @@ class Policy:
             "mode": self.mode,
             "compute_dtype": str(self.compute_dtype).replace("torch.", ""),
             "skipped_steps": self.skipped_steps,
-            "scale_decreases": self.scale_decreases,
             "loss_scale": self.loss_scale,
             "master_weight_bytes": self.master_bytes,
             "notes": list(self.notes),
