@@ -51,14 +51,14 @@ def test_fp16_overflow_skips_the_step_lowers_the_scale_and_training_goes_on(tiny
     with policy.autocast():
         loss = model(input_ids=ids, labels=ids).loss
     policy.backward(loss * float("inf"))  # injected overflow
-    assert policy.step(optimizer, params, 1.0) is False
+    assert policy.step(optimizer, params, 1.0) == "overflow"
     optimizer.zero_grad()
     assert policy.skipped_steps == 1 and policy.loss_scale < scale0
     assert all(torch.equal(a, b) for a, b in zip(before, params, strict=True))  # nothing applied
     with policy.autocast():
         loss = model(input_ids=ids, labels=ids).loss
     policy.backward(loss)
-    assert policy.step(optimizer, params, 1.0) is True
+    assert policy.step(optimizer, params, 1.0) == "stepped"
     assert any(not torch.equal(a, b) for a, b in zip(before, params, strict=True))
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ecoadapt import adapters, downstream, layerwise, models, parallel, rundir
+from ecoadapt import adapters, checkpoint, downstream, layerwise, models, parallel, rundir
 from ecoadapt import train as train_loop
 from ecoadapt.config import RunConfig, dump
 from ecoadapt.data import corpus, readers
@@ -25,6 +25,7 @@ from ecoadapt.data.batches import BlockLoader, MaskSpec
 from ecoadapt.early_stop import EarlyStop, combine
 from ecoadapt.errors import UserError
 from ecoadapt.evaluate import heldout
+from ecoadapt.interrupt import Interrupts
 from ecoadapt.measure import energy, environment, flops, memory
 from ecoadapt.measure.budget import BUDGETS, Budget
 from ecoadapt.precision import AUTOCAST_DTYPES, Policy
@@ -293,23 +294,31 @@ def run(cfg: RunConfig, base: Path | None = None) -> dict[str, Any]:
     """
     out = Path(cfg.output.dir)
     # Cheap checks first: a typo in a path fails in milliseconds, not after loading a model.
-    rundir.check_writable(out, cfg.output.overwrite)
+    resume = rundir.resume_point(out, cfg.to_dict(), cfg.output.overwrite, cfg.output.resume, checkpoint.FILENAME)
     readers.resolve(cfg.data.train, base)
     models.resolve(cfg.model.name_or_path)
     world, device = parallel.setup(cfg.parallel.strategy, cfg.train.device, cfg.parallel.timeout_s)
     if world.strategy == "fsdp" and cfg.lora.merge:
         raise UserError("lora.merge is not available with parallel.strategy = fsdp; merge the saved adapter afterwards")
     try:
-        return _run(cfg, base, out, world, device)
+        return _run(cfg, base, out, world, device, resume)
     finally:
         parallel.teardown(barrier=False)  # after an error a peer may never reach a barrier
 
 
-def _run(cfg: RunConfig, base: Path | None, out: Path, world: parallel.World, device: torch.device) -> dict[str, Any]:
+def _run(
+    cfg: RunConfig,
+    base: Path | None,
+    out: Path,
+    world: parallel.World,
+    device: torch.device,
+    resume: rundir.ResumePoint,
+) -> dict[str, Any]:
     def log(message: str) -> None:
         if world.is_main:
             say(message)
 
+    resumed = checkpoint.load(resume.checkpoint) if resume.checkpoint is not None else None
     tracker = energy_tracker(cfg, world, device, log)
     if cfg.measure.idle_s > 0:
         log(f"measuring idle power for {cfg.measure.idle_s:g} s ...")
@@ -320,9 +329,20 @@ def _run(cfg: RunConfig, base: Path | None, out: Path, world: parallel.World, de
     eval_blocks = p.blocks.eval[: cfg.data.eval_max_blocks]
     steps = train_loop.total_steps(cfg.train, len(p.blocks.train) // world.size)
 
-    run_dir = rundir.create(out, cfg.output.overwrite) if world.is_main else out
     if world.is_main:
-        rundir.atomic_write_text(run_dir / "config.yaml", dump(cfg))
+        _check_room(cfg, out, p)
+    if resumed is not None:
+        run_dir = out
+        resumed_at = int(resumed["loop"]["steps"])
+        log(f"resuming from the checkpoint at step {resumed_at} of {steps}")
+        if world.is_main:
+            rundir.truncate_jsonl(run_dir / "metrics.jsonl", resumed_at)
+            (run_dir / "summary.json").unlink(missing_ok=True)  # the interrupted one: no longer true
+        tracker.carry({k: (float(v[0]), float(v[1])) for k, v in resumed["extra"]["energy_windows"].items()})
+    else:
+        run_dir = rundir.create(out, cfg.output.overwrite or resume.restart) if world.is_main else out
+        if world.is_main:
+            rundir.atomic_write_text(run_dir / "config.yaml", dump(cfg))
     summary: dict[str, Any] = {"status": "failed", "config": cfg.to_dict()}
     try:
 
@@ -334,7 +354,7 @@ def _run(cfg: RunConfig, base: Path | None, out: Path, world: parallel.World, de
             tracker.end_window(window)
             return scores
 
-        before = evaluate("eval")
+        before = resumed["extra"]["before"] if resumed is not None else evaluate("eval")
         log(f"held-out loss before: {before['loss']:.4f}")
         torch.manual_seed(cfg.train.seed)  # dropout masks depend on the seed alone
         memory.reset_cuda_peak(device)
@@ -344,7 +364,27 @@ def _run(cfg: RunConfig, base: Path | None, out: Path, world: parallel.World, de
         progress = Progress(steps) if world.is_main else None
         metrics = run_dir / "metrics.jsonl"
         stopper = EarlyStop(cfg.train.early_stop, cfg.train.early_stop_delta)
+        loop = train_loop.Loop.create(model, steps, cfg.train, policy)
+        checkpoints = None
+        if world.strategy != "fsdp":  # FSDP shards would need a distributed checkpoint format
+            checkpoints = checkpoint.RunCheckpoints(
+                run_dir / checkpoint.FILENAME,
+                loader,
+                world.is_main,
+                lambda: {
+                    "before": before,
+                    "energy_windows": tracker.snapshot(),
+                    "early_stop": [stopper.history, stopper.best, stopper.stale],
+                },
+            )
+        if resumed is not None:
+            assert checkpoints is not None
+            checkpoints.resume(loop, resumed)
+            history, stopper.best, stopper.stale = resumed["extra"]["early_stop"]
+            stopper.history = [tuple(h) for h in history]
         limits = Budget(cfg.budget, tracker, steps, log)
+        prior_train = tracker.windows.pop("train", None)  # resumed: the runs before this one
+        limits.joules_at_start -= prior_train.joules if prior_train is not None else 0.0
         train_start_j = 0.0
 
         def on_log(record: train_loop.StepLog) -> None:
@@ -368,25 +408,34 @@ def _run(cfg: RunConfig, base: Path | None, out: Path, world: parallel.World, de
             log(f"[eval] step {result.steps}: held-out loss {scores['loss']:.4f}")
             return "early_stop" if stopper.update(result.steps, scores["loss"]) else None
 
-        local_stop = combine(limits.check if limits.active else None, periodic_eval if cfg.train.eval_every else None)
+        with Interrupts() as interrupts:
+            local_stop = combine(
+                interrupts.check,
+                limits.check if limits.active else None,
+                periodic_eval if cfg.train.eval_every else None,
+            )
 
-        def should_stop(result: train_loop.TrainResult) -> str | None:
-            assert local_stop is not None
-            # Rank 0 decides for everyone: budgets read clocks and meters that differ by rank.
-            return parallel.broadcast(local_stop(result), world)
+            def should_stop(result: train_loop.TrainResult) -> str | None:
+                assert local_stop is not None
+                # Rank 0 decides for everyone: signals, clocks and meters differ by rank.
+                return parallel.broadcast(local_stop(result), world)
 
-        train_start_j = tracker.total_joules()
-        tracker.begin_window("train")
-        result = train_loop.run(
-            model, loader, steps, cfg.train, loaded.objective, policy, device, on_log,
-            should_stop if local_stop is not None else None, world.size,
-        )  # fmt: skip
-        train_window = tracker.end_window("train")
+            train_start_j = tracker.total_joules() - (prior_train.joules if prior_train is not None else 0.0)
+            if prior_train is not None:
+                tracker.windows["train"] = prior_train
+            tracker.begin_window("train")
+            result = train_loop.train(
+                loop, loader, cfg.train, loaded.objective, device, on_log, should_stop, world.size, checkpoints
+            )
+            tracker.end_window("train")
         if progress is not None:
             progress.close()
+        if result.stopped_by == "interrupted":
+            return _interrupted(summary, result, interrupts, checkpoints, run_dir, world, log)
         # Periodic evaluations ran inside the train window: their energy is not training's.
         periodic = tracker.windows.pop("eval_periodic", None)
         if periodic:
+            train_window = tracker.windows["train"]
             tracker.windows["train"] = energy.Measurement(
                 train_window.joules - periodic.joules,
                 train_window.seconds - periodic.seconds,
@@ -406,6 +455,8 @@ def _run(cfg: RunConfig, base: Path | None, out: Path, world: parallel.World, de
         saved: list[str] = []
         if cfg.output.save_model and world.is_main:
             inner = parallel.unwrap(model)
+            if not checkpoint.all_finite(inner):  # the step guards make this unreachable; never save NaN
+                raise RuntimeError("non-finite weights after training: not saved")
             saved = save(inner, loaded.tokenizer, run_dir, p.plan.lora, cfg.lora.merge, gathered)
         tracker.end_window("save")
         p.phases["save_s"] = time.perf_counter() - t
@@ -455,6 +506,15 @@ def _run(cfg: RunConfig, base: Path | None, out: Path, world: parallel.World, de
                 },
                 "data": p.blocks.stats,
                 "steps": result.steps,
+                "resumed_from_step": resumed_at if resumed is not None else None,
+                "reliability": {
+                    "nonfinite_steps": result.nonfinite_steps,
+                    "rollbacks": result.rollbacks,
+                    "lr_scale": result.lr_scale,
+                    "memory_events": result.memory_events,
+                    "micro_batch_size_used": -(-cfg.train.micro_batch_size // result.micro_batch_splits),
+                    "grad_accum_used": cfg.train.grad_accum * result.micro_batch_splits,
+                },
                 "epochs": loader.epochs_done,
                 "tokens": tokens,
                 "target_tokens": result.target_tokens,
@@ -489,6 +549,46 @@ def _run(cfg: RunConfig, base: Path | None, out: Path, world: parallel.World, de
             rundir.write_json(run_dir / "summary.json", summary)
         raise
     rundir.write_json(run_dir / "summary.json", summary)
+    # Finished: the checkpoint's optimizer state is no longer needed (the model is saved).
+    (run_dir / checkpoint.FILENAME).unlink(missing_ok=True)
+    return summary
+
+
+def _check_room(cfg: RunConfig, out: Path, p: Prepared) -> None:
+    """Refuse to start when the disk cannot take the checkpoints and the saved model."""
+    needed = 0
+    if cfg.train.save_every is not None:
+        needed += 2 * checkpoint.bytes_needed(p.model, p.policy)  # the new one beside the old
+    if cfg.output.save_model:
+        needed += layerwise.weight_bytes(p.model) if not p.plan.lora else checkpoint.bytes_needed(p.model, p.policy)
+    rundir.check_room(out, needed, "the checkpoints and the saved model")
+
+
+def _interrupted(
+    summary: dict[str, Any],
+    result: train_loop.TrainResult,
+    interrupts: Interrupts,
+    checkpoints: checkpoint.RunCheckpoints | None,
+    run_dir: Path,
+    world: parallel.World,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """A signal stopped training: the checkpoint is written; say so, and how to go on."""
+    kept = checkpoints is not None and checkpoints.saved_at == result.steps
+    summary.update(
+        {
+            "status": "interrupted",
+            "signal": interrupts.name,
+            "steps": result.steps,
+            "checkpoint": checkpoint.FILENAME if kept else None,
+        }
+    )
+    if world.is_main:
+        rundir.write_json(run_dir / "summary.json", summary)
+    log(
+        f"{interrupts.name}: stopped after step {result.steps}; "
+        + ("checkpoint saved, rerun the same command to resume" if kept else "no checkpoint (FSDP): rerun to restart")
+    )
     return summary
 
 

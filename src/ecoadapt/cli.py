@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import textwrap
 import warnings
@@ -44,12 +45,16 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
     from ecoadapt import adapt, config, parallel
 
     path = resolve_config(args.config)
-    cfg = config.load(path, args.set)
+    overrides = [*args.set, *(["output.resume=true"] if args.resume else [])]
+    cfg = config.load(path, overrides)
     if cfg.parallel.nproc > 1 and not parallel.under_torchrun():
         # Relaunch this very command as nproc processes under torchrun.
-        return parallel.launch(cfg.parallel.nproc, ["adapt", str(path), *(f"--set={s}" for s in args.set)])
+        return parallel.launch(cfg.parallel.nproc, ["adapt", str(path), *(f"--set={s}" for s in overrides)])
     summary = adapt.run(cfg, base=path.parent if path.exists() else None)
-    if "steps" not in summary:  # a worker rank under torchrun: rank 0 reports
+    if summary["status"] == "interrupted":
+        # The conventional status of a process ended by a signal (128 + its number).
+        return 128 + int(signal.Signals[summary["signal"]])
+    if "eval" not in summary:  # a worker rank under torchrun: rank 0 reports
         return 0
     ev = summary["eval"]
     print(
@@ -154,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     adapt.add_argument("config", help="a YAML config file, or the name of a shipped preset")
     adapt.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    adapt.add_argument(
+        "--resume",
+        action="store_true",
+        help="resume from the checkpoint in output.dir (an interrupted run with the same config resumes anyway)",
+    )
     adapt.set_defaults(func=_cmd_adapt)
 
     evaluate = sub.add_parser(

@@ -9,10 +9,12 @@ starts: an unknown key names the closest valid one, a bad value names the key an
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import difflib
 import inspect
 import itertools
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -149,6 +151,23 @@ class TrainConfig:
     """Smallest drop of the held-out loss that counts as an improvement."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train: auto picks cuda when a GPU is visible, else cpu."""
+    save_every: int | None = None
+    """Write a resumable checkpoint (weights or adapter, optimizer, scheduler, loss scale, RNG,
+    data position) every this many optimizer steps, atomically; null: only when interrupted
+    (SIGTERM, SIGINT). Rerunning the same command resumes from it."""
+    nonfinite_patience: int = 3
+    """Optimizer steps in a row with a non-finite loss or gradient (each one skipped) before
+    the run rolls back to its last checkpoint at a lower learning rate, or stops."""
+    rollback_lr_factor: float = 0.5
+    """Learning-rate multiplier applied at each rollback after non-finite steps."""
+    max_rollbacks: int = 2
+    """Rollbacks allowed before a run whose loss keeps going non-finite stops with an error."""
+    max_memory_gb: float | None = None
+    """CPU memory guard (GiB): a forward pass that leaves the process's resident memory above
+    this counts as out of memory (on CUDA the device's own out-of-memory error does)."""
+    auto_micro_batch: bool = False
+    """On out of memory, halve train.micro_batch_size and double train.grad_accum (the same
+    effective batch, the same blocks) and retry the step; the setting that fit is reported."""
 
 
 @dataclass
@@ -248,6 +267,9 @@ class OutputConfig:
     """Replace an existing run directory instead of refusing to start."""
     save_model: bool = True
     """Save the adapted model (or adapter) in the run directory."""
+    resume: bool = False
+    """Require a checkpoint in output.dir to resume from (`adapt --resume`). Without it an
+    interrupted run whose config matches resumes anyway; with output.overwrite it restarts."""
 
 
 @dataclass
@@ -365,15 +387,16 @@ def _coerce(value: Any, tp: Any) -> Any:
             return value
         raise _Invalid("an integer")
     if tp is float:
-        # PyYAML reads 1e-4 (no dot) as a string: accept any numeric spelling.
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise _Invalid("a number")
+        # PyYAML reads 1e-4 (no dot) as a string: accept any numeric spelling, but not nan or
+        # inf, which would slip through every range check below (nan > 0 is merely False).
+        number = None
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            # Not a number, or an integer beyond float's range: number stays None.
+            with contextlib.suppress(ValueError, OverflowError):
+                number = float(value)
+        if number is not None and math.isfinite(number):
+            return number
+        raise _Invalid("a finite number")
     if tp is str:
         if isinstance(value, str):
             return value
@@ -469,6 +492,17 @@ def check(cfg: RunConfig, source: str = "config") -> None:
     need(t.early_stop is None or t.early_stop >= 1, "train.early_stop", "must be at least 1 (or null)")
     need(t.early_stop is None or t.eval_every is not None, "train.early_stop", "needs train.eval_every")
     need(t.early_stop_delta >= 0, "train.early_stop_delta", "must not be negative")
+    need(t.save_every is None or t.save_every >= 1, "train.save_every", "must be at least 1 (or null)")
+    need(t.nonfinite_patience >= 1, "train.nonfinite_patience", "must be at least 1")
+    need(0 < t.rollback_lr_factor <= 1, "train.rollback_lr_factor", "must be in (0, 1]")
+    need(t.max_rollbacks >= 0, "train.max_rollbacks", "must not be negative")
+    need(t.max_memory_gb is None or t.max_memory_gb > 0, "train.max_memory_gb", "must be positive (or null)")
+    need(
+        not (t.save_every is not None and cfg.parallel.strategy == "fsdp"),
+        "train.save_every",
+        "checkpoints are written for single-process and DDP runs; with fsdp leave it null",
+    )
+    need(not (cfg.output.resume and cfg.output.overwrite), "output.resume", "contradicts output.overwrite; pick one")
     need(cfg.measure.cpu_watts_per_core > 0, "measure.cpu_watts_per_core", "must be positive")
     need(cfg.measure.memory_watts_per_gib >= 0, "measure.memory_watts_per_gib", "must not be negative")
     need(cfg.measure.idle_s >= 0, "measure.idle_s", "must not be negative")

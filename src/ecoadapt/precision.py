@@ -114,6 +114,20 @@ class Policy:
         return out
 
     @property
+    def masters(self) -> list[tuple[nn.Parameter, nn.Parameter]]:
+        """(stored weight, its fp32 master) for every trainable weight stored below fp32."""
+        return self._masters
+
+    def scaler_state(self) -> dict[str, Any] | None:
+        """The fp16 loss scaler's state (for checkpoints), or None without loss scaling."""
+        return self._scaler.state_dict() if self._scaler is not None else None
+
+    def load_scaler_state(self, state: dict[str, Any] | None) -> None:
+        """Restore a :meth:`scaler_state`."""
+        if self._scaler is not None and state:
+            self._scaler.load_state_dict(state)
+
+    @property
     def master_bytes(self) -> int:
         """Bytes held by fp32 master weights."""
         return sum(m.numel() * 4 for _, m in self._masters)
@@ -134,26 +148,47 @@ class Policy:
         else:
             loss.backward()
 
-    def step(self, optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor], max_norm: float | None) -> bool:
+    def step(
+        self,
+        optimizer: torch.optim.Optimizer,
+        params: Sequence[torch.Tensor],
+        max_norm: float | None,
+        loss: torch.Tensor | None = None,
+    ) -> str:
         """Clip and apply the accumulated gradients (through fp32 masters where there are any).
+
+        A step whose loss or gradient norm is not finite is never applied: weights stay as they
+        were. Checking costs one device-host sync per step (fp16's scaler pays it anyway).
 
         Args:
             optimizer: the optimizer, built over :meth:`optimizer_params`.
             params: the model's trainable parameters (whose gradients backward filled).
             max_norm: gradient clipping threshold, or None.
+            loss: the step's loss, checked for NaN and inf along with the gradients (None: the
+                gradients alone, as under data parallelism, where they are the same on all
+                ranks and losses are not).
 
         Returns:
-            Whether the optimizer stepped (False when fp16 gradients overflowed).
+            "stepped"; "overflow" when fp16 loss scaling skipped the step (its scale halves:
+            the scaler's normal search, counted in skipped_steps); "nonfinite" when the loss or
+            the gradients were NaN or inf for another reason (the caller counts those).
         """
         for p, master in self._masters:
             master.grad = None if p.grad is None else p.grad.float()
             p.grad = None  # the 16-bit gradient is no longer needed: free it now
         targets = [g for group in optimizer.param_groups for g in group["params"]]
-        stepped = True
+        grads = [g.grad for g in targets if g.grad is not None]
+        status = "stepped"
         if self._scaler is None:
             if max_norm is not None:
-                torch.nn.utils.clip_grad_norm_(targets, max_norm)
-            optimizer.step()
+                norm = torch.nn.utils.clip_grad_norm_(targets, max_norm)
+            else:
+                norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+            finite = torch.isfinite(norm) if loss is None else torch.isfinite(norm) & torch.isfinite(loss)
+            if bool(finite):  # the one sync
+                optimizer.step()
+            else:
+                status = "nonfinite"
         else:
             self._scaler.unscale_(optimizer)
             if max_norm is not None:
@@ -164,14 +199,15 @@ class Policy:
             # .get_scale() is a device-host sync; fp16 pays it once per optimizer step.
             if self._scaler.get_scale() < before:
                 self.skipped_steps += 1
-                stepped = False
-        if stepped:
+                # A loss that is itself NaN is not the scale's fault: lowering it will not help.
+                status = "nonfinite" if loss is not None and not bool(torch.isfinite(loss)) else "overflow"
+        if status == "stepped":
             with torch.no_grad():
                 for p, master in self._masters:
                     p.copy_(master)  # round to the stored dtype
-        for _, master in self._masters:
-            master.grad = None
-        return stepped
+        for g in targets:
+            g.grad = None
+        return status
 
     @property
     def loss_scale(self) -> float | None:

@@ -10,8 +10,11 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from ecoadapt.errors import UserError
 
@@ -52,6 +55,132 @@ def check_writable(path: Path, overwrite: bool) -> None:
         parent = parent.parent
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"output.dir: {parent} is not writable; choose another output.dir")
+
+
+FINISHED = ("completed", "stopped_by_budget")
+# Keys that may change between an interrupted run and its resumption.
+RESUMABLE_CHANGES = ("output.overwrite", "output.resume", "budget.", "parallel.timeout_s", "measure.idle_s")
+
+
+@dataclass
+class ResumePoint:
+    """What the run directory holds for this run.
+
+    Attributes:
+        checkpoint: the checkpoint to resume from, or None to start from the beginning.
+        restart: the folder holds an earlier attempt of this same run that never checkpointed
+            (killed early): it is emptied and the run starts again.
+    """
+
+    checkpoint: Path | None = None
+    restart: bool = False
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and not prefix:
+            out.update(_flatten(v, f"{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def config_changes(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """Keys whose values differ (``section.key``), ignoring those a resume may change."""
+    a, b = _flatten(before), _flatten(now)
+    changed = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return [k for k in changed if not any(k == p or (p.endswith(".") and k.startswith(p)) for p in RESUMABLE_CHANGES)]
+
+
+def resume_point(
+    path: Path, config_now: dict[str, Any], overwrite: bool, require: bool, checkpoint_name: str
+) -> ResumePoint:
+    """Decide, before anything is loaded, whether the run in ``path`` resumes, restarts or starts.
+
+    Args:
+        path: output.dir.
+        config_now: this run's configuration (``RunConfig.to_dict()``).
+        overwrite: output.overwrite: start afresh whatever the folder holds.
+        require: output.resume (``--resume``): a checkpoint must be there.
+        checkpoint_name: the checkpoint's file name inside ``path``.
+
+    Raises:
+        UserError: the folder is not writable; holds a finished run, files of something else,
+            or a run with another configuration (the keys are named); --resume without a
+            checkpoint.
+    """
+    if overwrite or not path.is_dir() or not any(path.iterdir()):
+        check_writable(path, overwrite)
+        if require:
+            raise UserError(f"output.resume: {path} holds no checkpoint to resume from")
+        return ResumePoint()
+    saved_config = path / "config.yaml"
+    if not saved_config.is_file():
+        check_writable(path, overwrite)  # not a run directory: refuses, naming the fix
+    check_writable(path, True)
+    summary_file = path / "summary.json"
+    status = None
+    if summary_file.is_file():
+        try:
+            status = json.loads(summary_file.read_text(encoding="utf-8")).get("status")
+        except (OSError, ValueError, AttributeError):
+            status = None
+    if status in FINISHED:
+        raise UserError(
+            f"output.dir: {path} holds a finished run ({status}); choose another or --set output.overwrite=true"
+        )
+    try:
+        before = yaml.safe_load(saved_config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise UserError(
+            f"{saved_config}: unreadable ({type(e).__name__}); --set output.overwrite=true to restart"
+        ) from None
+    changes = config_changes(before if isinstance(before, dict) else {}, config_now)
+    if changes:
+        shown = ", ".join(changes[:5]) + (" ..." if len(changes) > 5 else "")
+        raise UserError(
+            f"output.dir: {path} holds an interrupted run with a different config ({shown}); rerun it with the same "
+            "settings to resume, choose another output.dir, or --set output.overwrite=true to restart"
+        )
+    checkpoint = path / checkpoint_name
+    if checkpoint.is_file():
+        return ResumePoint(checkpoint=checkpoint)
+    if require:
+        raise UserError(f"output.resume: {path} holds no checkpoint (the run stopped before its first one)")
+    return ResumePoint(restart=True)
+
+
+def check_room(path: Path, needed_bytes: int, what: str) -> None:
+    """Refuse to start when the disk holding ``path`` lacks ``needed_bytes`` free.
+
+    Raises:
+        UserError: naming the folder, the bytes free and needed, and ``what`` needs them.
+    """
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    if free < needed_bytes:
+        raise UserError(
+            f"output.dir: {parent} has {free / 2**30:.2f} GiB free, {what} need about {needed_bytes / 2**30:.2f} GiB; "
+            "free some space or choose another output.dir"
+        )
+
+
+def truncate_jsonl(path: Path, last_step: int) -> None:
+    """Drop the records logged after ``last_step`` (a resumed run logs those steps again)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line torn by the kill
+        if int(record.get("step", 0)) <= last_step:
+            kept.append(line + "\n")
+    atomic_write_text(path, "".join(kept))
 
 
 def create(path: Path, overwrite: bool) -> Path:

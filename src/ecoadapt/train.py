@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,10 @@ from transformers import get_scheduler
 from ecoadapt import parallel
 from ecoadapt.config import TrainConfig
 from ecoadapt.data.batches import IGNORE, target_count
+from ecoadapt.errors import UserError
+from ecoadapt.measure import memory
 from ecoadapt.precision import Policy
+from ecoadapt.progress import say
 
 
 def loss_sum(logits: torch.Tensor, labels: torch.Tensor, objective: str) -> torch.Tensor:
@@ -89,6 +92,10 @@ def forward_logits(
     return model(input_ids=input_ids).logits, labels
 
 
+class MemoryLimitExceeded(torch.OutOfMemoryError):
+    """The process's resident memory passed train.max_memory_gb (the CPU's out of memory)."""
+
+
 def accumulate(
     model: torch.nn.Module,
     micro: list[dict[str, torch.Tensor]],
@@ -96,6 +103,7 @@ def accumulate(
     policy: Policy,
     device: torch.device,
     world_size: int = 1,
+    memory_limit_bytes: int | None = None,
 ) -> tuple[torch.Tensor, int, int]:
     """Forward and backward over the micro-batches of one optimizer step.
 
@@ -104,6 +112,10 @@ def accumulate(
     targets. Under data parallelism the loss is also multiplied by the world size, because DDP
     and FSDP average gradients over ranks; gradients are synchronised on the last micro-step
     only.
+
+    Args:
+        memory_limit_bytes: raise :class:`MemoryLimitExceeded` when the process's resident
+            memory is above this after a forward pass (activations are then at their largest).
 
     Returns:
         (the step's mean loss on this rank's share, as a detached device scalar; input tokens
@@ -123,11 +135,26 @@ def accumulate(
             with policy.autocast():
                 logits, labels = forward_logits(model, input_ids, labels, objective, mask)
             loss = loss_sum(logits, labels, objective) / n_targets
+            if memory_limit_bytes is not None and (used := memory.rss_bytes()) > memory_limit_bytes:
+                raise MemoryLimitExceeded(
+                    f"resident memory {used / 2**30:.2f} GiB > train.max_memory_gb {memory_limit_bytes / 2**30:g}"
+                )
             policy.backward(loss * world_size if world_size > 1 else loss)
         step_loss += loss.detach()
         # Real tokens only (padding excluded); counted on the host copy: no device sync.
         n_tokens += int(batch["attention_mask"].sum()) if mask is not None else input_ids.numel()
     return step_loss, n_tokens, n_targets
+
+
+def split_micro_batches(micro: list[dict[str, torch.Tensor]], parts: int) -> list[dict[str, torch.Tensor]]:
+    """Each micro-batch cut into ``parts`` row chunks: the same rows, the same step."""
+    out = []
+    for batch in micro:
+        rows = batch["input_ids"].shape[0]
+        for chunk in range(min(parts, rows)):
+            index = torch.tensor_split(torch.arange(rows), min(parts, rows))[chunk]
+            out.append({k: v[index] if v.ndim > 0 else v for k, v in batch.items()})
+    return out
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -165,15 +192,23 @@ class TrainResult:
     """What the loop did.
 
     Attributes:
-        steps: optimizer steps taken (skipped fp16 steps included).
+        steps: optimizer steps taken (skipped steps included).
         tokens: input tokens processed (all positions of every block).
         target_tokens: tokens the loss was computed on.
-        time_s: wall time of the loop, seconds (no model loading, no evaluation).
+        time_s: wall time of the loop, seconds (no model loading, no evaluation); a resumed
+            run adds the time of the runs before it.
         train_loss: mean loss per target token over the last logging window.
         logs: the records written to metrics.jsonl.
-        stopped_by: the budget (or early stop) that ended the run before its last step.
+        stopped_by: the budget (or early stop, or "interrupted") that ended the run before its
+            last step.
         excluded_s: seconds spent in ``should_stop`` on other work (periodic evaluation),
             left out of ``time_s``.
+        nonfinite_steps: steps skipped because the loss or gradients were NaN or inf.
+        rollbacks: returns to the last checkpoint after train.nonfinite_patience such steps.
+        lr_scale: the learning-rate multiplier after rollbacks (1.0 without).
+        micro_batch_splits: each drawn micro-batch runs as this many smaller ones (raised by
+            train.auto_micro_batch after an out-of-memory error).
+        memory_events: each out-of-memory retry: step, error, micro-batch before and after.
     """
 
     steps: int = 0
@@ -184,6 +219,75 @@ class TrainResult:
     logs: list[StepLog] = field(default_factory=list)
     stopped_by: str | None = None
     excluded_s: float = 0.0
+    nonfinite_steps: int = 0
+    rollbacks: int = 0
+    lr_scale: float = 1.0
+    micro_batch_splits: int = 1
+    memory_events: list[dict[str, Any]] = field(default_factory=list)
+
+    def state(self) -> dict[str, Any]:
+        """The counters a checkpoint keeps (plain values)."""
+        out = {k: v for k, v in self.__dict__.items() if k != "logs"}
+        out["logs"] = [log.__dict__ for log in self.logs]
+        return out
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Take the counters of :meth:`state` back, in place (the loop holds this object)."""
+        self.__dict__.update({**state, "logs": [StepLog(**log) for log in state["logs"]]})
+
+
+class Checkpoints(Protocol):
+    """What the loop asks of the run's checkpoints (see :mod:`ecoadapt.adapt`)."""
+
+    def save(self, loop: Loop) -> None:
+        """Write a resumable checkpoint of ``loop`` at its current step."""
+
+    def rollback(self, loop: Loop) -> bool:
+        """Put ``loop`` back at the last checkpoint; False when there is none."""
+
+
+@dataclass
+class Loop:
+    """The training loop's state: what a checkpoint saves and a resume restores."""
+
+    model: torch.nn.Module
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    policy: Policy
+    steps: int
+    result: TrainResult = field(default_factory=TrainResult)
+
+    @classmethod
+    def create(cls, model: torch.nn.Module, steps: int, cfg: TrainConfig, policy: Policy) -> Loop:
+        """AdamW over the trainable parameters (fp32 masters where needed), warm-up and decay."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        groups = policy.optimizer_params(parameter_groups(model, cfg.weight_decay))
+        # foreach kernels batch the per-parameter updates: fewer, larger ops on CPU and GPU.
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, foreach=True)
+        scheduler = get_scheduler(
+            cfg.schedule if cfg.schedule != "constant" else "constant_with_warmup",
+            optimizer,
+            num_warmup_steps=int(cfg.warmup_ratio * steps),
+            num_training_steps=steps,
+        )
+        return cls(model, params, optimizer, scheduler, policy, steps)
+
+    def scale_lr(self, factor: float) -> None:
+        """Multiply the schedule's learning rates (base and current) by ``factor``."""
+        self.scheduler.base_lrs = [lr * factor for lr in self.scheduler.base_lrs]
+        for group in self.optimizer.param_groups:
+            group["lr"] *= factor
+            if "initial_lr" in group:
+                group["initial_lr"] *= factor
+        self.result.lr_scale *= factor
+
+    def drop_gradients(self) -> None:
+        """Forget a failed step's partial gradients."""
+        for p in self.params:
+            p.grad = None
+        for _, master in self.policy.masters:
+            master.grad = None
 
 
 def run(
@@ -198,68 +302,97 @@ def run(
     should_stop: Callable[[TrainResult], str | None] | None = None,
     world_size: int = 1,
 ) -> TrainResult:
-    """Train ``model`` for ``steps`` optimizer steps.
+    """Train ``model`` for ``steps`` optimizer steps from scratch (see :func:`train`)."""
+    loop = Loop.create(model, steps, cfg, policy)
+    return train(loop, batches, cfg, objective, device, on_log, should_stop, world_size)
+
+
+def train(
+    loop: Loop,
+    batches: Iterator[dict[str, torch.Tensor]],
+    cfg: TrainConfig,
+    objective: str,
+    device: torch.device,
+    on_log: Callable[[StepLog], None] | None = None,
+    should_stop: Callable[[TrainResult], str | None] | None = None,
+    world_size: int = 1,
+    checkpoints: Checkpoints | None = None,
+) -> TrainResult:
+    """Train until ``loop.steps`` optimizer steps are done, from wherever ``loop`` is.
 
     Args:
-        model: the model, its trainable parameters already chosen (requires_grad).
+        loop: the model, optimizer and scheduler, fresh or restored from a checkpoint.
         batches: endless micro-batches ({"input_ids", "labels"}, each (batch, seq)).
-        steps: optimizer steps to take.
-        cfg: the train section (lr, schedule, accumulation, clipping).
+        cfg: the train section (accumulation, clipping, checkpoints, guards).
         objective: "clm", "mlm", or "cls" (sequence classification, the downstream task).
-        policy: precision policy (autocast, loss scaling).
         device: where the model lives.
         on_log: called with each StepLog (progress display, metrics.jsonl).
         should_stop: called after every optimizer step; a returned reason (a budget reached,
-            an early stop) ends the loop after that step, recorded in ``stopped_by``. Time it
-            spends on other work it adds to ``result.excluded_s``. Under data parallelism it
-            must return the same on every rank.
+            an early stop, "interrupted") ends the loop after that step, recorded in
+            ``stopped_by``. Time it spends on other work it adds to ``result.excluded_s``.
+            Under data parallelism it must return the same on every rank.
         world_size: processes training together (the loss is scaled for gradient averaging).
+        checkpoints: where train.save_every checkpoints go, and where a run of non-finite
+            steps rolls back to; an interrupted loop checkpoints before it returns.
+
+    Raises:
+        UserError: the loss stayed non-finite and no rollback was left; out of memory with
+            nothing left to shrink.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    # foreach kernels batch the per-parameter updates: fewer, larger ops on CPU and GPU.
-    groups = policy.optimizer_params(parameter_groups(model, cfg.weight_decay))  # fp32 masters where needed
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, foreach=True)
-    scheduler = get_scheduler(
-        cfg.schedule if cfg.schedule != "constant" else "constant_with_warmup",
-        optimizer,
-        num_warmup_steps=int(cfg.warmup_ratio * steps),
-        num_training_steps=steps,
-    )
-    result = TrainResult()
+    result, policy, model = loop.result, loop.policy, loop.model
+    memory_limit = int(cfg.max_memory_gb * 2**30) if cfg.max_memory_gb is not None else None
     window_loss = torch.zeros((), device=device)
-    window_steps = 0
-    window_tokens = 0
+    window_steps = window_tokens = 0
+    in_a_row = 0
     model.train()
     start = window_start = time.perf_counter()
-    window_excluded = 0.0
-    for step in range(1, steps + 1):
+    time_before = result.time_s  # a resumed run continues its clock
+    excluded_before = result.excluded_s
+    window_excluded = result.excluded_s
+
+    def clock() -> float:
+        return time_before + time.perf_counter() - start - (result.excluded_s - excluded_before)
+
+    while result.steps < loop.steps:
         micro = [next(batches) for _ in range(cfg.grad_accum)]
-        step_loss, n_tokens, n_targets = accumulate(model, micro, objective, policy, device, world_size)
+        step_loss, n_tokens, n_targets = _fit_step(loop, micro, objective, device, world_size, memory_limit, cfg)
+        status = policy.step(loop.optimizer, loop.params, cfg.max_grad_norm, step_loss if world_size == 1 else None)
+        loop.scheduler.step()
+        loop.optimizer.zero_grad(set_to_none=True)
+        result.steps += 1
+        step = result.steps
         result.tokens += n_tokens
         window_tokens += n_tokens
         result.target_tokens += n_targets
-        policy.step(optimizer, params, cfg.max_grad_norm)
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        window_loss += step_loss
-        window_steps += 1
-        result.steps = step
-        result.time_s = time.perf_counter() - start - result.excluded_s
+        if status == "nonfinite":
+            result.nonfinite_steps += 1
+            in_a_row += 1
+            if in_a_row >= cfg.nonfinite_patience:
+                _roll_back(loop, cfg, checkpoints, step)
+                in_a_row = 0
+                window_loss.zero_()
+                window_steps = window_tokens = 0
+                continue
+        else:
+            in_a_row = 0
+            window_loss += step_loss
+            window_steps += 1
+        result.time_s = clock()
         if should_stop is not None:
             result.stopped_by = should_stop(result)
 
-        if step % cfg.log_every == 0 or step == steps or result.stopped_by:
+        if step % cfg.log_every == 0 or step == loop.steps or result.stopped_by:
             if world_size > 1:  # each rank holds its share of the global mean: add them up
                 torch.distributed.all_reduce(window_loss)
             # .item() is a device-host sync: paid once per logging window, not per step.
-            loss_value = window_loss.item() / window_steps
+            loss_value = window_loss.item() / window_steps if window_steps else float("nan")
             now = time.perf_counter()
             record = StepLog(
                 step=step,
                 loss=loss_value,
-                lr=scheduler.get_last_lr()[0],
+                lr=loop.scheduler.get_last_lr()[0],
                 tokens=result.tokens,
-                elapsed_s=now - start,
+                elapsed_s=clock(),
                 tokens_per_s=window_tokens / max(now - window_start - (result.excluded_s - window_excluded), 1e-9),
             )
             result.logs.append(record)
@@ -270,9 +403,79 @@ def run(
             window_steps = window_tokens = 0
             window_start = now
             window_excluded = result.excluded_s
+        # After the step's log line: a kill right after the checkpoint loses no record.
+        periodic = cfg.save_every is not None and step % cfg.save_every == 0 and in_a_row == 0
+        if checkpoints is not None and (periodic or result.stopped_by == "interrupted"):
+            t0 = time.perf_counter()
+            checkpoints.save(loop)
+            result.excluded_s += time.perf_counter() - t0  # writing files is not training
         if result.stopped_by:
             break
     if device.type == "cuda":
         torch.cuda.synchronize()  # time what the GPU did, not what was queued
-    result.time_s = time.perf_counter() - start - result.excluded_s
+    result.time_s = clock()
     return result
+
+
+def _fit_step(
+    loop: Loop,
+    micro: list[dict[str, torch.Tensor]],
+    objective: str,
+    device: torch.device,
+    world_size: int,
+    memory_limit: int | None,
+    cfg: TrainConfig,
+) -> tuple[torch.Tensor, int, int]:
+    """One step's forward and backward; on out of memory, with train.auto_micro_batch, the same
+    rows again in micro-batches half as large (twice as many), until they fit."""
+    result = loop.result
+    while True:
+        parts = split_micro_batches(micro, result.micro_batch_splits) if result.micro_batch_splits > 1 else micro
+        try:
+            return accumulate(loop.model, parts, objective, loop.policy, device, world_size, memory_limit)
+        except torch.OutOfMemoryError as e:
+            loop.drop_gradients()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            size = parts[0]["input_ids"].shape[0]
+            what = "the memory guard" if isinstance(e, MemoryLimitExceeded) else "out of memory"
+            if not cfg.auto_micro_batch or size <= 1 or world_size > 1:
+                hint = (
+                    "it does not fit even one block per micro-batch: shorten data.max_seq_len, use LoRA or bf16-pure"
+                    if size <= 1
+                    else "set train.auto_micro_batch=true (single process), or lower train.micro_batch_size"
+                )
+                raise UserError(
+                    f"train.micro_batch_size: {what} at step {result.steps + 1} with {size} blocks per micro-batch "
+                    f"({str(e).splitlines()[0][:200]}); {hint}"
+                ) from None
+            result.micro_batch_splits *= 2
+            smaller = split_micro_batches(micro, result.micro_batch_splits)[0]["input_ids"].shape[0]
+            result.memory_events.append(
+                {"step": result.steps + 1, "error": what, "micro_batch_before": size, "micro_batch_after": smaller}
+            )
+            say(
+                f"{what} at step {result.steps + 1}: micro-batch {size} -> {smaller} blocks, "
+                f"{result.micro_batch_splits}x the accumulation (the same effective batch); retrying"
+            )
+
+
+def _roll_back(loop: Loop, cfg: TrainConfig, checkpoints: Checkpoints | None, step: int) -> None:
+    """After train.nonfinite_patience non-finite steps in a row: back to the last checkpoint
+    with a lower learning rate, or a clear stop."""
+    result = loop.result
+    reason = f"loss or gradients not finite for {cfg.nonfinite_patience} steps in a row (at step {step})"
+    if checkpoints is None or result.rollbacks >= cfg.max_rollbacks:
+        why = "no rollback left" if checkpoints is not None else "no checkpoint to roll back to"
+        raise UserError(f"train.lr: {reason}, {why}; lower train.lr, or use bf16 rather than fp16")
+    rollbacks, nonfinite = result.rollbacks, result.nonfinite_steps
+    if not checkpoints.rollback(loop):
+        raise UserError(
+            f"train.save_every: {reason} and no checkpoint written yet to roll back to; "
+            "set train.save_every, lower train.lr, or use bf16 rather than fp16"
+        )
+    # The restored counters are the checkpoint's; the rollback and what caused it are history.
+    result.rollbacks = rollbacks + 1
+    result.nonfinite_steps = nonfinite
+    loop.scale_lr(cfg.rollback_lr_factor)
+    say(f"{reason}: rolled back to step {result.steps}, learning rate x{result.lr_scale:g}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -137,6 +138,17 @@ class BlockLoader:
         out = {k: v[mine] for k, v in batch.items()}
         out["global_targets"] = torch.tensor(target_count(batch["labels"], self.objective))
         return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the loader is (the epoch's order is rebuilt from the seed and epoch)."""
+        return {"epoch": self.epoch, "position": self.position, "masks": self._masks.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a :meth:`state_dict`: the same blocks and masks come next."""
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])
+        self._order = self._permutation(self.epoch)
+        self._masks.set_state(state["masks"])
 
     @property
     def epochs_done(self) -> float:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -75,11 +76,7 @@ def records(source: str, text_field: str = "text", json_key: str | None = None) 
         for lineno, line in enumerate(_lines(path), 1):
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove the line") from None
-            yield f"{path}:{lineno}", record
+            yield f"{path}:{lineno}", _json(line, f"{path}:{lineno}")
     elif suffix == ".json":
         for i, record in enumerate(_json_records(path, text_field, json_key)):
             yield f"{path}: record {i}", record
@@ -130,7 +127,20 @@ def _text(path: Path) -> str:
 
 
 def _lines(path: Path) -> list[str]:
-    return _text(path).splitlines()
+    # Lines end at \n (or \r\n) only: str.splitlines() also breaks at U+2028, form feeds and
+    # other characters that may sit inside a JSON string, and would shift the line numbers.
+    return [line.removesuffix("\r") for line in _text(path).split("\n")]
+
+
+def _json(text: str, where: str) -> Any:
+    """Parse JSON; any way it can fail becomes a message naming ``where``."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        line = f":{e.lineno}" if "\n" in text else ""  # a whole .json file: name the line
+        raise UserError(f"{where}{line}: not valid JSON ({e.msg}); fix or remove it") from None
+    except (ValueError, RecursionError) as e:  # integers beyond 4300 digits, nesting too deep
+        raise UserError(f"{where}: JSON that cannot be read ({type(e).__name__}: {str(e)[:80]})") from None
 
 
 def text_field_value(record: Any, text_field: str, where: str) -> str:
@@ -149,10 +159,7 @@ def text_field_value(record: Any, text_field: str, where: str) -> str:
 
 
 def _json_records(path: Path, text_field: str, json_key: str | None) -> list[Any]:
-    try:
-        data = json.loads(_text(path))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    data = _json(_text(path), str(path))
     if isinstance(data, list):
         return data
     if not isinstance(data, dict):
@@ -176,16 +183,21 @@ def _json_records(path: Path, text_field: str, json_key: str | None) -> list[Any
 
 
 def _table(path: Path, text_field: str, delimiter: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    rows = csv.reader(_text(path).splitlines(), delimiter=delimiter)
-    header = next(rows, None)
-    if header is None:
-        return
-    header = [h.strip() for h in header]
-    if text_field not in header:
-        raise UserError(f"{path}:1: no column '{text_field}' (columns: {', '.join(header)}); set data.text_field")
-    for lineno, row in enumerate(rows, 2):
-        if not row:
-            continue
-        if len(row) < len(header):
-            raise UserError(f"{path}:{lineno}: the row has {len(row)} columns, the header {len(header)}")
-        yield f"{path}:{lineno}", dict(zip(header, row, strict=False))
+    # newline="" lets the csv module see quoted line breaks inside fields, as it expects.
+    rows = csv.reader(io.StringIO(_text(path), newline=""), delimiter=delimiter)
+    csv.field_size_limit(2**31 - 1)  # the default 128 KiB refuses long documents
+    try:
+        header = next(rows, None)
+        if header is None:
+            return
+        header = [h.strip() for h in header]
+        if text_field not in header:
+            raise UserError(f"{path}:1: no column '{text_field}' (columns: {', '.join(header)}); set data.text_field")
+        for row in rows:
+            if not row:
+                continue
+            if len(row) < len(header):
+                raise UserError(f"{path}:{rows.line_num}: the row has {len(row)} columns, the header {len(header)}")
+            yield f"{path}:{rows.line_num}", dict(zip(header, row, strict=False))
+    except csv.Error as e:
+        raise UserError(f"{path}:{rows.line_num}: not a valid {path.suffix[1:]} row ({e})") from None

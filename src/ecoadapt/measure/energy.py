@@ -315,6 +315,24 @@ class EnergyTracker:
             self.windows[name] = m
         return m
 
+    def snapshot(self) -> dict[str, tuple[float, float]]:
+        """(joules, seconds) per window so far, open ones up to now: what a checkpoint keeps so
+        a resumed run reports the energy of every part of it."""
+        out = {name: (m.joules, m.seconds) for name, m in self.windows.items()}
+        now_j, now_t = self.total_joules(), time.perf_counter()
+        for name, (joules0, t0) in self._open.items():
+            kept = out.get(name, (0.0, 0.0))
+            out[name] = (kept[0] + now_j - joules0, kept[1] + now_t - t0)
+        return out
+
+    def carry(self, prior: dict[str, tuple[float, float]]) -> None:
+        """Start from the windows of the interrupted runs this one resumes (see snapshot)."""
+        method = self.meter.method if self.meter else "off"
+        name = self.meter.name if self.meter else "off"
+        for window, (joules, seconds) in prior.items():
+            kept = self.windows.get(window, Measurement(0.0, 0.0, method, name))
+            self.windows[window] = Measurement(kept.joules + joules, kept.seconds + seconds, method, name)
+
     def measure_idle(self, seconds: float) -> float:
         """Idle power (W) over ``seconds`` of sleep; kept out of the run's windows."""
         self.begin_window("idle")

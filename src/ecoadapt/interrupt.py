@@ -1,0 +1,56 @@
+"""SIGTERM and SIGINT during training: finish the step, checkpoint, exit cleanly.
+
+Preemptible machines and batch schedulers (Slurm, Kubernetes) send SIGTERM and wait a grace
+period before SIGKILL; Ctrl-C sends SIGINT. Either sets a flag that the loop reads after its
+current optimizer step, so the checkpoint it writes is a consistent step boundary. A second
+signal acts as it normally would (the handler is removed after the first): a user pressing
+Ctrl-C twice gets out at once, and the atomic checkpoint writes leave nothing torn.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType, TracebackType
+from typing import Any
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Interrupts:
+    """Context manager that turns the first SIGTERM or SIGINT into a flag.
+
+    Attributes:
+        received: the signal number received, or None.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def name(self) -> str | None:
+        """The received signal's name (e.g. "SIGTERM"), or None."""
+        return signal.Signals(self.received).name if self.received is not None else None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signum
+        self._restore()
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def __enter__(self) -> Interrupts:
+        if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
+            for sig in SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        self._restore()
+
+    def check(self, _result: object = None) -> str | None:
+        """A should_stop callback: "interrupted" once a signal has arrived."""
+        return "interrupted" if self.received is not None else None

@@ -1,0 +1,299 @@
+"""A run that dies loses at most the steps since its last checkpoint, never corrupts its outputs,
+never trains on or saves NaN weights, and shrinks its micro-batch when memory runs out."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from ecoadapt import adapters, checkpoint, models, rundir
+from ecoadapt import train as train_loop
+from ecoadapt.cli import main
+from ecoadapt.config import LoraConfig, ModelConfig, TrainConfig
+from ecoadapt.data.batches import BlockLoader
+from ecoadapt.errors import UserError
+from ecoadapt.precision import Policy
+from test_cli import write_config
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def start(config: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": SRC}
+    return subprocess.Popen(
+        [sys.executable, "-m", "ecoadapt", "adapt", str(config), *extra],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the run ended before the test could stop it: {proc.communicate()}"
+        assert time.monotonic() < deadline, "timed out waiting for the run"
+        time.sleep(0.005)
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "model" / "model.safetensors")
+
+
+def resumable_config(tmp_path, tiny_bert, corpus_jsonl, name, **train):
+    # 300 steps of a tiny BERT with dropout: long enough (a few seconds) to be stopped mid-way;
+    # masked LM and dropout make the resume depend on every RNG state being restored.
+    path = write_config(
+        tmp_path,
+        tiny_bert,
+        corpus_jsonl,
+        train={"max_steps": 300, "log_every": 1, "lr": 1e-3, **train},
+        output={"dir": str(tmp_path / name)},
+        measure={"energy": "estimate"},
+    )
+    return path.rename(tmp_path / f"{name}.yaml")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_bert):
+    """The uninterrupted run's final weights."""
+    tmp = tmp_path_factory.mktemp("reference")
+    corpus = tmp / "corpus.jsonl"
+    from conftest import sentences
+
+    corpus.write_text("".join(json.dumps({"caption": s}) + "\n" for s in sentences(400)))
+    config = resumable_config(tmp, tiny_bert, corpus, "run")
+    proc = start(config)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    return corpus, weights(tmp / "run"), json.loads((tmp / "run" / "summary.json").read_text())
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_resumes_to_the_same_weights(tmp_path, tiny_bert, reference):
+    corpus, expected, full = reference
+    config = resumable_config(tmp_path, tiny_bert, corpus, "run", save_every=20)
+    run = tmp_path / "run"
+    proc = start(config)
+    wait_for(lambda: (run / checkpoint.FILENAME).exists(), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "summary.json").exists() and not (run / "model").exists()
+    saved_at = torch.load(run / checkpoint.FILENAME, weights_only=True)["loop"]["steps"]
+    assert 20 <= saved_at < 300 and saved_at % 20 == 0
+
+    proc = start(config)  # the same command again
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 300
+    assert summary["resumed_from_step"] >= saved_at
+    got = weights(run)
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)  # exact: CPU, fp32, same seed
+    assert summary["eval"]["loss"] == full["eval"]["loss"]
+    assert summary["tokens"] == full["tokens"]
+    steps = [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert steps == list(range(1, 301))  # the steps after the checkpoint were logged once, again
+    assert not (run / checkpoint.FILENAME).exists()  # finished: the optimizer state is dropped
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_exits_interrupted_then_resumes(tmp_path, tiny_bert, reference):
+    corpus, expected, _ = reference
+    config = resumable_config(tmp_path, tiny_bert, corpus, "run")  # no periodic checkpoints
+    run = tmp_path / "run"
+    proc = start(config)
+    wait_for(lambda: (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").stat().st_size > 0, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["signal"] == "SIGTERM"
+    assert 0 < summary["steps"] < 300 and summary["checkpoint"] == checkpoint.FILENAME
+    assert not (run / "model").exists()
+
+    assert main(["adapt", str(config), "--resume"]) == 0
+    final = json.loads((run / "summary.json").read_text())
+    assert final["resumed_from_step"] == summary["steps"]
+    got = weights(run)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def tiny_loop(folder, tmp_path, train: TrainConfig, lora=False):
+    loaded = models.load(ModelConfig(str(folder)), 16, seed=0)
+    model, _ = adapters.prepare(loaded, train, LoraConfig(enabled=lora, r=4))
+    blocks = torch.randint(5, 30, (16, 16), generator=torch.Generator().manual_seed(1))
+    loader = BlockLoader(blocks, train.micro_batch_size, loaded.objective, None, 0)
+    torch.manual_seed(0)
+    policy = Policy("fp32", "cpu")
+    loop = train_loop.Loop.create(model, train.max_steps or 1, train, policy)
+    checkpoints = checkpoint.RunCheckpoints(tmp_path / checkpoint.FILENAME, loader, True)
+    return loop, loader, checkpoints
+
+
+def poison(model, calls):
+    """Make the forward passes numbered in ``calls`` (1-based) return NaN logits."""
+    seen = {"n": 0}
+
+    def hook(module, args, output):
+        seen["n"] += 1
+        if seen["n"] in calls:
+            output.logits = output.logits * float("nan")
+        return output
+
+    model.register_forward_hook(hook)
+
+
+def test_an_injected_nan_step_is_skipped_and_training_goes_on(tmp_path, tiny_llama):
+    cfg = TrainConfig(max_steps=8, micro_batch_size=2, lr=1e-2, log_every=1)
+    loop, loader, checkpoints = tiny_loop(tiny_llama, tmp_path, cfg)
+    poison(loop.model, {4})
+    result = train_loop.train(loop, loader, cfg, "clm", torch.device("cpu"), checkpoints=checkpoints)
+    assert result.steps == 8 and result.nonfinite_steps == 1 and result.rollbacks == 0
+    assert checkpoint.all_finite(loop.model)
+    assert all(torch.isfinite(torch.tensor(log.loss)) for log in result.logs if log.step != 4)
+    assert result.logs[-1].loss < result.logs[0].loss  # it kept learning
+
+
+def test_a_run_of_nans_rolls_back_to_the_checkpoint_at_a_lower_lr(tmp_path, tiny_llama):
+    cfg = TrainConfig(max_steps=10, micro_batch_size=2, lr=1e-2, log_every=1, save_every=4, nonfinite_patience=3)
+    loop, loader, checkpoints = tiny_loop(tiny_llama, tmp_path, cfg)
+    poison(loop.model, {5, 6, 7})  # steps 5-7: three in a row after the checkpoint at step 4
+    lr_at_4 = {}
+
+    def note_lr(result):
+        if result.steps == 4:
+            lr_at_4["lr"] = loop.optimizer.param_groups[0]["lr"]
+        return None
+
+    result = train_loop.train(loop, loader, cfg, "clm", torch.device("cpu"), None, note_lr, 1, checkpoints)
+    assert result.rollbacks == 1 and result.lr_scale == 0.5 and result.nonfinite_steps == 3
+    assert result.steps == 10  # steps 5-10 were trained again after the rollback
+    assert checkpoint.all_finite(loop.model)
+    assert loop.scheduler.base_lrs[0] == pytest.approx(0.5 * 1e-2)
+    # After the rollback to step 4, the next step ran at half step 5's planned rate.
+    step5 = [log for log in result.logs if log.step == 5]
+    assert step5[-1].lr < lr_at_4["lr"]
+
+
+def test_nans_without_a_checkpoint_stop_with_a_clear_error(tmp_path, tiny_llama):
+    cfg = TrainConfig(max_steps=6, micro_batch_size=2, log_every=1, nonfinite_patience=2)
+    loop, loader, checkpoints = tiny_loop(tiny_llama, tmp_path, cfg)
+    poison(loop.model, {2, 3})
+    with pytest.raises(UserError, match="not finite for 2 steps in a row.*set train.save_every"):
+        train_loop.train(loop, loader, cfg, "clm", torch.device("cpu"), checkpoints=checkpoints)
+    assert checkpoint.all_finite(loop.model)  # the skipped steps changed nothing
+
+
+def refuse_batches_over(model, rows):
+    """Simulate a device that runs out of memory on more than ``rows`` blocks per micro-batch."""
+
+    def hook(module, args, kwargs):
+        if kwargs["input_ids"].shape[0] > rows:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_out_of_memory_halves_the_micro_batch_with_the_same_effective_batch(tmp_path, tiny_llama):
+    auto = TrainConfig(max_steps=5, micro_batch_size=4, lr=1e-2, auto_micro_batch=True)
+    loop, loader, _ = tiny_loop(tiny_llama, tmp_path, auto)
+    refuse_batches_over(loop.model, 1)
+    result = train_loop.train(loop, loader, auto, "clm", torch.device("cpu"))
+    assert result.steps == 5 and result.micro_batch_splits == 4
+    assert [(e["micro_batch_before"], e["micro_batch_after"]) for e in result.memory_events] == [(4, 2), (2, 1)]
+    assert result.tokens == 5 * 4 * 16  # every block of every step was trained on
+
+    # The same rows in the same steps as asking for micro-batches of 1 x 4 accumulation.
+    small = TrainConfig(max_steps=5, micro_batch_size=1, grad_accum=4, lr=1e-2)
+    plain, plain_loader, _ = tiny_loop(tiny_llama, tmp_path, small)
+    train_loop.train(plain, plain_loader, small, "clm", torch.device("cpu"))
+    for a, b in zip(loop.params, plain.params, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_out_of_memory_without_auto_micro_batch_says_what_to_set(tmp_path, tiny_llama):
+    cfg = TrainConfig(max_steps=2, micro_batch_size=4)
+    loop, loader, _ = tiny_loop(tiny_llama, tmp_path, cfg)
+    refuse_batches_over(loop.model, 2)
+    with pytest.raises(UserError, match="out of memory at step 1 with 4 blocks.*train.auto_micro_batch=true"):
+        train_loop.train(loop, loader, cfg, "clm", torch.device("cpu"))
+
+
+def test_cpu_memory_guard_stops_when_nothing_fits(tmp_path, tiny_llama):
+    cfg = TrainConfig(max_steps=2, micro_batch_size=4, auto_micro_batch=True, max_memory_gb=0.001)
+    loop, loader, _ = tiny_loop(tiny_llama, tmp_path, cfg)
+    with pytest.raises(UserError, match="memory guard at step 1 with 1 blocks.*does not fit even one block"):
+        train_loop.train(loop, loader, cfg, "clm", torch.device("cpu"))
+    assert [e["micro_batch_after"] for e in loop.result.memory_events] == [2, 1]
+
+
+def test_checkpoint_round_trip_restores_every_state(tmp_path, tiny_llama):
+    cfg = TrainConfig(max_steps=6, micro_batch_size=2, lr=1e-2, save_every=3)
+    loop, loader, checkpoints = tiny_loop(tiny_llama, tmp_path, cfg, lora=True)
+    train_loop.train(loop, loader, cfg, "clm", torch.device("cpu"), checkpoints=checkpoints)
+    state = checkpoint.load(tmp_path / checkpoint.FILENAME)
+    assert state["loop"]["steps"] == 6 and len(state["weights"]) == len(loop.params)
+    assert all("lora_" in name for name in state["weights"])  # an adapter checkpoint is the adapter
+
+    fresh, fresh_loader, fresh_checkpoints = tiny_loop(tiny_llama, tmp_path, cfg, lora=True)
+    fresh_checkpoints.resume(fresh, state)
+    assert fresh.result.steps == 6 and fresh_loader.state_dict()["position"] == loader.state_dict()["position"]
+    assert fresh.scheduler.last_epoch == loop.scheduler.last_epoch
+    for a, b in zip(fresh.params, loop.params, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_damaged_checkpoint_is_reported_not_loaded(tmp_path):
+    bad = tmp_path / checkpoint.FILENAME
+    bad.write_bytes(b"PK\x03\x04 not really")
+    with pytest.raises(UserError, match="not a readable checkpoint.*delete it to restart"):
+        checkpoint.load(bad)
+
+
+def test_resume_point_decisions(tmp_path):
+    run = tmp_path / "run"
+    cfg = {"train": {"lr": 0.1}, "budget": {"time_s": None}, "output": {"overwrite": False}}
+    assert rundir.resume_point(run, cfg, False, False, checkpoint.FILENAME) == rundir.ResumePoint()
+    with pytest.raises(UserError, match="holds no checkpoint"):
+        rundir.resume_point(run, cfg, False, True, checkpoint.FILENAME)
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (run / "metrics.jsonl").write_text("")
+    assert rundir.resume_point(run, cfg, False, False, checkpoint.FILENAME).restart  # killed before a checkpoint
+    (run / checkpoint.FILENAME).write_bytes(b"")
+    assert rundir.resume_point(run, cfg, False, False, checkpoint.FILENAME).checkpoint == run / checkpoint.FILENAME
+    longer = {**cfg, "budget": {"time_s": 60}}  # a budget may change on resume
+    assert rundir.resume_point(run, longer, False, False, checkpoint.FILENAME).checkpoint is not None
+    with pytest.raises(UserError, match=r"different config \(train.lr\)"):
+        rundir.resume_point(run, {**cfg, "train": {"lr": 0.2}}, False, False, checkpoint.FILENAME)
+    (run / "summary.json").write_text(json.dumps({"status": "completed"}))
+    with pytest.raises(UserError, match="holds a finished run"):
+        rundir.resume_point(run, cfg, False, False, checkpoint.FILENAME)
+    assert rundir.resume_point(run, cfg, True, False, checkpoint.FILENAME) == rundir.ResumePoint()
+
+
+def test_not_enough_disk_is_reported_before_training(tmp_path):
+    with pytest.raises(UserError, match=rf"{tmp_path} has .* GiB free, the checkpoints need about"):
+        rundir.check_room(tmp_path / "run" / "deeper", 10**18, "the checkpoints")
+    rundir.check_room(tmp_path / "run", 1, "the checkpoints")  # a byte fits
+
+
+def test_adapt_refuses_a_disk_without_room_and_writes_nothing(tmp_path, tiny_bert, corpus_jsonl, capsys, monkeypatch):
+    path = write_config(tmp_path, tiny_bert, corpus_jsonl, train={"save_every": 2})
+    # A filesystem of 1 KiB: the checkpoints of even a tiny BERT do not fit.
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda p: type("U", (), {"free": 1024})())
+    assert main(["adapt", str(path)]) == 2
+    assert "GiB free, the checkpoints and the saved model need about" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
