@@ -2,19 +2,25 @@
 
 Preemptible machines and batch schedulers (Slurm, Kubernetes) send SIGTERM and wait a grace
 period before SIGKILL; Ctrl-C sends SIGINT. Either sets a flag that the loop reads after its
-current optimizer step, so the checkpoint it writes is a consistent step boundary. A second
-signal acts as it normally would (the handler is removed after the first): a user pressing
-Ctrl-C twice gets out at once, and the atomic checkpoint writes leave nothing torn.
+current optimizer step, so the checkpoint it writes is a consistent step boundary.
+
+Signals often arrive in pairs: Slurm's scancel and a terminal's Ctrl-C reach every process of
+the group, and torchrun forwards what it receives to its workers once more. Signals within
+``COALESCE_S`` of the first are therefore the same request. A later one acts as it normally
+would: a user pressing Ctrl-C again after a pause gets out at once, and the atomic checkpoint
+writes leave nothing torn.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
+import time
 from types import FrameType, TracebackType
 from typing import Any
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+COALESCE_S = 2.0  # seconds within which repeated signals are one request
 
 
 class Interrupts:
@@ -26,6 +32,7 @@ class Interrupts:
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self._at = 0.0
         self._previous: dict[int, Any] = {}
 
     @property
@@ -34,8 +41,13 @@ class Interrupts:
         return signal.Signals(self.received).name if self.received is not None else None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.received = signum
-        self._restore()
+        now = time.monotonic()
+        if self.received is None:
+            self.received, self._at = signum, now
+            return
+        if now - self._at > COALESCE_S:  # asked again, later: stop now, the usual way
+            self._restore()
+            signal.raise_signal(signum)
 
     def _restore(self) -> None:
         for sig, handler in self._previous.items():

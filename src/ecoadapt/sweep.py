@@ -32,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from ecoadapt import checkpoint
 from ecoadapt import config as config_mod
 from ecoadapt.errors import UserError
 from ecoadapt.isolated import run_adapt
@@ -214,7 +215,8 @@ def run(sweep: Sweep, timeout_s: float | None = None) -> list[dict[str, Any]]:
         say(f"[sweep] point {i}/{len(todo)}: {point.name}{eta}")
         run_dir = sweep.out / "points" / f"{slug(point.name)}-{point.key[:6]}"
         cfg = point.config.to_dict()
-        cfg["output"]["overwrite"] = True  # a retried point replaces its failed attempt
+        # A retried point replaces its failed attempt, or resumes an interrupted one.
+        cfg["output"]["overwrite"] = not (run_dir / checkpoint.FILENAME).is_file()
         start = time.perf_counter()
         summary = run_adapt(cfg, run_dir, timeout_s=timeout_s, stream_output=True)
         durations.append(time.perf_counter() - start)
