@@ -97,6 +97,11 @@ def apply_precision(
     report: dict[str, Any] = {"weight_bytes_before": layerwise.weight_bytes(model)}
     policy.apply(model)
     mapping = cfg.precision.layers
+    if mapping is None and cfg.lora.enabled and not cfg.lora.merge:
+        # LoRA's frozen base Linears in the autocast dtype: the same numbers, no cast per step.
+        # Not with layer maps (which set dtypes themselves), nor when a merged model is saved
+        # (its base weights must stay as loaded): only the adapter leaves the run.
+        report["frozen_linear_bytes_saved"] = policy.store_frozen_linears(model)
     if mapping == "auto":
         blocks_name, blocks = models.transformer_blocks(model)
         n = cfg.precision.calibration_batches * cfg.train.micro_batch_size

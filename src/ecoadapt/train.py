@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from transformers import get_scheduler
 
-from ecoadapt import parallel
+from ecoadapt import chunked_loss, parallel
 from ecoadapt.config import TrainConfig
 from ecoadapt.data.batches import IGNORE, target_count
 from ecoadapt.errors import UserError
@@ -40,7 +40,9 @@ def loss_sum(logits: torch.Tensor, labels: torch.Tensor, objective: str) -> torc
         A scalar tensor: the sum (not the mean) of the per-token losses.
     """
     if objective == "clm":
-        logits, labels = logits[:, :-1], labels[:, 1:]
+        # Shift the labels, not the logits: slicing (batch, seq, vocab) logits makes the reshape
+        # below copy the largest tensor of the step.
+        labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
     if logits.ndim == 2:  # already gathered to target positions
         return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="sum")
     return F.cross_entropy(
@@ -92,6 +94,21 @@ def forward_logits(
     return model(input_ids=input_ids).logits, labels
 
 
+def training_loss_sum(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    objective: str,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The summed loss of one micro-batch (see :func:`loss_sum`); a causal LM with a plain
+    head computes it in chunks, never holding the whole (batch, seq, vocab) logits."""
+    if objective == "clm" and (parts := chunked_loss.lm_parts(model)) is not None:
+        return chunked_loss.causal_lm_loss_sum(*parts, input_ids, labels)
+    logits, labels = forward_logits(model, input_ids, labels, objective, attention_mask)
+    return loss_sum(logits, labels, objective)
+
+
 class MemoryLimitExceeded(torch.OutOfMemoryError):
     """The process's resident memory passed train.max_memory_gb (the CPU's out of memory)."""
 
@@ -133,8 +150,7 @@ def accumulate(
         mask = batch["attention_mask"].to(device, non_blocking=True) if "attention_mask" in batch else None
         with parallel.gradient_sync(model, enabled=i == len(micro) - 1):
             with policy.autocast():
-                logits, labels = forward_logits(model, input_ids, labels, objective, mask)
-            loss = loss_sum(logits, labels, objective) / n_targets
+                loss = training_loss_sum(model, input_ids, labels, objective, mask) / n_targets
             if memory_limit_bytes is not None and (used := memory.rss_bytes()) > memory_limit_bytes:
                 raise MemoryLimitExceeded(
                     f"resident memory {used / 2**30:.2f} GiB > train.max_memory_gb {memory_limit_bytes / 2**30:g}"

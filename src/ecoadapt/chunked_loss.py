@@ -1,0 +1,114 @@
+"""Causal-LM loss without the full logits: the LM head and cross-entropy, a chunk of rows at a time.
+
+A small language model's largest tensors are its logits: (batch x seq) rows of the vocabulary
+(49,152 for SmolLM2), kept in 16-bit, copied to fp32 for the loss, kept again by log-softmax
+for the backward pass, and matched by a gradient of the same size: about 20 bytes per row and
+vocabulary entry, 500 MB for 4 x 128 tokens. Here each chunk of rows goes through the head,
+its loss is summed and the gradient of that loss with respect to the chunk's hidden states
+(and to the head's weight, when it trains) is computed at once, in the forward pass, as fused
+linear-cross-entropy kernels do (Liger, Apple's Cut Cross-Entropy). No logits outlive their
+chunk; the FLOPs are those of the usual head and loss, with no recomputation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ecoadapt.data.batches import IGNORE
+
+CHUNK_ELEMENTS = 2**22  # logits per chunk: 16 MiB in fp32, whatever the vocabulary
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(hidden_i @ weight^T, labels_i) over rows whose label is not IGNORE."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        compute_dtype: torch.dtype | None,
+    ) -> torch.Tensor:
+        rows, vocab = hidden.shape[0], weight.shape[0]
+        chunk = max(1, CHUNK_ELEMENTS // vocab)
+        # Matmuls in the dtype autocast would use (the caller passes it): the same numbers as
+        # the model's own head under autocast, without autocast's per-call weight cast.
+        w = weight if compute_dtype is None else weight.to(compute_dtype)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, rows, chunk):
+            h = hidden[start : start + chunk]
+            h_c = h if compute_dtype is None else h.to(compute_dtype)
+            y = labels[start : start + chunk]
+            logits = (h_c @ w.T).float()
+            valid = y != IGNORE
+            target = y.clamp(min=0)
+            lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, target[:, None]).squeeze(1)
+            total += ((lse - picked) * valid).sum()
+            # d(sum CE)/d logits = softmax - one_hot, on valid rows only: computed in place.
+            probs = logits.sub_(lse[:, None]).exp_()
+            probs[torch.arange(len(y), device=y.device), target] -= 1.0
+            probs *= valid[:, None]
+            g = probs.to(w.dtype)
+            grad_hidden[start : start + chunk] = (g @ w).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += (g.T @ h_c).float()
+        ctx.save_for_backward(grad_hidden, grad_weight if grad_weight is not None else torch.empty(0))
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grad_hidden, grad_weight = ctx.saved_tensors
+        gh = grad_hidden * grad_output.to(grad_hidden.dtype)
+        gw = (grad_weight * grad_output).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+        return gh, gw, None, None
+
+
+def lm_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear] | None:
+    """(the decoder body, the LM head) of a causal LM with a plain linear head, else None.
+
+    Works through a PEFT wrapper. Models that transform their logits (soft-capping, scaling)
+    or whose head has a bias are left to their own forward pass.
+    """
+    from ecoadapt import parallel
+
+    if parallel.is_wrapped(model):
+        return None  # DDP/FSDP must see the whole forward pass (their gradient hooks hang on it)
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # type: ignore[operator]
+    config = getattr(inner, "config", None)
+    if config is None or any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale")):
+        return None
+    get_head = getattr(inner, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    body = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None or not isinstance(body, torch.nn.Module):
+        return None
+    if type(head) is not torch.nn.Linear:  # a LoRA or other wrapped head computes more than x @ W^T
+        return None
+    return body, head
+
+
+def causal_lm_loss_sum(
+    body: torch.nn.Module, head: torch.nn.Linear, input_ids: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """Summed next-token cross-entropy (fp32) of a causal LM, without materialising its logits.
+
+    Args:
+        body: the decoder stack (returns ``last_hidden_state``).
+        head: the LM head, a bias-free Linear.
+        input_ids: (batch, seq) int64.
+        labels: (batch, seq) int64, IGNORE where there is no target; position t's label is
+            predicted from position t-1, as in the model's own loss.
+    """
+    hidden = body(input_ids=input_ids).last_hidden_state
+    shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+    dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else None
+    with torch.autocast(hidden.device.type, enabled=False):  # the Function casts as autocast would
+        return _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), head.weight, shifted.reshape(-1), dtype)
