@@ -143,16 +143,15 @@ def tiny_loop(folder, tmp_path, train: TrainConfig, lora=False):
 
 
 def poison(model, calls):
-    """Make the forward passes numbered in ``calls`` (1-based) return NaN logits."""
+    """Make the forward passes numbered in ``calls`` (1-based) produce NaN hidden states (at the
+    final norm, which every loss path goes through)."""
     seen = {"n": 0}
 
     def hook(module, args, output):
         seen["n"] += 1
-        if seen["n"] in calls:
-            output.logits = output.logits * float("nan")
-        return output
+        return output * float("nan") if seen["n"] in calls else output
 
-    model.register_forward_hook(hook)
+    dict(model.named_modules())["model.norm"].register_forward_hook(hook)
 
 
 def test_an_injected_nan_step_is_skipped_and_training_goes_on(tmp_path, tiny_llama):
@@ -203,7 +202,7 @@ def refuse_batches_over(model, rows):
         if kwargs["input_ids"].shape[0] > rows:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
 
-    model.register_forward_pre_hook(hook, with_kwargs=True)
+    dict(model.named_modules())["model"].register_forward_pre_hook(hook, with_kwargs=True)  # the decoder
 
 
 def test_out_of_memory_halves_the_micro_batch_with_the_same_effective_batch(tmp_path, tiny_llama):

@@ -55,7 +55,8 @@ def test_masked_positions_only_head_matches_full_logits(tiny_bert):
     labels = torch.full_like(ids, IGNORE)
     labels[:, ::3] = ids[:, ::3]
     logits, lab = train_loop.forward_logits(model, ids, labels, "mlm")
-    assert logits.shape == (int((labels != IGNORE).sum()), model.config.vocab_size)
+    # 18 targets, padded towards a bucket of 64 rows but never past the 48 positions there are
+    assert logits.shape == (48, model.config.vocab_size) and int((lab != IGNORE).sum()) == 18
     full = model(input_ids=ids).logits
     torch.testing.assert_close(
         train_loop.loss_sum(logits, lab, "mlm"), train_loop.loss_sum(full, labels, "mlm"), rtol=1e-5, atol=1e-5
@@ -87,3 +88,17 @@ def test_gradient_checkpointing_gives_the_same_loss(tiny_llama):
 def test_total_steps_from_epochs():
     assert train_loop.total_steps(TrainConfig(max_steps=None, epochs=2, micro_batch_size=4, grad_accum=2), 20) == 5
     assert train_loop.total_steps(TrainConfig(max_steps=7), 20) == 7
+
+
+def test_masked_rows_pad_to_a_bucket_with_ignored_rows():
+    labels = torch.full((4, 64), IGNORE)
+    labels[0, [3, 9]] = 7
+    labels[2, 5] = 8
+    index, targets = train_loop.masked_rows(labels)
+    assert len(index) == train_loop.MASKED_ROWS_BUCKET
+    assert index[:3].tolist() == [3, 9, 2 * 64 + 5] and targets[:3].tolist() == [7, 7, 8]
+    assert (targets[3:] == IGNORE).all()
+    # Every micro-batch with 1 to 64 targets gets the same size: the allocator reuses its blocks.
+    more = labels.clone()
+    more[1, :40] = 9
+    assert len(train_loop.masked_rows(more)[0]) == len(index)

