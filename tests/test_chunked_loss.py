@@ -56,3 +56,34 @@ def test_heads_that_are_not_plain_linear_use_the_models_forward(tiny_bert, tiny_
     loaded.model.config.final_logit_softcapping = 30.0
     assert chunked_loss.lm_parts(loaded.model) is None
     assert chunked_loss.lm_parts(models.load(ModelConfig(str(tiny_bert)), 16).model) is None  # BERT's head has a bias
+
+
+@pytest.mark.parametrize("mode", ["fp32", "bf16"])
+def test_masked_lm_chunked_head_matches_the_models_head(tiny_bert, monkeypatch, mode):
+    from ecoadapt.train import forward_logits, training_loss_sum
+
+    monkeypatch.setattr(chunked_loss, "CHUNK_ELEMENTS", 5 * 40)  # several chunks
+    loaded = models.load(ModelConfig(str(tiny_bert)), 32, seed=0)
+    model = loaded.model.eval()
+    ids = torch.randint(5, 30, (3, 16), generator=torch.Generator().manual_seed(2))
+    labels = torch.full_like(ids, IGNORE)
+    labels[:, ::4] = ids[:, ::4]
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if mode == "bf16" else torch.autocast("cpu", enabled=False)
+    with ctx:
+        logits, lab = forward_logits(model, ids, labels, "mlm")
+        full = loss_sum(logits, lab, "mlm")
+    full.backward()
+    expected = grads(model)
+    model.zero_grad()
+    with ctx:
+        chunked = training_loss_sum(model, ids, labels, "mlm")
+    chunked.backward()
+    got = grads(model)
+    tol = {"rtol": 1e-5, "atol": 1e-4} if mode == "fp32" else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(chunked, full, **tol)
+    assert got.keys() == expected.keys()
+    assert any(n.endswith("predictions.bias") or n.endswith("decoder.bias") for n in got)  # the bias trains
+    for name in expected:
+        torch.testing.assert_close(
+            got[name], expected[name], msg=name, **({"rtol": 1e-4, "atol": 1e-6} if mode == "fp32" else tol)
+        )

@@ -73,6 +73,20 @@ def test_lora_trains_only_adapters_on_the_chosen_blocks(tiny_llama):
     assert models.parameter_counts(model)["trainable"] < models.parameter_counts(model)["total"] / 5
 
 
+def test_lora_with_checkpointing_keeps_the_backward_above_the_adapters(tiny_llama):
+    loaded = models.load(ModelConfig(str(tiny_llama)), 32)
+    train = TrainConfig(trainable_layers=1, gradient_checkpointing=True)
+    model, _ = adapters.prepare(loaded, train, LoraConfig(enabled=True, r=4))
+    model.train()
+    inner = model.get_base_model()
+    called = []
+    inner.model.layers[0].register_full_backward_hook(lambda *a: called.append("block0"))
+    ids = torch.randint(0, 30, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert called == []  # PEFT's input-grad hook would send the backward pass through block 0
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+
+
 def test_lora_bad_target_modules(tiny_llama):
     loaded = models.load(ModelConfig(str(tiny_llama)), 32)
     with pytest.raises(UserError, match="lora.target_modules"):

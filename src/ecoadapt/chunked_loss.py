@@ -23,13 +23,14 @@ CHUNK_ELEMENTS = 2**22  # logits per chunk: 16 MiB in fp32, whatever the vocabul
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """sum_i CE(hidden_i @ weight^T, labels_i) over rows whose label is not IGNORE."""
+    """sum_i CE(hidden_i @ weight^T + bias, labels_i) over rows whose label is not IGNORE."""
 
     @staticmethod
     def forward(
         ctx: Any,
         hidden: torch.Tensor,
         weight: torch.Tensor,
+        bias: torch.Tensor | None,
         labels: torch.Tensor,
         compute_dtype: torch.dtype | None,
     ) -> torch.Tensor:
@@ -38,14 +39,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # Matmuls in the dtype autocast would use (the caller passes it): the same numbers as
         # the model's own head under autocast, without autocast's per-call weight cast.
         w = weight if compute_dtype is None else weight.to(compute_dtype)
+        b = None if bias is None else (bias if compute_dtype is None else bias.to(compute_dtype))
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_bias = (
+            torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[2] else None
+        )
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, rows, chunk):
             h = hidden[start : start + chunk]
             h_c = h if compute_dtype is None else h.to(compute_dtype)
             y = labels[start : start + chunk]
-            logits = (h_c @ w.T).float()
+            logits = (h_c @ w.T if b is None else torch.addmm(b, h_c, w.T)).float()
             valid = y != IGNORE
             target = y.clamp(min=0)
             lse = torch.logsumexp(logits, dim=-1)
@@ -55,20 +60,44 @@ class _LinearCrossEntropy(torch.autograd.Function):
             probs = logits.sub_(lse[:, None]).exp_()
             probs[torch.arange(len(y), device=y.device), target] -= 1.0
             probs *= valid[:, None]
+            if grad_bias is not None:
+                grad_bias += probs.sum(0)
             g = probs.to(w.dtype)
             grad_hidden[start : start + chunk] = (g @ w).to(hidden.dtype)
             if grad_weight is not None:
                 grad_weight += (g.T @ h_c).float()
-        ctx.save_for_backward(grad_hidden, grad_weight if grad_weight is not None else torch.empty(0))
-        ctx.weight_dtype = weight.dtype
+        empty = torch.empty(0)
+        ctx.save_for_backward(
+            grad_hidden,
+            grad_weight if grad_weight is not None else empty,
+            grad_bias if grad_bias is not None else empty,
+        )
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return total
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         gh = grad_hidden * grad_output.to(grad_hidden.dtype)
-        gw = (grad_weight * grad_output).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
-        return gh, gw, None, None
+        gw = (grad_weight * grad_output).to(ctx.dtypes[0]) if ctx.needs_input_grad[1] else None
+        gb = (grad_bias * grad_output).to(ctx.dtypes[1]) if ctx.dtypes[1] and ctx.needs_input_grad[2] else None
+        return gh, gw, gb, None, None
+
+
+def linear_cross_entropy_sum(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor
+) -> torch.Tensor:
+    """sum CE(hidden @ weight^T + bias, labels) in fp32 over labels != IGNORE, chunk by chunk.
+
+    Args:
+        hidden: (rows, d) the head's input.
+        weight: (vocab, d); bias: (vocab,) or None.
+        labels: (rows,) int64.
+    """
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    with torch.autocast(device, enabled=False):  # the Function casts as autocast would
+        return _LinearCrossEntropy.apply(hidden, weight, bias, labels, dtype)
 
 
 def lm_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear] | None:
@@ -109,6 +138,46 @@ def causal_lm_loss_sum(
     """
     hidden = body(input_ids=input_ids).last_hidden_state
     shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
-    dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else None
-    with torch.autocast(hidden.device.type, enabled=False):  # the Function casts as autocast would
-        return _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), head.weight, shifted.reshape(-1), dtype)
+    return linear_cross_entropy_sum(hidden.reshape(-1, hidden.shape[-1]), head.weight, None, shifted.reshape(-1))
+
+
+class _Without(torch.nn.Module):
+    """Runs ``head`` with its output projection ``decoder`` replaced by the identity."""
+
+    def __init__(self, head: torch.nn.Module, parent: torch.nn.Module, name: str) -> None:
+        super().__init__()
+        self.head, self.parent, self.name = head, parent, name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        decoder = getattr(self.parent, self.name)
+        setattr(self.parent, self.name, torch.nn.Identity())
+        try:
+            return self.head(x)
+        finally:
+            setattr(self.parent, self.name, decoder)
+
+
+def masked_lm_head_parts(head: torch.nn.Module, decoder: torch.nn.Module) -> tuple[_Without, torch.nn.Linear] | None:
+    """(the head up to its vocabulary projection, that projection) when the head ends with it.
+
+    The split is checked once on random rows: ``decoder(transform(x))`` must equal ``head(x)``
+    (heads that do more after the projection keep their own forward pass).
+    """
+    if type(decoder) is not torch.nn.Linear:
+        return None
+    for parent in head.modules():
+        for name, child in parent.named_children():
+            if child is decoder:
+                transform = _Without(head, parent, name)
+                verdict = getattr(head, "_ecoadapt_split_ok", None)
+                if verdict is None:
+                    with torch.no_grad():
+                        # A private generator: drawing from the global one would shift dropout
+                        # masks, and a resumed run would no longer match an uninterrupted one.
+                        w = decoder.weight
+                        rng = torch.Generator(w.device).manual_seed(0)
+                        x = torch.randn(3, decoder.in_features, generator=rng, device=w.device).to(w.dtype)
+                        verdict = torch.allclose(decoder(transform(x)), head(x), rtol=1e-3, atol=1e-3)
+                    head._ecoadapt_split_ok = verdict  # type: ignore[assignment]
+                return (transform, decoder) if verdict else None
+    return None

@@ -129,6 +129,18 @@ def training_loss_sum(
     head computes it in chunks, never holding the whole (batch, seq, vocab) logits."""
     if objective == "clm" and (parts := chunked_loss.lm_parts(model)) is not None:
         return chunked_loss.causal_lm_loss_sum(*parts, input_ids, labels)
+    if objective == "mlm" and (split := encoder_and_head(model)) is not None:
+        encoder, head = split
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # type: ignore[operator]
+        get_decoder = getattr(inner, "get_output_embeddings", None)
+        decoder = get_decoder() if callable(get_decoder) else None
+        head_parts = chunked_loss.masked_lm_head_parts(head, decoder) if decoder is not None else None
+        if head_parts is not None:  # the vocabulary projection and loss in chunks, masked rows only
+            transform, projection = head_parts
+            hidden = encoder(input_ids=input_ids).last_hidden_state
+            index, targets = masked_rows(labels)
+            rows = transform(hidden.reshape(-1, hidden.shape[-1])[index])
+            return chunked_loss.linear_cross_entropy_sum(rows, projection.weight, projection.bias, targets)
     logits, labels = forward_logits(model, input_ids, labels, objective, attention_mask)
     return loss_sum(logits, labels, objective)
 
