@@ -7,8 +7,8 @@ in a fresh process, recipes alternating. The study claims -47% energy and -32% m
 comparable accuracy; the targets here are energy <= 0.35x, peak memory <= 0.40x, and a
 downstream metric no more than 1 point below FP32's.
 
-    python bench/claims.py            # 3 adaptation seeds x 3 task seeds (about 20 minutes)
-    python bench/claims.py --quick    # under 5 minutes: 1 seed, 30 steps, a smaller task
+    python bench/claims.py            # 3 adaptation seeds x 3 task seeds (about 35 minutes)
+    python bench/claims.py --quick    # under 5 minutes (2.3 here): 1 seed, 30 steps, a smaller task
 
 Energy is the adaptation's training energy (the same meter for every run: measured where the
 machine allows, else estimated, and labelled). Memory is the peak above the resident set

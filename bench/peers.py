@@ -7,7 +7,7 @@ Both sides are measured by the same code: the training loop's wall time, the pea
 memory above the resident set before the model loaded, the same energy meter over the training
 window, and the held-out loss by the same evaluator on the same blocks and masks.
 
-    python bench/peers.py            # both jobs, 3 repeats (about 25 minutes on 2 CPU cores)
+    python bench/peers.py            # both jobs, 3 repeats (about 20 minutes on 2 CPU cores)
     python bench/peers.py --quick    # under 5 minutes: 1 repeat, fewer steps
 
 Jobs (VizWiz captions): MiniLM-L6 masked-LM full adaptation, bf16 autocast; SmolLM2-135M
