@@ -51,6 +51,13 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
         # Relaunch this very command as nproc processes under torchrun.
         return parallel.launch(cfg.parallel.nproc, ["adapt", str(path), *(f"--set={s}" for s in overrides)])
     summary = adapt.run(cfg, base=path.parent if path.exists() else None)
+    if parallel.under_torchrun() and "eval" not in summary and summary["status"] == "completed":
+        # A worker rank is done and has left the process group; its outputs are rank 0's.
+        # Leave without running C++ static destructors: gloo's threads can abort the process
+        # there ("terminate called without an active exception", seen on 2-process CPU runs).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     if summary["status"] == "interrupted":
         # The conventional status of a process ended by a signal (128 + its number).
         return 128 + int(signal.Signals[summary["signal"]])
