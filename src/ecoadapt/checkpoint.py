@@ -11,14 +11,13 @@ never code.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ecoadapt import rundir
 from ecoadapt.data.batches import BlockLoader
 from ecoadapt.errors import UserError
 from ecoadapt.precision import Policy
@@ -52,22 +51,8 @@ def bytes_needed(model: torch.nn.Module, policy: Policy) -> int:
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save through a temp file in the same folder, fsync, rename, fsync the folder."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)  # the rename itself survives a power cut
-    finally:
-        os.close(folder)
+    """torch.save ``obj`` to ``path`` atomically (see :func:`ecoadapt.rundir.atomic_write`)."""
+    rundir.atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def capture(
