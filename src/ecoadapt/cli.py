@@ -52,12 +52,7 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
         return parallel.launch(cfg.parallel.nproc, ["adapt", str(path), *(f"--set={s}" for s in overrides)])
     summary = adapt.run(cfg, base=path.parent if path.exists() else None)
     if parallel.under_torchrun() and "eval" not in summary and summary["status"] == "completed":
-        # A worker rank is done and has left the process group; its outputs are rank 0's.
-        # Leave without running C++ static destructors: gloo's threads can abort the process
-        # there ("terminate called without an active exception", seen on 2-process CPU runs).
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        _leave(0)  # a worker rank: rank 0 reports
     if summary["status"] == "interrupted":
         # The conventional status of a process ended by a signal (128 + its number).
         return 128 + int(signal.Signals[summary["signal"]])
@@ -78,7 +73,18 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
         e = summary["energy"]
         print(f"energy: {e['joules']:,.0f} J in all, {e['train_joules']:,.0f} J training ({e['method']}, {e['meter']})")
     print(f"run directory: {cfg.output.dir}")
+    if parallel.under_torchrun():
+        _leave(0)
     return 0
+
+
+def _leave(code: int) -> None:
+    """End a rank of a finished torchrun job: every output is written and the process group
+    left, so skip C++ static destructors, where gloo's threads aborted a worker ("terminate
+    called without an active exception") or left rank 0 hanging after its peer had gone."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
