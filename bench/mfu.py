@@ -75,7 +75,7 @@ def profile_worker(spec: Path, result: Path, steps: int) -> None:
     policy.apply(model)
     if cfg.lora.enabled:
         policy.store_frozen_linears(model)
-    loop = train_loop.Loop.create(model, steps + 2, cfg.train, policy)
+    loop = train_loop.Loop.create(model, steps + 2, cfg.train, policy, loaded.objective, torch.device("cpu"))
     loader = BlockLoader(blocks.train, cfg.train.micro_batch_size, loaded.objective, None, cfg.train.seed)
     device = torch.device("cpu")
 

@@ -114,11 +114,11 @@ def trainer_worker(spec_path: Path, result_path: Path) -> None:
 
     from ecoadapt import config as config_mod
     from ecoadapt import models
-    from ecoadapt.adapt import mask_spec
     from ecoadapt.data import corpus
-    from ecoadapt.evaluate import heldout
+    from ecoadapt.heldout import heldout
     from ecoadapt.measure import energy, memory
     from ecoadapt.precision import Policy
+    from ecoadapt.prepare import mask_spec
 
     cfg = config_mod.from_dict(json.loads(spec_path.read_text()), str(spec_path))
     rss_before_load = memory.rss_bytes()  # after the imports, as ecoadapt's baseline is
@@ -147,15 +147,18 @@ def trainer_worker(spec_path: Path, result_path: Path) -> None:
 
     chosen = energy.choose(cfg.measure.energy, cfg.measure.cpu_watts_per_core, cfg.measure.memory_watts_per_gib)
     tracker = energy.EnergyTracker(chosen.meter)
+    windows = memory.MemoryWindows(torch.device("cpu"))  # training's own peak, as ecoadapt reports it
     clock: dict[str, float] = {}
 
     class Window(TrainerCallback):  # the training loop only, as ecoadapt's time_s
         def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
             tracker.begin_window("train")
+            windows.begin("train")
             clock["start"] = time.perf_counter()
 
         def on_train_end(self, *args: Any, **kwargs: Any) -> None:
             clock["end"] = time.perf_counter()
+            windows.end("train")
             tracker.end_window("train")
 
     with tempfile.TemporaryDirectory() as out:
@@ -192,7 +195,7 @@ def trainer_worker(spec_path: Path, result_path: Path) -> None:
         json.dumps(
             {
                 "tokens_per_s": tokens / seconds,
-                "peak_bytes": memory.peak_rss_bytes() - rss_before_load,
+                "peak_bytes": windows.peaks["train"]["peak"] - rss_before_load,
                 "train_joules": train.joules if chosen.meter is not None else None,
                 "energy_method": train.method,
                 "eval_loss": after["loss"],

@@ -104,6 +104,16 @@ def build_tiny_llama(folder: Path) -> Path:
     return folder
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked gpu run where a CUDA device is visible, multigpu where two are; else skipped."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for item in items:
+        if "multigpu" in item.keywords and gpus < 2:
+            item.add_marker(pytest.mark.skip(reason=f"needs 2 CUDA devices, {gpus} visible"))
+        elif "gpu" in item.keywords and gpus < 1:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+
+
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
@@ -154,3 +164,24 @@ def fit(folder, cfg, lora=None, mode="fp32", layers=None):
         layerwise.apply_map(model, layers, "cpu")
     result = train_loop.run(model, loader, steps, cfg, loaded.objective, policy, torch.device("cpu"))
     return result, model, policy
+
+
+def heldout_loss_of(model, run_dir: Path, objective: str) -> float:
+    """The held-out loss ``model`` computes on the run's own held-out blocks and masks (fp32, CPU):
+    a saved model that is the trained one reproduces the run's summary."""
+    from ecoadapt import config as config_mod
+    from ecoadapt import models
+    from ecoadapt.data import corpus
+    from ecoadapt.heldout import heldout
+    from ecoadapt.precision import Policy
+    from ecoadapt.prepare import mask_spec
+
+    cfg = config_mod.load(run_dir / "config.yaml")
+    tokenizer = models.load_tokenizer(cfg.model)
+    blocks = corpus.build(cfg.data, tokenizer, objective)
+    mask = mask_spec(tokenizer, cfg.data.mlm_probability) if objective == "mlm" else None
+    evaluated = blocks.eval[: cfg.data.eval_max_blocks]
+    scores = heldout(
+        model.eval(), evaluated, objective, mask, cfg.train.micro_batch_size, Policy("fp32", "cpu"), torch.device("cpu")
+    )
+    return float(scores["loss"])

@@ -7,6 +7,7 @@ import sys
 import pytest
 import yaml
 
+from conftest import heldout_loss_of
 from ecoadapt.cli import main
 
 
@@ -49,7 +50,8 @@ def test_adapt_mlm_end_to_end(tmp_path, tiny_bert, corpus_jsonl, capsys):
     assert lines[-1]["energy_j"] >= lines[0]["energy_j"] > 0
     from transformers import AutoModelForMaskedLM
 
-    assert AutoModelForMaskedLM.from_pretrained(run / "model") is not None
+    saved = AutoModelForMaskedLM.from_pretrained(run / "model")
+    assert heldout_loss_of(saved, run, "mlm") == pytest.approx(summary["eval"]["loss"], rel=1e-5)
     assert "held-out loss" in capsys.readouterr().out
 
 
@@ -65,9 +67,12 @@ def test_adapt_clm_lora_saves_a_loadable_adapter_and_merged_model(tmp_path, tiny
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    assert isinstance(PeftModel.from_pretrained(base, run / "adapter"), PeftModel)
-    assert AutoModelForCausalLM.from_pretrained(run / "model") is not None
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), run / "adapter")
+    assert heldout_loss_of(adapted, run, "clm") == pytest.approx(summary["eval"]["loss"], rel=1e-5)
+    merged = AutoModelForCausalLM.from_pretrained(run / "model")
+    assert heldout_loss_of(merged, run, "clm") == pytest.approx(summary["eval"]["loss"], rel=1e-4)
+    untrained = heldout_loss_of(AutoModelForCausalLM.from_pretrained(tiny_llama), run, "clm")
+    assert untrained == pytest.approx(summary["eval"]["loss_before"], rel=1e-5)  # the check can tell them apart
     assert not list(run.glob(".*.tmp"))
 
 

@@ -1,5 +1,6 @@
 """Config loading, overrides, and the errors a user meets."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,32 @@ def test_every_shipped_preset_loads():
     for path in sweeps:
         spec = sweep.load(str(path))  # every point's config checked against the schema
         assert len(spec.points) >= 3 and any(p.baseline for p in spec.points)
+
+
+def test_every_yaml_under_bench_fits_the_schema():
+    """The benchmark configs and sweeps are checked like the presets (paths need not exist)."""
+    from ecoadapt import sweep
+
+    bench = Path(__file__).parent.parent / "bench"
+    configs = sorted((bench / "configs").glob("*.yaml"))
+    sweeps = sorted((bench / "sweeps").glob("*.yaml"))
+    assert configs and sweeps
+    for path in configs:
+        cfg = config.load(path)
+        assert cfg.model.name_or_path and cfg.data.train
+    for path in sweeps:
+        spec = sweep.load(path)
+        assert any(p.baseline for p in spec.points) and spec.report.objective in ("energy", "time", "memory")
+
+
+def test_summary_reference_lists_every_field_with_help():
+    from ecoadapt.summary import RunSummary, reference
+
+    rows = reference()
+    names = [r[0] for r in rows]
+    for f in dataclasses.fields(RunSummary):
+        assert f.name in names
+    assert "eval.loss_before" in names and "model.trainable_blocks" in names  # nested sections too
+    assert all(doc for _, _, _, doc in rows), [n for n, _, _, d in rows if not d]
+    text = keys_help(rows, defaults=False)
+    assert "memory  (map | null)" in text and "train_peak_bytes" in text

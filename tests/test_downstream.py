@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import sentences
-from ecoadapt import downstream
+from ecoadapt import downstream, evaluate
 from ecoadapt.config import ModelConfig, RunConfig, TaskConfig
 from ecoadapt.data import labelled
 from ecoadapt.errors import UserError
@@ -114,4 +114,4 @@ def test_evaluate_without_an_adapted_model_says_what_to_do(tmp_path, tiny_bert):
     run = RunConfig(model=ModelConfig(str(tiny_bert)), task=TaskConfig(train=[str(task)]))
     run.output.dir = str(tmp_path / "nothing")
     with pytest.raises(UserError, match="run `ecoadapt adapt` with this config first"):
-        downstream.evaluate_run(run)
+        evaluate.run(run)

@@ -108,7 +108,7 @@ def test_tracker_windows_and_summary():
 
 def test_energy_budget_stops_with_a_fake_meter():
     tracker = energy.EnergyTracker(StepMeter())
-    budget = Budget(BudgetConfig(energy_j=12.0), tracker, total_steps=100)
+    budget = Budget(BudgetConfig(energy_j=12.0), tracker.total_joules, total_steps=100)
     result = TrainResult()
     reasons = []
     for step in range(1, 10):
@@ -123,13 +123,13 @@ def test_energy_budget_stops_with_a_fake_meter():
 
 def test_time_and_token_budgets_and_forecast():
     said = []
-    budget = Budget(BudgetConfig(time_s=10.0, tokens=1000), energy.EnergyTracker(None), total_steps=30, say=said.append)
+    budget = Budget(BudgetConfig(time_s=10.0, tokens=1000), lambda: 0.0, total_steps=30, say=said.append)
     result = TrainResult(steps=3, tokens=300, time_s=2.0)
     assert budget.check(result) is None
     assert said and "time_s: needs ~20 s of 10" in said[0] and "tokens: needs ~3,000 tokens of 1,000" in said[0]
     assert budget.check(TrainResult(steps=4, tokens=1000, time_s=2.5)) == "tokens"
     assert budget.check(TrainResult(steps=5, tokens=500, time_s=10.5)) == "time_s"
-    assert not Budget(BudgetConfig(), energy.EnergyTracker(None), 10).active
+    assert not Budget(BudgetConfig(), lambda: 0.0, 10).active
 
 
 def test_adapt_stopped_by_budget_leaves_a_usable_adapter(tmp_path, tiny_llama, corpus_jsonl):

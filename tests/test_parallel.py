@@ -12,6 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from conftest import heldout_loss_of
 from ecoadapt.data.batches import BlockLoader, MaskSpec
 
 HERE = Path(__file__).parent
@@ -90,11 +91,18 @@ def test_fsdp_completes_and_saves_a_model_and_an_adapter_that_load(tmp_path, tin
     run(path, 2, "parallel.strategy=fsdp")
     summary = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
     assert summary["parallel"]["strategy"] == "fsdp" and summary["eval"]["loss"] < summary["eval"]["loss_before"]
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "model") is not None
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "model")
+    assert heldout_loss_of(saved, tmp_path / "fsdp", "clm") == pytest.approx(summary["eval"]["loss"], rel=1e-4)
     path = config(tmp_path, "fsdp-lora", tiny_llama, corpus_jsonl, micro_batch_size=2)
     run(path, 2, "parallel.strategy=fsdp", "lora.enabled=true", "precision.mode=bf16")
-    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    assert isinstance(PeftModel.from_pretrained(base, tmp_path / "fsdp-lora" / "adapter"), PeftModel)
+    lora_summary = json.loads((tmp_path / "fsdp-lora" / "summary.json").read_text())
+    adapted = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_llama), tmp_path / "fsdp-lora" / "adapter"
+    )
+    # Trained and evaluated in bf16, scored here in fp32: close, and far from the untrained model's.
+    assert heldout_loss_of(adapted, tmp_path / "fsdp-lora", "clm") == pytest.approx(
+        lora_summary["eval"]["loss"], rel=2e-2
+    )
 
 
 @pytest.mark.slow

@@ -166,7 +166,7 @@ def test_adapt_with_auto_layers_and_bf16_pure_lora(tmp_path, tiny_llama, corpus_
 
 def test_layer_map_without_autocast_reconciles_unmatched_modules(tiny_bert):
     from ecoadapt.data.batches import IGNORE
-    from ecoadapt.train import forward_logits
+    from ecoadapt.losses import forward_logits
 
     model = models.load(ModelConfig(str(tiny_bert)), 16).model
     layerwise.apply_map(model, {"bert.encoder.layer.*": "bf16"}, "cpu", default=torch.float32)

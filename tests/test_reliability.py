@@ -84,11 +84,11 @@ def test_sigkill_then_rerun_resumes_to_the_same_weights(tmp_path, tiny_bert, ref
     config = resumable_config(tmp_path, tiny_bert, corpus, "run", save_every=20)
     run = tmp_path / "run"
     proc = start(config)
-    wait_for(lambda: (run / checkpoint.FILENAME).exists(), proc)
+    wait_for(lambda: (run / rundir.CHECKPOINT_FILE).exists(), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (run / "summary.json").exists() and not (run / "model").exists()
-    saved_at = torch.load(run / checkpoint.FILENAME, weights_only=True)["loop"]["steps"]
+    saved_at = torch.load(run / rundir.CHECKPOINT_FILE, weights_only=True)["loop"]["steps"]
     assert 20 <= saved_at < 300 and saved_at % 20 == 0
 
     proc = start(config)  # the same command again
@@ -104,7 +104,7 @@ def test_sigkill_then_rerun_resumes_to_the_same_weights(tmp_path, tiny_bert, ref
     assert summary["tokens"] == full["tokens"]
     steps = [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert steps == list(range(1, 301))  # the steps after the checkpoint were logged once, again
-    assert not (run / checkpoint.FILENAME).exists()  # finished: the optimizer state is dropped
+    assert not (run / rundir.CHECKPOINT_FILE).exists()  # finished: the optimizer state is dropped
 
 
 @pytest.mark.slow
@@ -120,7 +120,7 @@ def test_sigterm_checkpoints_and_exits_interrupted_then_resumes(tmp_path, tiny_b
     assert "Traceback" not in err
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["signal"] == "SIGTERM"
-    assert 0 < summary["steps"] < 300 and summary["checkpoint"] == checkpoint.FILENAME
+    assert 0 < summary["steps"] < 300 and summary["checkpoint"] == rundir.CHECKPOINT_FILE
     assert not (run / "model").exists()
 
     assert main(["adapt", str(config), "--resume"]) == 0
@@ -137,8 +137,8 @@ def tiny_loop(folder, tmp_path, train: TrainConfig, lora=False):
     loader = BlockLoader(blocks, train.micro_batch_size, loaded.objective, None, 0)
     torch.manual_seed(0)
     policy = Policy("fp32", "cpu")
-    loop = train_loop.Loop.create(model, train.max_steps or 1, train, policy)
-    checkpoints = checkpoint.RunCheckpoints(tmp_path / checkpoint.FILENAME, loader, True)
+    loop = train_loop.Loop.create(model, train.max_steps or 1, train, policy, loaded.objective, torch.device("cpu"))
+    checkpoints = checkpoint.RunCheckpoints(tmp_path / rundir.CHECKPOINT_FILE, loader, True)
     return loop, loader, checkpoints
 
 
@@ -158,7 +158,7 @@ def test_an_injected_nan_step_is_skipped_and_training_goes_on(tmp_path, tiny_lla
     cfg = TrainConfig(max_steps=8, micro_batch_size=2, lr=1e-2, log_every=1)
     loop, loader, checkpoints = tiny_loop(tiny_llama, tmp_path, cfg)
     poison(loop.model, {4})
-    result = train_loop.train(loop, loader, cfg, "clm", torch.device("cpu"), checkpoints=checkpoints)
+    result = train_loop.train(loop, loader, train_loop.Hooks(checkpoints=checkpoints))
     assert result.steps == 8 and result.nonfinite_steps == 1 and result.rollbacks == 0
     assert checkpoint.all_finite(loop.model)
     assert all(torch.isfinite(torch.tensor(log.loss)) for log in result.logs if log.step != 4)
@@ -176,7 +176,7 @@ def test_a_run_of_nans_rolls_back_to_the_checkpoint_at_a_lower_lr(tmp_path, tiny
             lr_at_4["lr"] = loop.optimizer.param_groups[0]["lr"]
         return None
 
-    result = train_loop.train(loop, loader, cfg, "clm", torch.device("cpu"), None, note_lr, 1, checkpoints)
+    result = train_loop.train(loop, loader, train_loop.Hooks(should_stop=note_lr, checkpoints=checkpoints))
     assert result.rollbacks == 1 and result.lr_scale == 0.5 and result.nonfinite_steps == 3
     assert result.steps == 10  # steps 5-10 were trained again after the rollback
     assert checkpoint.all_finite(loop.model)
@@ -191,7 +191,7 @@ def test_nans_without_a_checkpoint_stop_with_a_clear_error(tmp_path, tiny_llama)
     loop, loader, checkpoints = tiny_loop(tiny_llama, tmp_path, cfg)
     poison(loop.model, {2, 3})
     with pytest.raises(UserError, match="not finite for 2 steps in a row.*set train.save_every"):
-        train_loop.train(loop, loader, cfg, "clm", torch.device("cpu"), checkpoints=checkpoints)
+        train_loop.train(loop, loader, train_loop.Hooks(checkpoints=checkpoints))
     assert checkpoint.all_finite(loop.model)  # the skipped steps changed nothing
 
 
@@ -209,7 +209,7 @@ def test_out_of_memory_halves_the_micro_batch_with_the_same_effective_batch(tmp_
     auto = TrainConfig(max_steps=5, micro_batch_size=4, lr=1e-2, auto_micro_batch=True)
     loop, loader, _ = tiny_loop(tiny_llama, tmp_path, auto)
     refuse_batches_over(loop.model, 1)
-    result = train_loop.train(loop, loader, auto, "clm", torch.device("cpu"))
+    result = train_loop.train(loop, loader)
     assert result.steps == 5 and result.micro_batch_splits == 4
     assert [(e["micro_batch_before"], e["micro_batch_after"]) for e in result.memory_events] == [(4, 2), (2, 1)]
     assert result.tokens == 5 * 4 * 16  # every block of every step was trained on
@@ -217,7 +217,7 @@ def test_out_of_memory_halves_the_micro_batch_with_the_same_effective_batch(tmp_
     # The same rows in the same steps as asking for micro-batches of 1 x 4 accumulation.
     small = TrainConfig(max_steps=5, micro_batch_size=1, grad_accum=4, lr=1e-2)
     plain, plain_loader, _ = tiny_loop(tiny_llama, tmp_path, small)
-    train_loop.train(plain, plain_loader, small, "clm", torch.device("cpu"))
+    train_loop.train(plain, plain_loader)
     for a, b in zip(loop.params, plain.params, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -227,22 +227,22 @@ def test_out_of_memory_without_auto_micro_batch_says_what_to_set(tmp_path, tiny_
     loop, loader, _ = tiny_loop(tiny_llama, tmp_path, cfg)
     refuse_batches_over(loop.model, 2)
     with pytest.raises(UserError, match="out of memory at step 1 with 4 blocks.*train.auto_micro_batch=true"):
-        train_loop.train(loop, loader, cfg, "clm", torch.device("cpu"))
+        train_loop.train(loop, loader)
 
 
 def test_cpu_memory_guard_stops_when_nothing_fits(tmp_path, tiny_llama):
     cfg = TrainConfig(max_steps=2, micro_batch_size=4, auto_micro_batch=True, max_memory_gb=0.001)
     loop, loader, _ = tiny_loop(tiny_llama, tmp_path, cfg)
     with pytest.raises(UserError, match="memory guard at step 1 with 1 blocks.*does not fit even one block"):
-        train_loop.train(loop, loader, cfg, "clm", torch.device("cpu"))
+        train_loop.train(loop, loader)
     assert [e["micro_batch_after"] for e in loop.result.memory_events] == [2, 1]
 
 
 def test_checkpoint_round_trip_restores_every_state(tmp_path, tiny_llama):
     cfg = TrainConfig(max_steps=6, micro_batch_size=2, lr=1e-2, save_every=3)
     loop, loader, checkpoints = tiny_loop(tiny_llama, tmp_path, cfg, lora=True)
-    train_loop.train(loop, loader, cfg, "clm", torch.device("cpu"), checkpoints=checkpoints)
-    state = checkpoint.load(tmp_path / checkpoint.FILENAME)
+    train_loop.train(loop, loader, train_loop.Hooks(checkpoints=checkpoints))
+    state = checkpoint.load(tmp_path / rundir.CHECKPOINT_FILE)
     assert state["loop"]["steps"] == 6 and len(state["weights"]) == len(loop.params)
     assert all("lora_" in name for name in state["weights"])  # an adapter checkpoint is the adapter
 
@@ -255,7 +255,7 @@ def test_checkpoint_round_trip_restores_every_state(tmp_path, tiny_llama):
 
 
 def test_a_damaged_checkpoint_is_reported_not_loaded(tmp_path):
-    bad = tmp_path / checkpoint.FILENAME
+    bad = tmp_path / rundir.CHECKPOINT_FILE
     bad.write_bytes(b"PK\x03\x04 not really")
     with pytest.raises(UserError, match="not a readable checkpoint.*delete it to restart"):
         checkpoint.load(bad)
@@ -264,23 +264,23 @@ def test_a_damaged_checkpoint_is_reported_not_loaded(tmp_path):
 def test_resume_point_decisions(tmp_path):
     run = tmp_path / "run"
     cfg = {"train": {"lr": 0.1}, "budget": {"time_s": None}, "output": {"overwrite": False}}
-    assert rundir.resume_point(run, cfg, False, False, checkpoint.FILENAME) == rundir.ResumePoint()
+    assert rundir.resume_point(run, cfg, False, False) == rundir.ResumePoint()
     with pytest.raises(UserError, match="holds no checkpoint"):
-        rundir.resume_point(run, cfg, False, True, checkpoint.FILENAME)
+        rundir.resume_point(run, cfg, False, True)
     run.mkdir()
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     (run / "metrics.jsonl").write_text("")
-    assert rundir.resume_point(run, cfg, False, False, checkpoint.FILENAME).restart  # killed before a checkpoint
-    (run / checkpoint.FILENAME).write_bytes(b"")
-    assert rundir.resume_point(run, cfg, False, False, checkpoint.FILENAME).checkpoint == run / checkpoint.FILENAME
+    assert rundir.resume_point(run, cfg, False, False).restart  # killed before a checkpoint
+    (run / rundir.CHECKPOINT_FILE).write_bytes(b"")
+    assert rundir.resume_point(run, cfg, False, False).checkpoint == run / rundir.CHECKPOINT_FILE
     longer = {**cfg, "budget": {"time_s": 60}}  # a budget may change on resume
-    assert rundir.resume_point(run, longer, False, False, checkpoint.FILENAME).checkpoint is not None
+    assert rundir.resume_point(run, longer, False, False).checkpoint == run / rundir.CHECKPOINT_FILE
     with pytest.raises(UserError, match=r"different config \(train.lr\)"):
-        rundir.resume_point(run, {**cfg, "train": {"lr": 0.2}}, False, False, checkpoint.FILENAME)
+        rundir.resume_point(run, {**cfg, "train": {"lr": 0.2}}, False, False)
     (run / "summary.json").write_text(json.dumps({"status": "completed"}))
     with pytest.raises(UserError, match="holds a finished run"):
-        rundir.resume_point(run, cfg, False, False, checkpoint.FILENAME)
-    assert rundir.resume_point(run, cfg, True, False, checkpoint.FILENAME) == rundir.ResumePoint()
+        rundir.resume_point(run, cfg, False, False)
+    assert rundir.resume_point(run, cfg, True, False) == rundir.ResumePoint()
 
 
 def test_not_enough_disk_is_reported_before_training(tmp_path):

@@ -7,6 +7,7 @@ import pytest
 
 from ecoadapt import report
 from ecoadapt.errors import UserError
+from ecoadapt.summary import EvalSummary, RunSummary
 
 
 def test_pareto_front_basic_and_ties():
@@ -70,19 +71,21 @@ def test_recommendation_single_point_and_none():
 
 
 def summary(name, joules, loss, peak, baseline=False, status="completed"):
-    return {
-        "name": name, "key": name, "baseline": baseline, "status": status, "time_s": 2.0, "tokens_per_s": 100.0,
-        "mfu": 0.3, "eval": {"loss": loss, "perplexity": 2.7}, "task": None,
-        "energy": {"train_joules": joules, "method": "estimated"},
-        "memory": {"peak_above_baseline_bytes": peak, "compare_with": "peak_above_baseline_bytes"},
-    }  # fmt: skip
+    """A sweep record: the point's fields and a run summary built from the real schema."""
+    run = RunSummary(
+        status=status, config={"output": {"dir": f"runs/{name}"}}, time_s=2.0, tokens_per_s=100.0, mfu=0.3,
+        eval=EvalSummary(loss + 0.5, loss, 4.5, 2.7, 0.1, 0.2, 100, 4),
+        energy={"train_joules": joules, "method": "estimated"},
+        memory={"peak_above_baseline_bytes": peak, "compare_with": "peak_above_baseline_bytes"},
+    )  # fmt: skip
+    return {"name": name, "key": name, "baseline": baseline, **run.to_dict()}
 
 
 def test_report_files_from_a_sweep_folder(tmp_path):
     records = [
         summary("fp32", 1000.0, 2.0, 800 * 2**20, baseline=True),
         summary("bf16", 500.0, 2.01, 600 * 2**20),
-        {"name": "broken", "key": "broken", "status": "failed", "error": "UserError: bad"},
+        {"name": "broken", "key": "broken", "status": "failed", "config": {}, "error": "UserError: bad"},
     ]
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"torn')
     built = report.build(tmp_path, tolerance=0.05)
@@ -99,7 +102,10 @@ def test_report_files_from_a_sweep_folder(tmp_path):
 
 
 def test_report_of_a_single_run_and_of_nothing(tmp_path):
-    (tmp_path / "summary.json").write_text(json.dumps(summary("run", 10.0, 1.5, 2**20)))
+    record = summary("run", 10.0, 1.5, 2**20)
+    (tmp_path / "summary.json").write_text(
+        json.dumps({k: v for k, v in record.items() if k not in ("name", "key", "baseline")})
+    )
     assert report.build(tmp_path)["recommendation"]["name"] == "run"
     with pytest.raises(UserError, match="no results.jsonl"):
         report.build(tmp_path / "nope")
@@ -116,3 +122,12 @@ def test_recommendation_flags_a_difference_within_seed_noise():
     assert rec["name"] == "bf16" and "within seed noise: std 0.0400" in rec["text"]
     table[1]["task_std"] = table[0]["task_std"] = 0.001
     assert "seed noise" not in report.recommend(table, report.Metric("task_score", True), tolerance=0.05)["text"]
+
+
+def test_a_record_that_does_not_fit_the_summary_schema_is_named(tmp_path):
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "completed", "config": {}, "steps": "many"}))
+    with pytest.raises(UserError, match="summary.json: steps = 'many' is not valid: expected an integer"):
+        report.build(tmp_path)
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "completed"}))
+    with pytest.raises(UserError, match="config missing"):
+        report.build(tmp_path)

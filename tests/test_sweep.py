@@ -38,9 +38,20 @@ def test_expansion_dedupes_the_baseline_and_checks_every_point(tmp_path):
     bad = write_sweep(tmp_path, "m", "c.txt", points=[{"name": "oops", "set": {"train.lrr": 1}}])
     with pytest.raises(UserError, match=r"point 'oops'.*unknown key 'train\.lrr'"):
         sweep.load(bad)
-    with pytest.raises(UserError, match="unknown sweep key 'gird'"):
+    with pytest.raises(UserError, match="unknown key 'gird' \\(did you mean 'grid'\\?\\)"):
         path.write_text(yaml.safe_dump({"gird": {}}))
         sweep.load(path)
+
+
+def test_the_report_section_is_checked_against_its_schema(tmp_path):
+    with pytest.raises(UserError, match="unknown key 'report.tolerence' \\(did you mean 'report.tolerance'"):
+        sweep.load(write_sweep(tmp_path, "m", "c.txt", report={"tolerence": 0.1}))
+    with pytest.raises(
+        UserError, match="report.objective = 'joules' is not valid: expected one of energy, time, memory"
+    ):
+        sweep.load(write_sweep(tmp_path, "m", "c.txt", report={"objective": "joules"}))
+    spec = sweep.load(write_sweep(tmp_path, "m", "c.txt", report={"tolerance": "1e-2", "objective": "memory"}))
+    assert (spec.report.tolerance, spec.report.objective) == (0.01, "memory")
 
 
 def test_three_point_sweep_runs_resumes_and_records_failures(tmp_path, tiny_llama, corpus_jsonl, capsys):

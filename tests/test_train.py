@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import fit
-from ecoadapt import models
+from ecoadapt import losses, models
 from ecoadapt import train as train_loop
 from ecoadapt.config import LoraConfig, ModelConfig, TrainConfig
 from ecoadapt.data.batches import IGNORE
@@ -42,9 +42,9 @@ def test_accumulation_equals_one_big_batch_with_uneven_targets(tiny_bert, tiny_l
     # And the naive per-micro-batch mean is *not* equal: the test can tell the difference.
     model.zero_grad(set_to_none=True)
     for j in (0, 4):
-        logits, lab = train_loop.forward_logits(model, ids[j : j + 4], labels[j : j + 4], objective)
+        logits, lab = losses.forward_logits(model, ids[j : j + 4], labels[j : j + 4], objective)
         n = (lab != IGNORE).sum() if objective == "mlm" else (lab[:, 1:] != IGNORE).sum()
-        (train_loop.loss_sum(logits, lab, objective) / n / 2).backward()
+        (losses.loss_sum(logits, lab, objective) / n / 2).backward()
     naive = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert any(not torch.allclose(naive[n], whole[n], rtol=1e-3, atol=1e-6) for n in whole)
 
@@ -54,12 +54,12 @@ def test_masked_positions_only_head_matches_full_logits(tiny_bert):
     ids = torch.randint(5, 30, (3, 16))
     labels = torch.full_like(ids, IGNORE)
     labels[:, ::3] = ids[:, ::3]
-    logits, lab = train_loop.forward_logits(model, ids, labels, "mlm")
+    logits, lab = losses.forward_logits(model, ids, labels, "mlm")
     # 18 targets, padded towards a bucket of 64 rows but never past the 48 positions there are
     assert logits.shape == (48, model.config.vocab_size) and int((lab != IGNORE).sum()) == 18
     full = model(input_ids=ids).logits
     torch.testing.assert_close(
-        train_loop.loss_sum(logits, lab, "mlm"), train_loop.loss_sum(full, labels, "mlm"), rtol=1e-5, atol=1e-5
+        losses.loss_sum(logits, lab, "mlm"), losses.loss_sum(full, labels, "mlm"), rtol=1e-5, atol=1e-5
     )
 
 
@@ -94,11 +94,11 @@ def test_masked_rows_pad_to_a_bucket_with_ignored_rows():
     labels = torch.full((4, 64), IGNORE)
     labels[0, [3, 9]] = 7
     labels[2, 5] = 8
-    index, targets = train_loop.masked_rows(labels)
-    assert len(index) == train_loop.MASKED_ROWS_BUCKET
+    index, targets = losses.masked_rows(labels)
+    assert len(index) == losses.MASKED_ROWS_BUCKET
     assert index[:3].tolist() == [3, 9, 2 * 64 + 5] and targets[:3].tolist() == [7, 7, 8]
     assert (targets[3:] == IGNORE).all()
     # Every micro-batch with 1 to 64 targets gets the same size: the allocator reuses its blocks.
     more = labels.clone()
     more[1, :40] = 9
-    assert len(train_loop.masked_rows(more)[0]) == len(index)
+    assert len(losses.masked_rows(more)[0]) == len(index)

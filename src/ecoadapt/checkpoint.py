@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ecoadapt import rundir
+from ecoadapt import storage
 from ecoadapt.data.batches import BlockLoader
 from ecoadapt.errors import UserError
 from ecoadapt.precision import Policy
@@ -25,7 +25,6 @@ from ecoadapt.precision import Policy
 if TYPE_CHECKING:
     from ecoadapt.train import Loop
 
-FILENAME = "checkpoint.pt"
 FORMAT = 1
 
 
@@ -51,8 +50,8 @@ def bytes_needed(model: torch.nn.Module, policy: Policy) -> int:
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save ``obj`` to ``path`` atomically (see :func:`ecoadapt.rundir.atomic_write`)."""
-    rundir.atomic_write(path, lambda f: torch.save(obj, f))
+    """torch.save ``obj`` to ``path`` atomically (see :func:`ecoadapt.storage.atomic_write`)."""
+    storage.atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def capture(
@@ -63,14 +62,20 @@ def capture(
     loader: BlockLoader,
     loop: dict[str, Any],
     extra: dict[str, Any],
+    device: torch.device | None = None,
 ) -> dict[str, Any]:
-    """The state to save, as CPU tensors and plain values (``loop``: the loop's counters)."""
+    """The state to save, as CPU tensors and plain values (``loop``: the loop's counters).
+
+    Args:
+        device: the training device: on CUDA its RNG state alone is kept (not every visible
+            GPU's, so a resume that sees fewer GPUs still restores it).
+    """
     params = trainable(model)
     names = {id(p): n for n, p in params.items()}
     masters = {names[id(p)]: m.detach().cpu().clone() for p, m in policy.masters if id(p) in names}
     rng: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
     return {
         "format": FORMAT,
         "weights": {n: p.detach().cpu().clone() for n, p in params.items()},
@@ -109,8 +114,12 @@ def restore(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     loader: BlockLoader | None,
+    device: torch.device | None = None,
 ) -> None:
     """Put a captured state back into a freshly prepared model, optimizer, scheduler and loader.
+
+    Args:
+        device: the training device, whose CUDA RNG state is restored.
 
     Raises:
         UserError: the checkpoint's weights do not match the model (a different model or
@@ -130,8 +139,8 @@ def restore(
     scheduler.load_state_dict(state["scheduler"])
     policy.load_scaler_state(state["scaler"])
     torch.set_rng_state(state["rng"]["torch"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    if "cuda" in state["rng"] and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["rng"]["cuda"], device)
     if loader is not None:
         loader.load_state_dict(state["loader"])
 
@@ -175,13 +184,14 @@ class RunCheckpoints:
                 self.loader,
                 loop.result.state(),
                 self._extra() if self._extra is not None else {},
+                loop.device,
             )
             atomic_save(state, self.path)
         self.saved_at = loop.result.steps
 
     def resume(self, loop: Loop, state: dict[str, Any]) -> None:
         """Put ``state`` (from :func:`load`) into a freshly created loop and the loader."""
-        restore(state, loop.model, loop.policy, loop.optimizer, loop.scheduler, self.loader)
+        restore(state, loop.model, loop.policy, loop.optimizer, loop.scheduler, self.loader, loop.device)
         loop.result.load_state(state["loop"])
         self.saved_at = loop.result.steps
 

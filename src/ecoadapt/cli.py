@@ -10,6 +10,7 @@ import textwrap
 import warnings
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from ecoadapt import __version__
 from ecoadapt.config import all_keys
@@ -32,11 +33,11 @@ def resolve_config(name: str) -> Path:
     raise UserError(f"{name}: no such config file or preset (presets: {', '.join(preset_names())})")
 
 
-def keys_help() -> str:
-    """Every config key with its type, default and help: generated from the schema."""
+def keys_help(rows: list[tuple[str, str, Any, str]] | None = None, defaults: bool = True) -> str:
+    """Keys with their type, default and help, generated from a schema (the config's by default)."""
     lines = []
-    for key, type_name, default, doc in all_keys():
-        lines.append(f"  {key}  ({type_name}, default {default!r})")
+    for key, type_name, default, doc in rows if rows is not None else all_keys():
+        lines.append(f"  {key}  ({type_name}" + (f", default {default!r})" if defaults else ")"))
         lines.extend(textwrap.wrap(doc, 92, initial_indent="      ", subsequent_indent="      "))
     return "\n".join(lines)
 
@@ -51,31 +52,40 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
         # Relaunch this very command as nproc processes under torchrun.
         return parallel.launch(cfg.parallel.nproc, ["adapt", str(path), *(f"--set={s}" for s in overrides)])
     summary = adapt.run(cfg, base=path.parent if path.exists() else None)
-    if parallel.under_torchrun() and "eval" not in summary and summary["status"] == "completed":
-        _leave(0)  # a worker rank: rank 0 reports
-    if summary["status"] == "interrupted":
+    if summary.status == "interrupted":
         # The conventional status of a process ended by a signal (128 + its number).
-        return 128 + int(signal.Signals[summary["signal"]])
-    if "eval" not in summary:  # a worker rank under torchrun: rank 0 reports
-        return 0
-    ev = summary["eval"]
+        code = 128 + int(signal.Signals[summary.signal or "SIGTERM"])
+    else:
+        code = 0
+        if summary.rank == 0:
+            _print_run(summary, cfg.output.dir)
+    if parallel.under_torchrun() and code == 0:
+        _leave(code)
+    return code
+
+
+def _print_run(summary: Any, run_dir: str) -> None:
+    ev = summary.eval
     print(
-        f"{summary['status']}: {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['time_s']:.1f} s "
-        f"({summary['tokens_per_s']:,.0f} tok/s, measured); held-out loss {ev['loss_before']:.4f} -> {ev['loss']:.4f}"
+        f"{summary.status}: {summary.steps} steps, {summary.tokens:,} tokens in {summary.time_s:.1f} s "
+        f"({summary.tokens_per_s:,.0f} tok/s, measured); held-out loss {ev.loss_before:.4f} -> {ev.loss:.4f}"
     )
-    if summary["task"] is not None:
-        t = summary["task"]
+    if summary.task is not None:
+        t = summary.task
         print(f"task {t['metric']}: base {t['base']:.4f}, adapted {t['adapted']:.4f} (delta {t['delta']:+.4f})")
-    if summary["mfu"] is not None:
-        f = summary["flops"]
-        print(f"MFU: {summary['mfu']:.1%} of a {f['peak_flops_per_s'] / 1e9:,.0f} GFLOP/s peak ({f['peak_source']})")
-    if summary["energy"] is not None:
-        e = summary["energy"]
+    if summary.mfu is not None:
+        f = summary.flops
+        print(f"MFU: {summary.mfu:.1%} of a {f['peak_flops_per_s'] / 1e9:,.0f} GFLOP/s peak ({f['peak_source']})")
+    if summary.energy is not None:
+        e = summary.energy
         print(f"energy: {e['joules']:,.0f} J in all, {e['train_joules']:,.0f} J training ({e['method']}, {e['meter']})")
-    print(f"run directory: {cfg.output.dir}")
-    if parallel.under_torchrun():
-        _leave(0)
-    return 0
+    mem = summary.memory
+    if mem and mem.get("train_peak_bytes") is not None:
+        print(
+            f"peak memory ({mem['device']}, measured): training {mem['train_peak_bytes'] / 2**20:,.0f} MiB, "
+            f"evaluation {mem.get('eval_peak_bytes', 0) / 2**20:,.0f} MiB"
+        )
+    print(f"run directory: {run_dir}")
 
 
 def _leave(code: int) -> None:
@@ -88,11 +98,11 @@ def _leave(code: int) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from ecoadapt import config, downstream
+    from ecoadapt import config, evaluate
 
     path = resolve_config(args.config)
     cfg = config.load(path, args.set)
-    task = downstream.evaluate_run(cfg)
+    task = evaluate.run(cfg)
     m = task["metric"]
     print(
         f"{m}: base {task['base']:.4f} +/- {task['base_std']:.4f}, adapted {task['adapted']:.4f} "
@@ -144,7 +154,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
-    print(keys_help())
+    if args.summary:
+        from ecoadapt.summary import reference
+
+        print(keys_help(reference(), defaults=False))
+    else:
+        print(keys_help())
     return 0
 
 
@@ -152,6 +167,10 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     for name in preset_names():
         print(name)
     return 0
+
+
+def _add_set(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=what)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="config keys (YAML sections; override any with --set section.key=value):\n" + keys_help(),
     )
     adapt.add_argument("config", help="a YAML config file, or the name of a shipped preset")
-    adapt.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    _add_set(adapt, "override a config key")
     adapt.add_argument(
         "--resume",
         action="store_true",
@@ -183,12 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate", help="downstream fine-tune and test of the base and of the adapted model, same seeds"
     )
     evaluate.add_argument("config", help="the adapt config (its output.dir holds the adapted model)")
-    evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    _add_set(evaluate, "override a config key")
     evaluate.set_defaults(func=_cmd_evaluate)
 
     sweep = sub.add_parser("sweep", help="run a grid of adapt configurations, one process each, resumable")
     sweep.add_argument("sweep", help="a sweep YAML (base + grid and/or points)")
-    sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a base config key")
+    _add_set(sweep, "override a key of the base config (so of every point)")
     sweep.set_defaults(func=_cmd_sweep)
 
     rep = sub.add_parser("report", help="report.md, report.html, results.csv and plots for a sweep or a run")
@@ -202,7 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="three recipes, smaller budget (about 2 minutes)")
     demo.set_defaults(func=_cmd_demo)
 
-    sub.add_parser("keys", help="list every config key with its default and help").set_defaults(func=_cmd_keys)
+    keys = sub.add_parser("keys", help="list every config key with its default and help")
+    keys.add_argument("--summary", action="store_true", help="list the fields of summary.json instead")
+    keys.set_defaults(func=_cmd_keys)
     sub.add_parser("presets", help="list the shipped presets").set_defaults(func=_cmd_presets)
     return parser
 

@@ -8,14 +8,7 @@ starts: an unknown key names the closest valid one, a bad value names the key an
 
 from __future__ import annotations
 
-import ast
-import contextlib
 import dataclasses
-import difflib
-import inspect
-import itertools
-import math
-import types
 import typing
 from dataclasses import dataclass, field
 from functools import cache
@@ -24,10 +17,16 @@ from typing import Any, Literal
 
 import yaml
 
+from ecoadapt import schema
 from ecoadapt.errors import UserError
 
 Objective = Literal["auto", "clm", "mlm"]
 PrecisionMode = Literal["fp32", "tf32", "fp16", "bf16", "bf16-pure"]
+
+# Defaults that other modules use too: written once, here.
+MLM_PROBABILITY = 0.15  # BERT's masking rate (Devlin et al. 2019)
+CPU_WATTS_PER_CORE = 7.5  # a busy x86 server core with its share of uncore: TDP / cores of common parts
+MEMORY_WATTS_PER_GIB = 0.375  # DDR4/DDR5 DIMM power per GiB (about 3 W per 8 GiB module)
 
 
 @dataclass
@@ -63,11 +62,12 @@ class DataConfig:
     text: deterministic, and duplicates never straddle the split."""
     eval_max_blocks: int = 64
     """At most this many held-out blocks are evaluated (evaluation time grows with it)."""
-    mlm_probability: float = 0.15
+    mlm_probability: float = MLM_PROBABILITY
     """Fraction of tokens masked for masked LM (80% [MASK], 10% random, 10% unchanged)."""
     cache_dir: str | None = None
     """Where tokenized corpora are cached (keyed by file contents, tokenizer and sequence
-    length); default ~/.cache/ecoadapt/tokens, or $ECOADAPT_CACHE."""
+    length); default the tokens/ folder of ecoadapt's cache ($ECOADAPT_CACHE, else
+    ~/.cache/ecoadapt)."""
 
 
 @dataclass
@@ -230,10 +230,10 @@ class MeasureConfig:
     'ecoadapt[energy]'), rapl (CPU package and DRAM counters, measured), estimate (CPU time x
     watts per core + memory), auto (measured where the machine allows, else estimated, saying
     why), off."""
-    cpu_watts_per_core: float = 7.5
+    cpu_watts_per_core: float = CPU_WATTS_PER_CORE
     """Estimator input: watts drawn by one fully busy CPU core (your CPU's TDP / cores is a
     fair value)."""
-    memory_watts_per_gib: float = 0.375
+    memory_watts_per_gib: float = MEMORY_WATTS_PER_GIB
     """Estimator input: watts per GiB of resident memory."""
     idle_s: float = 0.0
     """Seconds to measure the machine's idle power before the run (0: skip); the summary then
@@ -298,115 +298,9 @@ def _sections() -> dict[str, type]:
     return dict(typing.get_type_hints(RunConfig))
 
 
-@cache
-def field_docs(cls: type) -> dict[str, str]:
-    """Attribute docstrings of a dataclass, read from its source: the single source of help."""
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs: dict[str, str] = {}
-    for node, nxt in itertools.pairwise(body):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(nxt, ast.Expr)
-            and isinstance(nxt.value, ast.Constant)
-            and isinstance(nxt.value.value, str)
-        ):
-            docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
-
-
 def all_keys() -> list[tuple[str, str, Any, str]]:
     """Every config key as (dotted key, type, default, help), in schema order."""
-    rows = []
-    for section, cls in _sections().items():
-        hints = typing.get_type_hints(cls)
-        docs = field_docs(cls)
-        for f in dataclasses.fields(cls):
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            rows.append((f"{section}.{f.name}", _type_name(hints[f.name]), default, docs.get(f.name, "")))
-    return rows
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "|".join(str(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"list[{_type_name(typing.get_args(tp)[0])}]"
-    if origin is dict:
-        return "map"
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
-
-
-class _Invalid(Exception):
-    """A value does not fit a type (internal: turned into a UserError naming the key)."""
-
-
-def _coerce(value: Any, tp: Any) -> Any:
-    """Check ``value`` against the annotation ``tp``, converting where YAML is ambiguous."""
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        if value in typing.get_args(tp) and not isinstance(value, bool):
-            return value
-        raise _Invalid(f"one of {', '.join(map(str, typing.get_args(tp)))}")
-    if origin in (typing.Union, types.UnionType):
-        expected = []
-        for arg in typing.get_args(tp):
-            if arg is type(None):
-                if value is None:
-                    return None
-                expected.append("null")
-                continue
-            try:
-                return _coerce(value, arg)
-            except _Invalid as e:
-                expected.append(str(e))
-        raise _Invalid(" or ".join(expected))
-    if origin is dict:
-        key_tp, value_tp = typing.get_args(tp)
-        if not isinstance(value, dict):
-            raise _Invalid(f"a mapping of {_type_name(key_tp)} to {_type_name(value_tp)}")
-        return {_coerce(k, key_tp): _coerce(v, value_tp) for k, v in value.items()}
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        items = [value] if isinstance(value, str) else value
-        if not isinstance(items, list):
-            raise _Invalid(f"a list of {_type_name(item_tp)}")
-        return [_coerce(v, item_tp) for v in items]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise _Invalid("true or false")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise _Invalid("an integer")
-    if tp is float:
-        # PyYAML reads 1e-4 (no dot) as a string: accept any numeric spelling, but not nan or
-        # inf, which would slip through every range check below (nan > 0 is merely False).
-        number = None
-        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
-            # Not a number, or an integer beyond float's range: number stays None.
-            with contextlib.suppress(ValueError, OverflowError):
-                number = float(value)
-        if number is not None and math.isfinite(number):
-            return number
-        raise _Invalid("a finite number")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise _Invalid("a string")
-    raise TypeError(f"config type {tp!r} has no coercion rule")  # a schema bug, not user input
-
-
-def _closest(name: str, options: list[str]) -> str:
-    match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
-    return f" (did you mean '{match[0]}'?)" if match else f" (valid: {', '.join(options)})"
+    return [row for row in schema.describe(RunConfig) if row[1] != "section"]
 
 
 def from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
@@ -426,38 +320,36 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
     built: dict[str, Any] = {}
     for section, values in raw.items():
         if section not in sections:
-            raise UserError(f"{source}: unknown section '{section}'{_closest(str(section), list(sections))}")
-        if values is None:
-            values = {}
-        if not isinstance(values, dict):
-            raise UserError(f"{source}: section '{section}' must be a mapping of keys")
-        cls = sections[section]
-        hints = typing.get_type_hints(cls)
-        kwargs = {}
-        for key, value in values.items():
-            if key not in hints:
-                valid = [f"{section}.{k}" for k in hints]
-                raise UserError(f"{source}: unknown key '{section}.{key}'{_closest(f'{section}.{key}', valid)}")
-            try:
-                kwargs[key] = _coerce(value, hints[key])
-            except _Invalid as e:
-                raise UserError(f"{source}: {section}.{key} = {value!r} is not valid: expected {e}") from None
-        built[section] = cls(**kwargs)
+            raise UserError(f"{source}: unknown section '{section}'{schema.closest(str(section), list(sections))}")
+        built[section] = schema.build(sections[section], values, source, f"{section}.")
     cfg = RunConfig(**built)
     check(cfg, source)
     return cfg
 
 
+Need = typing.Callable[[bool, str, str], None]  # need(ok, key, what must hold)
+
+
 def check(cfg: RunConfig, source: str = "config") -> None:
-    """Range and consistency checks that types alone cannot express."""
+    """Range and consistency checks that types alone cannot express.
+
+    Raises:
+        UserError: naming the key, its value and what it must be.
+    """
 
     def need(ok: bool, key: str, what: str) -> None:
         if not ok:
-            value = cfg
+            value: Any = cfg
             for part in key.split("."):
                 value = getattr(value, part)
             raise UserError(f"{source}: {key} = {value!r} is not valid: {what}")
 
+    _check_model_data_precision(cfg, need)
+    _check_train(cfg, need)
+    _check_measure_task_budget(cfg, need)
+
+
+def _check_model_data_precision(cfg: RunConfig, need: Need) -> None:
     need(bool(cfg.model.name_or_path), "model.name_or_path", "set it to a model (see `ecoadapt keys`)")
     need(bool(cfg.data.train), "data.train", "give at least one corpus file or glob")
     need(cfg.data.max_seq_len >= 8, "data.max_seq_len", "must be at least 8")
@@ -476,6 +368,9 @@ def check(cfg: RunConfig, source: str = "config") -> None:
     need(cfg.lora.r >= 1, "lora.r", "must be at least 1")
     need(cfg.lora.alpha >= 1, "lora.alpha", "must be at least 1")
     need(0 <= cfg.lora.dropout < 1, "lora.dropout", "must be in [0, 1)")
+
+
+def _check_train(cfg: RunConfig, need: Need) -> None:
     t = cfg.train
     need(t.micro_batch_size >= 1, "train.micro_batch_size", "must be at least 1")
     need(t.grad_accum >= 1, "train.grad_accum", "must be at least 1")
@@ -502,6 +397,9 @@ def check(cfg: RunConfig, source: str = "config") -> None:
         "train.save_every",
         "checkpoints are written for single-process and DDP runs; with fsdp leave it null",
     )
+
+
+def _check_measure_task_budget(cfg: RunConfig, need: Need) -> None:
     need(not (cfg.output.resume and cfg.output.overwrite), "output.resume", "contradicts output.overwrite; pick one")
     need(cfg.measure.cpu_watts_per_core > 0, "measure.cpu_watts_per_core", "must be positive")
     need(cfg.measure.memory_watts_per_gib >= 0, "measure.memory_watts_per_gib", "must not be negative")

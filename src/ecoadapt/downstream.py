@@ -211,33 +211,3 @@ def adapted_backbone(run: RunConfig) -> dict[str, torch.Tensor]:
     raise UserError(
         f"output.dir: {folder} holds no adapted model or adapter; run `ecoadapt adapt` with this config first"
     )
-
-
-def evaluate_run(run: RunConfig) -> dict[str, Any]:
-    """`ecoadapt evaluate`: the task on the base and on the adapted model of ``run``'s directory.
-
-    Writes ``task.json`` there and fills the ``task`` field of its summary.json.
-    """
-    import json
-    from pathlib import Path
-
-    from ecoadapt import rundir
-    from ecoadapt.adapt import energy_tracker, measurement_dict
-    from ecoadapt.parallel import World, pick_device
-
-    if not run.task.train:
-        raise UserError("task.train: name the labelled training files of the downstream task")
-    device = pick_device(run.train.device)
-    folder = Path(run.output.dir)
-    adapted = adapted_backbone(run)
-    tracker = energy_tracker(run, World(), device, say)
-    tracker.begin_window("task")
-    result = compare(run, models.load_tokenizer(run.model), adapted, device)
-    result["energy"] = measurement_dict(tracker.end_window("task"))
-    rundir.write_json(folder / "task.json", result)
-    summary_path = folder / "summary.json"
-    if summary_path.exists():
-        summary = json.loads(summary_path.read_text())
-        summary["task"] = result
-        rundir.write_json(summary_path, summary)
-    return result

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -33,18 +33,15 @@ class EarlyStop:
             self.stale += 1
         return self.patience is not None and self.stale >= self.patience
 
+    def state(self) -> list[Any]:
+        """What a checkpoint keeps: history, best, stale."""
+        return [self.history, self.best, self.stale]
 
-def combine(*checks: Callable[..., str | None] | None) -> Callable[..., str | None] | None:
-    """One should_stop callback from several (the first reason wins); None when there are none."""
-    active = [c for c in checks if c is not None]
-    if not active:
-        return None
+    def load_state(self, state: list[Any]) -> None:
+        """Continue from a :meth:`state`."""
+        history, self.best, self.stale = state
+        self.history = [(int(step), float(loss)) for step, loss in history]
 
-    def check(result: object) -> str | None:
-        for c in active:
-            reason = c(result)
-            if reason:
-                return reason
-        return None
-
-    return check
+    def summary(self) -> dict[str, Any] | None:
+        """The early_stop part of summary.json (None when nothing was evaluated)."""
+        return {"history": self.history, "best": self.best} if self.history else None

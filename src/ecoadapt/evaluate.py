@@ -1,70 +1,45 @@
-"""Held-out evaluation of the language-modelling objective: loss, perplexity, token accuracy."""
+"""`ecoadapt evaluate`: the downstream task alone, on the base and on a run's adapted model.
+
+For a run whose task failed, or that had none, or to try other task settings on a saved model:
+the adapted backbone is read from the run directory, the task runs as :mod:`ecoadapt.downstream`
+does for ``adapt``, and the result goes to ``task.json`` and the run's ``summary.json``.
+"""
 
 from __future__ import annotations
 
-import math
-import time
+from pathlib import Path
 from typing import Any
 
-import torch
+from ecoadapt import downstream, models, storage
+from ecoadapt import summary as summary_mod
+from ecoadapt.config import RunConfig
+from ecoadapt.errors import UserError
+from ecoadapt.measure.energy import EnergyTracker
+from ecoadapt.parallel import pick_device
+from ecoadapt.progress import say
 
-from ecoadapt.data.batches import IGNORE, MaskSpec, make_batch
-from ecoadapt.precision import Policy
-from ecoadapt.train import forward_logits, loss_sum
 
-EVAL_MASK_SEED = 1234  # the same masks before and after training, so the losses compare
+def run(cfg: RunConfig) -> dict[str, Any]:
+    """The task on the base and on the adapted model of ``cfg``'s run directory.
 
+    Writes ``task.json`` there and fills the ``task`` field of its summary.json.
 
-@torch.no_grad()
-def heldout(
-    model: torch.nn.Module,
-    blocks: torch.Tensor,
-    objective: str,
-    mask: MaskSpec | None,
-    batch_size: int,
-    policy: Policy,
-    device: torch.device,
-) -> dict[str, Any]:
-    """Mean loss per target token on held-out blocks.
-
-    Args:
-        blocks: int64 (n, seq) held-out token blocks.
-        objective: "clm" or "mlm" (masked with a fixed seed, so runs compare).
-        mask: masking spec for mlm.
-        batch_size: blocks per forward pass.
-        policy: precision of the forward pass (the same as training's).
-        device: where the model lives.
-
-    Returns:
-        {"loss", "perplexity", "accuracy" (of the arg-max prediction on target tokens),
-        "target_tokens", "time_s"}. Perplexity is exp(loss); for masked LM it is the
-        pseudo-perplexity of the masked tokens.
+    Raises:
+        UserError: no task configured, or the run directory holds no adapted model.
     """
-    was_training = model.training
-    model.eval()
-    generator = torch.Generator().manual_seed(EVAL_MASK_SEED)
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    targets = 0
-    start = time.perf_counter()
-    for i in range(0, len(blocks), batch_size):
-        batch = make_batch(blocks[i : i + batch_size], objective, mask, generator)
-        input_ids = batch["input_ids"].to(device)
-        labels = batch["labels"].to(device)
-        with policy.autocast():
-            logits, labels = forward_logits(model, input_ids, labels, objective)
-        total += loss_sum(logits, labels, objective).double()
-        if objective == "clm" and logits.ndim == 3:
-            logits, labels = logits[:, :-1], labels[:, 1:]
-        keep = labels != IGNORE
-        correct += (logits.argmax(-1)[keep] == labels[keep]).sum()
-        targets += int(keep.sum())
-    model.train(was_training)
-    loss = total.item() / max(targets, 1)
-    return {
-        "loss": loss,
-        "perplexity": math.exp(min(loss, 700.0)),
-        "accuracy": correct.item() / max(targets, 1),
-        "target_tokens": targets,
-        "time_s": time.perf_counter() - start,
-    }
+    if not cfg.task.train:
+        raise UserError("task.train: name the labelled training files of the downstream task")
+    device = pick_device(cfg.train.device)
+    folder = Path(cfg.output.dir)
+    adapted = downstream.adapted_backbone(cfg)
+    tracker = EnergyTracker.for_config(cfg.measure, device.type, device.index, 0, say)
+    tracker.begin_window("task")
+    result = downstream.compare(cfg, models.load_tokenizer(cfg.model), adapted, device)
+    result["energy"] = tracker.end_window("task").as_dict()
+    storage.write_json(folder / "task.json", result)
+    summary_path = folder / "summary.json"
+    if summary_path.exists():
+        summary = summary_mod.read(summary_path)
+        summary.task = result
+        summary_mod.write(summary_path, summary)
+    return result

@@ -8,7 +8,6 @@ Sweeps and benchmarks both go through here.
 from __future__ import annotations
 
 import collections
-import json
 import os
 import subprocess
 import sys
@@ -18,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from ecoadapt.storage import read_json
+from ecoadapt.summary import RunSummary
 
 
 def run_adapt(
@@ -71,9 +73,10 @@ def run_adapt(
     err = "".join(tail)
     summary_path = run_dir / "summary.json"
     if summary_path.exists():
-        summary: dict[str, Any] = json.loads(summary_path.read_text())
+        summary: dict[str, Any] = read_json(summary_path)
     else:
         lines = [line for line in err.strip().splitlines() if line.strip()]
-        summary = {"status": "failed", "error": lines[-1] if lines else f"exit status {code}"}
+        error = lines[-1] if lines else f"exit status {code}"
+        summary = RunSummary(status="failed", config=config, error=error).to_dict()
     summary["exit_code"] = code
     return summary

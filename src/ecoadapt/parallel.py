@@ -176,6 +176,15 @@ def broadcast(value: Any, world: World) -> Any:
     return box[0]
 
 
+def all_sum(value: float, world: World, device: torch.device) -> float:
+    """The sum of ``value`` over every rank (itself in a single process)."""
+    if not world.distributed:
+        return value
+    box = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(box)
+    return float(box.item())
+
+
 def gather(value: Any, world: World) -> list[Any]:
     """Every rank's ``value``, in rank order, on every rank."""
     if not world.distributed:

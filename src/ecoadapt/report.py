@@ -16,17 +16,16 @@ import base64
 import csv
 import html
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ecoadapt import schema
 from ecoadapt.errors import UserError
-from ecoadapt.rundir import atomic_write_text
-from ecoadapt.sweep import read_results
-
-OBJECTIVES = {"energy": "train_joules", "time": "time_s", "memory": "peak_bytes"}
-UNITS = {"energy": "J", "time": "s", "memory": "bytes"}
+from ecoadapt.report_settings import OBJECTIVES, ReportSettings
+from ecoadapt.storage import atomic_write, atomic_write_text, read_json
+from ecoadapt.summary import RunSummary
+from ecoadapt.sweep import latest_results, split_record
 
 
 @dataclass
@@ -45,31 +44,30 @@ class Metric:
         return best - value if self.higher_is_better else value - best
 
 
-def row(record: dict[str, Any]) -> dict[str, Any]:
-    """One table row (flat) from a run summary or a sweep record."""
-    ok = record.get("status") in ("completed", "stopped_by_budget")
+def row(meta: dict[str, Any], summary: RunSummary) -> dict[str, Any]:
+    """One flat table row from a run's summary (and, in a sweep, its point's fields)."""
     out: dict[str, Any] = {
-        "name": record.get("name") or Path(str(record.get("config", {}).get("output", {}).get("dir", "run"))).name,
-        "status": record.get("status"),
-        "baseline": bool(record.get("baseline")),
-        "error": record.get("error") if not ok else None,
+        "name": meta.get("name") or Path(str(summary.config.get("output", {}).get("dir", "run"))).name,
+        "status": summary.status,
+        "baseline": bool(meta.get("baseline")),
+        "error": summary.error if not summary.finished else None,
     }
-    if not ok:
+    if not summary.finished:
         return out
-    energy = record.get("energy") or {}
-    mem = record.get("memory") or {}
-    task = record.get("task") or {}
+    energy = summary.energy or {}
+    mem = summary.memory or {}
+    task = summary.task or {}
     out.update(
         {
             "train_joules": energy.get("train_joules"),
             "energy_method": energy.get("method", "off"),
             "peak_bytes": mem.get(mem.get("compare_with", "peak_bytes")),
             "memory_figure": mem.get("compare_with", "peak_bytes"),
-            "time_s": record.get("time_s"),
-            "tokens_per_s": record.get("tokens_per_s"),
-            "mfu": record.get("mfu"),
-            "eval_loss": (record.get("eval") or {}).get("loss"),
-            "perplexity": (record.get("eval") or {}).get("perplexity"),
+            "time_s": summary.time_s,
+            "tokens_per_s": summary.tokens_per_s,
+            "mfu": summary.mfu,
+            "eval_loss": summary.eval.loss if summary.eval else None,
+            "perplexity": summary.eval.perplexity if summary.eval else None,
             "task_metric": task.get("metric"),
             "task_score": task.get("adapted"),
             "task_std": task.get("adapted_std"),
@@ -79,32 +77,28 @@ def row(record: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_rows(folder: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Rows of a sweep or a single run, and the sweep's report settings (if any).
+def load_rows(folder: Path) -> tuple[list[dict[str, Any]], ReportSettings]:
+    """Rows of a sweep or a single run, and the sweep's report settings (defaults for a run).
 
     Raises:
-        UserError: the folder holds neither results.jsonl nor summary.json.
+        UserError: the folder holds neither results.jsonl nor summary.json, or a record that
+            does not fit the summary schema.
     """
-    settings: dict[str, Any] = {}
+    settings = ReportSettings()
     wanted: set[str] | None = None
     if (folder / "sweep.json").exists():
-        manifest = json.loads((folder / "sweep.json").read_text())
-        settings = manifest.get("report", {})
+        manifest = read_json(folder / "sweep.json")
+        settings = schema.build(ReportSettings, manifest.get("report"), str(folder / "sweep.json"), "report.")
         wanted = {p["key"] for p in manifest.get("points", [])}  # the sweep as last defined
     if (folder / "results.jsonl").exists():
-        latest: dict[str, dict[str, Any]] = {}
-        for r in read_results(folder / "results.jsonl"):
-            key = str(r.get("key", r.get("name")))
-            if wanted is None or key in wanted:
-                latest[key] = r  # the last attempt of a point counts
-        records = list(latest.values())
+        records = [split_record(r) for r in latest_results(folder, wanted).values()]
     elif (folder / "summary.json").exists():
-        records = [json.loads((folder / "summary.json").read_text())]
+        records = [({}, RunSummary.from_dict(read_json(folder / "summary.json"), str(folder / "summary.json")))]
     else:
         raise UserError(f"{folder}: no results.jsonl (a sweep) or summary.json (a run) here")
     if not records:
         raise UserError(f"{folder}: results.jsonl holds no results yet")
-    rows = [row(r) for r in records]
+    rows = [row(meta, summary) for meta, summary in records]
     if not any(r["baseline"] for r in rows):
         rows[0]["baseline"] = True  # a single run, or a sweep without one: compare with the first
     return rows, settings
@@ -293,12 +287,19 @@ def _png(fig: Any) -> bytes:
 
 
 def build(folder: Path, tolerance: float | None = None, objective: str | None = None) -> dict[str, Any]:
-    """Write the report files into ``folder`` and return the recommendation and headline."""
+    """Write the report files into ``folder`` and return the recommendation and headline.
+
+    Args:
+        tolerance: overrides the sweep's report.tolerance.
+        objective: overrides the sweep's report.objective (energy, time, memory).
+    """
     rows, settings = load_rows(folder)
-    tolerance = tolerance if tolerance is not None else float(settings.get("tolerance", 0.05))
-    objective = objective or str(settings.get("objective", "energy"))
+    tolerance = tolerance if tolerance is not None else settings.tolerance
+    objective = objective or settings.objective
     if objective not in OBJECTIVES:
         raise UserError(f"report.objective = {objective!r}: use one of {', '.join(OBJECTIVES)}")
+    if tolerance < 0:
+        raise UserError(f"report.tolerance = {tolerance}: must not be negative")
     metric = choose_metric(rows)
     usable = [r for r in rows if r.get(metric.name) is not None and r.get("train_joules") is not None]
     front = pareto_front([(r["train_joules"], r[metric.name]) for r in usable], metric.higher_is_better)
@@ -306,38 +307,10 @@ def build(folder: Path, tolerance: float | None = None, objective: str | None = 
     rec = recommend(rows, metric, tolerance, objective)
     table = markdown_table(rows, front_names)
     images = plots(rows, metric, front, usable) if usable else {}
-
-    with open(folder / "results.csv.tmp", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[c[0] for c in COLUMNS] + ["baseline", "on_front", "error"])
-        writer.writeheader()
-        for r in rows:
-            writer.writerow(
-                {
-                    **{c[0]: r.get(c[0]) for c in COLUMNS},
-                    "baseline": r["baseline"],
-                    "on_front": r["name"] in front_names,
-                    "error": r.get("error"),
-                }
-            )
-    (folder / "results.csv.tmp").replace(folder / "results.csv")
+    _write_csv(folder / "results.csv", rows, front_names)
     for name, data in images.items():
-        (folder / name).write_bytes(data)
-
-    methods = sorted({str(r.get("energy_method")) for r in usable})
-    memory_figures = sorted({str(r.get("memory_figure")) for r in usable})
-    notes = [
-        f"Energy: {', '.join(methods)}"
-        + (
-            " (CPU time x watts per core: comparable between points on this machine, not a measurement)"
-            if "estimated" in methods
-            else ""
-        )
-        + ".",
-        f"Peak memory: {', '.join(memory_figures)} (on CPU, the peak above the process's resident set "
-        "before the model loaded: the recipe's own cost).",
-        f"Metric: {_metric_label(metric)}; tolerance {tolerance}; objective: lowest {objective}. "
-        "Points marked * are on the Pareto front.",
-    ]
+        _write_bytes(folder / name, data)
+    notes = _notes(usable, metric, tolerance, objective)
     rec_text = rec["text"] if rec else "no point completed"
     md = "\n\n".join(
         [
@@ -349,20 +322,58 @@ def build(folder: Path, tolerance: float | None = None, objective: str | None = 
         ]
     )
     atomic_write_text(folder / "report.md", md + "\n")
+    atomic_write_text(folder / "report.html", _html_page(rows, front_names, rec_text, notes, images))
+    return {"recommendation": rec, "table": table, "metric": metric.name, "front": sorted(front_names), "notes": notes}
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]], front: set[str]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=[c[0] for c in COLUMNS] + ["baseline", "on_front", "error"])
+    writer.writeheader()
+    for r in rows:
+        writer.writerow(
+            {
+                **{c[0]: r.get(c[0]) for c in COLUMNS},
+                "baseline": r["baseline"],
+                "on_front": r["name"] in front,
+                "error": r.get("error"),
+            }
+        )
+    atomic_write_text(path, buffer.getvalue())
+
+
+def _notes(usable: list[dict[str, Any]], metric: Metric, tolerance: float, objective: str) -> list[str]:
+    """What every figure of the report is, in words."""
+    methods = sorted({str(r.get("energy_method")) for r in usable})
+    memory_figures = sorted({str(r.get("memory_figure")) for r in usable})
+    estimated = " (CPU time x watts per core: comparable between points on this machine, not a measurement)"
+    return [
+        f"Energy: {', '.join(methods)}" + (estimated if "estimated" in methods else "") + ".",
+        f"Peak memory: {', '.join(memory_figures)} of the training window (on CPU, the peak above the "
+        "process's resident set before the model loaded: the recipe's own cost).",
+        f"Metric: {_metric_label(metric)}; tolerance {tolerance}; objective: lowest {objective}. "
+        "Points marked * are on the Pareto front.",
+    ]
+
+
+def _html_page(
+    rows: list[dict[str, Any]], front: set[str], rec_text: str, notes: list[str], images: dict[str, bytes]
+) -> str:
     imgs = "".join(
         f'<figure><img alt="{html.escape(n)}" src="data:image/png;base64,{base64.b64encode(d).decode()}"></figure>'
         for n, d in images.items()
     )
-    html_table = _html_table(rows, front_names)
-    page = (
+    return (
         "<!doctype html><html><head><meta charset='utf-8'><title>ecoadapt report</title>"
         "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child{text-align:left}</style>"
         f"</head><body><h1>ecoadapt report</h1><p><b>Recommendation:</b> {html.escape(rec_text)}</p>"
-        f"{html_table}<ul>{''.join(f'<li>{html.escape(n)}</li>' for n in notes)}</ul>{imgs}</body></html>"
+        f"{_html_table(rows, front)}<ul>{''.join(f'<li>{html.escape(n)}</li>' for n in notes)}</ul>{imgs}</body></html>"
     )
-    atomic_write_text(folder / "report.html", page)
-    return {"recommendation": rec, "table": table, "metric": metric.name, "front": sorted(front_names), "notes": notes}
 
 
 def _html_table(rows: list[dict[str, Any]], front: set[str]) -> str:

@@ -9,50 +9,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import yaml
 
 from ecoadapt.errors import UserError
-
-
-def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write ``path`` through a temp file in its folder, fsync, rename, fsync the folder: a
-    crash at any moment leaves the old file or the new one, never a torn one.
-
-    Args:
-        write: writes the contents to the (binary) file it is given.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)  # the rename itself survives a power cut
-    finally:
-        os.close(folder)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_write`)."""
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Atomically write ``data`` as indented JSON."""
-    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+from ecoadapt.storage import atomic_write_text, read_json, read_jsonl
+from ecoadapt.summary import FINISHED
 
 
 def check_writable(path: Path, overwrite: bool) -> None:
@@ -73,7 +38,7 @@ def check_writable(path: Path, overwrite: bool) -> None:
         raise UserError(f"output.dir: {parent} is not writable; choose another output.dir")
 
 
-FINISHED = ("completed", "stopped_by_budget")
+CHECKPOINT_FILE = "checkpoint.pt"  # a run's resumable checkpoint, inside its run directory
 # Keys that may change between an interrupted run and its resumption.
 RESUMABLE_CHANGES = ("output.overwrite", "output.resume", "budget.", "parallel.timeout_s", "measure.idle_s")
 
@@ -109,9 +74,7 @@ def config_changes(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
     return [k for k in changed if not any(k == p or (p.endswith(".") and k.startswith(p)) for p in RESUMABLE_CHANGES)]
 
 
-def resume_point(
-    path: Path, config_now: dict[str, Any], overwrite: bool, require: bool, checkpoint_name: str
-) -> ResumePoint:
+def resume_point(path: Path, config_now: dict[str, Any], overwrite: bool, require: bool) -> ResumePoint:
     """Decide, before anything is loaded, whether the run in ``path`` resumes, restarts or starts.
 
     Args:
@@ -119,7 +82,6 @@ def resume_point(
         config_now: this run's configuration (``RunConfig.to_dict()``).
         overwrite: output.overwrite: start afresh whatever the folder holds.
         require: output.resume (``--resume``): a checkpoint must be there.
-        checkpoint_name: the checkpoint's file name inside ``path``.
 
     Raises:
         UserError: the folder is not writable; holds a finished run, files of something else,
@@ -139,7 +101,7 @@ def resume_point(
     status = None
     if summary_file.is_file():
         try:
-            status = json.loads(summary_file.read_text(encoding="utf-8")).get("status")
+            status = read_json(summary_file).get("status")
         except (OSError, ValueError, AttributeError):
             status = None
     if status in FINISHED:
@@ -159,7 +121,7 @@ def resume_point(
             f"output.dir: {path} holds an interrupted run with a different config ({shown}); rerun it with the same "
             "settings to resume, choose another output.dir, or --set output.overwrite=true to restart"
         )
-    checkpoint = path / checkpoint_name
+    checkpoint = path / CHECKPOINT_FILE
     if checkpoint.is_file():
         return ResumePoint(checkpoint=checkpoint)
     if require:
@@ -186,17 +148,9 @@ def check_room(path: Path, needed_bytes: int, what: str) -> None:
 
 def truncate_jsonl(path: Path, last_step: int) -> None:
     """Drop the records logged after ``last_step`` (a resumed run logs those steps again)."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # a line torn by the kill
-        if int(record.get("step", 0)) <= last_step:
-            kept.append(line + "\n")
-    atomic_write_text(path, "".join(kept))
+    if path.is_file():
+        kept = [r for r in read_jsonl(path) if int(r.get("step", 0)) <= last_step]
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def create(path: Path, overwrite: bool) -> Path:
@@ -206,10 +160,3 @@ def create(path: Path, overwrite: bool) -> Path:
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    """Append one JSON line (flushed, so a killed run keeps every line it logged)."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()

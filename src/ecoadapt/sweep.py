@@ -20,11 +20,10 @@ config already completed, and retries those that failed.
 from __future__ import annotations
 
 import copy
-import difflib
+import dataclasses
 import hashlib
 import itertools
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,14 +31,43 @@ from typing import Any
 
 import yaml
 
-from ecoadapt import checkpoint
 from ecoadapt import config as config_mod
+from ecoadapt import rundir, schema, storage
 from ecoadapt.errors import UserError
 from ecoadapt.isolated import run_adapt
 from ecoadapt.progress import fmt_duration, say
+from ecoadapt.report_settings import ReportSettings
+from ecoadapt.summary import FINISHED, RunSummary
 
-SWEEP_KEYS = ("base", "grid", "points", "baseline", "report", "output")
 DEFAULT_BASELINE = {"precision.mode": "fp32", "precision.layers": None, "lora.enabled": False}
+RECORD_KEYS = ("name", "key", "baseline", "overrides", "run_dir", "exit_code")  # results.jsonl beside the summary
+
+
+@dataclass
+class SweepOutput:
+    """Where the sweep's points and report go."""
+
+    dir: str = "runs/sweep"
+    """The sweep folder: points/, results.jsonl, sweep.json, the report."""
+
+
+@dataclass
+class SweepFile:
+    """A sweep file: a base config plus small overrides per point."""
+
+    base: str | dict[str, Any] = field(default_factory=dict)
+    """The run config every point starts from: a YAML file (relative to the sweep file) or the
+    sections inline."""
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    """section.key -> values: every combination is a point."""
+    points: list[dict[str, Any]] = field(default_factory=list)
+    """Explicit points, each {name: ..., set: {section.key: value}}."""
+    baseline: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_BASELINE))
+    """The overrides of the point every other is compared with (default: fp32 full fine-tune)."""
+    report: ReportSettings = field(default_factory=ReportSettings)
+    """How the report chooses its recommendation."""
+    output: SweepOutput = field(default_factory=SweepOutput)
+    """Where results go."""
 
 
 @dataclass
@@ -63,11 +91,11 @@ class Point:
 
 @dataclass
 class Sweep:
-    """A parsed sweep file."""
+    """A parsed sweep: its points, where they go, and the report's settings."""
 
     points: list[Point]
     out: Path
-    report: dict[str, Any] = field(default_factory=dict)
+    report: ReportSettings = field(default_factory=ReportSettings)
 
 
 def _set_dotted(raw: dict[str, Any], dotted: str, value: Any, where: str) -> None:
@@ -118,45 +146,13 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Sweep
         raise UserError(f"{path}: invalid YAML: {e}") from None
     if not isinstance(spec, dict):
         raise UserError(f"{path}: expected a mapping with base, grid and/or points")
-    for key in spec:
-        if key not in SWEEP_KEYS:
-            match = difflib.get_close_matches(str(key), SWEEP_KEYS, n=1)
-            hint = f" (did you mean '{match[0]}'?)" if match else f" (valid: {', '.join(SWEEP_KEYS)})"
-            raise UserError(f"{path}: unknown sweep key '{key}'{hint}")
-    base = spec.get("base") or {}
-    if isinstance(base, str):
-        base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
-        base = yaml.safe_load(base_path.read_text(encoding="utf-8")) if base_path.exists() else None
-        if base is None:
-            raise UserError(f"{path}: base config '{spec['base']}' not found")
-    if not isinstance(base, dict):
-        raise UserError(f"{path}: base must be a config mapping or a config file path")
-    base = copy.deepcopy(base)
+    parsed = schema.build(SweepFile, spec, str(path))
+    base = _base_config(parsed.base, path)
     for item in overrides:
         (section, key), value = config_mod.parse_override(item)
         _set_dotted(base, f"{section}.{key}", value, "--set")
-
-    wanted: list[tuple[str, dict[str, Any], bool]] = []
-    grid = spec.get("grid") or {}
-    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
-        raise UserError(f"{path}: grid must map section.key to a non-empty list of values")
-    if grid:
-        for values in itertools.product(*grid.values()):
-            overrides_ = dict(zip(grid.keys(), values, strict=True))
-            wanted.append((_label(overrides_), overrides_, False))
-    for i, point in enumerate(spec.get("points") or []):
-        if not isinstance(point, dict) or not isinstance(point.get("set", {}), dict):
-            raise UserError(f"{path}: points[{i}] must be {{name: ..., set: {{section.key: value}}}}")
-        overrides_ = dict(point.get("set") or {})
-        wanted.append((str(point.get("name") or _label(overrides_)), overrides_, False))
-    baseline = spec.get("baseline", DEFAULT_BASELINE)
-    if not isinstance(baseline, dict):
-        raise UserError(f"{path}: baseline must map section.key to values")
-    wanted.append(("baseline", dict(baseline), True))
-    if len(wanted) == 1:
-        raise UserError(f"{path}: no points: give a grid or a list of points")
-
-    out = Path((spec.get("output") or {}).get("dir") or "runs/sweep")
+    wanted = _wanted_points(parsed, path)
+    out = Path(parsed.output.dir)
     points: list[Point] = []
     for name, point_overrides, is_baseline in wanted:
         raw = copy.deepcopy(base)
@@ -169,31 +165,51 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Sweep
             same.baseline = same.baseline or is_baseline
             continue
         points.append(Point(name, point_overrides, cfg, key, is_baseline))
-    return Sweep(points, out, dict(spec.get("report") or {}))
+    return Sweep(points, out, parsed.report)
 
 
-def read_results(path: Path) -> list[dict[str, Any]]:
-    """The records of results.jsonl (a torn last line from a killed sweep is ignored)."""
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
+def _base_config(base: str | dict[str, Any], path: Path) -> dict[str, Any]:
+    if isinstance(base, str):
+        base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
+        loaded = yaml.safe_load(base_path.read_text(encoding="utf-8")) if base_path.exists() else None
+        if not isinstance(loaded, dict):
+            raise UserError(f"{path}: base config '{base}' not found (or not a mapping of sections)")
+        base = loaded
+    return copy.deepcopy(base)
 
 
-def append_result(path: Path, record: dict[str, Any]) -> None:
-    """Append one record as a single write, fsynced: a line is either there whole or not."""
-    data = (json.dumps(record, default=str) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _wanted_points(spec: SweepFile, path: Path) -> list[tuple[str, dict[str, Any], bool]]:
+    """(name, overrides, is the baseline) of every point the file asks for, baseline last."""
+    wanted: list[tuple[str, dict[str, Any], bool]] = []
+    if not all(values for values in spec.grid.values()):
+        raise UserError(f"{path}: grid must map section.key to a non-empty list of values")
+    if spec.grid:
+        for values in itertools.product(*spec.grid.values()):
+            overrides_ = dict(zip(spec.grid.keys(), values, strict=True))
+            wanted.append((_label(overrides_), overrides_, False))
+    for i, point in enumerate(spec.points):
+        if not isinstance(point.get("set", {}), dict) or set(point) - {"name", "set"}:
+            raise UserError(f"{path}: points[{i}] must be {{name: ..., set: {{section.key: value}}}}")
+        overrides_ = dict(point.get("set") or {})
+        wanted.append((str(point.get("name") or _label(overrides_)), overrides_, False))
+    wanted.append(("baseline", dict(spec.baseline), True))
+    if len(wanted) == 1:
+        raise UserError(f"{path}: no points: give a grid or a list of points")
+    return wanted
+
+
+def latest_results(folder: Path, keys: set[str] | None = None) -> dict[str, dict[str, Any]]:
+    """The last attempt of every point in ``folder``'s results.jsonl (of ``keys`` only, if given)."""
+    records = storage.read_jsonl(folder / "results.jsonl")
+    latest = storage.latest_by(records, lambda r: str(r.get("key", r.get("name"))))
+    return {k: r for k, r in latest.items() if keys is None or k in keys}
+
+
+def split_record(record: dict[str, Any]) -> tuple[dict[str, Any], RunSummary]:
+    """A results.jsonl line as (the sweep's own fields, the run's summary)."""
+    meta = {k: record[k] for k in RECORD_KEYS if k in record}
+    rest = {k: v for k, v in record.items() if k not in RECORD_KEYS}
+    return meta, RunSummary.from_dict(rest, "results.jsonl")
 
 
 def run(sweep: Sweep, timeout_s: float | None = None) -> list[dict[str, Any]]:
@@ -201,11 +217,11 @@ def run(sweep: Sweep, timeout_s: float | None = None) -> list[dict[str, Any]]:
     sweep.out.mkdir(parents=True, exist_ok=True)
     results_path = sweep.out / "results.jsonl"
     manifest = {
-        "report": sweep.report,
+        "report": dataclasses.asdict(sweep.report),
         "points": [{"name": p.name, "key": p.key, "baseline": p.baseline} for p in sweep.points],
     }
-    (sweep.out / "sweep.json").write_text(json.dumps(manifest, indent=1, default=str))
-    done = {r["key"] for r in read_results(results_path) if r.get("status") in ("completed", "stopped_by_budget")}
+    storage.write_json(sweep.out / "sweep.json", manifest)
+    done = {r["key"] for r in storage.read_jsonl(results_path) if r.get("status") in FINISHED}
     todo = [p for p in sweep.points if p.key not in done]
     if len(todo) < len(sweep.points):
         say(f"[sweep] {len(sweep.points) - len(todo)} of {len(sweep.points)} points already done: skipped")
@@ -216,7 +232,7 @@ def run(sweep: Sweep, timeout_s: float | None = None) -> list[dict[str, Any]]:
         run_dir = sweep.out / "points" / f"{slug(point.name)}-{point.key[:6]}"
         cfg = point.config.to_dict()
         # A retried point replaces its failed attempt, or resumes an interrupted one.
-        cfg["output"]["overwrite"] = not (run_dir / checkpoint.FILENAME).is_file()
+        cfg["output"]["overwrite"] = not (run_dir / rundir.CHECKPOINT_FILE).is_file()
         start = time.perf_counter()
         summary = run_adapt(cfg, run_dir, timeout_s=timeout_s, stream_output=True)
         durations.append(time.perf_counter() - start)
@@ -228,12 +244,8 @@ def run(sweep: Sweep, timeout_s: float | None = None) -> list[dict[str, Any]]:
             "run_dir": str(run_dir),
             **summary,
         }
-        append_result(results_path, record)
+        storage.append_jsonl(results_path, record)
         if record.get("status") == "failed":
             say(f"[sweep] point {point.name} failed: {record.get('error')}; going on")
-    keys = {p.key for p in sweep.points}
-    latest: dict[str, dict[str, Any]] = {}
-    for r in read_results(results_path):
-        if r.get("key") in keys:
-            latest[r["key"]] = r  # the last attempt of each point counts
+    latest = latest_results(sweep.out, {p.key for p in sweep.points})
     return [latest[p.key] for p in sweep.points if p.key in latest]

@@ -16,133 +16,16 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from transformers import get_scheduler
 
-from ecoadapt import chunked_loss, parallel
+from ecoadapt import parallel
 from ecoadapt.config import TrainConfig
-from ecoadapt.data.batches import IGNORE, target_count
+from ecoadapt.data.batches import target_count
 from ecoadapt.errors import UserError
+from ecoadapt.losses import training_loss_sum
 from ecoadapt.measure import memory
 from ecoadapt.precision import Policy
 from ecoadapt.progress import say
-
-
-def loss_sum(logits: torch.Tensor, labels: torch.Tensor, objective: str) -> torch.Tensor:
-    """Summed cross-entropy over target tokens, in fp32.
-
-    Args:
-        logits: (batch, seq, vocab), or (targets, vocab) already gathered; any float dtype.
-        labels: (batch, seq) or (targets,), int64, IGNORE where there is no target.
-        objective: "clm" predicts token t+1 from position t; "mlm" predicts each masked token.
-
-    Returns:
-        A scalar tensor: the sum (not the mean) of the per-token losses.
-    """
-    if objective == "clm":
-        # Shift the labels, not the logits: slicing (batch, seq, vocab) logits makes the reshape
-        # below copy the largest tensor of the step.
-        labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
-    if logits.ndim == 2:  # already gathered to target positions
-        return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="sum")
-    return F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
-    )
-
-
-def encoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
-    """Split a masked-LM model into its encoder and its LM head, when the layout is the usual one.
-
-    Works through a PEFT wrapper (LoRA layers sit inside the same modules). Returns None when
-    the model is not ``encoder + one head module`` (the caller then computes full logits).
-    """
-    if parallel.is_wrapped(model):
-        return None  # DDP/FSDP must see the whole forward pass (their gradient hooks hang on it)
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # type: ignore[operator]
-    encoder = getattr(inner, "base_model", None)
-    if encoder is None or encoder is inner:
-        return None
-    heads = [m for m in inner.children() if m is not encoder]
-    return (encoder, heads[0]) if len(heads) == 1 else None
-
-
-MASKED_ROWS_BUCKET = 64  # masked positions per micro-batch are rounded up to a multiple of this
-
-
-def masked_rows(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat indices of the masked positions and their labels, padded to a bucket size.
-
-    The number of masked positions differs from one micro-batch to the next; tensors of a new
-    size every step fragment the CPU allocator's heap until the process holds far more than it
-    uses (measured: peak memory 1.13x the Hugging Face Trainer's at 40 steps). Padding to a
-    multiple of ``MASKED_ROWS_BUCKET`` with ignored rows (position 0 again, label IGNORE: no
-    loss, no gradient) keeps the sizes to a few, at the cost of a few extra head rows.
-    """
-    flat = labels.reshape(-1)
-    index = (flat != IGNORE).nonzero().squeeze(1)
-    pad = -len(index) % MASKED_ROWS_BUCKET
-    pad = min(pad, flat.numel() - len(index)) if flat.numel() > len(index) else 0
-    if pad:
-        index = torch.cat([index, index.new_zeros(pad)])
-    targets = flat[index]
-    if pad:
-        targets[-pad:] = IGNORE
-    return index, targets
-
-
-def forward_logits(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    labels: torch.Tensor,
-    objective: str,
-    attention_mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels for the loss.
-
-    For masked LM only the masked positions (about 15%) go through the LM head: the head's
-    vocabulary projection is about half of a small encoder's FLOPs, and its full
-    (batch, seq, vocab) logits the largest tensor of the step. Returns logits (targets, vocab)
-    and labels (targets,) then; for classification ("cls") logits (batch, classes) and labels
-    (batch,); otherwise logits (batch, seq, vocab) and labels (batch, seq). Packed LM blocks
-    have no padding, so only classification batches carry an attention mask.
-    """
-    if objective == "cls":
-        return model(input_ids=input_ids, attention_mask=attention_mask).logits, labels
-    if objective == "mlm":
-        split = encoder_and_head(model)
-        if split is not None:
-            encoder, head = split
-            hidden = encoder(input_ids=input_ids).last_hidden_state
-            index, targets = masked_rows(labels)
-            return head(hidden.reshape(-1, hidden.shape[-1])[index]), targets
-    return model(input_ids=input_ids).logits, labels
-
-
-def training_loss_sum(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    labels: torch.Tensor,
-    objective: str,
-    attention_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The summed loss of one micro-batch (see :func:`loss_sum`); a causal LM with a plain
-    head computes it in chunks, never holding the whole (batch, seq, vocab) logits."""
-    if objective == "clm" and (parts := chunked_loss.lm_parts(model)) is not None:
-        return chunked_loss.causal_lm_loss_sum(*parts, input_ids, labels)
-    if objective == "mlm" and (split := encoder_and_head(model)) is not None:
-        encoder, head = split
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # type: ignore[operator]
-        get_decoder = getattr(inner, "get_output_embeddings", None)
-        decoder = get_decoder() if callable(get_decoder) else None
-        head_parts = chunked_loss.masked_lm_head_parts(head, decoder) if decoder is not None else None
-        if head_parts is not None:  # the vocabulary projection and loss in chunks, masked rows only
-            transform, projection = head_parts
-            hidden = encoder(input_ids=input_ids).last_hidden_state
-            index, targets = masked_rows(labels)
-            rows = transform(hidden.reshape(-1, hidden.shape[-1])[index])
-            return chunked_loss.linear_cross_entropy_sum(rows, projection.weight, projection.bias, targets)
-    logits, labels = forward_logits(model, input_ids, labels, objective, attention_mask)
-    return loss_sum(logits, labels, objective)
 
 
 class MemoryLimitExceeded(torch.OutOfMemoryError):
@@ -289,7 +172,7 @@ class TrainResult:
 
 
 class Checkpoints(Protocol):
-    """What the loop asks of the run's checkpoints (see :mod:`ecoadapt.adapt`)."""
+    """What the loop asks of the run's checkpoints (see :mod:`ecoadapt.checkpoint`)."""
 
     def save(self, loop: Loop) -> None:
         """Write a resumable checkpoint of ``loop`` at its current step."""
@@ -299,8 +182,41 @@ class Checkpoints(Protocol):
 
 
 @dataclass
+class Hooks:
+    """How the run around the loop takes part in it.
+
+    Attributes:
+        on_log: called with each StepLog (progress display, metrics.jsonl).
+        should_stop: called after every optimizer step; a returned reason (a budget reached,
+            an early stop, "interrupted") ends the loop after that step, recorded in
+            ``stopped_by``. Time it spends on other work it adds to ``result.excluded_s``.
+            Under data parallelism it must return the same on every rank.
+        checkpoints: where train.save_every checkpoints go, and where a run of non-finite
+            steps rolls back to; an interrupted loop checkpoints before it returns.
+    """
+
+    on_log: Callable[[StepLog], None] | None = None
+    should_stop: Callable[[TrainResult], str | None] | None = None
+    checkpoints: Checkpoints | None = None
+
+
+@dataclass
 class Loop:
-    """The training loop's state: what a checkpoint saves and a resume restores."""
+    """The training loop's state (what a checkpoint saves and a resume restores) and settings.
+
+    Attributes:
+        model: the model (possibly DDP/FSDP-wrapped).
+        params: its trainable parameters.
+        optimizer: AdamW over them (or over their fp32 masters).
+        scheduler: the learning-rate schedule.
+        policy: the precision policy.
+        steps: optimizer steps to reach.
+        cfg: the train section (accumulation, clipping, checkpoints, guards).
+        objective: "clm", "mlm", or "cls" (sequence classification, the downstream task).
+        device: where the model lives.
+        world_size: processes training together (the loss is scaled for gradient averaging).
+        result: what the loop has done so far.
+    """
 
     model: torch.nn.Module
     params: list[torch.nn.Parameter]
@@ -308,10 +224,23 @@ class Loop:
     scheduler: Any
     policy: Policy
     steps: int
+    cfg: TrainConfig
+    objective: str
+    device: torch.device
+    world_size: int = 1
     result: TrainResult = field(default_factory=TrainResult)
 
     @classmethod
-    def create(cls, model: torch.nn.Module, steps: int, cfg: TrainConfig, policy: Policy) -> Loop:
+    def create(
+        cls,
+        model: torch.nn.Module,
+        steps: int,
+        cfg: TrainConfig,
+        policy: Policy,
+        objective: str,
+        device: torch.device,
+        world_size: int = 1,
+    ) -> Loop:
         """AdamW over the trainable parameters (fp32 masters where needed), warm-up and decay."""
         params = [p for p in model.parameters() if p.requires_grad]
         groups = policy.optimizer_params(parameter_groups(model, cfg.weight_decay))
@@ -323,7 +252,7 @@ class Loop:
             num_warmup_steps=int(cfg.warmup_ratio * steps),
             num_training_steps=steps,
         )
-        return cls(model, params, optimizer, scheduler, policy, steps)
+        return cls(model, params, optimizer, scheduler, policy, steps, cfg, objective, device, world_size)
 
     def scale_lr(self, factor: float) -> None:
         """Multiply the schedule's learning rates (base and current) by ``factor``."""
@@ -350,172 +279,194 @@ def run(
     objective: str,
     policy: Policy,
     device: torch.device,
-    on_log: Callable[[StepLog], None] | None = None,
-    should_stop: Callable[[TrainResult], str | None] | None = None,
-    world_size: int = 1,
 ) -> TrainResult:
-    """Train ``model`` for ``steps`` optimizer steps from scratch (see :func:`train`)."""
-    loop = Loop.create(model, steps, cfg, policy)
-    return train(loop, batches, cfg, objective, device, on_log, should_stop, world_size)
+    """Train ``model`` for ``steps`` optimizer steps from scratch, single process, no hooks."""
+    return train(Loop.create(model, steps, cfg, policy, objective, device), batches)
 
 
-def train(
-    loop: Loop,
-    batches: Iterator[dict[str, torch.Tensor]],
-    cfg: TrainConfig,
-    objective: str,
-    device: torch.device,
-    on_log: Callable[[StepLog], None] | None = None,
-    should_stop: Callable[[TrainResult], str | None] | None = None,
-    world_size: int = 1,
-    checkpoints: Checkpoints | None = None,
-) -> TrainResult:
+class _Window:
+    """The loss and tokens of one logging window (train.log_every steps), and its clock."""
+
+    def __init__(self, device: torch.device, excluded_s: float) -> None:
+        self.loss = torch.zeros((), device=device)
+        self.steps = self.tokens = 0
+        self.start = time.perf_counter()
+        self.excluded_s = excluded_s
+
+    def add(self, loss: torch.Tensor, tokens: int) -> None:
+        self.loss += loss  # stays on the device: no sync per step
+        self.steps += 1
+        self.tokens += tokens
+
+    def close(self, loop: Loop, elapsed_s: float) -> StepLog:
+        """The window's record; the window starts again."""
+        result = loop.result
+        if loop.world_size > 1:  # each rank holds its share of the global mean: add them up
+            torch.distributed.all_reduce(self.loss)
+        # .item() is a device-host sync: paid once per logging window, not per step.
+        loss = self.loss.item() / self.steps if self.steps else float("nan")
+        now = time.perf_counter()
+        seconds = now - self.start - (result.excluded_s - self.excluded_s)
+        record = StepLog(
+            step=result.steps,
+            loss=loss,
+            lr=loop.scheduler.get_last_lr()[0],
+            tokens=result.tokens,
+            elapsed_s=elapsed_s,
+            tokens_per_s=self.tokens / max(seconds, 1e-9),
+        )
+        self.__init__(self.loss.device, result.excluded_s)  # type: ignore[misc]
+        return record
+
+
+def train(loop: Loop, batches: Iterator[dict[str, torch.Tensor]], hooks: Hooks | None = None) -> TrainResult:
     """Train until ``loop.steps`` optimizer steps are done, from wherever ``loop`` is.
 
     Args:
-        loop: the model, optimizer and scheduler, fresh or restored from a checkpoint.
+        loop: the model, optimizer, scheduler and settings, fresh or restored from a checkpoint.
         batches: endless micro-batches ({"input_ids", "labels"}, each (batch, seq)).
-        cfg: the train section (accumulation, clipping, checkpoints, guards).
-        objective: "clm", "mlm", or "cls" (sequence classification, the downstream task).
-        device: where the model lives.
-        on_log: called with each StepLog (progress display, metrics.jsonl).
-        should_stop: called after every optimizer step; a returned reason (a budget reached,
-            an early stop, "interrupted") ends the loop after that step, recorded in
-            ``stopped_by``. Time it spends on other work it adds to ``result.excluded_s``.
-            Under data parallelism it must return the same on every rank.
-        world_size: processes training together (the loss is scaled for gradient averaging).
-        checkpoints: where train.save_every checkpoints go, and where a run of non-finite
-            steps rolls back to; an interrupted loop checkpoints before it returns.
+        hooks: logging, stopping and checkpoints (see :class:`Hooks`).
 
     Raises:
         UserError: the loss stayed non-finite and no rollback was left; out of memory with
             nothing left to shrink.
     """
-    result, policy, model = loop.result, loop.policy, loop.model
-    memory_limit = int(cfg.max_memory_gb * 2**30) if cfg.max_memory_gb is not None else None
-    window_loss = torch.zeros((), device=device)
-    window_steps = window_tokens = 0
-    in_a_row = 0
-    model.train()
-    start = window_start = time.perf_counter()
-    time_before = result.time_s  # a resumed run continues its clock
-    excluded_before = result.excluded_s
-    window_excluded = result.excluded_s
+    hooks = hooks or Hooks()
+    result, cfg = loop.result, loop.cfg
+    loop.model.train()
+    window = _Window(loop.device, result.excluded_s)
+    start, time_before, excluded_before = time.perf_counter(), result.time_s, result.excluded_s
+    in_a_row = 0  # non-finite steps in a row
 
-    def clock() -> float:
+    def clock() -> float:  # a resumed run continues its clock; excluded work is not training
         return time_before + time.perf_counter() - start - (result.excluded_s - excluded_before)
 
     while result.steps < loop.steps:
         micro = [next(batches) for _ in range(cfg.grad_accum)]
-        step_loss, n_tokens, n_targets = _fit_step(loop, micro, objective, device, world_size, memory_limit, cfg)
-        status = policy.step(loop.optimizer, loop.params, cfg.max_grad_norm, step_loss if world_size == 1 else None)
-        loop.scheduler.step()
-        loop.optimizer.zero_grad(set_to_none=True)
+        step_loss, n_tokens, n_targets = _fit_step(loop, micro)
+        status = _apply_step(loop, step_loss)
         result.steps += 1
-        step = result.steps
         result.tokens += n_tokens
-        window_tokens += n_tokens
         result.target_tokens += n_targets
         if status == "nonfinite":
             result.nonfinite_steps += 1
             in_a_row += 1
             if in_a_row >= cfg.nonfinite_patience:
-                _roll_back(loop, cfg, checkpoints, step)
+                _roll_back(loop, hooks.checkpoints, result.steps)
                 in_a_row = 0
-                window_loss.zero_()
-                window_steps = window_tokens = 0
+                window = _Window(loop.device, result.excluded_s)
                 continue
         else:
             in_a_row = 0
-            window_loss += step_loss
-            window_steps += 1
+            window.add(step_loss, n_tokens)
         result.time_s = clock()
-        if should_stop is not None:
-            result.stopped_by = should_stop(result)
-
-        if step % cfg.log_every == 0 or step == loop.steps or result.stopped_by:
-            if world_size > 1:  # each rank holds its share of the global mean: add them up
-                torch.distributed.all_reduce(window_loss)
-            # .item() is a device-host sync: paid once per logging window, not per step.
-            loss_value = window_loss.item() / window_steps if window_steps else float("nan")
-            now = time.perf_counter()
-            record = StepLog(
-                step=step,
-                loss=loss_value,
-                lr=loop.scheduler.get_last_lr()[0],
-                tokens=result.tokens,
-                elapsed_s=clock(),
-                tokens_per_s=window_tokens / max(now - window_start - (result.excluded_s - window_excluded), 1e-9),
-            )
+        if hooks.should_stop is not None:
+            result.stopped_by = hooks.should_stop(result)
+        if result.steps % cfg.log_every == 0 or result.steps == loop.steps or result.stopped_by:
+            record = window.close(loop, clock())
             result.logs.append(record)
-            result.train_loss = loss_value
-            if on_log is not None:
-                on_log(record)
-            window_loss.zero_()
-            window_steps = window_tokens = 0
-            window_start = now
-            window_excluded = result.excluded_s
+            result.train_loss = record.loss
+            if hooks.on_log is not None:
+                hooks.on_log(record)
         # After the step's log line: a kill right after the checkpoint loses no record.
-        periodic = cfg.save_every is not None and step % cfg.save_every == 0 and in_a_row == 0
-        if checkpoints is not None and (periodic or result.stopped_by == "interrupted"):
+        periodic = cfg.save_every is not None and result.steps % cfg.save_every == 0 and in_a_row == 0
+        if hooks.checkpoints is not None and (periodic or result.stopped_by == "interrupted"):
             t0 = time.perf_counter()
-            checkpoints.save(loop)
+            hooks.checkpoints.save(loop)
             result.excluded_s += time.perf_counter() - t0  # writing files is not training
         if result.stopped_by:
             break
-    if device.type == "cuda":
+    if loop.device.type == "cuda":
         torch.cuda.synchronize()  # time what the GPU did, not what was queued
     result.time_s = clock()
     return result
 
 
-def _fit_step(
-    loop: Loop,
-    micro: list[dict[str, torch.Tensor]],
-    objective: str,
-    device: torch.device,
-    world_size: int,
-    memory_limit: int | None,
-    cfg: TrainConfig,
-) -> tuple[torch.Tensor, int, int]:
+def _apply_step(loop: Loop, step_loss: torch.Tensor) -> str:
+    """The optimizer step (see :meth:`Policy.step`), the schedule, and fresh gradients."""
+    try:
+        status = loop.policy.step(
+            loop.optimizer, loop.params, loop.cfg.max_grad_norm, step_loss if loop.world_size == 1 else None
+        )
+    except torch.OutOfMemoryError as e:
+        # Adam allocates its two moments at the first step: that memory does not shrink with
+        # the micro-batch, so splitting it would not help.
+        loop.drop_gradients()
+        raise UserError(
+            f"train: out of memory in the optimizer step ({str(e).splitlines()[0][:200]}); the optimizer state "
+            "needs 8 bytes per trainable parameter: use LoRA, train.trainable_layers, or a smaller model"
+        ) from None
+    loop.scheduler.step()
+    loop.optimizer.zero_grad(set_to_none=True)
+    return status
+
+
+# Allocation failures that reach Python as a plain RuntimeError rather than OutOfMemoryError.
+_ALLOCATION_FAILURES = ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "CUDA error: out of memory")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is the device (or the CPU guard) running out of memory."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and any(s in str(error) for s in _ALLOCATION_FAILURES)
+
+
+def _fit_step(loop: Loop, micro: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, int, int]:
     """One step's forward and backward; on out of memory, with train.auto_micro_batch, the same
     rows again in micro-batches half as large (twice as many), until they fit."""
-    result = loop.result
+    result, cfg = loop.result, loop.cfg
+    memory_limit = int(cfg.max_memory_gb * 2**30) if cfg.max_memory_gb is not None else None
     while True:
         parts = split_micro_batches(micro, result.micro_batch_splits) if result.micro_batch_splits > 1 else micro
+        failure: str | None = None
         try:
-            return accumulate(loop.model, parts, objective, loop.policy, device, world_size, memory_limit)
-        except torch.OutOfMemoryError as e:
-            loop.drop_gradients()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            size = parts[0]["input_ids"].shape[0]
+            return accumulate(
+                loop.model, parts, loop.objective, loop.policy, loop.device, loop.world_size, memory_limit
+            )
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not is_out_of_memory(e):
+                raise
             what = "the memory guard" if isinstance(e, MemoryLimitExceeded) else "out of memory"
-            if not cfg.auto_micro_batch or size <= 1 or world_size > 1:
-                hint = (
-                    "it does not fit even one block per micro-batch: shorten data.max_seq_len, use LoRA or bf16-pure"
-                    if size <= 1
-                    else "set train.auto_micro_batch=true (single process), or lower train.micro_batch_size"
-                )
-                raise UserError(
-                    f"train.micro_batch_size: {what} at step {result.steps + 1} with {size} blocks per micro-batch "
-                    f"({str(e).splitlines()[0][:200]}); {hint}"
-                ) from None
-            result.micro_batch_splits *= 2
-            smaller = split_micro_batches(micro, result.micro_batch_splits)[0]["input_ids"].shape[0]
-            result.memory_events.append(
-                {"step": result.steps + 1, "error": what, "micro_batch_before": size, "micro_batch_after": smaller}
-            )
-            say(
-                f"{what} at step {result.steps + 1}: micro-batch {size} -> {smaller} blocks, "
-                f"{result.micro_batch_splits}x the accumulation (the same effective batch); retrying"
-            )
+            failure = f"{what}|{str(e).splitlines()[0][:200]}"
+        # Outside the except block: its traceback held the failed step's frames and tensors,
+        # so emptying the cache in there freed nothing.
+        loop.drop_gradients()
+        if loop.device.type == "cuda":
+            torch.cuda.empty_cache()
+        memory.reset_peak(loop.device)  # the failed attempt's high-water mark is not the recipe's peak
+        what, message = failure.split("|", 1)
+        _shrink_micro_batches(loop, micro, parts[0]["input_ids"].shape[0], what, message)
 
 
-def _roll_back(loop: Loop, cfg: TrainConfig, checkpoints: Checkpoints | None, step: int) -> None:
+def _shrink_micro_batches(loop: Loop, micro: list[dict[str, torch.Tensor]], size: int, what: str, message: str) -> None:
+    """Twice as many micro-batches, half as large, after out of memory; or a clear stop."""
+    result = loop.result
+    if not loop.cfg.auto_micro_batch or size <= 1 or loop.world_size > 1:
+        hint = (
+            "it does not fit even one block per micro-batch: shorten data.max_seq_len, use LoRA or bf16-pure"
+            if size <= 1
+            else "set train.auto_micro_batch=true (single process), or lower train.micro_batch_size"
+        )
+        raise UserError(
+            f"train.micro_batch_size: {what} at step {result.steps + 1} with {size} blocks per micro-batch "
+            f"({message}); {hint}"
+        )
+    result.micro_batch_splits *= 2
+    smaller = split_micro_batches(micro, result.micro_batch_splits)[0]["input_ids"].shape[0]
+    result.memory_events.append(
+        {"step": result.steps + 1, "error": what, "micro_batch_before": size, "micro_batch_after": smaller}
+    )
+    say(
+        f"{what} at step {result.steps + 1}: micro-batch {size} -> {smaller} blocks, "
+        f"{result.micro_batch_splits}x the accumulation (the same effective batch); retrying"
+    )
+
+
+def _roll_back(loop: Loop, checkpoints: Checkpoints | None, step: int) -> None:
     """After train.nonfinite_patience non-finite steps in a row: back to the last checkpoint
     with a lower learning rate, or a clear stop."""
-    result = loop.result
+    result, cfg = loop.result, loop.cfg
     reason = f"loss or gradients not finite for {cfg.nonfinite_patience} steps in a row (at step {step})"
     if checkpoints is None or result.rollbacks >= cfg.max_rollbacks:
         why = "no rollback left" if checkpoints is not None else "no checkpoint to roll back to"

@@ -12,8 +12,35 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+
+from ecoadapt.config import MLM_PROBABILITY
 
 IGNORE = -100  # label value that cross-entropy ignores
+# Epoch e of seed s is shuffled by the generator seeded s x EPOCHS_PER_SEED + e: distinct streams
+# for every (seed, epoch) below this many epochs, the same order on every machine.
+EPOCHS_PER_SEED = 1000
+# The masking generator is seeded apart from the shuffling one (seed + this), so the two
+# streams never coincide, whatever the seed.
+MASK_SEED_OFFSET = 1
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order of ``n`` items in ``epoch`` of a run seeded ``seed`` (a permutation, (n,))."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * EPOCHS_PER_SEED + epoch))
+
+
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Causal-LM targets aligned with the positions that predict them: position t's target is
+    token t+1; the last position has none (IGNORE).
+
+    Shifting the labels, not the logits: slicing (batch, seq, vocab) logits makes every later
+    reshape copy the largest tensor of the step.
+
+    Args:
+        labels: (batch, seq) int64.
+    """
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE)
 
 
 @dataclass
@@ -23,7 +50,7 @@ class MaskSpec:
     mask_id: int
     vocab_size: int
     special_ids: list[int]
-    probability: float = 0.15
+    probability: float = MLM_PROBABILITY
 
 
 def mask_tokens(ids: torch.Tensor, spec: MaskSpec, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +100,7 @@ def target_count(labels: torch.Tensor, objective: str) -> int:
     if objective == "cls":
         return int(labels.numel())
     if objective == "clm":
-        return int((labels[:, 1:] != IGNORE).sum())
+        return int((shift_labels(labels) != IGNORE).sum())
     return int((labels != IGNORE).sum())
 
 
@@ -110,10 +137,10 @@ class BlockLoader:
         self.epoch = 0
         self.position = 0
         self._order = self._permutation(0)
-        self._masks = torch.Generator().manual_seed(seed + 1)
+        self._masks = torch.Generator().manual_seed(seed + MASK_SEED_OFFSET)
 
     def _permutation(self, epoch: int) -> torch.Tensor:
-        return torch.randperm(len(self.blocks), generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
+        return epoch_order(len(self.blocks), self.seed, epoch)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return self

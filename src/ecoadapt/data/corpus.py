@@ -14,21 +14,21 @@ split, so a sweep tokenizes its corpus once.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from ecoadapt.config import DataConfig
 from ecoadapt.data import builtin, readers
 from ecoadapt.errors import UserError
+from ecoadapt.storage import atomic_write, atomic_write_text, cache_root
 
 CACHE_FORMAT = 1  # bump when the block layout changes, so stale caches are ignored
 
@@ -107,11 +107,8 @@ def _source_digest(source: str) -> str:
 
 
 def cache_dir(cfg: DataConfig) -> Path:
-    """The folder of tokenized-corpus caches."""
-    if cfg.cache_dir:
-        return Path(cfg.cache_dir).expanduser()
-    env = os.environ.get("ECOADAPT_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "ecoadapt" / "tokens"
+    """The folder of tokenized-corpus caches: data.cache_dir, else tokens/ in ecoadapt's cache."""
+    return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache_root() / "tokens"
 
 
 def build(cfg: DataConfig, tokenizer: Any, objective: str, base: Path | None = None) -> TokenBlocks:
@@ -182,16 +179,12 @@ def build(cfg: DataConfig, tokenizer: Any, objective: str, base: Path | None = N
 
 
 def _write_cache(path: Path, tensors: dict[str, torch.Tensor], stats: dict[str, Any]) -> None:
-    """Write atomically (temp file + rename): a killed run never leaves a torn cache."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        for target, write in (
-            (path.with_suffix(".json"), lambda p: Path(p).write_text(json.dumps(stats))),
-            (path, lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, p)),
-        ):
-            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-            os.close(fd)
-            write(tmp)
-            os.replace(tmp, target)
-    except OSError:
-        pass  # the cache is an optimisation: an unwritable cache folder only costs time
+    """Write the blocks and their statistics atomically: a killed run never leaves a torn cache.
+
+    The statistics go first: blocks without them are never read, statistics without blocks are
+    a miss.
+    """
+    with contextlib.suppress(OSError):  # the cache is an optimisation: unwritable only costs time
+        atomic_write_text(path.with_suffix(".json"), json.dumps(stats))
+        data = save({k: v.contiguous() for k, v in tensors.items()})
+        atomic_write(path, lambda f: f.write(data))

@@ -12,6 +12,7 @@ import torch
 
 from ecoadapt.config import TaskConfig
 from ecoadapt.data import readers
+from ecoadapt.data.batches import epoch_order
 from ecoadapt.errors import UserError
 
 
@@ -128,7 +129,7 @@ def batches(data: Encoded, batch_size: int, pad_id: int, seed: int) -> Iterator[
     """Endless shuffled training batches (reshuffled every epoch with ``seed``)."""
     epoch = 0
     while True:
-        order = torch.randperm(len(data.ids), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+        order = epoch_order(len(data.ids), seed, epoch)
         # Full batches only (a short last batch would get a noisier step), unless one is all there is.
         for i in range(0, max(1, len(order) - batch_size + 1), batch_size):
             rows = order[i : i + batch_size].tolist()

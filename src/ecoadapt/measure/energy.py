@@ -21,7 +21,6 @@ fallback.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,11 +29,10 @@ from typing import Any, Protocol
 
 import psutil
 
+from ecoadapt.config import CPU_WATTS_PER_CORE, MEMORY_WATTS_PER_GIB, MeasureConfig
 from ecoadapt.errors import UserError
 
 POWERCAP_ROOT = Path("/sys/class/powercap")
-DEFAULT_CPU_WATTS_PER_CORE = 7.5  # busy x86 server core incl. its share of uncore; see README
-DEFAULT_MEMORY_WATTS_PER_GIB = 0.375  # DDR4/DDR5 DIMM power per GiB (3 W per 8 GiB)
 
 
 class Meter(Protocol):
@@ -73,6 +71,14 @@ class Measurement:
         """Mean power over the window, W."""
         return self.joules / self.seconds if self.seconds > 0 else 0.0
 
+    def as_dict(self) -> dict[str, Any]:
+        """The window for summary.json: joules (J), seconds (s), method, meter."""
+        return {"joules": self.joules, "seconds": self.seconds, "method": self.method, "meter": self.meter}
+
+    def plus(self, joules: float, seconds: float) -> Measurement:
+        """This window with ``joules`` and ``seconds`` added (negative: taken away)."""
+        return Measurement(self.joules + joules, self.seconds + seconds, self.method, self.meter)
+
 
 class EstimateMeter:
     """Energy estimated from CPU time and resident memory: no hardware counter needed.
@@ -86,8 +92,8 @@ class EstimateMeter:
 
     def __init__(
         self,
-        cpu_watts_per_core: float = DEFAULT_CPU_WATTS_PER_CORE,
-        memory_watts_per_gib: float = DEFAULT_MEMORY_WATTS_PER_GIB,
+        cpu_watts_per_core: float = CPU_WATTS_PER_CORE,
+        memory_watts_per_gib: float = MEMORY_WATTS_PER_GIB,
         process: psutil.Process | None = None,
     ) -> None:
         self.cpu_watts_per_core = cpu_watts_per_core
@@ -239,8 +245,8 @@ class MeterChoice:
 
 def choose(
     kind: str,
-    cpu_watts_per_core: float = DEFAULT_CPU_WATTS_PER_CORE,
-    memory_watts_per_gib: float = DEFAULT_MEMORY_WATTS_PER_GIB,
+    cpu_watts_per_core: float = CPU_WATTS_PER_CORE,
+    memory_watts_per_gib: float = MEMORY_WATTS_PER_GIB,
     powercap_root: Path = POWERCAP_ROOT,
     gpu_indices: list[int] | None = None,
 ) -> MeterChoice:
@@ -280,40 +286,95 @@ def choose(
 
 
 class EnergyTracker:
-    """Named measurement windows over one meter (which may be None: energy off)."""
+    """Named measurement windows over one meter (which may be None: energy off).
+
+    A window can be declared *within* another (periodic evaluation within training): when the
+    inner one ends, its joules and seconds are taken out of the outer one, so that each figure is
+    its own window's. A name used for several windows keeps their sum.
+    """
 
     def __init__(self, meter: Meter | None) -> None:
         self.meter = meter
         self._open: dict[str, tuple[float, float]] = {}
+        self._within: dict[str, str] = {}  # inner window -> the open window it runs inside
+        self._taken: dict[str, tuple[float, float]] = {}  # outer -> (J, s) of inner windows so far
         self.windows: dict[str, Measurement] = {}
         self.idle_watts: float | None = None
+
+    @classmethod
+    def for_config(
+        cls,
+        measure: MeasureConfig,
+        device_type: str,
+        device_index: int | None,
+        local_rank: int,
+        log: Callable[[str], None],
+    ) -> EnergyTracker:
+        """The run's tracker over the meter measure.energy names (notes go to ``log``).
+
+        Args:
+            device_type: "cuda" meters the run's GPU; "cpu" the CPU package.
+            device_index: the GPU's index (cuda).
+            local_rank: this process's rank on its machine: one CPU package is counted once,
+                by local rank 0.
+        """
+        chosen = choose(
+            measure.energy,
+            measure.cpu_watts_per_core,
+            measure.memory_watts_per_gib,
+            gpu_indices=[device_index or 0] if device_type == "cuda" else None,
+        )
+        for note in chosen.notes:
+            log(note)
+        meter = chosen.meter
+        if isinstance(meter, RaplMeter) and local_rank != 0:
+            meter = None  # one CPU package, one meter: local rank 0 counts it for the machine
+        return cls(meter)
+
+    @property
+    def method(self) -> str:
+        """ "measured", "estimated" or "off"."""
+        return self.meter.method if self.meter is not None else "off"
+
+    @property
+    def meter_name(self) -> str:
+        """The meter's name, or "off"."""
+        return self.meter.name if self.meter is not None else "off"
 
     def total_joules(self) -> float:
         """Joules so far (0 when energy is off)."""
         return self.meter.total_joules() if self.meter is not None else 0.0
 
-    def begin_window(self, name: str) -> None:
-        """Start the window ``name``."""
+    def begin_window(self, name: str, within: str | None = None) -> None:
+        """Start the window ``name``; ``within``: an open window this one's figures come out of."""
         self._open[name] = (self.total_joules(), time.perf_counter())
+        if within is not None:
+            self._within[name] = within
 
     def end_window(self, name: str) -> Measurement:
-        """End the window ``name`` and return its measurement.
-
-        A name used for several windows (periodic evaluation) keeps their sum in ``windows``.
-        """
+        """End the window ``name`` and return its own measurement (inner windows taken out)."""
         joules0, t0 = self._open.pop(name)
+        taken_j, taken_s = self._taken.pop(name, (0.0, 0.0))
         m = Measurement(
-            joules=self.total_joules() - joules0,
-            seconds=time.perf_counter() - t0,
-            method=self.meter.method if self.meter else "off",
-            meter=self.meter.name if self.meter else "off",
+            self.total_joules() - joules0 - taken_j,
+            time.perf_counter() - t0 - taken_s,
+            self.method,
+            self.meter_name,
         )
-        if name in self.windows:
-            kept = self.windows[name]
-            self.windows[name] = Measurement(kept.joules + m.joules, kept.seconds + m.seconds, m.method, m.meter)
-        else:
-            self.windows[name] = m
+        self.windows[name] = self.windows[name].plus(m.joules, m.seconds) if name in self.windows else m
+        outer = self._within.pop(name, None)
+        if outer is not None and outer in self._open:
+            j, sec = self._taken.get(outer, (0.0, 0.0))
+            self._taken[outer] = (j + m.joules, sec + m.seconds)
         return m
+
+    def running(self, name: str) -> float:
+        """Joules of window ``name`` so far: its closed parts plus the open one up to now, inner
+        windows taken out (what a budget checks while training runs)."""
+        kept = self.windows[name].joules if name in self.windows else 0.0
+        if name in self._open:
+            kept += self.total_joules() - self._open[name][0] - self._taken.get(name, (0.0, 0.0))[0]
+        return kept
 
     def snapshot(self) -> dict[str, tuple[float, float]]:
         """(joules, seconds) per window so far, open ones up to now: what a checkpoint keeps so
@@ -322,16 +383,15 @@ class EnergyTracker:
         now_j, now_t = self.total_joules(), time.perf_counter()
         for name, (joules0, t0) in self._open.items():
             kept = out.get(name, (0.0, 0.0))
-            out[name] = (kept[0] + now_j - joules0, kept[1] + now_t - t0)
+            taken_j, taken_s = self._taken.get(name, (0.0, 0.0))
+            out[name] = (kept[0] + now_j - joules0 - taken_j, kept[1] + now_t - t0 - taken_s)
         return out
 
     def carry(self, prior: dict[str, tuple[float, float]]) -> None:
         """Start from the windows of the interrupted runs this one resumes (see snapshot)."""
-        method = self.meter.method if self.meter else "off"
-        name = self.meter.name if self.meter else "off"
         for window, (joules, seconds) in prior.items():
-            kept = self.windows.get(window, Measurement(0.0, 0.0, method, name))
-            self.windows[window] = Measurement(kept.joules + joules, kept.seconds + seconds, method, name)
+            kept = self.windows.get(window, Measurement(0.0, 0.0, self.method, self.meter_name))
+            self.windows[window] = kept.plus(float(joules), float(seconds))
 
     def measure_idle(self, seconds: float) -> float:
         """Idle power (W) over ``seconds`` of sleep; kept out of the run's windows."""
@@ -343,30 +403,72 @@ class EnergyTracker:
         return idle.watts
 
     def summary(self, grid_g_co2_per_kwh: float | None = None) -> dict[str, Any] | None:
-        """The energy part of summary.json, or None when energy is off.
+        """The energy part of summary.json for this process, or None when energy is off.
 
         Args:
             grid_g_co2_per_kwh: carbon intensity, to add grams of CO2e.
         """
         if self.meter is None:
             return None
-        total = sum(m.joules for m in self.windows.values())
-        seconds = sum(m.seconds for m in self.windows.values())
         out: dict[str, Any] = {
-            "joules": total,
             "method": self.meter.method,
             "meter": self.meter.name,
-            "phases": {
-                k: {"joules": m.joules, "seconds": m.seconds, "watts": m.watts} for k, m in self.windows.items()
-            },
+            "phases": {k: {"joules": m.joules, "seconds": m.seconds} for k, m in self.windows.items()},
             "details": self.meter.describe(),
-            "pid": os.getpid(),
+            "idle_watts": self.idle_watts,
+            "grid_g_co2_per_kwh": grid_g_co2_per_kwh,
         }
-        if self.idle_watts is not None:
-            # Energy the machine would have drawn anyway, idle, over the same seconds.
-            out["idle_watts"] = self.idle_watts
-            out["joules_above_idle"] = total - self.idle_watts * seconds
-        if grid_g_co2_per_kwh is not None:
-            out["grid_g_co2_per_kwh"] = grid_g_co2_per_kwh
-            out["co2e_g"] = total / 3.6e6 * grid_g_co2_per_kwh
-        return out
+        return with_totals(out)
+
+
+def with_totals(energy: dict[str, Any]) -> dict[str, Any]:
+    """Recompute the figures derived from ``energy["phases"]``: total joules, watts per phase,
+    joules above idle (idle watts x the wall seconds of all phases), grams of CO2e.
+
+    Call it after any change to the phases (ranks summed, the task's window added), so a
+    derived figure never disagrees with the phases it comes from.
+    """
+    phases = energy["phases"]
+    for m in phases.values():
+        m["watts"] = m["joules"] / m["seconds"] if m["seconds"] > 0 else 0.0
+    energy["joules"] = sum(m["joules"] for m in phases.values())
+    seconds = sum(m["seconds"] for m in phases.values())
+    energy.pop("joules_above_idle", None)
+    energy.pop("co2e_g", None)
+    if energy.get("idle_watts") is not None:
+        # Energy the machines would have drawn anyway, idle, over the same seconds.
+        energy["joules_above_idle"] = energy["joules"] - energy["idle_watts"] * seconds
+    if energy.get("grid_g_co2_per_kwh") is not None:
+        energy["co2e_g"] = energy["joules"] / 3.6e6 * energy["grid_g_co2_per_kwh"]
+    return energy
+
+
+def combine_ranks(per_rank: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """The job's energy from every rank's :meth:`EnergyTracker.summary` (None: not metered).
+
+    Joules add up over ranks (each meters its own GPU, or local rank 0 its CPU package); the
+    seconds of a phase are wall time, counted once (the slowest rank's); idle watts add up
+    over the metered ranks, so joules above idle and CO2e are the job's, recomputed from the
+    sums.
+    """
+    metered = [e for e in per_rank if e is not None]
+    if not metered:
+        return None
+    if len(per_rank) == 1:
+        return metered[0]
+    names = list(dict.fromkeys(name for e in metered for name in e["phases"]))
+    idle = [e["idle_watts"] for e in metered if e.get("idle_watts") is not None]
+    job = {
+        **metered[0],
+        "phases": {
+            name: {
+                "joules": sum(e["phases"].get(name, {}).get("joules", 0.0) for e in metered),
+                "seconds": max(e["phases"].get(name, {}).get("seconds", 0.0) for e in metered),
+            }
+            for name in names
+        },
+        "idle_watts": sum(idle) if idle else None,
+        "per_rank_joules": [e["joules"] if e is not None else None for e in per_rank],
+        "ranks_metered": len(metered),
+    }
+    return with_totals(job)

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from ecoadapt import adapters, chunked_loss, models
+from ecoadapt import adapters, losses, models
 from ecoadapt.config import LoraConfig, ModelConfig, TrainConfig
 from ecoadapt.data.batches import IGNORE
-from ecoadapt.train import loss_sum
+from ecoadapt.losses import loss_sum
 
 
 def grads(model):
@@ -15,7 +15,7 @@ def grads(model):
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_chunked_loss_matches_full_logits(tiny_llama, monkeypatch, lora):
-    monkeypatch.setattr(chunked_loss, "CHUNK_ELEMENTS", 7 * 40)  # 7 rows a chunk: many, uneven chunks
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 7 * 40)  # 7 rows a chunk: many, uneven chunks
     loaded = models.load(ModelConfig(str(tiny_llama)), 16, seed=0)
     model, _ = adapters.prepare(loaded, TrainConfig(), LoraConfig(enabled=lora, r=4))
     ids = torch.randint(5, 30, (3, 16), generator=torch.Generator().manual_seed(0))
@@ -28,9 +28,9 @@ def test_chunked_loss_matches_full_logits(tiny_llama, monkeypatch, lora):
     expected = grads(model)
     model.zero_grad()
 
-    parts = chunked_loss.lm_parts(model)
+    parts = losses.lm_parts(model)
     assert parts is not None
-    chunked = chunked_loss.causal_lm_loss_sum(*parts, ids, labels)
+    chunked = losses.causal_lm_loss_sum(*parts, ids, labels)
     chunked.backward()
     got = grads(model)
     torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-4)
@@ -47,22 +47,22 @@ def test_chunked_loss_under_bf16_autocast_matches_the_models_head(tiny_llama):
     ids = torch.randint(5, 30, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         full = loss_sum(model(input_ids=ids).logits, ids, "clm")
-        chunked = chunked_loss.causal_lm_loss_sum(*chunked_loss.lm_parts(model), ids, ids)
+        chunked = losses.causal_lm_loss_sum(*losses.lm_parts(model), ids, ids)
     torch.testing.assert_close(chunked, full, rtol=1e-3, atol=1e-3)
 
 
 def test_heads_that_are_not_plain_linear_use_the_models_forward(tiny_bert, tiny_llama):
     loaded = models.load(ModelConfig(str(tiny_llama)), 16, seed=0)
     loaded.model.config.final_logit_softcapping = 30.0
-    assert chunked_loss.lm_parts(loaded.model) is None
-    assert chunked_loss.lm_parts(models.load(ModelConfig(str(tiny_bert)), 16).model) is None  # BERT's head has a bias
+    assert losses.lm_parts(loaded.model) is None
+    assert losses.lm_parts(models.load(ModelConfig(str(tiny_bert)), 16).model) is None  # BERT's head has a bias
 
 
 @pytest.mark.parametrize("mode", ["fp32", "bf16"])
 def test_masked_lm_chunked_head_matches_the_models_head(tiny_bert, monkeypatch, mode):
-    from ecoadapt.train import forward_logits, training_loss_sum
+    from ecoadapt.losses import forward_logits, training_loss_sum
 
-    monkeypatch.setattr(chunked_loss, "CHUNK_ELEMENTS", 5 * 40)  # several chunks
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 5 * 40)  # several chunks
     loaded = models.load(ModelConfig(str(tiny_bert)), 32, seed=0)
     model = loaded.model.eval()
     ids = torch.randint(5, 30, (3, 16), generator=torch.Generator().manual_seed(2))

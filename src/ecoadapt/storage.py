@@ -1,0 +1,104 @@
+"""One home for the files ecoadapt writes: atomic replacement, durable JSON lines, the cache root.
+
+Every file a user or a later run trusts (summary.json, config.yaml, checkpoints, token stores,
+caches of measurements, reports) is written through :func:`atomic_write`: a crash at any moment
+leaves the old file or the new one, never a torn one. Logs that grow (metrics.jsonl,
+results.jsonl) are appended a whole line per ``write`` call and fsynced, and read back with
+:func:`read_jsonl`, which skips a line torn by a kill.
+
+No torch here: the report reads results through this module on machines without a GPU stack.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write ``path`` through a temp file in its folder, fsync, rename, fsync the folder.
+
+    Args:
+        path: the file to create or replace.
+        write: writes the contents to the (binary) file it is given.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the rename itself survives a power cut
+    finally:
+        os.close(folder)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Atomically write ``data`` as indented JSON."""
+    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    """The JSON in ``path`` (raises OSError or ValueError as json does)."""
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    """Append one record as a single ``write`` and fsync it: a line is there whole or not at all."""
+    data = (json.dumps(record, default=str) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file; a line torn by a kill (or not an object) is skipped."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def latest_by(records: Iterable[dict[str, Any]], key: Callable[[dict[str, Any]], str]) -> dict[str, dict[str, Any]]:
+    """The last record for each key, in first-seen key order (a retried sweep point's last
+    attempt is the one that counts)."""
+    latest: dict[str, dict[str, Any]] = {}
+    for record in records:
+        latest[key(record)] = record
+    return latest
+
+
+def cache_root() -> Path:
+    """ecoadapt's cache folder: ``$ECOADAPT_CACHE``, else ``~/.cache/ecoadapt``.
+
+    Token stores live in ``tokens/`` below it (unless data.cache_dir says otherwise), probed
+    matmul peaks in ``peak_flops.json``.
+    """
+    env = os.environ.get("ECOADAPT_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "ecoadapt"
