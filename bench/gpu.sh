@@ -37,7 +37,9 @@ if [ -n "${GPU_SMOKE_CPU:-}" ]; then
   grid_override='{"precision.mode": ["fp32", "bf16"]}'
 else
   $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU visible: run with GPU_SMOKE_CPU=1 for a CPU check')"
-  $PY -c "import zeus" 2>/dev/null || sets+=(--set measure.energy=auto)  # labelled estimated, never passed off as measured
+  # The real meter, built and read (Zeus importable is not enough: NVML access, MIG slices);
+  # otherwise auto, which labels its figures estimated, never passed off as measured.
+  $ECO meters --need nvml || sets+=(--set measure.energy=auto)
   grid_override=""
 fi
 

@@ -116,7 +116,7 @@ def trainer_worker(spec_path: Path, result_path: Path) -> None:
     from ecoadapt import models
     from ecoadapt.data import corpus
     from ecoadapt.heldout import heldout
-    from ecoadapt.measure import energy, memory
+    from ecoadapt.measure import energy, memory, meters
     from ecoadapt.precision import Policy
     from ecoadapt.prepare import mask_spec
 
@@ -145,7 +145,7 @@ def trainer_worker(spec_path: Path, result_path: Path) -> None:
         def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
             return {"input_ids": blocks.train[i]}
 
-    chosen = energy.choose(cfg.measure.energy, cfg.measure.cpu_watts_per_core, cfg.measure.memory_watts_per_gib)
+    chosen = meters.choose(cfg.measure.energy, cfg.measure.cpu_watts_per_core, cfg.measure.memory_watts_per_gib)
     tracker = energy.EnergyTracker(chosen.meter)
     windows = memory.MemoryWindows(torch.device("cpu"))  # training's own peak, as ecoadapt reports it
     clock: dict[str, float] = {}

@@ -15,7 +15,7 @@ def grads(model):
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_chunked_loss_matches_full_logits(tiny_llama, monkeypatch, lora):
-    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 7 * 40)  # 7 rows a chunk: many, uneven chunks
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", {"cpu": 7 * 40})  # 7 rows a chunk: many, uneven chunks
     loaded = models.load(ModelConfig(str(tiny_llama)), 16, seed=0)
     model, _ = adapters.prepare(loaded, TrainConfig(), LoraConfig(enabled=lora, r=4))
     ids = torch.randint(5, 30, (3, 16), generator=torch.Generator().manual_seed(0))
@@ -28,9 +28,8 @@ def test_chunked_loss_matches_full_logits(tiny_llama, monkeypatch, lora):
     expected = grads(model)
     model.zero_grad()
 
-    parts = losses.lm_parts(model)
-    assert parts is not None
-    chunked = losses.causal_lm_loss_sum(*parts, ids, labels)
+    assert losses.lm_parts(model) is not None
+    chunked = losses.training_loss_sum(model, ids, labels, "clm")
     chunked.backward()
     got = grads(model)
     torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-4)
@@ -47,7 +46,7 @@ def test_chunked_loss_under_bf16_autocast_matches_the_models_head(tiny_llama):
     ids = torch.randint(5, 30, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         full = loss_sum(model(input_ids=ids).logits, ids, "clm")
-        chunked = losses.causal_lm_loss_sum(*losses.lm_parts(model), ids, ids)
+        chunked = losses.training_loss_sum(model, ids, ids, "clm")
     torch.testing.assert_close(chunked, full, rtol=1e-3, atol=1e-3)
 
 
@@ -62,7 +61,7 @@ def test_heads_that_are_not_plain_linear_use_the_models_forward(tiny_bert, tiny_
 def test_masked_lm_chunked_head_matches_the_models_head(tiny_bert, monkeypatch, mode):
     from ecoadapt.losses import forward_logits, training_loss_sum
 
-    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 5 * 40)  # several chunks
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", {"cpu": 5 * 40})  # several chunks
     loaded = models.load(ModelConfig(str(tiny_bert)), 32, seed=0)
     model = loaded.model.eval()
     ids = torch.randint(5, 30, (3, 16), generator=torch.Generator().manual_seed(2))
@@ -87,3 +86,29 @@ def test_masked_lm_chunked_head_matches_the_models_head(tiny_bert, monkeypatch, 
         torch.testing.assert_close(
             got[name], expected[name], msg=name, **({"rtol": 1e-4, "atol": 1e-6} if mode == "fp32" else tol)
         )
+
+
+@pytest.mark.parametrize("objective", ["clm", "mlm"])
+def test_chunked_held_out_scores_match_the_full_logits(tiny_llama, tiny_bert, monkeypatch, objective):
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", {"cpu": 3 * 40})  # many small chunks
+    folder = tiny_llama if objective == "clm" else tiny_bert
+    model = models.load(ModelConfig(str(folder)), 16, seed=0).model.eval()
+    ids = torch.randint(5, 30, (3, 16), generator=torch.Generator().manual_seed(3))
+    labels = ids.clone() if objective == "clm" else torch.full_like(ids, IGNORE)
+    if objective == "mlm":
+        labels[:, ::3] = ids[:, ::3]
+    assert losses.head_rows(model, ids, labels, objective) is not None  # the chunked path is the one tested
+    total, hits, targets = losses.score_sums(model, ids, labels, objective)
+    logits, lab = losses.forward_logits(model, ids, labels, objective)
+    torch.testing.assert_close(total, loss_sum(logits, lab, objective), rtol=1e-5, atol=1e-4)
+    if objective == "clm":
+        logits, lab = logits[:, :-1], lab[:, 1:]
+    keep = lab != IGNORE
+    assert int(targets) == int(keep.sum())
+    assert int(hits) == int((logits.argmax(-1)[keep] == lab[keep]).sum())
+
+
+def test_chunks_are_sized_by_device():
+    assert losses.chunk_rows(49_152, "cuda") == 2**25 // 49_152 > 600  # enough rows to keep a GPU busy
+    assert losses.chunk_rows(49_152, "cpu") == 2**22 // 49_152
+    assert losses.chunk_rows(10**9, "cpu") == 1

@@ -8,7 +8,7 @@ import pytest
 
 from ecoadapt.config import BudgetConfig
 from ecoadapt.errors import UserError
-from ecoadapt.measure import energy
+from ecoadapt.measure import energy, meters
 from ecoadapt.measure.budget import Budget
 from ecoadapt.train import TrainResult
 
@@ -33,9 +33,9 @@ class FakeProcess:
 
 def test_estimator_arithmetic(monkeypatch):
     clock = iter([100.0, 104.0])
-    monkeypatch.setattr(energy.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(meters.time, "perf_counter", lambda: next(clock))
     proc = FakeProcess()
-    meter = energy.EstimateMeter(cpu_watts_per_core=10.0, memory_watts_per_gib=0.5, process=proc)
+    meter = meters.EstimateMeter(cpu_watts_per_core=10.0, memory_watts_per_gib=0.5, process=proc)
     proc.cpu += 6.0  # 6 CPU seconds in this process
     proc.child_cpu = 2.0  # and 2 in a child (a data worker, say)
     # 8 CPU-s x 10 W + 2 GiB x 0.5 W/GiB x 4 s wall = 80 + 4 J
@@ -57,7 +57,7 @@ def test_rapl_sums_package_and_dram_and_handles_wraparound(tmp_path):
     pkg = make_zone(tmp_path, "intel-rapl:0", "package-0", 999_000_000, 1_000_000_000)
     core = make_zone(tmp_path, "intel-rapl:0:0", "core", 5, 1_000_000_000)
     dram = make_zone(tmp_path, "intel-rapl:0:1", "dram", 1_000_000, 2**32)
-    meter = energy.RaplMeter(tmp_path)
+    meter = meters.RaplMeter(tmp_path)
     assert sorted(meter.describe()["zones"]) == ["dram", "package-0"]  # core is inside package
     (pkg / "energy_uj").write_text("3000000\n")  # wrapped: +1 J to the top, +3 J after
     (dram / "energy_uj").write_text("1500000\n")  # +0.5 J
@@ -70,13 +70,13 @@ def test_rapl_sums_package_and_dram_and_handles_wraparound(tmp_path):
 
 def test_choose_never_falls_back_silently(tmp_path):
     with pytest.raises(UserError, match="measure.energy = rapl: no RAPL zones"):
-        energy.choose("rapl", powercap_root=tmp_path)
-    auto = energy.choose("auto", powercap_root=tmp_path)
-    assert isinstance(auto.meter, energy.EstimateMeter)
+        meters.choose("rapl", powercap_root=tmp_path)
+    auto = meters.choose("auto", powercap_root=tmp_path)
+    assert isinstance(auto.meter, meters.EstimateMeter)
     assert any("estimating from CPU time instead" in n for n in auto.notes)
     make_zone(tmp_path, "intel-rapl:0", "package-0", 0, 2**32)
-    assert isinstance(energy.choose("auto", powercap_root=tmp_path).meter, energy.RaplMeter)
-    assert energy.choose("off").meter is None
+    assert isinstance(meters.choose("auto", powercap_root=tmp_path).meter, meters.RaplMeter)
+    assert meters.choose("off").meter is None
 
 
 class StepMeter:
@@ -84,6 +84,7 @@ class StepMeter:
 
     name = "fake"
     method = "measured"
+    covers = "a fake device"
 
     def __init__(self):
         self.joules = 0.0
@@ -104,6 +105,19 @@ def test_tracker_windows_and_summary():
     summary = tracker.summary()
     assert summary["joules"] == 5.0 and summary["phases"]["train"]["joules"] == 5.0
     assert energy.EnergyTracker(None).summary() is None
+
+
+def test_an_inner_window_comes_out_of_the_outer_ones_figures():
+    tracker = energy.EnergyTracker(StepMeter())  # +5 J per read
+    tracker.begin_window("train")  # read 1: 5
+    tracker.begin_window("eval_periodic", within="train")  # read 2: 10
+    assert tracker.end_window("eval_periodic").joules == 5.0  # read 3: 15
+    assert tracker.running("train") == 20.0 - 5 - 5.0  # read 4: 20; 15 so far, 5 of them evaluation's
+    train = tracker.end_window("train")  # read 5: 25
+    assert train.joules == 25.0 - 5 - 5.0
+    summary = tracker.summary()
+    assert summary["joules"] == 20.0  # nothing counted twice
+    assert summary["covers"] == "a fake device"
 
 
 def test_energy_budget_stops_with_a_fake_meter():
@@ -183,12 +197,12 @@ def test_zeus_gpu_meter_chains_windows_without_gaps(monkeypatch):
 
     fake = SimpleNamespace(ZeusMonitor=FakeZeusMonitor)
     monkeypatch.setitem(sys.modules, "zeus.monitor", fake)
-    meter = energy.ZeusGpuMeter([0, 1])
+    meter = meters.ZeusGpuMeter([0, 1])
     assert meter.total_joules() == pytest.approx(2 * 2.0)  # one tick, two GPUs
     assert meter.total_joules() == pytest.approx(2 * 4.0)
     assert meter.monitor.open.keys() == {"ecoadapt-2"}  # exactly one window left open
-    chosen = energy.choose("auto", gpu_indices=[0])
-    assert isinstance(chosen.meter, energy.ZeusGpuMeter) and chosen.meter.method == "measured"
+    chosen = meters.choose("auto", gpu_indices=[0])
+    assert isinstance(chosen.meter, meters.ZeusGpuMeter) and chosen.meter.method == "measured"
 
 
 def test_nvml_without_zeus_is_an_error_and_auto_says_gpu_not_counted(monkeypatch):
@@ -196,9 +210,9 @@ def test_nvml_without_zeus_is_an_error_and_auto_says_gpu_not_counted(monkeypatch
 
     monkeypatch.setitem(sys.modules, "zeus.monitor", None)  # import fails
     with pytest.raises(UserError, match=r"measure.energy = nvml: .*ecoadapt\[energy\]"):
-        energy.choose("nvml", gpu_indices=[0])
-    chosen = energy.choose("auto", gpu_indices=[0])
-    assert isinstance(chosen.meter, energy.EstimateMeter)
+        meters.choose("nvml", gpu_indices=[0])
+    chosen = meters.choose("auto", gpu_indices=[0])
+    assert isinstance(chosen.meter, meters.EstimateMeter)
     assert "GPU's own energy is not counted" in chosen.notes[0]
 
 

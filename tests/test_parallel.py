@@ -123,3 +123,22 @@ def test_ddp_without_several_processes_is_a_clear_error():
 
     with pytest.raises(UserError, match="needs several processes"):
         parallel.setup("ddp", "cpu", 10)
+
+
+@pytest.mark.slow
+def test_a_two_rank_jobs_energy_and_budget_are_the_jobs(tmp_path, tiny_llama, corpus_jsonl):
+    """Energy summed over ranks, checked against the budget as a sum, wall seconds counted once,
+    CO2e recomputed from the sum (issue 14, item 3)."""
+    path = config(tmp_path, "job", tiny_llama, corpus_jsonl, micro_batch_size=2, max_steps=12)
+    run(path, 2, "budget.energy_j=1000000", "measure.grid_g_co2_per_kwh=400")
+    s = json.loads((tmp_path / "job" / "summary.json").read_text())
+    e = s["energy"]
+    assert e["ranks_metered"] == 2 and all(j > 0 for j in e["per_rank_joules"])
+    train = e["phases"]["train"]
+    # The budget saw the job's training joules (before: rank 0's, about half of them).
+    assert s["budget"]["used"]["energy_j"] == pytest.approx(train["joules"], rel=0.25)
+    assert train["seconds"] < 1.5 * s["time_s"] + 1.0  # wall time once, not summed over ranks
+    assert e["co2e_g"] == pytest.approx(e["joules"] / 3.6e6 * 400)
+    assert e["joules"] == pytest.approx(sum(p["joules"] for p in e["phases"].values()))
+    lines = [json.loads(x) for x in (tmp_path / "job" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["energy_j"] > 0.5 * train["joules"]  # logged energy is the job's too

@@ -14,7 +14,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from ecoadapt import adapters, checkpoint, models, rundir
+from ecoadapt import adapters, checkpoint, models, parallel, rundir
 from ecoadapt import train as train_loop
 from ecoadapt.cli import main
 from ecoadapt.config import LoraConfig, ModelConfig, TrainConfig
@@ -151,7 +151,7 @@ def poison(model, calls):
         seen["n"] += 1
         return output * float("nan") if seen["n"] in calls else output
 
-    dict(model.named_modules())["model.norm"].register_forward_hook(hook)
+    dict(parallel.unwrap(model).named_modules())["model.norm"].register_forward_hook(hook)
 
 
 def test_an_injected_nan_step_is_skipped_and_training_goes_on(tmp_path, tiny_llama):
@@ -202,7 +202,7 @@ def refuse_batches_over(model, rows):
         if kwargs["input_ids"].shape[0] > rows:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
 
-    dict(model.named_modules())["model"].register_forward_pre_hook(hook, with_kwargs=True)  # the decoder
+    dict(parallel.unwrap(model).named_modules())["model"].register_forward_pre_hook(hook, with_kwargs=True)  # decoder
 
 
 def test_out_of_memory_halves_the_micro_batch_with_the_same_effective_batch(tmp_path, tiny_llama):

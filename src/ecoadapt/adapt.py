@@ -97,6 +97,8 @@ class AdaptRun:
     def execute(self, base: Path | None, out: Path, resume: rundir.ResumePoint) -> RunSummary:
         """Prepare, then run the recipe; a failure after the run directory exists is summarised."""
         resumed = checkpoint.load(resume.checkpoint) if resume.checkpoint is not None else None
+        if self.device.type == "cuda" and self.cfg.train.max_memory_gb is not None:
+            memory.cap_cuda_memory(self.device, self.cfg.train.max_memory_gb)
         if self.cfg.measure.idle_s > 0:
             self.log(f"measuring idle power for {self.cfg.measure.idle_s:g} s ...")
             self.log(f"idle power: {self.tracker.measure_idle(self.cfg.measure.idle_s):.1f} W")
@@ -114,6 +116,8 @@ class AdaptRun:
                 self.summary.environment = environment.describe(self.device)
                 summary_mod.write(self.run_dir / "summary.json", self.summary)
             raise
+        finally:
+            self.p.policy.restore()  # process-wide TF32 settings as they were
 
     def _open_run_dir(self, out: Path, resume: rundir.ResumePoint, resumed: dict[str, Any] | None) -> None:
         if resumed is not None:

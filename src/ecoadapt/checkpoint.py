@@ -25,7 +25,7 @@ from ecoadapt.precision import Policy
 if TYPE_CHECKING:
     from ecoadapt.train import Loop
 
-FORMAT = 1
+FORMAT = 2  # 2: weights named as inside the LossModule (model. prefix)
 
 
 def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

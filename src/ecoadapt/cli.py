@@ -163,6 +163,19 @@ def _cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_meters(args: argparse.Namespace) -> int:
+    from ecoadapt.measure import meters
+
+    failed = []
+    for kind in ("nvml", "rapl"):
+        why = meters.probe(kind)
+        print(f"{kind}: {'reads (measured)' if why is None else 'cannot read: ' + why}")
+        if why is not None and kind in args.need:
+            failed.append(kind)
+    print("estimate: always available (estimated, never reported as measured)")
+    return 1 if failed else 0
+
+
 def _cmd_presets(args: argparse.Namespace) -> int:
     for name in preset_names():
         print(name)
@@ -225,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument("--summary", action="store_true", help="list the fields of summary.json instead")
     keys.set_defaults(func=_cmd_keys)
     sub.add_parser("presets", help="list the shipped presets").set_defaults(func=_cmd_presets)
+    meters = sub.add_parser("meters", help="which energy meters can read on this machine (built and read, not assumed)")
+    meters.add_argument("--need", nargs="*", default=[], choices=["nvml", "rapl"], help="exit 1 unless these read")
+    meters.set_defaults(func=_cmd_meters)
     return parser
 
 

@@ -163,8 +163,10 @@ class TrainConfig:
     max_rollbacks: int = 2
     """Rollbacks allowed before a run whose loss keeps going non-finite stops with an error."""
     max_memory_gb: float | None = None
-    """CPU memory guard (GiB): a forward pass that leaves the process's resident memory above
-    this counts as out of memory (on CUDA the device's own out-of-memory error does)."""
+    """Memory cap (GiB). On CPU a guard: a forward pass that leaves the process's resident
+    memory above this counts as out of memory. On CUDA the caching allocator is limited to this
+    much of the GPU (to share a GPU, or to see what fits a smaller one): beyond it, the device's
+    own out-of-memory error."""
     auto_micro_batch: bool = False
     """On out of memory, halve train.micro_batch_size and double train.grad_accum (the same
     effective batch, the same blocks) and retry the step; the setting that fit is reported."""

@@ -137,8 +137,11 @@ def fine_tune(
     )
     torch.manual_seed(seed)
     batches = labelled.batches(data.train, task.micro_batch_size, data.pad_id, seed)
-    result = train_loop.run(model, batches, steps, cfg, "cls", policy, device)
-    preds = predict(model, data.test, data.pad_id, task.micro_batch_size * 2, policy, device)
+    try:
+        result = train_loop.run(model, batches, steps, cfg, "cls", policy, device)
+        preds = predict(model, data.test, data.pad_id, task.micro_batch_size * 2, policy, device)
+    finally:
+        policy.restore()
     scores = classification(preds, data.test.labels, len(data.labels))
     return {**scores, "steps": steps, "train_time_s": result.time_s, "train_loss": result.train_loss}
 

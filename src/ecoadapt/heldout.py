@@ -8,9 +8,10 @@ from typing import Any
 
 import torch
 
-from ecoadapt.data.batches import IGNORE, MaskSpec, make_batch, shift_labels
-from ecoadapt.losses import forward_logits, loss_sum
+from ecoadapt.data.batches import MaskSpec, make_batch
+from ecoadapt.losses import as_loss_module
 from ecoadapt.precision import Policy
+from ecoadapt.train import is_out_of_memory
 
 EVAL_MASK_SEED = 1234  # the same masks before and after training, so the losses compare
 
@@ -28,43 +29,55 @@ def heldout(
     """Mean loss per target token on held-out blocks.
 
     Args:
+        model: the model, or its :class:`~ecoadapt.losses.LossModule` (DDP/FSDP-wrapped or not).
         blocks: int64 (n, seq) held-out token blocks.
         objective: "clm" or "mlm" (masked with a fixed seed, so runs compare).
         mask: masking spec for mlm.
-        batch_size: blocks per forward pass.
+        batch_size: blocks per forward pass; halved (and the batch retried) on out of memory.
         policy: precision of the forward pass (the same as training's).
         device: where the model lives.
 
     Returns:
         {"loss", "perplexity", "accuracy" (of the arg-max prediction on target tokens),
-        "target_tokens", "time_s"}. Perplexity is exp(loss); for masked LM it is the
-        pseudo-perplexity of the masked tokens.
+        "target_tokens", "time_s", "batch_size" (the one that fit)}. Perplexity is exp(loss);
+        for masked LM it is the pseudo-perplexity of the masked tokens.
     """
-    was_training = model.training
-    model.eval()
+    module = as_loss_module(model, objective)
+    was_training = module.training
+    module.eval()
     generator = torch.Generator().manual_seed(EVAL_MASK_SEED)
     total = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
-    targets = 0
+    targets = torch.zeros((), dtype=torch.long, device=device)
     start = time.perf_counter()
-    for i in range(0, len(blocks), batch_size):
+    i = 0
+    while i < len(blocks):
         batch = make_batch(blocks[i : i + batch_size], objective, mask, generator)
-        input_ids = batch["input_ids"].to(device)
-        labels = batch["labels"].to(device)
-        with policy.autocast():
-            logits, labels = forward_logits(model, input_ids, labels, objective)
-        total += loss_sum(logits, labels, objective).double()
-        if objective == "clm" and logits.ndim == 3:
-            labels = shift_labels(labels)
-        keep = labels != IGNORE
-        correct += (logits.argmax(-1)[keep] == labels[keep]).sum()
-        targets += int(keep.sum())
-    model.train(was_training)
-    loss = total.item() / max(targets, 1)
+        try:
+            with policy.autocast():
+                loss, hits, n = module(batch["input_ids"].to(device), batch["labels"].to(device), scores=True)
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not is_out_of_memory(e) or batch_size == 1:
+                raise
+            # All blocks again in batches half as large (masked LM draws its masks per batch: the
+            # result's batch_size says which were used).
+            generator = torch.Generator().manual_seed(EVAL_MASK_SEED)
+            total.zero_(), correct.zero_(), targets.zero_()
+            batch_size, i = batch_size // 2, 0
+            continue
+        total += loss.double()
+        correct += hits
+        targets += n
+        i += batch_size
+    module.train(was_training)
+    # .item() is a device-host sync: once per evaluation.
+    n_targets = int(targets.item())
+    mean = total.item() / max(n_targets, 1)
     return {
-        "loss": loss,
-        "perplexity": math.exp(min(loss, 700.0)),
-        "accuracy": correct.item() / max(targets, 1),
-        "target_tokens": targets,
+        "loss": mean,
+        "perplexity": math.exp(min(mean, 700.0)),
+        "accuracy": correct.item() / max(n_targets, 1),
+        "target_tokens": n_targets,
         "time_s": time.perf_counter() - start,
+        "batch_size": batch_size,
     }

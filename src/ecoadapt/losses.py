@@ -23,7 +23,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ecoadapt import parallel
 from ecoadapt.data.batches import IGNORE, shift_labels
 
 
@@ -53,8 +52,6 @@ def encoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.
     Works through a PEFT wrapper (LoRA layers sit inside the same modules). Returns None when
     the model is not ``encoder + one head module`` (the caller then computes full logits).
     """
-    if parallel.is_wrapped(model):
-        return None  # DDP/FSDP must see the whole forward pass (their gradient hooks hang on it)
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # type: ignore[operator]
     encoder = getattr(inner, "base_model", None)
     if encoder is None or encoder is inner:
@@ -115,6 +112,33 @@ def forward_logits(
     return model(input_ids=input_ids).logits, labels
 
 
+def head_rows(
+    model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, objective: str
+) -> tuple[torch.Tensor, torch.nn.Linear, torch.Tensor] | None:
+    """(the rows the vocabulary projection sees, that projection, their targets), for models
+    whose head ends in a plain projection; None for others (they compute full logits).
+
+    Causal LM: every position's final hidden state, targets shifted. Masked LM: only the masked
+    positions, through the head's transform (dense, activation, norm), padded to a bucket.
+    """
+    if objective == "clm" and (parts := lm_parts(model)) is not None:
+        body, head = parts
+        hidden = body(input_ids=input_ids).last_hidden_state
+        return hidden.reshape(-1, hidden.shape[-1]), head, shift_labels(labels).reshape(-1)
+    if objective == "mlm" and (split := encoder_and_head(model)) is not None:
+        encoder, head_module = split
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # type: ignore[operator]
+        get_decoder = getattr(inner, "get_output_embeddings", None)
+        decoder = get_decoder() if callable(get_decoder) else None
+        head_parts = masked_lm_head_parts(head_module, decoder) if decoder is not None else None
+        if head_parts is not None:
+            transform, projection = head_parts
+            hidden = encoder(input_ids=input_ids).last_hidden_state
+            index, targets = masked_rows(labels)
+            return transform(hidden.reshape(-1, hidden.shape[-1])[index]), projection, targets
+    return None
+
+
 def training_loss_sum(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -122,27 +146,81 @@ def training_loss_sum(
     objective: str,
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The summed loss of one micro-batch (see :func:`loss_sum`); a causal LM with a plain
-    head computes it in chunks, never holding the whole (batch, seq, vocab) logits."""
-    if objective == "clm" and (parts := lm_parts(model)) is not None:
-        return causal_lm_loss_sum(*parts, input_ids, labels)
-    if objective == "mlm" and (split := encoder_and_head(model)) is not None:
-        encoder, head = split
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # type: ignore[operator]
-        get_decoder = getattr(inner, "get_output_embeddings", None)
-        decoder = get_decoder() if callable(get_decoder) else None
-        head_parts = masked_lm_head_parts(head, decoder) if decoder is not None else None
-        if head_parts is not None:  # the vocabulary projection and loss in chunks, masked rows only
-            transform, projection = head_parts
-            hidden = encoder(input_ids=input_ids).last_hidden_state
-            index, targets = masked_rows(labels)
-            rows = transform(hidden.reshape(-1, hidden.shape[-1])[index])
-            return linear_cross_entropy_sum(rows, projection.weight, projection.bias, targets)
+    """The summed loss of one micro-batch (see :func:`loss_sum`); models with a plain head
+    compute the vocabulary projection and loss in chunks, never holding whole logits."""
+    if (rows := head_rows(model, input_ids, labels, objective)) is not None:
+        hidden, projection, targets = rows
+        return linear_cross_entropy_sum(hidden, projection.weight, projection.bias, targets)
     logits, labels = forward_logits(model, input_ids, labels, objective, attention_mask)
     return loss_sum(logits, labels, objective)
 
 
-CHUNK_ELEMENTS = 2**22  # logits per chunk: 16 MiB in fp32, whatever the vocabulary
+@torch.no_grad()
+def score_sums(
+    model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, objective: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Held-out scores of one batch: (summed loss, fp32; arg-max hits; targets), device tensors.
+
+    The same chunked head as training where the model allows: evaluation never holds whole
+    (batch, seq, vocab) logits either, so its peak memory stays below training's.
+    """
+    if (rows := head_rows(model, input_ids, labels, objective)) is not None:
+        hidden, projection, targets = rows
+        return chunked_scores(hidden, projection.weight, projection.bias, targets)
+    logits, labels = forward_logits(model, input_ids, labels, objective)
+    total = loss_sum(logits, labels, objective)
+    if objective == "clm" and logits.ndim == 3:
+        labels = shift_labels(labels)
+    keep = labels != IGNORE
+    return total, (logits.argmax(-1)[keep] == labels[keep]).sum(), keep.sum()
+
+
+class LossModule(torch.nn.Module):
+    """A model and its objective as one module: what DDP and FSDP wrap.
+
+    DDP and FSDP hang their hooks on the forward pass of the module they wrap. Wrapping this one
+    rather than the model lets the loss take its cheap path (masked rows only, the vocabulary
+    projection in chunks) under data parallelism too: 1 and N processes run the same code.
+
+    Args:
+        model: the language model or classifier (PEFT-wrapped or not).
+        objective: "clm", "mlm" or "cls".
+    """
+
+    def __init__(self, model: torch.nn.Module, objective: str) -> None:
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        scores: bool = False,
+    ) -> Any:
+        """The micro-batch's summed training loss; with ``scores``, :func:`score_sums` instead
+        (through forward, so that FSDP gathers the weights for evaluation too)."""
+        if scores:
+            return score_sums(self.model, input_ids, labels, self.objective)
+        return training_loss_sum(self.model, input_ids, labels, self.objective, attention_mask)
+
+
+def as_loss_module(model: torch.nn.Module, objective: str) -> torch.nn.Module:
+    """``model`` itself when it is a LossModule (DDP- or FSDP-wrapped or not), else one around it."""
+    inner = getattr(model, "module", model)  # DDP keeps the wrapped module here
+    return model if isinstance(inner, LossModule) else LossModule(model, objective)
+
+
+# Logits per chunk, whatever the vocabulary: on a CPU 16 MiB in fp32 (cache-sized pieces); on a
+# GPU 128 MiB, enough rows per matmul (682 of a 49,152 vocabulary) to keep it busy rather than
+# bound by kernel launches, and still a small share of a small GPU's memory.
+CHUNK_ELEMENTS = {"cpu": 2**22, "cuda": 2**25}
+
+
+def chunk_rows(vocab: int, device_type: str) -> int:
+    """Rows of a (rows, vocab) logits chunk on ``device_type``."""
+    return max(1, CHUNK_ELEMENTS.get(device_type, CHUNK_ELEMENTS["cpu"]) // vocab)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -158,7 +236,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         compute_dtype: torch.dtype | None,
     ) -> torch.Tensor:
         rows, vocab = hidden.shape[0], weight.shape[0]
-        chunk = max(1, CHUNK_ELEMENTS // vocab)
+        chunk = chunk_rows(vocab, hidden.device.type)
         # Matmuls in the dtype autocast would use (the caller passes it): the same numbers as
         # the model's own head under autocast, without autocast's per-call weight cast.
         w = weight if compute_dtype is None else weight.to(compute_dtype)
@@ -223,14 +301,31 @@ def linear_cross_entropy_sum(
         return _LinearCrossEntropy.apply(hidden, weight, bias, labels, dtype)
 
 
+@torch.no_grad()
+def chunked_scores(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(summed CE in fp32, arg-max hits, targets) of ``hidden @ weight^T + bias``, chunk by chunk."""
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    hits = torch.zeros((), dtype=torch.long, device=hidden.device)
+    chunk = chunk_rows(weight.shape[0], hidden.device.type)
+    for start in range(0, hidden.shape[0], chunk):
+        h, y = hidden[start : start + chunk], labels[start : start + chunk]
+        logits = torch.nn.functional.linear(h, weight, bias).float()  # autocast casts as the model's head would
+        valid = y != IGNORE
+        target = y.clamp(min=0)
+        picked = logits.gather(1, target[:, None]).squeeze(1)
+        total += ((torch.logsumexp(logits, dim=-1) - picked) * valid).sum()
+        hits += ((logits.argmax(-1) == target) & valid).sum()
+    return total, hits, (labels != IGNORE).sum()
+
+
 def lm_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear] | None:
     """(the decoder body, the LM head) of a causal LM with a plain linear head, else None.
 
     Works through a PEFT wrapper. Models that transform their logits (soft-capping, scaling)
     or whose head has a bias are left to their own forward pass.
     """
-    if parallel.is_wrapped(model):
-        return None  # DDP/FSDP must see the whole forward pass (their gradient hooks hang on it)
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # type: ignore[operator]
     config = getattr(inner, "config", None)
     if config is None or any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale")):
@@ -243,23 +338,6 @@ def lm_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear] 
     if type(head) is not torch.nn.Linear:  # a LoRA or other wrapped head computes more than x @ W^T
         return None
     return body, head
-
-
-def causal_lm_loss_sum(
-    body: torch.nn.Module, head: torch.nn.Linear, input_ids: torch.Tensor, labels: torch.Tensor
-) -> torch.Tensor:
-    """Summed next-token cross-entropy (fp32) of a causal LM, without materialising its logits.
-
-    Args:
-        body: the decoder stack (returns ``last_hidden_state``).
-        head: the LM head, a bias-free Linear.
-        input_ids: (batch, seq) int64.
-        labels: (batch, seq) int64, IGNORE where there is no target; position t's label is
-            predicted from position t-1, as in the model's own loss.
-    """
-    hidden = body(input_ids=input_ids).last_hidden_state
-    shifted = shift_labels(labels)
-    return linear_cross_entropy_sum(hidden.reshape(-1, hidden.shape[-1]), head.weight, None, shifted.reshape(-1))
 
 
 class _Without(torch.nn.Module):

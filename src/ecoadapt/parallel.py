@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ecoadapt.errors import UserError
+from ecoadapt.losses import LossModule
 
 
 @dataclass(frozen=True)
@@ -91,8 +92,8 @@ def setup(strategy: str, device_choice: str, timeout_s: float) -> tuple[World, t
         return World(), torch.device("cuda" if use_cuda else "cpu")
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        device = _rank_gpu(rank, local_rank, size)
+        torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
         # Two processes on two cores: one intra-op thread each, or they fight over the cores.
@@ -100,8 +101,30 @@ def setup(strategy: str, device_choice: str, timeout_s: float) -> tuple[World, t
     if strategy == "none":
         raise UserError(f"parallel.strategy = none, but {size} processes were launched; use ddp or fsdp")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            "nccl" if use_cuda else "gloo",
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=device if use_cuda else None,  # binds NCCL to this rank's GPU at once
+        )
     return World(rank, size, local_rank, "fsdp" if strategy == "fsdp" else "ddp"), device
+
+
+def _rank_gpu(rank: int, local_rank: int, size: int) -> torch.device:
+    """This rank's GPU: the one numbered LOCAL_RANK among those it sees.
+
+    Raises:
+        UserError: more processes on this machine than GPUs visible to them (say
+            parallel.nproc=2 on one GPU), naming both counts.
+    """
+    visible = torch.cuda.device_count()
+    if local_rank >= visible:
+        local = os.environ.get("LOCAL_WORLD_SIZE", str(size))
+        raise UserError(
+            f"parallel: {local} processes on this machine but rank {rank} sees {visible} GPU(s) "
+            f"(LOCAL_RANK {local_rank} has none): start at most {visible} per machine (torchrun "
+            f"--nproc-per-node {visible}, or parallel.nproc={visible}), or train on CPU with train.device=cpu"
+        )
+    return torch.device("cuda", local_rank)
 
 
 def teardown(barrier: bool) -> None:
@@ -121,16 +144,31 @@ def wrap(model: nn.Module, world: World, device: torch.device, blocks: nn.Module
 
         for block in blocks or []:
             fully_shard(block)  # parameters, gradients and optimizer state sharded per block
-        fully_shard(model)
-        return model
+        fully_shard(model)  # the rest (embeddings, final norm, head) as one unit; shards go to the device
+        return model.to(device)  # buffers (rotary tables, position ids) follow the shards
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def is_wrapped(model: nn.Module) -> bool:
-    """Whether the model is DDP- or FSDP-wrapped (its forward must then be called whole)."""
-    return hasattr(model, "no_sync") or hasattr(model, "set_requires_gradient_sync")
+def check_fsdp_units(model: nn.Module, blocks: nn.ModuleList) -> None:
+    """Refuse parameter dtypes mixed inside one FSDP unit (each block, and the rest of the model):
+    FSDP2 gathers a unit's parameters as one flat group of one dtype.
+
+    Raises:
+        UserError: naming the unit and its dtypes, and what to change.
+    """
+    in_blocks = {id(p) for b in blocks for p in b.parameters()}
+    units = [(f"block {i}", list(b.parameters())) for i, b in enumerate(blocks)]
+    units.append(("the rest of the model", [p for p in model.parameters() if id(p) not in in_blocks]))
+    for name, params in units:
+        dtypes = sorted({str(p.dtype).replace("torch.", "") for p in params})
+        if len(dtypes) > 1:
+            raise UserError(
+                f"precision.layers: with parallel.strategy = fsdp each sharded unit must hold one dtype, but "
+                f"{name} mixes {', '.join(dtypes)}; map whole blocks (e.g. '*.layers.*': bf16, no patterns inside "
+                "a block), or use ddp"
+            )
 
 
 def full_state_dict(model: nn.Module, world: World) -> dict[str, torch.Tensor] | None:
@@ -141,12 +179,15 @@ def full_state_dict(model: nn.Module, world: World) -> dict[str, torch.Tensor] |
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    prefix = "model." if isinstance(model, LossModule) else ""  # the language model's own names
+    return {k.removeprefix(prefix): v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DDP wrapper (FSDP2 modules are the model itself)."""
-    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+    """The language model inside a DDP wrapper (FSDP2 modules are the model itself) and its
+    LossModule."""
+    inner = model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+    return inner.model if isinstance(inner, LossModule) else inner
 
 
 @contextlib.contextmanager

@@ -54,19 +54,40 @@ class Policy:
     needs_scaler: bool = False
     _scaler: Any = None
     _masters: list[tuple[nn.Parameter, nn.Parameter]] = field(default_factory=list)
+    _tf32_before: tuple[bool, bool] | None = None
 
     def __post_init__(self) -> None:
-        if self.mode == "tf32":
-            if self.device == "cuda" and torch.cuda.get_device_capability()[0] >= 8:
-                torch.backends.cuda.matmul.allow_tf32 = True
-                torch.backends.cudnn.allow_tf32 = True
-            else:
-                self.notes.append(f"tf32: this {self.device} has no TF32 matmuls; the run is plain fp32")
-        if self.mode in ("bf16", "bf16-pure") and self.device == "cuda" and not torch.cuda.is_bf16_supported():
+        if self.device == "cuda":
+            self._set_tf32()
+        elif self.mode == "tf32":
+            self.notes.append(f"tf32: this {self.device} has no TF32 matmuls; the run is plain fp32")
+        if (
+            self.mode in ("bf16", "bf16-pure")
+            and self.device == "cuda"
+            and not torch.cuda.is_bf16_supported(including_emulation=False)
+        ):
             self.notes.append(f"{self.mode}: this GPU has no native bfloat16; it is emulated, slowly")
         if self.mode == "fp16":
             self.needs_scaler = True
         self._refresh_scaler()
+
+    def _set_tf32(self) -> None:
+        """TF32 matmuls on for tf32 mode on GPUs that have them, and off for every other mode (a
+        process-wide setting: fp32 must not inherit it from an earlier run or a library).
+        :meth:`restore` puts back what was there before."""
+        self._tf32_before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        capable = torch.cuda.get_device_capability()[0] >= 8
+        if self.mode == "tf32" and not capable:
+            self.notes.append("tf32: this GPU has no TF32 matmuls (before Ampere); the run is plain fp32")
+        on = self.mode == "tf32" and capable
+        torch.backends.cuda.matmul.allow_tf32 = on
+        torch.backends.cudnn.allow_tf32 = on
+
+    def restore(self) -> None:
+        """Put the process-wide TF32 settings back as they were before this policy."""
+        if self._tf32_before is not None:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self._tf32_before
+            self._tf32_before = None
 
     def _refresh_scaler(self) -> None:
         if self.needs_scaler and self._scaler is None:

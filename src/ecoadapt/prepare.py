@@ -18,7 +18,7 @@ from ecoadapt.config import RunConfig
 from ecoadapt.data import corpus
 from ecoadapt.data.batches import MaskSpec
 from ecoadapt.heldout import heldout
-from ecoadapt.losses import encoder_and_head
+from ecoadapt.losses import LossModule, encoder_and_head
 from ecoadapt.measure import flops, memory
 from ecoadapt.measure.energy import EnergyTracker
 from ecoadapt.precision import AUTOCAST_DTYPES, DTYPES, Policy
@@ -89,15 +89,20 @@ def prepare(
     _describe_corpus(blocks, cfg, world, log)
 
     model, plan = adapters.prepare(loaded, cfg.train, cfg.lora)
-    model.to(device)
+    # FSDP shards the model while it is still in host memory and moves only each rank's shard to
+    # its GPU: the whole model never has to fit one GPU.
+    setup_device = torch.device("cpu") if world.strategy == "fsdp" else device
+    model.to(setup_device)
     policy = Policy(cfg.precision.mode, device.type)
     mask = mask_spec(loaded.tokenizer, cfg.data.mlm_probability) if loaded.objective == "mlm" else None
-    precision_report = apply_precision(model, policy, cfg, blocks.train, loaded.objective, mask, device)
+    precision_report = apply_precision(model, policy, cfg, blocks.train, loaded.objective, mask, setup_device, device)
     for note in policy.notes:
         log(f"note: {note}")
     counts = models.parameter_counts(model)
     _, block_list = models.transformer_blocks(model)
-    model = parallel.wrap(model, world, device, block_list)
+    if world.strategy == "fsdp":
+        parallel.check_fsdp_units(model, block_list)
+    model = parallel.wrap(LossModule(model, loaded.objective), world, device, block_list)
     log(_what_trains(cfg, loaded.objective, device, counts, plan, world))
     return Prepared(loaded, blocks, model, plan, policy, mask, precision_report, counts, rss_before_load, phases)
 
@@ -140,8 +145,14 @@ def apply_precision(
     objective: str,
     mask: MaskSpec | None,
     device: torch.device,
+    train_device: torch.device | None = None,
 ) -> dict[str, Any]:
     """Store and run the model as precision.mode and precision.layers say.
+
+    Args:
+        device: where the model is now (the precision search's calibration runs there).
+        train_device: where it will train (layer maps cast for it; the 16-bit matmul probe runs
+            there); default ``device``.
 
     Returns:
         The per-layer part of the summary: the map applied, the search table for auto, the
@@ -157,15 +168,16 @@ def apply_precision(
         # fp32 parameters made the 2-process CPU test abort at exit about one run in two.
         report["frozen_linear_bytes_saved"] = policy.store_frozen_linears(model)
     unlowered = None if policy.mode in AUTOCAST_DTYPES else policy.compute_dtype  # no autocast to reconcile
+    train_device = train_device or device
     if mapping == "auto":
         mapping = _search_layers(model, policy, cfg, train_blocks, objective, mask, device, unlowered, report)
     if mapping:
-        report["layers"] = layerwise.apply_map(model, mapping, device.type, unlowered)
+        report["layers"] = layerwise.apply_map(model, mapping, train_device.type, unlowered)
         if "fp16" in mapping.values():
             policy.use_fp16_layers()
     report["layers_effective"] = layerwise.effective_dtypes(model)
     report["weight_bytes"] = layerwise.weight_bytes(model)
-    _note_slow_16_bit(policy, mapping, device, report)
+    _note_slow_16_bit(policy, mapping, train_device, report)
     return report
 
 
@@ -183,9 +195,10 @@ def _search_layers(
     """precision.layers = auto: measure each block's sensitivity and choose the map."""
     blocks_name, blocks = models.transformer_blocks(model)
     calibration = train_blocks[: cfg.precision.calibration_batches * cfg.train.micro_batch_size]
+    here = policy if policy.device == device.type else Policy(policy.mode, device.type)  # FSDP: on the host
 
     def calibration_loss() -> float:
-        return heldout(model, calibration, objective, mask, cfg.train.micro_batch_size, policy, device)["loss"]
+        return heldout(model, calibration, objective, mask, cfg.train.micro_batch_size, here, device)["loss"]
 
     found = layerwise.search(
         model,
@@ -235,12 +248,13 @@ def _note_slow_16_bit(
 
 def mfu(p: Prepared, cfg: RunConfig, device: torch.device, tokens_per_s: float) -> dict[str, Any]:
     """MFU of the training loop: model FLOPs per token x tokens/s over the device's peak."""
-    _, blocks = models.transformer_blocks(p.model)
+    model = parallel.unwrap(p.model)
+    _, blocks = models.transformer_blocks(model)
     head_fraction = 1.0
-    if p.loaded.objective == "mlm" and encoder_and_head(parallel.unwrap(p.model)) is not None:
-        head_fraction = cfg.data.mlm_probability  # only masked positions reach the head
+    if p.loaded.objective == "mlm" and encoder_and_head(model) is not None:
+        head_fraction = cfg.data.mlm_probability  # only masked positions reach the head, on every rank
     hidden = p.loaded.model.config.hidden_size
-    count = flops.training_flops(p.model, blocks, cfg.data.max_seq_len, hidden, head_fraction)
+    count = flops.training_flops(model, blocks, cfg.data.max_seq_len, hidden, head_fraction)
     # The peak of the dtype the blocks (nearly all FLOPs) compute in: a layer map can lower them.
     lowered = {v for v in p.precision_report.get("layers", {}).values() if v != "fp32"}
     dtype = DTYPES[lowered.pop()] if len(lowered) == 1 else p.policy.compute_dtype

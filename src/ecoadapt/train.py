@@ -22,7 +22,7 @@ from ecoadapt import parallel
 from ecoadapt.config import TrainConfig
 from ecoadapt.data.batches import target_count
 from ecoadapt.errors import UserError
-from ecoadapt.losses import training_loss_sum
+from ecoadapt.losses import as_loss_module
 from ecoadapt.measure import memory
 from ecoadapt.precision import Policy
 from ecoadapt.progress import say
@@ -43,6 +43,9 @@ def accumulate(
 ) -> tuple[torch.Tensor, int, int]:
     """Forward and backward over the micro-batches of one optimizer step.
 
+    ``model`` is called as a :class:`~ecoadapt.losses.LossModule` (one is put around a plain
+    model): under DDP and FSDP the wrapper's hooks then see the whole loss computation.
+
     Every micro-batch's summed loss is divided by the target tokens of *all* of them (on all
     ranks), so the accumulated gradient is that of the mean loss over the whole step's
     targets. Under data parallelism the loss is also multiplied by the world size, because DDP
@@ -61,15 +64,16 @@ def accumulate(
         n_targets = max(1, sum(int(b["global_targets"]) for b in micro))
     else:
         n_targets = max(1, sum(target_count(b["labels"], objective) for b in micro))
+    module = as_loss_module(model, objective)
     step_loss = torch.zeros((), device=device)
     n_tokens = 0
     for i, batch in enumerate(micro):
         input_ids = batch["input_ids"].to(device, non_blocking=True)
         labels = batch["labels"].to(device, non_blocking=True)
         mask = batch["attention_mask"].to(device, non_blocking=True) if "attention_mask" in batch else None
-        with parallel.gradient_sync(model, enabled=i == len(micro) - 1):
+        with parallel.gradient_sync(module, enabled=i == len(micro) - 1):
             with policy.autocast():
-                loss = training_loss_sum(model, input_ids, labels, objective, mask) / n_targets
+                loss = module(input_ids, labels, mask) / n_targets
             if memory_limit_bytes is not None and (used := memory.rss_bytes()) > memory_limit_bytes:
                 raise MemoryLimitExceeded(
                     f"resident memory {used / 2**30:.2f} GiB > train.max_memory_gb {memory_limit_bytes / 2**30:g}"
@@ -241,7 +245,11 @@ class Loop:
         device: torch.device,
         world_size: int = 1,
     ) -> Loop:
-        """AdamW over the trainable parameters (fp32 masters where needed), warm-up and decay."""
+        """AdamW over the trainable parameters (fp32 masters where needed), warm-up and decay.
+
+        A plain model is put inside a :class:`~ecoadapt.losses.LossModule` (``loop.model``).
+        """
+        model = as_loss_module(model, objective)
         params = [p for p in model.parameters() if p.requires_grad]
         groups = policy.optimizer_params(parameter_groups(model, cfg.weight_decay))
         # foreach kernels batch the per-parameter updates: fewer, larger ops on CPU and GPU.
@@ -416,7 +424,9 @@ def _fit_step(loop: Loop, micro: list[dict[str, torch.Tensor]]) -> tuple[torch.T
     """One step's forward and backward; on out of memory, with train.auto_micro_batch, the same
     rows again in micro-batches half as large (twice as many), until they fit."""
     result, cfg = loop.result, loop.cfg
-    memory_limit = int(cfg.max_memory_gb * 2**30) if cfg.max_memory_gb is not None else None
+    # The CPU guard reads the resident set; on CUDA the allocator itself enforces the cap.
+    on_cpu = loop.device.type == "cpu"
+    memory_limit = int(cfg.max_memory_gb * 2**30) if cfg.max_memory_gb is not None and on_cpu else None
     while True:
         parts = split_micro_batches(micro, result.micro_batch_splits) if result.micro_batch_splits > 1 else micro
         failure: str | None = None

@@ -1,53 +1,22 @@
-"""Energy meters behind one small interface, and measurement windows over them.
+"""Measurement windows over an energy meter, and the job's energy from every rank's.
 
-A meter is a monotonic joule counter (``total_joules``) with a ``method`` (measured or
-estimated) and a ``meter`` name; :class:`EnergyTracker` turns it into named windows
+:class:`EnergyTracker` turns a meter (see :mod:`ecoadapt.measure.meters`) into named windows
 (``begin_window`` / ``end_window``, as Zeus does) that return a :class:`Measurement` whose fields
-carry their units. Meters:
-
-- ``nvml``: NVIDIA GPU energy through Zeus's ``ZeusMonitor`` (the NVML total-energy counter
-  where the GPU has one, sampled power otherwise), measured. Zeus is an optional extra
-  (``pip install 'ecoadapt[energy]'``): it pulls pandas and scikit-learn.
-- ``rapl``: Intel/AMD CPU package (and DRAM, where exposed) energy from the Linux powercap
-  sysfs counters, measured; counter wraparound is handled.
-- ``estimate``: CPU seconds of this process and its children x watts per busy core, plus
-  resident memory x watts per GiB over the wall time. Fine for comparing recipes on one
-  machine; never reported as measured.
-
-``auto`` takes the first meter that can read on this machine and says which it took and why the
-others could not; a meter asked for by name that cannot read is an error, never a silent
-fallback.
+carry their units; windows nest, so each figure is its own window's. Where the main meter is a
+GPU's and the CPU's RAPL counters are readable too, the CPU's joules are reported beside the
+GPU's (``beside``), each labelled with what it covers.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
-import psutil
-
-from ecoadapt.config import CPU_WATTS_PER_CORE, MEMORY_WATTS_PER_GIB, MeasureConfig
-from ecoadapt.errors import UserError
-
-POWERCAP_ROOT = Path("/sys/class/powercap")
-
-
-class Meter(Protocol):
-    """A monotonic energy counter."""
-
-    name: str
-    method: str  # "measured" or "estimated"
-
-    def total_joules(self) -> float:
-        """Joules since the meter was created."""
-        ...
-
-    def describe(self) -> dict[str, Any]:
-        """How the figure is obtained (formula, inputs, devices), for the summary."""
-        ...
+from ecoadapt.config import MeasureConfig
+from ecoadapt.measure import meters
+from ecoadapt.measure.meters import Meter, RaplMeter, ZeusGpuMeter, choose
 
 
 @dataclass
@@ -80,211 +49,6 @@ class Measurement:
         return Measurement(self.joules + joules, self.seconds + seconds, self.method, self.meter)
 
 
-class EstimateMeter:
-    """Energy estimated from CPU time and resident memory: no hardware counter needed.
-
-    joules = cpu_seconds(process tree) x cpu_watts_per_core
-             + mean resident GiB x memory_watts_per_gib x wall_seconds
-    """
-
-    name = "cpu-time-estimate"
-    method = "estimated"
-
-    def __init__(
-        self,
-        cpu_watts_per_core: float = CPU_WATTS_PER_CORE,
-        memory_watts_per_gib: float = MEMORY_WATTS_PER_GIB,
-        process: psutil.Process | None = None,
-    ) -> None:
-        self.cpu_watts_per_core = cpu_watts_per_core
-        self.memory_watts_per_gib = memory_watts_per_gib
-        self.process = process or psutil.Process()
-        self._cpu0 = self._cpu_seconds()
-        self._last_wall = time.perf_counter()
-        self._memory_joules = 0.0
-        self.cpu_seconds = 0.0
-
-    def _cpu_seconds(self) -> float:
-        t = self.process.cpu_times()
-        total = t.user + t.system + t.children_user + t.children_system
-        for child in self.process.children(recursive=True):
-            try:
-                c = child.cpu_times()
-                total += c.user + c.system
-            except psutil.Error:  # a child that ended between listing and reading
-                pass
-        return total
-
-    def total_joules(self) -> float:
-        """Estimated joules since creation (memory power integrated between reads)."""
-        now = time.perf_counter()
-        gib = self.process.memory_info().rss / 2**30
-        self._memory_joules += gib * self.memory_watts_per_gib * (now - self._last_wall)
-        self._last_wall = now
-        self.cpu_seconds = self._cpu_seconds() - self._cpu0
-        return self.cpu_seconds * self.cpu_watts_per_core + self._memory_joules
-
-    def describe(self) -> dict[str, Any]:
-        """The formula and its inputs, so that a user can redo the arithmetic."""
-        return {
-            "formula": "cpu_seconds x cpu_watts_per_core + resident_GiB x memory_watts_per_gib x wall_seconds",
-            "cpu_watts_per_core": self.cpu_watts_per_core,
-            "memory_watts_per_gib": self.memory_watts_per_gib,
-            "cpu_seconds": self.cpu_seconds,
-            "memory_joules": self._memory_joules,
-        }
-
-
-@dataclass
-class _RaplDomain:
-    name: str
-    path: Path
-    max_uj: int
-    last_uj: int
-    total_uj: int = 0
-
-
-class RaplMeter:
-    """CPU package and DRAM energy from the powercap counters (Intel RAPL, AMD RAPL), measured.
-
-    Reads the top-level ``intel-rapl:N`` (package) zones and their ``dram`` sub-zones; core and
-    uncore sub-zones are skipped because the package already contains them. Each counter wraps
-    at ``max_energy_range_uj``; a reading below the previous one adds the range back.
-    """
-
-    name = "rapl"
-    method = "measured"
-
-    def __init__(self, root: Path = POWERCAP_ROOT) -> None:
-        self.domains: list[_RaplDomain] = []
-        for zone in sorted(root.glob("intel-rapl:*")):
-            if zone.name.count(":") == 1 or _read(zone / "name", "").startswith("dram"):
-                energy = zone / "energy_uj"
-                try:
-                    first = int(energy.read_text())
-                    max_uj = int(_read(zone / "max_energy_range_uj", str(2**32)))
-                except (OSError, ValueError) as e:
-                    raise RuntimeError(f"cannot read {energy} ({e}); reading RAPL usually needs root") from e
-                self.domains.append(_RaplDomain(_read(zone / "name", zone.name), energy, max_uj, first))
-        if not self.domains:
-            raise RuntimeError(f"no RAPL zones under {root}")
-
-    def total_joules(self) -> float:
-        """Measured joules since creation, summed over package and DRAM zones."""
-        for d in self.domains:
-            now = int(d.path.read_text())
-            delta = now - d.last_uj
-            if delta < 0:  # the counter wrapped around
-                delta += d.max_uj
-            d.total_uj += delta
-            d.last_uj = now
-        return sum(d.total_uj for d in self.domains) / 1e6
-
-    def describe(self) -> dict[str, Any]:
-        """The zones read."""
-        return {"zones": [d.name for d in self.domains]}
-
-
-class ZeusGpuMeter:
-    """GPU energy from Zeus's ZeusMonitor, measured.
-
-    ZeusMonitor measures windows; a running total comes from chaining them: each read opens the
-    next window before it closes the current one (Zeus allows overlapping windows), so no
-    interval is lost or counted twice. Reads do not synchronise CUDA (that would stall the
-    training loop at every budget check); work still queued is counted by the next read.
-    """
-
-    name = "zeus-nvml"
-    method = "measured"
-
-    def __init__(self, gpu_indices: list[int]) -> None:
-        try:
-            from zeus.monitor import ZeusMonitor
-        except ImportError as e:
-            raise RuntimeError("the NVML meter needs Zeus: pip install 'ecoadapt[energy]'") from e
-        try:
-            self.monitor = ZeusMonitor(gpu_indices=gpu_indices, cpu_indices=[])
-        except Exception as e:  # Zeus raises its own types for "no NVML", "no GPU"
-            raise RuntimeError(f"Zeus cannot read NVML ({type(e).__name__}: {e})") from e
-        self.gpu_indices = gpu_indices
-        self._reads = 0
-        self._total = 0.0
-        self.monitor.begin_window(self._key())
-
-    def _key(self) -> str:
-        return f"ecoadapt-{self._reads}"
-
-    def total_joules(self) -> float:
-        """Measured GPU joules since creation, summed over the metered GPUs."""
-        current = self._key()
-        self._reads += 1
-        self.monitor.begin_window(self._key(), sync_execution=False)
-        measurement = self.monitor.end_window(current, sync_execution=False)
-        self._total += float(sum(measurement.gpu_energy.values()))
-        return self._total
-
-    def describe(self) -> dict[str, Any]:
-        """The GPUs metered."""
-        return {"library": "zeus", "gpu_indices": self.gpu_indices}
-
-
-def _read(path: Path, default: str) -> str:
-    try:
-        return path.read_text().strip()
-    except OSError:
-        return default
-
-
-@dataclass
-class MeterChoice:
-    """The meter a run uses and why (what ``auto`` tried and could not use)."""
-
-    meter: Meter | None
-    notes: list[str] = field(default_factory=list)
-
-
-def choose(
-    kind: str,
-    cpu_watts_per_core: float = CPU_WATTS_PER_CORE,
-    memory_watts_per_gib: float = MEMORY_WATTS_PER_GIB,
-    powercap_root: Path = POWERCAP_ROOT,
-    gpu_indices: list[int] | None = None,
-) -> MeterChoice:
-    """Build the meter that ``measure.energy`` names.
-
-    Args:
-        kind: auto, nvml, rapl, estimate or off.
-        gpu_indices: the GPUs the run uses (None on CPU); auto meters them with NVML.
-
-    Raises:
-        UserError: a meter named explicitly that cannot read on this machine.
-    """
-    if kind == "off":
-        return MeterChoice(None, ["energy: off (measure.energy = off)"])
-    if kind == "estimate":
-        return MeterChoice(EstimateMeter(cpu_watts_per_core, memory_watts_per_gib))
-    builders: dict[str, Callable[[], Meter]] = {
-        "nvml": lambda: ZeusGpuMeter(gpu_indices or [0]),
-        "rapl": lambda: RaplMeter(powercap_root),
-    }
-    if kind in builders:
-        try:
-            return MeterChoice(builders[kind]())
-        except RuntimeError as e:
-            raise UserError(f"measure.energy = {kind}: {e}; use auto or estimate") from None
-    # auto: a GPU run is metered on its GPUs; a CPU run on the CPU package.
-    order = ["nvml"] if gpu_indices else ["rapl"]
-    notes = []
-    for name in order:
-        try:
-            return MeterChoice(builders[name]())
-        except RuntimeError as e:
-            notes.append(f"{name}: {e}")
-    what = "CPU time (the GPU's own energy is not counted)" if gpu_indices else "CPU time"
-    notes = [f"energy: no measured meter on this machine ({'; '.join(notes)}); estimating from {what} instead"]
-    return MeterChoice(EstimateMeter(cpu_watts_per_core, memory_watts_per_gib), notes)
-
-
 class EnergyTracker:
     """Named measurement windows over one meter (which may be None: energy off).
 
@@ -300,6 +64,9 @@ class EnergyTracker:
         self._taken: dict[str, tuple[float, float]] = {}  # outer -> (J, s) of inner windows so far
         self.windows: dict[str, Measurement] = {}
         self.idle_watts: float | None = None
+        self.beside: dict[str, Meter] = {}  # meters of what the main one leaves out
+        self._beside_start: dict[str, float] = {}
+        self.not_covered: str | None = None  # what no meter here counts
 
     @classmethod
     def for_config(
@@ -329,7 +96,14 @@ class EnergyTracker:
         meter = chosen.meter
         if isinstance(meter, RaplMeter) and local_rank != 0:
             meter = None  # one CPU package, one meter: local rank 0 counts it for the machine
-        return cls(meter)
+        tracker = cls(meter)
+        if isinstance(meter, ZeusGpuMeter) and local_rank == 0:
+            try:  # the GPU meter leaves the CPU and DRAM out: count them too where RAPL is readable
+                tracker.beside = {"rapl": RaplMeter(meters.POWERCAP_ROOT)}
+                tracker._beside_start = {"rapl": tracker.beside["rapl"].total_joules()}
+            except RuntimeError as e:
+                tracker.not_covered = f"CPU and DRAM (RAPL not readable: {e})"
+        return tracker
 
     @property
     def method(self) -> str:
@@ -413,11 +187,25 @@ class EnergyTracker:
         out: dict[str, Any] = {
             "method": self.meter.method,
             "meter": self.meter.name,
+            "covers": self.meter.covers,
             "phases": {k: {"joules": m.joules, "seconds": m.seconds} for k, m in self.windows.items()},
             "details": self.meter.describe(),
             "idle_watts": self.idle_watts,
             "grid_g_co2_per_kwh": grid_g_co2_per_kwh,
         }
+        if self.beside:
+            out["beside"] = {
+                name: {
+                    "joules": m.total_joules() - self._beside_start[name],
+                    "method": m.method,
+                    "meter": m.name,
+                    "covers": m.covers,
+                    "window": "the whole run (every phase), not included in joules",
+                }
+                for name, m in self.beside.items()
+            }
+        if self.not_covered:
+            out["not_covered"] = self.not_covered
         return with_totals(out)
 
 
@@ -471,4 +259,10 @@ def combine_ranks(per_rank: list[dict[str, Any] | None]) -> dict[str, Any] | Non
         "per_rank_joules": [e["joules"] if e is not None else None for e in per_rank],
         "ranks_metered": len(metered),
     }
+    beside = [e["beside"] for e in metered if e.get("beside")]
+    if beside:  # each machine's CPU, counted by its local rank 0: the job's is their sum
+        job["beside"] = {
+            name: {**beside[0][name], "joules": sum(b[name]["joules"] for b in beside if name in b)}
+            for name in beside[0]
+        }
     return with_totals(job)

@@ -73,6 +73,14 @@ def reset_peak(device: torch.device) -> bool:
     return reset_rss_peak()
 
 
+def cap_cuda_memory(device: torch.device, gib: float) -> float:
+    """Limit the caching allocator on ``device`` to ``gib`` GiB; returns the fraction set."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    fraction = min(1.0, gib * 2**30 / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    return fraction
+
+
 class MemoryWindows:
     """Peak memory per named window on one device.
 

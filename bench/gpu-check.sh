@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# The GPU paths, checked on one (or two) NVIDIA GPUs in under 5 minutes: every precision mode, a
+# layer map, the automatic layer search, a forced out-of-memory with auto micro-batch, NVML
+# energy, the gpu/multigpu tests, and DDP + FSDP when two GPUs are visible. One line per run:
+# status, energy method, training peak memory, MFU. CI never runs it (no GPU there).
+#
+#   bash bench/gpu-check.sh          # from the repository root, on the GPU machine
+#
+# Uses the torch / transformers / peft already installed; ecoadapt goes on top (--no-deps).
+# The model is a small random-weight Llama (SmolLM2's shape, 6 blocks): fast, offline, and the
+# CUDA paths are the same as for the real model.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ] && PY=.venv/bin/python
+$PY -c "import ecoadapt" 2>/dev/null || $PY -m pip install -q --no-deps --no-build-isolation -e . 2>/dev/null \
+  || export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
+$PY -c "import zeus" 2>/dev/null || $PY -m pip install -q zeus 2>/dev/null || true
+started=$(date +%s)
+work=runs/gpu-check
+rm -rf "$work"; mkdir -p "$work"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+gpus=$($PY -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
+[ "$gpus" -ge 1 ] || { echo "no CUDA GPU visible"; exit 1; }
+$PY -m ecoadapt meters || true
+
+$PY - "$work/model" <<'PY'
+import sys
+from pathlib import Path
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from ecoadapt.data import builtin
+out = Path(sys.argv[1])
+tok = Tokenizer(models.BPE(unk_token="<unk>"))
+tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+tok.train_from_iterator(list(builtin.documents("builtin:python-docstrings"))[:4000],
+                        trainers.BpeTrainer(vocab_size=8192, special_tokens=["<unk>", "<|endoftext|>"]))
+fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|endoftext|>")
+torch.manual_seed(0)
+cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=6,
+                  num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True, eos_token_id=1)
+LlamaForCausalLM(cfg).save_pretrained(out)
+fast.save_pretrained(out)
+PY
+
+cat > "$work/base.yaml" <<YAML
+model: {name_or_path: $work/model}
+data: {train: [builtin:python-docstrings], max_seq_len: 256, eval_max_blocks: 16}
+train: {micro_batch_size: 16, max_steps: 20, lr: 1.0e-3, log_every: 10, device: cuda}
+measure: {energy: auto}
+output: {save_model: false}
+YAML
+
+line() {  # name, run dir, exit status: one line from the run's summary
+  $PY - "$1" "$2" "$3" <<'PY'
+import json, sys
+name, folder, code = sys.argv[1:]
+try:
+    s = json.load(open(f"{folder}/summary.json"))
+except OSError:
+    print(f"{name:<22} exit {code}: no summary"); sys.exit()
+m, e = s.get("memory") or {}, s.get("energy") or {}
+peak = m.get("train_peak_bytes")
+print(f"{name:<22} {s['status']:<18} energy {e.get('method', 'off')}/{e.get('meter', '-'):<18} "
+      f"train peak {peak / 2**20 if peak else float('nan'):>8,.0f} MiB  eval peak "
+      f"{(m.get('eval_peak_bytes') or 0) / 2**20:>8,.0f} MiB  MFU {s.get('mfu') or float('nan'):.1%}  "
+      f"{s.get('tokens_per_s') or 0:,.0f} tok/s" + (f"  [{s.get('error')}]" if s.get("error") else ""))
+PY
+}
+run() {  # name, nproc, --set overrides...
+  local name=$1 nproc=$2; shift 2
+  local sets=(); for s in "$@"; do sets+=(--set "$s"); done
+  timeout 120 $PY -m ecoadapt adapt "$work/base.yaml" --set "output.dir=$work/$name" --set "parallel.nproc=$nproc" \
+    "${sets[@]}" > "$work/$name.log" 2>&1
+  line "$name" "$work/$name" $?
+}
+
+for mode in fp32 tf32 fp16 bf16 bf16-pure; do run "$mode" 1 "precision.mode=$mode"; done
+run layer-map 1 'precision.layers={"*.layers.*": bf16, "*norm*": fp32}'
+run layer-auto 1 precision.layers=auto
+run lora-bf16 1 precision.mode=bf16 lora.enabled=true
+run forced-oom 1 precision.mode=bf16 train.micro_batch_size=64 train.max_memory_gb=3 train.auto_micro_batch=true
+grep -h "micro-batch .* -> " "$work/forced-oom.log" | head -3
+if [ "$gpus" -ge 2 ]; then
+  run ddp-2gpu 2 precision.mode=bf16 parallel.strategy=ddp
+  run fsdp-2gpu 2 precision.mode=bf16-pure parallel.strategy=fsdp
+else
+  echo "one GPU: DDP and FSDP not run (they need two)"
+fi
+timeout 120 $PY -m pytest -q -p no:cacheprovider -m "gpu or multigpu" tests/test_gpu.py 2>&1 | tail -3
+echo "done in $(( $(date +%s) - started ))s; logs and summaries in $work/"
