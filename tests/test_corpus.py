@@ -1,7 +1,9 @@
 """Splitting, packing, caching and masking."""
 
 import collections
+import json
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -9,16 +11,27 @@ from transformers import AutoTokenizer
 from ecoadapt.config import DataConfig
 from ecoadapt.data import corpus
 from ecoadapt.data.batches import IGNORE, BlockLoader, MaskSpec, mask_tokens, target_count
+from ecoadapt.data.store import MemmapBlocks
 from ecoadapt.errors import UserError
 
 
-def test_pack_puts_separator_between_documents_and_never_pads():
-    blocks, dropped = corpus.pack([[1, 2, 3], [4, 5], [6, 7, 8, 9]], block_len=4, separator=0)
-    # stream: 1 2 3 0 4 5 0 6 7 8 9 0  -> 3 full blocks, nothing left over
-    assert blocks.tolist() == [[1, 2, 3, 0], [4, 5, 0, 6], [7, 8, 9, 0]]
-    assert dropped == 0
-    blocks, dropped = corpus.pack([[1, 2, 3], [4, 5]], block_len=4, separator=None)
-    assert blocks.tolist() == [[1, 2, 3, 4]] and dropped == 1
+def blocks_of(tmp_path, stream, seq_len):
+    path = tmp_path / "train.bin"
+    path.write_bytes(np.asarray(stream, dtype=np.uint16).tobytes())
+    return MemmapBlocks(path, np.dtype(np.uint16), seq_len)
+
+
+def test_blocks_are_cut_from_the_stream_with_nothing_padded(tmp_path):
+    # stream: 1 2 3 0 4 5 0 6 7 8 9 0 (documents with their separators) -> 3 full blocks of 4
+    blocks = blocks_of(tmp_path, [1, 2, 3, 0, 4, 5, 0, 6, 7, 8, 9, 0], 4)
+    assert blocks[:].tolist() == [[1, 2, 3, 0], [4, 5, 0, 6], [7, 8, 9, 0]]
+    assert blocks.dropped_tokens == 0 and blocks.shape == (3, 4)
+    assert blocks[torch.tensor([2, 0])].tolist() == [[7, 8, 9, 0], [1, 2, 3, 0]]
+    assert blocks[1].dtype == torch.int64 and blocks[1].tolist() == [4, 5, 0, 6]
+    tail = blocks_of(tmp_path, [1, 2, 3, 4, 5], 4)
+    assert tail[:].tolist() == [[1, 2, 3, 4]] and tail.dropped_tokens == 1
+    short = blocks_of(tmp_path, [1, 2, 3], 8)  # shorter than one block: one short block
+    assert short[:].tolist() == [[1, 2, 3]] and len(short) == 1
 
 
 def test_split_is_deterministic_and_keeps_duplicates_together():
@@ -29,19 +42,27 @@ def test_split_is_deterministic_and_keeps_duplicates_together():
     assert all(corpus.is_held_out(t, 0.1) for t in held)  # a duplicate of a held-out doc is held out
 
 
-def test_build_clm_caches_and_separates_with_eos(tiny_llama, corpus_jsonl):
+def test_build_clm_stores_once_and_separates_with_eos(tiny_llama, corpus_jsonl):
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     cfg = DataConfig(train=[str(corpus_jsonl)], text_field="caption", max_seq_len=16, eval_fraction=0.1)
     first = corpus.build(cfg, tok, "clm")
-    assert first.stats["cache"] == "miss"
+    assert first.stats["cache"] == "miss" and first.stats["token_dtype"] == "<u2"  # a small vocabulary: uint16
     assert first.train.shape[1] == 16 and first.eval.shape[1] == 16
-    assert (first.train == tok.eos_token_id).sum() > 0
+    assert (first.train[:] == tok.eos_token_id).sum() > 0
     second = corpus.build(cfg, tok, "clm")
     assert second.stats["cache"] == "hit"
-    assert torch.equal(first.train, second.train)
-    # Another sequence length is another cache entry.
-    other = corpus.build(DataConfig(train=[str(corpus_jsonl)], text_field="caption", max_seq_len=8), tok, "clm")
-    assert other.stats["cache"] == "miss" and other.train.shape[1] == 8
+    assert torch.equal(first.train[:], second.train[:])
+    # Another sequence length reuses the same store: blocks are cut when read.
+    other = corpus.build(
+        DataConfig(train=[str(corpus_jsonl)], text_field="caption", max_seq_len=8, eval_fraction=0.1), tok, "clm"
+    )
+    assert other.stats["cache"] == "hit" and other.train.shape[1] == 8
+    assert torch.equal(other.train[:].reshape(-1)[: first.train[:].numel()], first.train[:].reshape(-1))
+    # The documents and their order are those of a plain in-memory tokenization.
+    docs = [json.loads(line)["caption"] for line in corpus_jsonl.read_text().splitlines()]
+    train_docs = [d for d in docs if not corpus.is_held_out(d.strip(), 0.1)]
+    stream = [t for d in train_docs for t in [*tok(d.strip(), add_special_tokens=False)["input_ids"], tok.eos_token_id]]
+    assert first.train[:].reshape(-1).tolist() == stream[: first.stats["train_tokens"]]
 
 
 def test_cache_key_follows_file_contents(tiny_llama, corpus_jsonl):

@@ -95,11 +95,16 @@ def test_resolve_globs_and_errors(tmp_path):
         readers.resolve(["builtin:nope"])
 
 
-def test_empty_corpus(tmp_path):
+def test_empty_corpus(tmp_path, tiny_llama):
+    from transformers import AutoTokenizer
+
+    from ecoadapt.config import DataConfig
+    from ecoadapt.data import corpus
+
     p = tmp_path / "a.txt"
     p.write_text("\n\n")
     with pytest.raises(UserError, match="holds no text"):
-        readers.read_all([str(p)])
+        corpus.build(DataConfig(train=[str(p)]), AutoTokenizer.from_pretrained(tiny_llama), "clm")
 
 
 def test_builtin_python_docstrings_is_real_text():

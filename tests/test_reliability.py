@@ -291,8 +291,17 @@ def test_not_enough_disk_is_reported_before_training(tmp_path):
 
 def test_adapt_refuses_a_disk_without_room_and_writes_nothing(tmp_path, tiny_bert, corpus_jsonl, capsys, monkeypatch):
     path = write_config(tmp_path, tiny_bert, corpus_jsonl, train={"save_every": 2})
-    # A filesystem of 1 KiB: the checkpoints of even a tiny BERT do not fit.
-    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda p: type("U", (), {"free": 1024})())
+    # The run's filesystem holds 1 KiB: the checkpoints of even a tiny BERT do not fit.
+    def disk_usage(p):
+        return type("U", (), {"free": 1024 if Path(p) == tmp_path else 10**12})()
+
+    monkeypatch.setattr(rundir.shutil, "disk_usage", disk_usage)
     assert main(["adapt", str(path)]) == 2
     assert "GiB free, the checkpoints and the saved model need about" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    # The token store's disk: checked before anything is tokenized.
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda p: type("U", (), {"free": 1024})())
+    assert main(["adapt", str(path), "--set", f"data.cache_dir={tmp_path / 'elsewhere'}"]) == 2
+    err = capsys.readouterr().err
+    assert "elsewhere has 0.00 GiB free; the tokenized corpus needs about" in err and "data.cache_dir" in err
     assert not (tmp_path / "run").exists()

@@ -4,4 +4,5 @@ import sys
 
 from ecoadapt.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # spawned worker processes (tokenization) import this module too
+    sys.exit(main())

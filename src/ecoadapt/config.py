@@ -47,9 +47,11 @@ class DataConfig:
     """The domain corpus for continued pre-training."""
 
     train: list[str] = field(default_factory=list)
-    """Files or globs: .txt (one document per line; blank lines are skipped), .jsonl, .json
-    (a list of records, or an object holding them under data.json_key), .csv, .tsv. Also
-    builtin:NAME for a corpus that ships with Python (builtin:python-docstrings)."""
+    """Files, globs or folders: .txt (one document per line; blank lines are skipped), .jsonl,
+    .json (a list of records, or an object holding them under data.json_key), .csv, .tsv,
+    .parquet, a folder written by datasets' save_to_disk; .txt/.jsonl/.csv/.tsv may be .gz or
+    .zst compressed. Also builtin:NAME for a corpus that ships with Python
+    (builtin:python-docstrings)."""
     text_field: str = "text"
     """Record field (or CSV/TSV column) that holds the text; ignored for .txt."""
     json_key: str | None = None
@@ -65,9 +67,10 @@ class DataConfig:
     mlm_probability: float = MLM_PROBABILITY
     """Fraction of tokens masked for masked LM (80% [MASK], 10% random, 10% unchanged)."""
     cache_dir: str | None = None
-    """Where tokenized corpora are cached (keyed by file contents, tokenizer and sequence
-    length); default the tokens/ folder of ecoadapt's cache ($ECOADAPT_CACHE, else
-    ~/.cache/ecoadapt)."""
+    """Where token stores go (memory-mapped token files, keyed by the files' contents, the
+    tokenizer, the objective and the split; any sequence length reads the same store); default
+    the tokens/ folder of ecoadapt's cache ($ECOADAPT_CACHE, else ~/.cache/ecoadapt). Needs about
+    1-2 bytes per character of text."""
 
 
 @dataclass

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ecoadapt.data.batches import MaskSpec, make_batch
+from ecoadapt.data.batches import Blocks, MaskSpec, make_batch
 from ecoadapt.losses import as_loss_module
 from ecoadapt.precision import Policy
 from ecoadapt.train import is_out_of_memory
@@ -19,7 +19,7 @@ EVAL_MASK_SEED = 1234  # the same masks before and after training, so the losses
 @torch.no_grad()
 def heldout(
     model: torch.nn.Module,
-    blocks: torch.Tensor,
+    blocks: Blocks,
     objective: str,
     mask: MaskSpec | None,
     batch_size: int,

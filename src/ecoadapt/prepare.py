@@ -16,7 +16,7 @@ import torch
 from ecoadapt import adapters, layerwise, models, parallel
 from ecoadapt.config import RunConfig
 from ecoadapt.data import corpus
-from ecoadapt.data.batches import MaskSpec
+from ecoadapt.data.batches import Blocks, MaskSpec
 from ecoadapt.heldout import heldout
 from ecoadapt.losses import LossModule, encoder_and_head
 from ecoadapt.measure import flops, memory
@@ -141,7 +141,7 @@ def apply_precision(
     model: Any,
     policy: Policy,
     cfg: RunConfig,
-    train_blocks: torch.Tensor,
+    train_blocks: Blocks,
     objective: str,
     mask: MaskSpec | None,
     device: torch.device,
@@ -185,7 +185,7 @@ def _search_layers(
     model: Any,
     policy: Policy,
     cfg: RunConfig,
-    train_blocks: torch.Tensor,
+    train_blocks: Blocks,
     objective: str,
     mask: MaskSpec | None,
     device: torch.device,

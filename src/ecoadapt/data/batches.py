@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,14 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
         labels: (batch, seq) int64.
     """
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+
+
+class Blocks(Protocol):
+    """Token blocks: a (n, seq) tensor, or a memory-mapped store's blocks, indexed alike."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: Any) -> torch.Tensor: ...
 
 
 @dataclass
@@ -119,7 +127,7 @@ class BlockLoader:
 
     def __init__(
         self,
-        blocks: torch.Tensor,
+        blocks: Blocks,
         micro_batch_size: int,
         objective: str,
         mask: MaskSpec | None,

@@ -1,4 +1,10 @@
-"""Corpus readers: files and globs of .txt, .jsonl, .json, .csv and .tsv into documents.
+"""Corpus readers: files, globs and folders into documents, streamed.
+
+Formats: .txt (a document per line), .jsonl, .json, .csv, .tsv, .parquet, and folders written by
+Hugging Face ``datasets``' ``save_to_disk``; .txt, .jsonl, .csv and .tsv may be compressed
+(.gz, or .zst with the ``formats`` extra). Everything is read a line, a row or an Arrow record
+batch at a time: nothing proportional to the file is held in memory, except a .json file (a
+single JSON value), which is checked against the memory available first.
 
 Every problem is a :class:`UserError` that names the file (and line or record) and what to do.
 """
@@ -7,17 +13,35 @@ from __future__ import annotations
 
 import csv
 import glob
+import gzip
 import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
+
+import psutil
 
 from ecoadapt.data import builtin
 from ecoadapt.errors import UserError
 
-SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".tsv")
+SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".tsv", ".parquet")
+COMPRESSED = (".gz", ".zst")  # for the line- and row-based formats
+STREAMABLE = (".txt", ".jsonl", ".csv", ".tsv")
+DATASET_FOLDER_MARKER = "state.json"  # what datasets' save_to_disk writes beside its Arrow files
+JSON_MEMORY_FACTOR = 10  # a parsed JSON value takes about this many times its file's bytes
+
+
+def file_format(path: Path) -> tuple[str, str | None]:
+    """(format suffix, compression suffix or None) of a corpus file: ``a.jsonl.gz`` is
+    (".jsonl", ".gz"); a ``save_to_disk`` folder is ("dataset", None)."""
+    if path.is_dir():
+        return "dataset", None
+    suffix = path.suffix.lower()
+    if suffix in COMPRESSED:
+        return Path(path.stem).suffix.lower(), suffix
+    return suffix, None
 
 
 @dataclass(frozen=True)
@@ -48,17 +72,31 @@ def resolve(patterns: list[str], base: Path | None = None) -> list[str]:
             candidates.insert(0, str(base / pattern))
         matches: list[str] = []
         for candidate in candidates:
-            matches = sorted(p for p in glob.glob(candidate, recursive=True) if Path(p).is_file())
+            matches = sorted(p for p in glob.glob(candidate, recursive=True) if _is_source(Path(p)))
             if matches:
                 break
         if not matches:
             raise UserError(f"data.train: '{pattern}' matches no file (check the path; globs like data/*.txt work)")
         for m in matches:
-            if Path(m).suffix.lower() not in SUFFIXES:
-                raise UserError(f"{m}: unknown corpus type '{Path(m).suffix}'; use one of {', '.join(SUFFIXES)}")
+            _check_format(Path(m))
             if m not in out:
                 out.append(m)
     return out
+
+
+def _is_source(path: Path) -> bool:
+    return path.is_file() or (path.is_dir() and (path / DATASET_FOLDER_MARKER).is_file())
+
+
+def _check_format(path: Path) -> None:
+    fmt, compression = file_format(path)
+    if fmt == "dataset":
+        return
+    if fmt not in SUFFIXES:
+        kinds = ", ".join(SUFFIXES) + ", a datasets save_to_disk folder; .gz or .zst compressed"
+        raise UserError(f"{path}: unknown corpus type '{''.join(path.suffixes[-2:]) or path.name}'; use {kinds}")
+    if compression is not None and fmt not in STREAMABLE:
+        raise UserError(f"{path}: {fmt} files cannot be read compressed; decompress it, or use .jsonl{compression}")
 
 
 def records(source: str, text_field: str = "text", json_key: str | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -71,9 +109,9 @@ def records(source: str, text_field: str = "text", json_key: str | None = None) 
         yield from builtin.task_records(source)
         return
     path = Path(source)
-    suffix = path.suffix.lower()
+    suffix, _ = file_format(path)
     if suffix == ".jsonl":
-        for lineno, line in enumerate(_lines(path), 1):
+        for lineno, line in _lines(path):
             if not line.strip():
                 continue
             yield f"{path}:{lineno}", _json(line, f"{path}:{lineno}")
@@ -82,8 +120,10 @@ def records(source: str, text_field: str = "text", json_key: str | None = None) 
             yield f"{path}: record {i}", record
     elif suffix in (".csv", ".tsv"):
         yield from _table(path, text_field, "\t" if suffix == ".tsv" else ",")
+    elif suffix in (".parquet", "dataset"):
+        yield from _arrow_records(path, text_field)
     else:
-        raise UserError(f"{path}: expected a .jsonl, .json, .csv or .tsv file of records, not '{suffix}'")
+        raise UserError(f"{path}: expected a file of records (.jsonl, .json, .csv, .tsv, .parquet), not '{suffix}'")
 
 
 def read(source: str, text_field: str = "text", json_key: str | None = None) -> Iterator[Document]:
@@ -93,8 +133,8 @@ def read(source: str, text_field: str = "text", json_key: str | None = None) -> 
             yield Document(text, source)
         return
     path = Path(source)
-    if path.suffix.lower() == ".txt":
-        for lineno, line in enumerate(_lines(path), 1):
+    if file_format(path)[0] == ".txt":
+        for lineno, line in _lines(path):
             if line.strip():
                 yield Document(line.strip(), f"{path}:{lineno}")
         return
@@ -104,19 +144,56 @@ def read(source: str, text_field: str = "text", json_key: str | None = None) -> 
             yield Document(text, where)
 
 
-def read_all(sources: list[str], text_field: str = "text", json_key: str | None = None) -> list[Document]:
-    """All documents of all sources, in order.
+def open_binary(path: Path) -> IO[bytes]:
+    """The file's bytes, decompressed as its name says (.gz, .zst)."""
+    _, compression = file_format(path)
+    try:
+        if compression == ".gz":
+            return cast(IO[bytes], gzip.open(path, "rb"))
+        if compression == ".zst":
+            try:
+                import zstandard
+            except ImportError:
+                raise UserError(f"{path}: reading .zst needs zstandard: pip install 'ecoadapt[formats]'") from None
+            # Buffered: the decompressing reader has no readline of its own.
+            raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)  # noqa: SIM115
+            return cast(IO[bytes], io.BufferedReader(raw))
+        return open(path, "rb")
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
 
-    Raises:
-        UserError: when the sources hold no document at all.
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of every line, streamed.
+
+    Lines end at \n (or \r\n) only: str.splitlines() also breaks at U+2028, form feeds and
+    other characters that may sit inside a JSON string, and would shift the line numbers.
     """
-    docs = [d for s in sources for d in read(s, text_field, json_key)]
-    if not docs:
-        raise UserError(f"data.train: {', '.join(sources)} holds no text (all files are empty?)")
-    return docs
+    with open_binary(path) as f:
+        try:
+            for lineno, raw in enumerate(f, 1):
+                if lineno == 1:
+                    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
+                try:
+                    yield lineno, raw.decode("utf-8").removesuffix("\n").removesuffix("\r")
+                except UnicodeDecodeError as e:
+                    raise UserError(
+                        f"{path}:{lineno}: not UTF-8 text (byte {e.start} of the line); re-encode the file as UTF-8"
+                    ) from None
+        except (OSError, EOFError) as e:  # a truncated or corrupt compressed file
+            raise UserError(f"{path}: cannot be read to the end ({type(e).__name__}: {e})") from None
 
 
 def _text(path: Path) -> str:
+    """A whole (small) file's text, for .json, after checking it fits in memory."""
+    size = path.stat().st_size
+    available = psutil.virtual_memory().available
+    if size * JSON_MEMORY_FACTOR > available:
+        raise UserError(
+            f"{path}: a {size / 2**30:.1f} GiB .json file is parsed whole, which needs about "
+            f"{size * JSON_MEMORY_FACTOR / 2**30:.0f} GiB of memory ({available / 2**30:.1f} GiB free); "
+            "convert it to .jsonl (one record per line), which is streamed"
+        )
     try:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
@@ -124,12 +201,6 @@ def _text(path: Path) -> str:
         raise UserError(f"{path}:{line}: not UTF-8 text (byte {e.start}); re-encode the file as UTF-8") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
-
-
-def _lines(path: Path) -> list[str]:
-    # Lines end at \n (or \r\n) only: str.splitlines() also breaks at U+2028, form feeds and
-    # other characters that may sit inside a JSON string, and would shift the line numbers.
-    return [line.removesuffix("\r") for line in _text(path).split("\n")]
 
 
 def _json(text: str, where: str) -> Any:
@@ -184,7 +255,8 @@ def _json_records(path: Path, text_field: str, json_key: str | None) -> list[Any
 
 def _table(path: Path, text_field: str, delimiter: str) -> Iterator[tuple[str, dict[str, Any]]]:
     # newline="" lets the csv module see quoted line breaks inside fields, as it expects.
-    rows = csv.reader(io.StringIO(_text(path), newline=""), delimiter=delimiter)
+    text = io.TextIOWrapper(open_binary(path), encoding="utf-8-sig", newline="")
+    rows = csv.reader(text, delimiter=delimiter)
     csv.field_size_limit(2**31 - 1)  # the default 128 KiB refuses long documents
     try:
         header = next(rows, None)
@@ -201,3 +273,60 @@ def _table(path: Path, text_field: str, delimiter: str) -> Iterator[tuple[str, d
             yield f"{path}:{rows.line_num}", dict(zip(header, row, strict=False))
     except csv.Error as e:
         raise UserError(f"{path}:{rows.line_num}: not a valid {path.suffix[1:]} row ({e})") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}:{rows.line_num + 1}: not UTF-8 text ({e.reason}); re-encode it as UTF-8") from None
+    finally:
+        text.close()
+
+
+ARROW_BATCH_ROWS = 4096  # rows per Arrow record batch read: bounded memory, few Python calls
+
+
+def _arrow_records(path: Path, text_field: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Rows of a Parquet file or a datasets save_to_disk folder, a record batch at a time."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError(
+            f"{path}: reading Parquet and datasets folders needs pyarrow: pip install 'ecoadapt[formats]'"
+        ) from None
+    if path.is_dir():
+        batches = _dataset_batches(path, pa)
+        schema_names = None
+    else:
+        try:
+            parquet = pq.ParquetFile(path)
+        except (OSError, pa.ArrowException) as e:
+            raise UserError(f"{path}: not a readable Parquet file ({e})") from None
+        schema_names = parquet.schema_arrow.names
+        if text_field not in schema_names:
+            raise UserError(
+                f"{path}: no column '{text_field}' (columns: {', '.join(schema_names)}); set the text field"
+            )
+        batches = parquet.iter_batches(batch_size=ARROW_BATCH_ROWS)
+    row = 0
+    for batch in batches:
+        if schema_names is None and text_field not in batch.schema.names:
+            raise UserError(
+                f"{path}: no column '{text_field}' (columns: {', '.join(batch.schema.names)}); set the text field"
+            )
+        for record in batch.to_pylist():
+            yield f"{path}: row {row}", record
+            row += 1
+
+
+def _dataset_batches(folder: Path, pa: Any) -> Iterator[Any]:
+    """The record batches of a datasets save_to_disk folder (Arrow stream files, memory-mapped)."""
+    try:
+        state = json.loads((folder / DATASET_FOLDER_MARKER).read_text())
+        files = [folder / f["filename"] for f in state["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{folder}: not a datasets save_to_disk folder ({type(e).__name__}: {e})") from None
+    for file in files:
+        try:
+            with pa.memory_map(str(file)) as source:
+                reader = pa.ipc.open_stream(source)
+                yield from reader
+        except (OSError, pa.ArrowException) as e:
+            raise UserError(f"{file}: not a readable Arrow file ({e})") from None

@@ -1,0 +1,355 @@
+"""The token store: a corpus tokenized once into memory-mapped files, shared by every run.
+
+Documents stream from the readers in chunks, are split by the hash of their text (held out or
+not), tokenized by worker processes (one per core, the fast tokenizer's batch call) and appended
+to flat files of token ids on disk (uint16 when the vocabulary fits, else uint32), with a
+document index. Training reads blocks of any length straight from the memory map: nothing
+proportional to the corpus lives in RAM, in any process.
+
+One store per (files' contents, text field, tokenizer, objective, held-out fraction), in
+``<cache>/tokens/<key>/``; the block length is cut at read time, so every sequence length,
+sweep point and torchrun rank reuses it. A file lock makes one process prepare it while the
+others wait; preparation writes into a temporary folder renamed into place when complete, so an
+interrupted preparation leaves nothing a later run trusts (the next one starts clean).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ecoadapt.data import builtin, readers
+from ecoadapt.errors import UserError
+from ecoadapt.storage import atomic_write_text
+
+STORE_FORMAT = 1  # bump when the layout changes: stores of another format are not read
+# A tokenization task holds at most this many documents or characters: batches large enough for
+# the tokenizer, and a worker's transient memory (token ids as Python lists, ~40 B a token) bounded.
+CHUNK_DOCS = 2048
+CHUNK_CHARS = 2 * 2**20
+WORKERS_FROM_BYTES = 32 * 2**20  # below this much text, tokenize in-process (workers take seconds to start)
+SPLITS = ("train", "eval")
+
+
+def is_held_out(text: str, fraction: float) -> bool:
+    """Whether a document belongs to the held-out split (stable across runs and machines)."""
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < fraction
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of everything that decides the tokenizer's output."""
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(repr((tokenizer.eos_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id)).encode())
+    return h.hexdigest()
+
+
+def source_digest(source: str) -> str:
+    """What identifies a source's contents: a hash of its bytes (every file of a folder)."""
+    if source.startswith(builtin.PREFIX):
+        return f"{source}@python{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
+    path = Path(source)
+    h = hashlib.sha256()
+    for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
+        if file.is_file():
+            h.update(file.name.encode())
+            with open(file, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
+def token_dtype(vocab_size: int) -> np.dtype[Any]:
+    """uint16 when every id fits, else uint32: 2 or 4 bytes per token on disk."""
+    return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
+
+
+class MemmapBlocks:
+    """Blocks of ``seq_len`` tokens read from a memory-mapped token file.
+
+    Indexing (an int, a slice, a list or tensor of indices) returns int64 tensors, (k, seq_len)
+    (or (seq_len,) for an int); only the rows asked for are read. A stream shorter than one
+    block is one short block, so a tiny corpus still trains; the tokens after the last full
+    block are dropped (``dropped_tokens``).
+    """
+
+    def __init__(self, path: Path, dtype: np.dtype[Any], seq_len: int) -> None:
+        size = path.stat().st_size // dtype.itemsize
+        stream = np.memmap(path, dtype=dtype, mode="r") if size else np.zeros(0, dtype=dtype)
+        n = size // seq_len
+        width = seq_len if n else size
+        self.rows = stream[: n * seq_len].reshape(n, seq_len) if n else stream.reshape(1 if size else 0, width)
+        self.dropped_tokens = size - n * seq_len if n else 0
+        self.seq_len = width
+
+    def __len__(self) -> int:
+        return int(self.rows.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(blocks, tokens per block)."""
+        return len(self), self.seq_len
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        if isinstance(index, torch.Tensor):
+            index = index.numpy()
+        return torch.from_numpy(np.asarray(self.rows[index], dtype=np.int64))
+
+
+@dataclass
+class TokenStore:
+    """A prepared corpus on disk.
+
+    Attributes:
+        folder: the store's folder.
+        meta: counts, dtype and provenance (meta.json).
+        cache: "hit" (reused) or "miss" (prepared by this call).
+    """
+
+    folder: Path
+    meta: dict[str, Any]
+    cache: str
+
+    def blocks(self, split: str, seq_len: int) -> MemmapBlocks:
+        """The ``split`` ("train" or "eval") in blocks of ``seq_len`` tokens."""
+        return MemmapBlocks(self.folder / f"{split}.bin", np.dtype(self.meta["dtype"]), seq_len)
+
+
+def open_store(folder: Path) -> TokenStore | None:
+    """The complete store in ``folder``, or None (absent, of another format, or damaged)."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        for split in SPLITS:
+            if (folder / f"{split}.bin").stat().st_size != meta[f"{split}_tokens"] * itemsize:
+                return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return TokenStore(folder, meta, "hit") if meta.get("format") == STORE_FORMAT else None
+
+
+@contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` (blocking): one process prepares, the others wait."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def open_or_prepare(
+    root: Path,
+    sources: list[str],
+    key_parts: dict[str, Any],
+    tokenizer: Any,
+    objective: str,
+    text_field: str,
+    json_key: str | None,
+    eval_fraction: float,
+    say: Callable[[str], None],
+) -> TokenStore:
+    """The store for these sources and settings: reused when complete, else prepared (once,
+    whichever process gets the lock first).
+
+    Raises:
+        UserError: the cache folder cannot be written or lacks room; a bad record; no text.
+    """
+    key = hashlib.sha256(json.dumps({"format": STORE_FORMAT, **key_parts}, sort_keys=True).encode()).hexdigest()[:32]
+    folder = root / key
+    store = open_store(folder)
+    if store is not None:
+        return store
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(
+            f"data.cache_dir: cannot create {root} ({e.strerror}); set data.cache_dir to a writable folder"
+        ) from None
+    with _lock(root / f"{key}.lock"):
+        store = open_store(folder)  # another process may have prepared it meanwhile
+        if store is not None:
+            return store
+        for stale in root.glob(f".{key}.*.tmp"):  # an interrupted preparation: never trusted
+            shutil.rmtree(stale, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)  # incomplete or damaged
+        _check_room(root, sources, token_dtype(len(tokenizer)))
+        tmp = root / f".{key}.{os.getpid()}.tmp"
+        tmp.mkdir()
+        try:
+            meta = _prepare(tmp, sources, tokenizer, objective, text_field, json_key, eval_fraction, say)
+            meta.update({"format": STORE_FORMAT, "key": key, "sources": sources})
+            atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=1))  # written last: the store is complete
+            os.replace(tmp, folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return TokenStore(folder, meta, "miss")
+
+
+def _check_room(root: Path, sources: list[str], dtype: np.dtype[Any]) -> None:
+    """Refuse to start when the store would not fit the disk: about one token per two bytes of
+    text (four for compressed files), ``dtype.itemsize`` bytes a token, plus the document index."""
+    text_bytes = 0
+    for s in sources:
+        if s.startswith(builtin.PREFIX):
+            continue
+        path = Path(s)
+        files = [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else [path]
+        size = sum(f.stat().st_size for f in files)
+        text_bytes += size * 4 if readers.file_format(path)[1] else size
+    needed = text_bytes // 2 * dtype.itemsize + 64 * 2**20
+    free = shutil.disk_usage(root).free
+    if free < needed:
+        raise UserError(
+            f"data.cache_dir: {root} has {free / 2**30:.2f} GiB free; the tokenized corpus needs about "
+            f"{needed / 2**30:.2f} GiB; free some space or set data.cache_dir to a larger disk"
+        )
+
+
+def _documents(sources: list[str], text_field: str, json_key: str | None) -> Iterator[str]:
+    for source in sources:
+        for doc in readers.read(source, text_field, json_key):
+            yield doc.text
+
+
+def _chunks(docs: Iterator[str]) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    chars = 0
+    for text in docs:
+        chunk.append(text)
+        chars += len(text)
+        if len(chunk) == CHUNK_DOCS or chars >= CHUNK_CHARS:
+            yield chunk
+            chunk, chars = [], 0
+    if chunk:
+        yield chunk
+
+
+# The tokenizer and settings of a worker process (set once by _init_worker, so each task sends
+# only its texts).
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(tokenizer: Any, objective: str, eval_fraction: float, dtype: str) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
+    _WORKER.update(tokenizer=tokenizer, objective=objective, eval_fraction=eval_fraction, dtype=np.dtype(dtype))
+
+
+def _tokenize_chunk(texts: list[str]) -> dict[str, Any]:
+    """One chunk's token ids per split: {"<split>": (ids bytes, per-document lengths), "bytes": n}."""
+    w = _WORKER
+    ids = w["tokenizer"](texts, add_special_tokens=w["objective"] == "mlm", truncation=False, verbose=False)[
+        "input_ids"
+    ]
+    separator = w["tokenizer"].eos_token_id if w["objective"] == "clm" else None
+    out: dict[str, Any] = {"bytes": sum(len(t) for t in texts)}
+    parts: dict[str, list[list[int]]] = {"train": [], "eval": []}
+    for text, doc in zip(texts, ids, strict=True):
+        parts["eval" if is_held_out(text, w["eval_fraction"]) else "train"].append(
+            [*doc, separator] if separator is not None else list(doc)
+        )
+    for split, docs in parts.items():
+        lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
+        flat = np.concatenate([np.asarray(d, dtype=w["dtype"]) for d in docs]) if docs else np.zeros(0, w["dtype"])
+        out[split] = (flat.tobytes(), lengths)
+    return out
+
+
+def _prepare(
+    folder: Path,
+    sources: list[str],
+    tokenizer: Any,
+    objective: str,
+    text_field: str,
+    json_key: str | None,
+    eval_fraction: float,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    """Stream, split, tokenize and write the store's files into ``folder``; returns its counts."""
+    from tqdm import tqdm
+
+    if objective == "clm" and tokenizer.eos_token_id is None:
+        raise UserError("model: the tokenizer has no EOS token, which causal-LM packing needs")
+    dtype = token_dtype(len(tokenizer))
+    total_bytes = _text_bytes_hint(sources)
+    workers = os.cpu_count() or 1
+    use_pool = workers > 1 and (total_bytes is None or total_bytes >= WORKERS_FROM_BYTES)
+    init = (tokenizer, objective, eval_fraction, dtype.str)
+    counts = {f"{s}_{k}": 0 for s in SPLITS for k in ("tokens", "documents")}
+    files = {s: open(folder / f"{s}.bin", "wb") for s in SPLITS}  # noqa: SIM115
+    index = {s: open(folder / f"{s}.docs", "wb") for s in SPLITS}  # noqa: SIM115
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr, mininterval=2.0)
+    start = time.perf_counter()
+    try:
+        if use_pool:
+            context = multiprocessing.get_context("spawn")  # no fork of a process holding torch's threads
+            with context.Pool(workers, initializer=_init_worker, initargs=init) as pool:
+                chunks = _chunks(_documents(sources, text_field, json_key))
+                _write(pool.imap(_tokenize_chunk, chunks, chunksize=1), files, index, counts, bar)
+        else:
+            _init_worker(*init)
+            _write(map(_tokenize_chunk, _chunks(_documents(sources, text_field, json_key))), files, index, counts, bar)
+    finally:
+        bar.close()
+        for f in (*files.values(), *index.values()):
+            f.close()
+    documents = counts["train_documents"] + counts["eval_documents"]
+    if not documents:
+        raise UserError(f"data.train: {', '.join(sources)} holds no text (all files are empty?)")
+    seconds = time.perf_counter() - start
+    tokens = counts["train_tokens"] + counts["eval_tokens"]
+    rate = tokens / max(seconds, 1e-9)
+    say(f"tokenized {documents:,} documents, {tokens:,} tokens in {seconds:.0f} s ({rate:,.0f} tokens/s)")
+    return {**counts, "documents": documents, "dtype": dtype.str, "vocab_size": len(tokenizer), "seconds": seconds}
+
+
+def _write(
+    results: Iterable[dict[str, Any]],
+    files: dict[str, Any],
+    index: dict[str, Any],
+    counts: dict[str, int],
+    bar: Any,
+) -> None:
+    """Append each chunk's tokens and document end offsets, in order."""
+    for chunk in results:
+        for split in SPLITS:
+            data, lengths = chunk[split]
+            files[split].write(data)
+            ends = counts[f"{split}_tokens"] + np.cumsum(lengths)
+            index[split].write(ends.astype(np.int64).tobytes())
+            counts[f"{split}_tokens"] += int(lengths.sum())
+            counts[f"{split}_documents"] += len(lengths)
+        bar.update(chunk["bytes"])
+        bar.set_postfix(docs=f"{counts['train_documents'] + counts['eval_documents']:,}", refresh=False)
+
+
+def _text_bytes_hint(sources: list[str]) -> int | None:
+    """The bytes of text to read, for the progress bar (None when a source cannot say)."""
+    total = 0
+    for s in sources:
+        path = Path(s)
+        if s.startswith(builtin.PREFIX) or path.is_dir() or readers.file_format(path)[1]:
+            return None
+        total += path.stat().st_size
+    return total
