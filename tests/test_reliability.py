@@ -291,6 +291,7 @@ def test_not_enough_disk_is_reported_before_training(tmp_path):
 
 def test_adapt_refuses_a_disk_without_room_and_writes_nothing(tmp_path, tiny_bert, corpus_jsonl, capsys, monkeypatch):
     path = write_config(tmp_path, tiny_bert, corpus_jsonl, train={"save_every": 2})
+
     # The run's filesystem holds 1 KiB: the checkpoints of even a tiny BERT do not fit.
     def disk_usage(p):
         return type("U", (), {"free": 1024 if Path(p) == tmp_path else 10**12})()
