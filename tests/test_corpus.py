@@ -116,3 +116,28 @@ def test_loader_reshuffles_each_epoch_and_covers_every_block():
     assert sorted(epoch1.tolist()) == list(range(10)) == sorted(epoch2.tolist())
     assert epoch1.tolist() != epoch2.tolist()
     assert loader.epochs_done == 2.0
+
+
+def test_epoch_order_of_one_window_is_the_plain_permutation():
+    from ecoadapt.data.batches import EpochOrder, epoch_order
+
+    order = EpochOrder(1000, seed=3, epoch=2)
+    assert torch.equal(order[0:1000], epoch_order(1000, 3, 2))
+
+
+def test_epoch_order_in_windows_is_a_permutation_read_in_any_slices(monkeypatch):
+    from ecoadapt.data import batches
+
+    monkeypatch.setattr(batches, "ORDER_WINDOW", 7)
+    order = batches.EpochOrder(30, seed=1, epoch=0)  # windows of 7, 7, 7, 7 and 2 blocks
+    whole = order[0:30]
+    assert sorted(whole.tolist()) == list(range(30))
+    pieces = torch.cat([order[a : a + 4] for a in range(0, 30, 4)])  # slices across window edges
+    assert torch.equal(pieces, whole)
+    assert torch.equal(batches.EpochOrder(30, seed=1, epoch=0)[0:30], whole)  # deterministic
+    assert not torch.equal(batches.EpochOrder(30, seed=1, epoch=1)[0:30], whole)  # reshuffled each epoch
+    # Each stretch of 7 positions that starts a window holds one window's blocks: bounded memory.
+    assert order._cached is not None and len(order._cached[1]) <= 7
+    loader = BlockLoader(torch.arange(30).view(30, 1), micro_batch_size=4, objective="clm", mask=None, seed=1)
+    seen = torch.cat([next(loader)["input_ids"][:, 0] for _ in range(8)])[:30]
+    assert sorted(seen.tolist()) == list(range(30))  # the loader covers every block once an epoch

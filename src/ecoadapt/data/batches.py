@@ -7,6 +7,8 @@ masks whatever else consumed random numbers (dropout, newly initialised weights)
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -28,6 +30,58 @@ MASK_SEED_OFFSET = 1
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The order of ``n`` items in ``epoch`` of a run seeded ``seed`` (a permutation, (n,))."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * EPOCHS_PER_SEED + epoch))
+
+
+# Blocks are shuffled in windows of this many (8 M tokens of 128-token blocks): the order of the
+# windows is shuffled, then the blocks within each, so an epoch's order takes memory for one
+# window, not for the whole corpus. A corpus of one window is shuffled whole.
+ORDER_WINDOW = 2**16
+WINDOW_SEED_STRIDE = 1_000_003  # a prime: distinct generator seeds for every (epoch, window)
+
+
+class EpochOrder:
+    """The order of ``n`` blocks in one epoch, produced a window at a time.
+
+    Indexing by a slice of positions returns the block indices at those positions (int64).
+    """
+
+    def __init__(self, n: int, seed: int, epoch: int) -> None:
+        self.n = n
+        self.base_seed = seed * EPOCHS_PER_SEED + epoch
+        windows = max(1, -(-n // ORDER_WINDOW))
+        order = epoch_order(windows, seed, epoch) if windows > 1 else torch.zeros(1, dtype=torch.long)
+        self.windows = order.tolist()  # the windows in visiting order (n / 65,536 of them)
+        sizes = [min(ORDER_WINDOW, n - w * ORDER_WINDOW) for w in self.windows]
+        self.starts = [0, *itertools.accumulate(sizes)][:-1]  # each window's first position
+        self._cached: tuple[int, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _window(self, k: int) -> torch.Tensor:
+        """The block indices of the k-th window visited, shuffled."""
+        if self._cached is None or self._cached[0] != k:
+            w = self.windows[k]
+            size = min(ORDER_WINDOW, self.n - w * ORDER_WINDOW)
+            if len(self.windows) == 1:
+                perm = torch.randperm(size, generator=torch.Generator().manual_seed(self.base_seed))
+            else:
+                seed = (self.base_seed * WINDOW_SEED_STRIDE + w) % 2**63
+                perm = w * ORDER_WINDOW + torch.randperm(size, generator=torch.Generator().manual_seed(seed))
+            self._cached = (k, perm)
+        return self._cached[1]
+
+    def __getitem__(self, positions: slice) -> torch.Tensor:
+        start, stop, _ = positions.indices(self.n)
+        pieces = []
+        while start < stop:
+            k = bisect.bisect_right(self.starts, start) - 1
+            offset = start - self.starts[k]
+            window = self._window(k)
+            piece = window[offset : offset + (stop - start)]
+            pieces.append(piece)
+            start += len(piece)
+        return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -147,8 +201,8 @@ class BlockLoader:
         self._order = self._permutation(0)
         self._masks = torch.Generator().manual_seed(seed + MASK_SEED_OFFSET)
 
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        return epoch_order(len(self.blocks), self.seed, epoch)
+    def _permutation(self, epoch: int) -> EpochOrder:
+        return EpochOrder(len(self.blocks), self.seed, epoch)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return self

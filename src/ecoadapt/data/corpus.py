@@ -21,7 +21,8 @@ from typing import Any
 
 from ecoadapt.config import DataConfig
 from ecoadapt.data import readers, store
-from ecoadapt.data.store import MemmapBlocks, is_held_out
+from ecoadapt.data.store import MemmapBlocks
+from ecoadapt.data.tokenize_worker import is_held_out
 from ecoadapt.errors import UserError
 from ecoadapt.progress import say
 from ecoadapt.storage import cache_root

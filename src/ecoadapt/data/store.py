@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ecoadapt.data import builtin, readers
+from ecoadapt.data.tokenize_worker import init_worker, tokenize_chunk, worker_tokenizer
 from ecoadapt.errors import UserError
 from ecoadapt.storage import atomic_write_text
 
@@ -43,12 +44,6 @@ CHUNK_DOCS = 2048
 CHUNK_CHARS = 2 * 2**20
 WORKERS_FROM_BYTES = 32 * 2**20  # below this much text, tokenize in-process (workers take seconds to start)
 SPLITS = ("train", "eval")
-
-
-def is_held_out(text: str, fraction: float) -> bool:
-    """Whether a document belongs to the held-out split (stable across runs and machines)."""
-    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64 < fraction
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -246,36 +241,6 @@ def _chunks(docs: Iterator[str]) -> Iterator[list[str]]:
         yield chunk
 
 
-# The tokenizer and settings of a worker process (set once by _init_worker, so each task sends
-# only its texts).
-_WORKER: dict[str, Any] = {}
-
-
-def _init_worker(tokenizer: Any, objective: str, eval_fraction: float, dtype: str) -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
-    _WORKER.update(tokenizer=tokenizer, objective=objective, eval_fraction=eval_fraction, dtype=np.dtype(dtype))
-
-
-def _tokenize_chunk(texts: list[str]) -> dict[str, Any]:
-    """One chunk's token ids per split: {"<split>": (ids bytes, per-document lengths), "bytes": n}."""
-    w = _WORKER
-    ids = w["tokenizer"](texts, add_special_tokens=w["objective"] == "mlm", truncation=False, verbose=False)[
-        "input_ids"
-    ]
-    separator = w["tokenizer"].eos_token_id if w["objective"] == "clm" else None
-    out: dict[str, Any] = {"bytes": sum(len(t) for t in texts)}
-    parts: dict[str, list[list[int]]] = {"train": [], "eval": []}
-    for text, doc in zip(texts, ids, strict=True):
-        parts["eval" if is_held_out(text, w["eval_fraction"]) else "train"].append(
-            [*doc, separator] if separator is not None else list(doc)
-        )
-    for split, docs in parts.items():
-        lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
-        flat = np.concatenate([np.asarray(d, dtype=w["dtype"]) for d in docs]) if docs else np.zeros(0, w["dtype"])
-        out[split] = (flat.tobytes(), lengths)
-    return out
-
-
 def _prepare(
     folder: Path,
     sources: list[str],
@@ -295,7 +260,7 @@ def _prepare(
     total_bytes = _text_bytes_hint(sources)
     workers = os.cpu_count() or 1
     use_pool = workers > 1 and (total_bytes is None or total_bytes >= WORKERS_FROM_BYTES)
-    init = (tokenizer, objective, eval_fraction, dtype.str)
+    init = (worker_tokenizer(tokenizer), objective, eval_fraction, dtype.str, tokenizer.eos_token_id)
     counts = {f"{s}_{k}": 0 for s in SPLITS for k in ("tokens", "documents")}
     files = {s: open(folder / f"{s}.bin", "wb") for s in SPLITS}  # noqa: SIM115
     index = {s: open(folder / f"{s}.docs", "wb") for s in SPLITS}  # noqa: SIM115
@@ -304,12 +269,12 @@ def _prepare(
     try:
         if use_pool:
             context = multiprocessing.get_context("spawn")  # no fork of a process holding torch's threads
-            with context.Pool(workers, initializer=_init_worker, initargs=init) as pool:
+            with context.Pool(workers, initializer=init_worker, initargs=init) as pool:
                 chunks = _chunks(_documents(sources, text_field, json_key))
-                _write(pool.imap(_tokenize_chunk, chunks, chunksize=1), files, index, counts, bar)
+                _write(pool.imap(tokenize_chunk, chunks, chunksize=1), files, index, counts, bar)
         else:
-            _init_worker(*init)
-            _write(map(_tokenize_chunk, _chunks(_documents(sources, text_field, json_key))), files, index, counts, bar)
+            init_worker(*init)
+            _write(map(tokenize_chunk, _chunks(_documents(sources, text_field, json_key))), files, index, counts, bar)
     finally:
         bar.close()
         for f in (*files.values(), *index.values()):
