@@ -22,6 +22,7 @@ import multiprocessing
 import os
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -42,6 +43,7 @@ STORE_FORMAT = 1  # bump when the layout changes: stores of another format are n
 # the tokenizer, and a worker's transient memory (token ids as Python lists, ~40 B a token) bounded.
 CHUNK_DOCS = 2048
 CHUNK_CHARS = 2 * 2**20
+IN_FLIGHT_PER_WORKER = 4  # chunks read ahead per worker: enough to keep it busy, memory bounded
 WORKERS_FROM_BYTES = 32 * 2**20  # below this much text, tokenize in-process (workers take seconds to start)
 SPLITS = ("train", "eval")
 
@@ -271,7 +273,11 @@ def _prepare(
             context = multiprocessing.get_context("spawn")  # no fork of a process holding torch's threads
             with context.Pool(workers, initializer=init_worker, initargs=init) as pool:
                 chunks = _chunks(_documents(sources, text_field, json_key))
-                _write(pool.imap(tokenize_chunk, chunks, chunksize=1), files, index, counts, bar)
+                # At most IN_FLIGHT_PER_WORKER chunks per worker read ahead: the pool's feeder
+                # thread would otherwise queue the whole corpus while the workers tokenize.
+                slots = threading.BoundedSemaphore(IN_FLIGHT_PER_WORKER * workers)
+                results = pool.imap(tokenize_chunk, _bounded(chunks, slots), chunksize=1)
+                _write(_releasing(results, slots), files, index, counts, bar)
         else:
             init_worker(*init)
             _write(map(tokenize_chunk, _chunks(_documents(sources, text_field, json_key))), files, index, counts, bar)
@@ -287,6 +293,18 @@ def _prepare(
     rate = tokens / max(seconds, 1e-9)
     say(f"tokenized {documents:,} documents, {tokens:,} tokens in {seconds:.0f} s ({rate:,.0f} tokens/s)")
     return {**counts, "documents": documents, "dtype": dtype.str, "vocab_size": len(tokenizer), "seconds": seconds}
+
+
+def _bounded(chunks: Iterator[list[str]], slots: threading.BoundedSemaphore) -> Iterator[list[str]]:
+    for chunk in chunks:
+        slots.acquire()  # blocks the reader until a written result frees a slot
+        yield chunk
+
+
+def _releasing(results: Iterable[dict[str, Any]], slots: threading.BoundedSemaphore) -> Iterator[dict[str, Any]]:
+    for result in results:
+        yield result
+        slots.release()
 
 
 def _write(
@@ -306,7 +324,9 @@ def _write(
             counts[f"{split}_tokens"] += int(lengths.sum())
             counts[f"{split}_documents"] += len(lengths)
         bar.update(chunk["bytes"])
-        bar.set_postfix(docs=f"{counts['train_documents'] + counts['eval_documents']:,}", refresh=False)
+        documents = counts["train_documents"] + counts["eval_documents"]
+        tokens = counts["train_tokens"] + counts["eval_tokens"]
+        bar.set_postfix(docs=f"{documents:,}", tokens=f"{tokens:,}", refresh=False)
 
 
 def _text_bytes_hint(sources: list[str]) -> int | None:
