@@ -71,9 +71,8 @@ def build(cfg: DataConfig, tokenizer: Any, objective: str, base: Path | None = N
         "objective": objective,
         "eval_fraction": cfg.eval_fraction,
     }
-    tokens = store.open_or_prepare(
-        cache_dir(cfg), sources, key_parts, tokenizer, objective, cfg.text_field, cfg.json_key, cfg.eval_fraction, say
-    )
+    prep = store.Preparation(sources, tokenizer, objective, cfg.text_field, cfg.json_key, cfg.eval_fraction)
+    tokens = store.open_or_prepare(cache_dir(cfg), key_parts, prep, say)
     meta = tokens.meta
     if not meta["eval_documents"]:
         raise UserError(

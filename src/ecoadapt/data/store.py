@@ -155,17 +155,28 @@ def _lock(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def open_or_prepare(
-    root: Path,
-    sources: list[str],
-    key_parts: dict[str, Any],
-    tokenizer: Any,
-    objective: str,
-    text_field: str,
-    json_key: str | None,
-    eval_fraction: float,
-    say: Callable[[str], None],
-) -> TokenStore:
+@dataclass
+class Preparation:
+    """What a store is prepared from.
+
+    Attributes:
+        sources: the resolved corpus files and folders.
+        tokenizer: the model's tokenizer.
+        objective: "clm" (EOS after each document) or "mlm" (the tokenizer's [CLS] ... [SEP]).
+        text_field: record field holding the text.
+        json_key: where a .json file holds its records.
+        eval_fraction: the share of documents held out, by the hash of their text.
+    """
+
+    sources: list[str]
+    tokenizer: Any
+    objective: str
+    text_field: str
+    json_key: str | None
+    eval_fraction: float
+
+
+def open_or_prepare(root: Path, key_parts: dict[str, Any], prep: Preparation, say: Callable[[str], None]) -> TokenStore:
     """The store for these sources and settings: reused when complete, else prepared (once,
     whichever process gets the lock first).
 
@@ -190,12 +201,12 @@ def open_or_prepare(
         for stale in root.glob(f".{key}.*.tmp"):  # an interrupted preparation: never trusted
             shutil.rmtree(stale, ignore_errors=True)
         shutil.rmtree(folder, ignore_errors=True)  # incomplete or damaged
-        _check_room(root, sources, token_dtype(len(tokenizer)))
+        _check_room(root, prep.sources, token_dtype(len(prep.tokenizer)))
         tmp = root / f".{key}.{os.getpid()}.tmp"
         tmp.mkdir()
         try:
-            meta = _prepare(tmp, sources, tokenizer, objective, text_field, json_key, eval_fraction, say)
-            meta.update({"format": STORE_FORMAT, "key": key, "sources": sources})
+            meta = _prepare(tmp, prep, say)
+            meta.update({"format": STORE_FORMAT, "key": key, "sources": prep.sources})
             atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=1))  # written last: the store is complete
             os.replace(tmp, folder)
         except BaseException:
@@ -243,17 +254,9 @@ def _chunks(docs: Iterator[str]) -> Iterator[list[str]]:
         yield chunk
 
 
-def _prepare(
-    folder: Path,
-    sources: list[str],
-    tokenizer: Any,
-    objective: str,
-    text_field: str,
-    json_key: str | None,
-    eval_fraction: float,
-    say: Callable[[str], None],
-) -> dict[str, Any]:
+def _prepare(folder: Path, prep: Preparation, say: Callable[[str], None]) -> dict[str, Any]:
     """Stream, split, tokenize and write the store's files into ``folder``; returns its counts."""
+    sources, tokenizer, objective = prep.sources, prep.tokenizer, prep.objective
     from tqdm import tqdm
 
     if objective == "clm" and tokenizer.eos_token_id is None:
@@ -262,7 +265,7 @@ def _prepare(
     total_bytes = _text_bytes_hint(sources)
     workers = os.cpu_count() or 1
     use_pool = workers > 1 and (total_bytes is None or total_bytes >= WORKERS_FROM_BYTES)
-    init = (worker_tokenizer(tokenizer), objective, eval_fraction, dtype.str, tokenizer.eos_token_id)
+    init = (worker_tokenizer(tokenizer), objective, prep.eval_fraction, dtype.str, tokenizer.eos_token_id)
     counts = {f"{s}_{k}": 0 for s in SPLITS for k in ("tokens", "documents")}
     files = {s: open(folder / f"{s}.bin", "wb") for s in SPLITS}  # noqa: SIM115
     index = {s: open(folder / f"{s}.docs", "wb") for s in SPLITS}  # noqa: SIM115
@@ -272,15 +275,16 @@ def _prepare(
         if use_pool:
             context = multiprocessing.get_context("spawn")  # no fork of a process holding torch's threads
             with context.Pool(workers, initializer=init_worker, initargs=init) as pool:
-                chunks = _chunks(_documents(sources, text_field, json_key))
+                chunks = _chunks(_documents(sources, prep.text_field, prep.json_key))
                 # At most IN_FLIGHT_PER_WORKER chunks per worker read ahead: the pool's feeder
                 # thread would otherwise queue the whole corpus while the workers tokenize.
                 slots = threading.BoundedSemaphore(IN_FLIGHT_PER_WORKER * workers)
                 results = pool.imap(tokenize_chunk, _bounded(chunks, slots), chunksize=1)
                 _write(_releasing(results, slots), files, index, counts, bar)
         else:
-            init_worker(*init)
-            _write(map(tokenize_chunk, _chunks(_documents(sources, text_field, json_key))), files, index, counts, bar)
+            init_worker(*init, in_process=True)
+            chunks = _chunks(_documents(sources, prep.text_field, prep.json_key))
+            _write(map(tokenize_chunk, chunks), files, index, counts, bar)
     finally:
         bar.close()
         for f in (*files.values(), *index.values()):

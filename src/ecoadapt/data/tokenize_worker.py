@@ -48,8 +48,12 @@ def _encode(tokenizer: Any, texts: list[str], special: bool) -> list[list[int]]:
     return list(tokenizer(texts, add_special_tokens=special, truncation=False, verbose=False)["input_ids"])
 
 
-def init_worker(tokenizer: Any, objective: str, eval_fraction: float, dtype: str, eos: int | None) -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
+def init_worker(
+    tokenizer: Any, objective: str, eval_fraction: float, dtype: str, eos: int | None, in_process: bool = False
+) -> None:
+    """Set up tokenization (in a worker process, or in this one for a small corpus)."""
+    if not in_process:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
     _WORKER.update(
         tokenizer=tokenizer, objective=objective, eval_fraction=eval_fraction, dtype=np.dtype(dtype), eos=eos
     )
