@@ -313,3 +313,14 @@ def test_summary_reports_trainings_own_peak_when_evaluation_needs_more(tmp_path,
     assert mem["eval_peak_bytes"] - mem["train_peak_bytes"] > 200 * 2**20
     assert mem["peak_bytes"] == mem["train_peak_bytes"]
     assert mem["peak_above_baseline_bytes"] == mem["train_peak_above_baseline_bytes"] < 200 * 2**20
+
+
+def test_max_memory_gb_caps_the_cuda_allocator(monkeypatch):
+    """6: train.max_memory_gb limits a GPU's allocator (so a forced OOM takes the real path)."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: calls.append((f, d)))
+    gpu = torch.device("cuda", 0)
+    assert memory.cap_cuda_memory(gpu, 20.0) == pytest.approx(0.25)
+    assert memory.cap_cuda_memory(gpu, 500.0) == 1.0  # never above the whole GPU
+    assert calls == [(pytest.approx(0.25), gpu), (1.0, gpu)]

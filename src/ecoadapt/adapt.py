@@ -228,7 +228,9 @@ class AdaptRun:
 
     def _on_log(self, record: train_loop.StepLog, progress: Progress | None) -> None:
         line: dict[str, Any] = dict(record.__dict__)
-        if self.tracker.meter is not None:  # cumulative training energy of the job
+        # The same condition on every rank: the sum is a collective, and a rank without a meter
+        # of its own (RAPL is read by local rank 0 alone) still takes part, adding 0 J.
+        if self.cfg.measure.energy != "off":  # cumulative training energy of the job
             line["energy_j"] = self._job_training_joules()  # every rank logs at the same steps
             line["energy_method"] = self.tracker.method
         if progress is not None:
