@@ -74,6 +74,27 @@ def test_adapt_clm_lora_saves_a_loadable_adapter_and_merged_model(tmp_path, tiny
     untrained = heldout_loss_of(AutoModelForCausalLM.from_pretrained(tiny_llama), run, "clm")
     assert untrained == pytest.approx(summary["eval"]["loss_before"], rel=1e-5)  # the check can tell them apart
     assert not list(run.glob(".*.tmp"))
+    for folder, library in (("adapter", "peft"), ("model", "transformers")):
+        check_model_card(run / folder, summary, library)
+
+
+def check_model_card(folder, summary, library):
+    """The saved folder's README.md is a hub model card with the run's figures and CO2 block,
+    and energy.spdx.json gives the adaptation energy in kWh."""
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.library_name == library and "ecoadapt" in card.data.tags
+    co2 = card.data.co2_eq_emissions
+    joules = summary["energy"]["train_joules"]
+    assert co2["emissions"] == pytest.approx(joules / 3.6e6 * 480, rel=1e-5)  # the world average, said so
+    assert "world average" in co2["source"] and "estimated" in co2["source"]
+    assert co2["training_type"] == "fine-tuning" and "CPU cores" in co2["hardware_used"]
+    assert f"{summary['eval']['loss']:.4f} after" in card.text and "adaptation energy" in card.text
+    spdx = json.loads((folder / "energy.spdx.json").read_text())["@graph"][0]["ai_energyConsumption"]
+    quantity = spdx["ai_finetuningEnergyConsumption"][0]
+    assert float(quantity["ai_energyQuantity"]) == pytest.approx(joules / 3.6e6, rel=1e-4)
+    assert quantity["ai_energyUnit"] == "kilowattHour"
 
 
 def test_bad_corpus_exits_2_and_writes_nothing(tmp_path, tiny_bert, capsys):
@@ -117,3 +138,13 @@ def test_console_entry_point_exit_status(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ecoadapt", "adapt", str(bad)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "invalid YAML" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_citation_file_is_valid_and_names_this_version():
+    from pathlib import Path
+
+    import ecoadapt
+
+    cff = yaml.safe_load((Path(__file__).parent.parent / "CITATION.cff").read_text())
+    assert cff["cff-version"] == "1.2.0" and cff["version"] == ecoadapt.__version__
+    assert cff["title"].startswith("ecoadapt") and cff["authors"]

@@ -141,3 +141,19 @@ def test_epoch_order_in_windows_is_a_permutation_read_in_any_slices(monkeypatch)
     loader = BlockLoader(torch.arange(30).view(30, 1), micro_batch_size=4, objective="clm", mask=None, seed=1)
     seen = torch.cat([next(loader)["input_ids"][:, 0] for _ in range(8)])[:30]
     assert sorted(seen.tolist()) == list(range(30))  # the loader covers every block once an epoch
+
+
+def test_bad_corpus_records_stop_with_their_line_or_are_skipped_and_counted(tiny_llama, corpus_jsonl):
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    lines = corpus_jsonl.read_text().splitlines()
+    lines[9] = '{"caption": "a torn line'  # not JSON
+    lines[19] = '{"title": "no caption here"}'
+    corpus_jsonl.write_text("\n".join(lines) + "\n")
+    cfg = DataConfig(train=[str(corpus_jsonl)], text_field="caption", max_seq_len=16, eval_fraction=0.1)
+    with pytest.raises(UserError, match=r"corpus\.jsonl:10: not valid JSON .*data\.bad_records: skip"):
+        corpus.build(cfg, tok, "clm")
+    cfg.bad_records = "skip"
+    built = corpus.build(cfg, tok, "clm")
+    assert built.stats["bad_records"]["skipped"] == 2 and built.stats["documents"] == 398
+    assert "corpus.jsonl:20: no field 'caption'" in built.stats["bad_records"]["examples"][1]
+    assert corpus.build(cfg, tok, "clm").stats["bad_records"]["skipped"] == 2  # kept with the store

@@ -25,4 +25,10 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
         assert r["energy"]["joules"] > 0 and r["memory"]["peak_bytes"] > 0
         assert r["eval"]["loss"] < r["eval"]["loss_before"]
     html = (out / "report.html").read_text()
-    assert "data:image/png;base64," in html and "Recommendation" in html
+    assert "data:image/png;base64," in html and "Recommendation" in html and "Verdict" in html
+    for r in records:  # the probe, five seeds paired with the base's, computed once for all points
+        assert r["task"]["mode"] == "probe" and r["task"]["gain"]["n"] == 5 and r["task"]["verdict"]
+    assert [r["task"]["base_cached"] for r in records] == [0, 5, 5]
+    card = next(out.glob("points/bf16-lora-*/adapter/README.md")).read_text()
+    assert "co2_eq_emissions:" in card and "adaptation energy" in card
+    assert "kWh adapting the models" in (out / "compute.md").read_text()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import sentences
-from ecoadapt import downstream, evaluate
+from ecoadapt import downstream, evaluate, finetune
 from ecoadapt.config import ModelConfig, RunConfig, TaskConfig
 from ecoadapt.data import labelled
 from ecoadapt.errors import UserError
@@ -77,7 +77,7 @@ def test_a_tiny_model_learns_a_separable_task(tmp_path, request, model_fixture):
     from transformers import AutoTokenizer
 
     data = downstream.prepare(run.task, AutoTokenizer.from_pretrained(folder))
-    scores = downstream.fine_tune(run, data, seed=0, backbone=None, device=torch.device("cpu"))
+    scores = finetune.fine_tune(run, data, seed=0, backbone=None, device=torch.device("cpu"))
     assert scores["accuracy"] > 0.9, scores
 
 
@@ -115,3 +115,121 @@ def test_evaluate_without_an_adapted_model_says_what_to_do(tmp_path, tiny_bert):
     run.output.dir = str(tmp_path / "nothing")
     with pytest.raises(UserError, match="run `ecoadapt adapt` with this config first"):
         evaluate.run(run)
+
+
+def test_bad_task_records_are_named_or_skipped_and_counted(tmp_path):
+    path = write_task(tmp_path / "t.jsonl", 60, extra=['{"text": "\\t", "label": "red"}', '{"text": "x"}'])
+    with pytest.raises(UserError, match=r"t\.jsonl:61: empty 'text'.*task\.bad_records: skip"):
+        downstream.read_examples(TaskConfig(train=[str(path)]))
+    train, test, labels, bad = downstream.read_examples(TaskConfig(train=[str(path)], bad_records="skip"))
+    assert len(train) + len(test) == 60 and labels == ["blue", "red"]
+    assert bad["skipped"] == 2 and "t.jsonl:62: no label 'label'" in bad["examples"][1]
+    with pytest.raises(UserError, match="every record was skipped.*no label 'nolabel'"):
+        downstream.read_examples(TaskConfig(train=[str(path)], label_field="nolabel", bad_records="skip"))
+
+
+def adapt_args(tmp_path, tiny_bert, corpus_jsonl, task, **more):
+    """`ecoadapt adapt` arguments for a 4-step tiny-BERT run with a task."""
+    (tmp_path / "empty.yaml").write_text("{}\n")
+    sets = {
+        "model.name_or_path": tiny_bert, "data.train": corpus_jsonl, "data.text_field": "caption",
+        "data.max_seq_len": 16, "data.eval_fraction": 0.1, "train.max_steps": 4, "train.micro_batch_size": 4,
+        "task.train": task, "task.seeds": "[0, 1]", "task.epochs": 1, "task.metric": "macro_f1",
+        "measure.energy": "estimate", "output.dir": tmp_path / "run", **more,
+    }  # fmt: skip
+    return [str(tmp_path / "empty.yaml"), *(a for k, v in sets.items() for a in ("--set", f"{k}={v}"))]
+
+
+def test_the_task_is_checked_before_the_adaptation_starts(tmp_path, tiny_bert, corpus_jsonl, capsys):
+    from ecoadapt.cli import main
+
+    task = write_task(tmp_path / "task.jsonl", 40)
+    args = adapt_args(tmp_path, tiny_bert, corpus_jsonl, task, **{"task.label_field": "nolabel"})
+    assert main(["adapt", *args]) == 2
+    assert "task.jsonl:1: no label 'nolabel' (fields: label, text); set task.label_field" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing was trained, nothing written
+
+
+def test_a_task_that_fails_after_adaptation_keeps_every_measured_section(
+    tmp_path, tiny_bert, corpus_jsonl, monkeypatch
+):
+    from ecoadapt.cli import main
+
+    task = write_task(tmp_path / "task.jsonl", 120)
+    args = adapt_args(tmp_path, tiny_bert, corpus_jsonl, task)
+
+    def out_of_memory(*args, **kwargs):  # the task's first fine-tune fails, as on a small GPU
+        raise RuntimeError("CUDA out of memory (injected)")
+
+    with monkeypatch.context() as patched:  # undone on leaving; the isolated cache stays
+        patched.setattr(finetune, "fine_tune", out_of_memory)
+        assert main(["adapt", *args]) == 1
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["eval"]["loss"] > 0 and summary["steps"] == 4
+    assert summary["energy"]["train_joules"] > 0 and summary["memory"]["train_peak_bytes"] > 0
+    assert summary["task"]["status"] == "failed" and "CUDA out of memory" in summary["task"]["error"]
+    assert summary["task"]["energy"]["method"] == "estimated"  # the failed task's cost is reported too
+    assert main(["evaluate", *args]) == 0  # the task alone, on the saved model
+    again = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert again["task"]["verdict"] is not None and again["eval"] == summary["eval"]
+
+
+def test_a_probe_is_paired_and_scores_the_same_model_the_same(tmp_path, tiny_bert):
+    from transformers import AutoTokenizer
+
+    run = RunConfig(
+        model=ModelConfig(str(tiny_bert)),
+        task=TaskConfig(train=[str(write_task(tmp_path / "t.jsonl", 400))], mode="probe", seeds=[0, 1, 2]),
+    )
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    same = downstream.backbone_state(finetune.build_classifier(run, 2, 0, 0, None))
+    out = downstream.compare(run, tokenizer, same, torch.device("cpu"))
+    assert out["mode"] == "probe" and out["base"] > 0.9  # the colour word is linearly readable
+    # The same weights and the same bootstrap resample per seed: a gain of exactly 0 everywhere.
+    assert out["gain"]["per_seed"] == {0: 0.0, 1: 0.0, 2: 0.0}
+    assert out["verdict"] == "no detectable effect"
+    scores = [r["base"]["accuracy"] for r in out["per_seed"]]
+    assert len(set(scores)) > 1  # the seeds resample the training examples: they differ
+
+
+def test_a_new_head_trains_alone_first_and_the_body_at_a_lower_rate(tmp_path, tiny_bert, corpus_jsonl):
+    from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
+
+    from ecoadapt.cli import main
+
+    headless = tmp_path / "headless"  # the encoder alone, as MiniLM ships: the MLM head will be new
+    AutoModel.from_pretrained(tiny_bert).save_pretrained(headless)
+    AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(headless)
+    (tmp_path / "empty.yaml").write_text("{}\n")
+    sets = {
+        "model.name_or_path": headless, "data.train": corpus_jsonl, "data.text_field": "caption",
+        "data.max_seq_len": 16, "train.max_steps": 2, "train.micro_batch_size": 4, "train.lr": 5e-3,
+        "train.head_first_steps": 6, "train.body_lr_scale": 1e-4, "output.dir": tmp_path / "run",
+    }  # fmt: skip
+    assert (
+        main(["adapt", str(tmp_path / "empty.yaml"), *(a for k, v in sets.items() for a in ("--set", f"{k}={v}"))]) == 0
+    )
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["head_first"]["steps"] == 6 and summary["head_first"]["tokens"] == 6 * 4 * 16
+    assert summary["steps"] == 2 and "trained alone first for 6 steps" in summary["notes"][0]
+    before = AutoModel.from_pretrained(headless).state_dict()
+    after = AutoModelForMaskedLM.from_pretrained(tmp_path / "run" / "model")
+    body = after.bert.state_dict()
+    # The body moved by at most 2 steps at 5e-7 (Adam steps are about lr in size): not at all
+    # during the head's 6 steps; the head learnt from zero.
+    drift = max((body[k] - before[k]).abs().max().item() for k in before if k in body)
+    assert drift < 2e-6
+    from ecoadapt import models
+
+    initial = models.load(ModelConfig(str(headless)), 16, seed=0).model  # the same new head, as first drawn
+    key = "cls.predictions.transform.dense.weight"
+    assert (after.state_dict()[key] - initial.state_dict()[key]).abs().max().item() > 1e-2  # the head learnt
+
+
+def test_test_examples_can_be_bounded_keeping_each_labels_share(tmp_path):
+    path = write_task(tmp_path / "t.jsonl", 400)
+    full = downstream.read_examples(TaskConfig(train=[str(path)], test_fraction=0.5))[1]
+    bounded = downstream.read_examples(TaskConfig(train=[str(path)], test_fraction=0.5, max_test_examples=50))[1]
+    assert len(bounded) == 50 and {e.text for e in bounded} <= {e.text for e in full}
+    share = sum(e.label == "red" for e in full) / len(full)
+    assert abs(sum(e.label == "red" for e in bounded) / 50 - share) < 0.05

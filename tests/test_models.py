@@ -31,7 +31,7 @@ def test_missing_models_fail_at_once(tmp_path):
         models.resolve(str(tmp_path))
     with pytest.raises(UserError, match="unknown packaged model"):
         models.resolve("pkg:nope")
-    with pytest.raises(UserError, match="not in the local Hugging Face cache.*never downloads"):
+    with pytest.raises(UserError, match="not in the local Hugging Face cache.*HF_HUB_OFFLINE=1"):  # conftest: offline
         models.load(ModelConfig("some-org/surely-not-cached-model"), 32)
 
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from ecoadapt import report
+from ecoadapt import downstream, report, stats
 from ecoadapt.errors import UserError
 from ecoadapt.summary import EvalSummary, RunSummary
 
@@ -111,17 +111,73 @@ def test_report_of_a_single_run_and_of_nothing(tmp_path):
         report.build(tmp_path / "nope")
 
 
-def test_recommendation_flags_a_difference_within_seed_noise():
-    table = [
-        {"name": "fp32", "status": "completed", "baseline": True, "error": None, "train_joules": 100.0,
-         "task_score": 0.50, "task_std": 0.04, "peak_bytes": 10, "time_s": 1.0},
-        {"name": "bf16", "status": "completed", "baseline": False, "error": None, "train_joules": 50.0,
-         "task_score": 0.48, "task_std": 0.03, "peak_bytes": 10, "time_s": 0.5},
-    ]  # fmt: skip
-    rec = report.recommend(table, report.Metric("task_score", True), tolerance=0.05)
-    assert rec["name"] == "bf16" and "within seed noise: std 0.0400" in rec["text"]
-    table[1]["task_std"] = table[0]["task_std"] = 0.001
-    assert "seed noise" not in report.recommend(table, report.Metric("task_score", True), tolerance=0.05)["text"]
+def task(base, adapted, joules=50.0):
+    """A run's task section from per-seed scores, summarised by the real downstream code."""
+    per_seed = [
+        {"seed": s, "base": {"macro_f1": b, "cached": s > 0}, "adapted": {"macro_f1": a, "cached": False}}
+        for s, (b, a) in enumerate(zip(base, adapted, strict=True))
+    ]
+    out = downstream.summarize("macro_f1", per_seed, {"test_counts": {"x": 60, "y": 40}})
+    return {**out, "mode": "finetune", "energy": {"joules": joules, "seconds": 1.0, "method": "estimated"}}
+
+
+def write_points(folder, points):
+    """results.jsonl of a sweep: (name, train joules, held-out loss, task) per point."""
+    records = []
+    for i, (name, joules, loss, t) in enumerate(points):
+        record = summary(name, joules, loss, 100 * 2**20, baseline=i == 0)
+        record["task"] = t
+        records.append(record)
+    (folder / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+BASE = [0.60, 0.55, 0.65, 0.58, 0.62]
+
+
+def test_a_report_without_a_detectable_gain_says_so_and_ranks_by_held_out_loss(tmp_path):
+    noise = [0.012, -0.010, 0.004, -0.006, 0.001]  # adapted minus base: inside seed noise
+    write_points(
+        tmp_path,
+        [
+            ("fp32", 1000.0, 2.00, task(BASE, [b + n for b, n in zip(BASE, noise, strict=True)])),
+            # The best task score, and no detectable gain either: it must not win on that score.
+            ("bf16", 500.0, 2.30, task(BASE, [b + n + 0.001 for b, n in zip(BASE, noise, strict=True)])),
+            ("lora", 400.0, 2.02, task(BASE, [b - n for b, n in zip(BASE, noise, strict=True)])),
+        ],
+    )
+    built = report.build(tmp_path, tolerance=0.05)
+    assert built["metric"] == "eval_loss"
+    assert built["recommendation"]["name"] == "lora"  # cheapest within 0.05 nats of the best loss
+    assert "No recipe's adaptation changed the task" in built["verdict"][0]
+    assert "ranked by held-out domain loss" in built["verdict"][0]
+    assert all("no detectable effect" in line for line in built["verdict"][1:4])
+    md = (tmp_path / "report.md").read_text()
+    assert md.index("**Verdict:**") < md.index("**Recommendation:**") < md.index("| point |")
+    assert "adaptation 1,900 J + evaluation 150 J = 2,050 J" in md
+
+
+def test_a_report_with_a_detectable_gain_ranks_by_the_task_with_retained_gain(tmp_path):
+    gains = [0.040, 0.050, 0.045, 0.055, 0.050]
+    kept = [0.036, 0.046, 0.040, 0.050, 0.044]  # about 90% of the baseline's, seed by seed
+    write_points(
+        tmp_path,
+        [
+            ("fp32", 1000.0, 2.00, task(BASE, [b + g for b, g in zip(BASE, gains, strict=True)])),
+            ("frugal", 300.0, 2.20, task(BASE, [b + g for b, g in zip(BASE, kept, strict=True)])),
+        ],
+    )
+    built = report.build(tmp_path, tolerance=0.03)
+    assert built["metric"] == "task_score" and built["recommendation"]["name"] == "frugal"
+    assert "helped the task" in built["verdict"][0] and "for 2 of 2 recipes" in built["verdict"][0]
+    expected = stats.retained_gain(dict(enumerate(kept)), dict(enumerate(gains)))
+    assert expected is not None and 0.85 < expected.mean < 0.95
+    rows = {r["name"]: r for r in report.load_rows(tmp_path)[0]}
+    assert rows["frugal"]["retained"] == pytest.approx(expected.mean)
+    assert rows["frugal"]["retained_low"] == pytest.approx(expected.low)
+    assert any(line.startswith("frugal keeps 8") or line.startswith("frugal keeps 9") for line in built["verdict"])
+    # frugal vs fp32, paired by seed: -0.004, -0.004, -0.005, -0.005, -0.006; by hand: mean
+    # -0.0048, std 0.000837, t(4) 2.7764 x std / sqrt(5) = 0.00104.
+    assert "downstream metric -0.0048 (95% CI -0.0058 to -0.0038, 5 seeds)" in built["recommendation"]["text"]
 
 
 def test_a_record_that_does_not_fit_the_summary_schema_is_named(tmp_path):
@@ -131,3 +187,21 @@ def test_a_record_that_does_not_fit_the_summary_schema_is_named(tmp_path):
     (tmp_path / "summary.json").write_text(json.dumps({"status": "completed"}))
     with pytest.raises(UserError, match="config missing"):
         report.build(tmp_path)
+
+
+def test_every_report_writes_a_compute_statement_with_adaptation_and_evaluation_apart(tmp_path):
+    write_points(
+        tmp_path,
+        [
+            ("fp32_full", 1000.0, 2.00, task(BASE, BASE, joules=300.0)),
+            ("frugal", 500.0, 2.10, task(BASE, BASE, joules=100.0)),
+        ],
+    )
+    report.build(tmp_path)
+    md = (tmp_path / "compute.md").read_text()
+    # 1,500 J adapting + 400 J evaluating = 1,900 J = 0.000528 kWh; at the world average 480 g/kWh.
+    assert "0.000528 kWh in all (1,900 J): 0.000417 kWh adapting the models and 0.000111 kWh evaluating" in md
+    assert "480 g CO2e/kWh (world average 2023" in md and "0.253 g CO2e" in md
+    assert "| fp32_full | 0.001 | 0.000278 | 8.33e-05 | 100 | estimated |" in md  # 2 s of one device
+    tex = (tmp_path / "compute.tex").read_text()
+    assert "\\begin{tabular}{lrrrrr}" in tex and "fp32\\_full" in tex and "fp32_full" not in tex

@@ -82,3 +82,27 @@ def test_three_point_sweep_runs_resumes_and_records_failures(tmp_path, tiny_llam
     assert by_name["more"]["status"] == "completed"
     csv_rows = (out / "results.csv").read_text().splitlines()
     assert len(csv_rows) == 1 + 4  # header + enabled=False, enabled=True, too-many, more
+
+
+def test_a_sweep_fine_tunes_the_base_once_and_every_point_shares_it(tmp_path, tiny_bert, corpus_jsonl, capfd):
+    from test_downstream import write_task
+
+    task = {"train": [str(write_task(tmp_path / "task.jsonl", 120))], "seeds": [0, 1], "epochs": 1}
+    path = write_sweep(tmp_path, tiny_bert, corpus_jsonl, grid={}, points=[{"name": "a"}, {"name": "b"}])
+    spec = yaml.safe_load(path.read_text())
+    spec["base"]["task"] = task
+    spec["points"][1]["set"] = {"train.lr": 1e-3}
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["sweep", str(path)]) == 0
+    records = [json.loads(x) for x in (tmp_path / "sweep" / "results.jsonl").read_text().splitlines()]
+    first, second = (r["task"] for r in records)
+    assert [r["base"]["cached"] for r in first["per_seed"]] == [False, False]
+    assert [r["base"]["cached"] for r in second["per_seed"]] == [True, True]
+    assert second["base_cached"] == 2 and [r["base"]["macro_f1"] for r in second["per_seed"]] == [
+        r["base"]["macro_f1"] for r in first["per_seed"]
+    ]
+    # The second point paid for its two adapted fine-tunes only: about half the first's joules.
+    assert 0.3 < second["evaluation_joules"] / first["evaluation_joules"] < 0.75
+    assert capfd.readouterr().err.count("(cached: computed once before") == 2
+    md = (tmp_path / "sweep" / "report.md").read_text()
+    assert "**Verdict:**" in md and "evaluation energy (J)" in md

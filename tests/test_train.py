@@ -102,3 +102,16 @@ def test_masked_rows_pad_to_a_bucket_with_ignored_rows():
     more = labels.clone()
     more[1, :40] = 9
     assert len(losses.masked_rows(more)[0]) == len(index)
+
+
+def test_parameter_groups_give_new_parameters_the_full_rate_and_the_body_its_share():
+    from ecoadapt.train import parameter_groups
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))  # "1" plays the new head
+    groups = parameter_groups(model, 0.01, 1e-3, new=["1.weight", "1.bias"], body_lr_scale=0.1)
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    assert by_param[id(model[1].weight)]["lr"] == 1e-3 and by_param[id(model[1].bias)]["lr"] == 1e-3
+    assert by_param[id(model[0].weight)]["lr"] == pytest.approx(1e-4)
+    assert by_param[id(model[0].bias)]["weight_decay"] == 0.0 and by_param[id(model[0].weight)]["weight_decay"] == 0.01
+    same = parameter_groups(model, 0.01, 1e-3)  # no scaling: one rate, two decay groups
+    assert [len(g["params"]) for g in same] == [2, 2] and {g["lr"] for g in same} == {1e-3}

@@ -17,15 +17,16 @@ parallelism every rank runs this same recipe on its shard; rank 0 alone prints a
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ecoadapt import checkpoint, downstream, export, models, parallel, rundir, storage
+from ecoadapt import checkpoint, downstream, export, model_card, models, parallel, rundir, storage
 from ecoadapt import summary as summary_mod
 from ecoadapt import train as train_loop
+from ecoadapt.adapters import is_new
 from ecoadapt.config import RunConfig, dump
 from ecoadapt.data import readers
 from ecoadapt.data.batches import BlockLoader
@@ -39,6 +40,8 @@ from ecoadapt.prepare import Prepared, mfu, prepare
 from ecoadapt.progress import Progress, say
 from ecoadapt.stopping import StopRule
 from ecoadapt.summary import EvalSummary, ModelSummary, ParallelSummary, ReliabilitySummary, RunSummary
+
+HEAD_SEED_OFFSET = 7919  # the head-first steps draw their own block order and masks
 
 
 def run(cfg: RunConfig, base: Path | None = None) -> RunSummary:
@@ -55,7 +58,9 @@ def run(cfg: RunConfig, base: Path | None = None) -> RunSummary:
     # Cheap checks first: a typo in a path fails in milliseconds, not after loading a model.
     resume = rundir.resume_point(out, cfg.to_dict(), cfg.output.overwrite, cfg.output.resume)
     readers.resolve(cfg.data.train, base)
-    models.resolve(cfg.model.name_or_path)
+    models.resolve_model(cfg.model)  # a hub id is fetched here, once, before anything else
+    if cfg.task.train:  # every record, before an adaptation that a bad task file would waste
+        downstream.check(cfg.task)
     world, device = parallel.setup(cfg.parallel.strategy, cfg.train.device, cfg.parallel.timeout_s)
     if world.strategy == "fsdp" and cfg.lora.merge:
         raise UserError("lora.merge is not available with parallel.strategy = fsdp; merge the saved adapter afterwards")
@@ -75,6 +80,7 @@ class Training:
     stopper: EarlyStop
     interrupts: Interrupts
     checkpoints: checkpoint.RunCheckpoints | None
+    head_first: dict[str, Any] | None = None
 
 
 class AdaptRun:
@@ -154,8 +160,9 @@ class AdaptRun:
         parallel.teardown(barrier=True)
         if not self.world.is_main:
             return RunSummary(status="completed", config=self.summary.config, rank=self.world.rank)
-        task = self.task(saved) if self.cfg.task.train else None
+        task = self._task_or_failure(saved) if self.cfg.task.train else None
         self._fill(training, before, after, saved, measured, task)
+        model_card.write(self.run_dir, self.summary)  # with the task's result: it ran first
         summary_mod.write(self.run_dir / "summary.json", self.summary)
         # Finished: the checkpoint's optimizer state is no longer needed (the model is saved).
         (self.run_dir / rundir.CHECKPOINT_FILE).unlink(missing_ok=True)
@@ -180,8 +187,12 @@ class AdaptRun:
         return scores
 
     def train(self, before: dict[str, Any], resumed: dict[str, Any] | None) -> Training:
-        """The training loop in its own energy and memory windows."""
+        """The training loop (after the head-first steps, if any) in its own energy and memory
+        windows."""
         cfg, p, world = self.cfg, self.p, self.world
+        self.tracker.begin_window("train")
+        self.memory.begin("train")
+        head = self._head_first() if resumed is None else None
         torch.manual_seed(cfg.train.seed)  # dropout masks depend on the seed alone
         loader = BlockLoader(
             p.blocks.train,
@@ -193,7 +204,7 @@ class AdaptRun:
             world.size,
         )
         loop = train_loop.Loop.create(
-            p.model, self.steps, cfg.train, p.policy, p.loaded.objective, self.device, world.size
+            p.model, self.steps, cfg.train, p.policy, p.loaded.objective, self.device, world.size, p.loaded.fresh
         )
         stopper = EarlyStop(cfg.train.early_stop, cfg.train.early_stop_delta)
         checkpoints = None
@@ -213,14 +224,40 @@ class AdaptRun:
         with Interrupts() as interrupts:
             rule = StopRule(world, interrupts, budget, self._periodic_eval, cfg.train.eval_every, stopper)
             hooks = train_loop.Hooks(lambda record: self._on_log(record, progress), rule, checkpoints)
-            self.tracker.begin_window("train")
-            self.memory.begin("train")
             result = train_loop.train(loop, loader, hooks)
             self.memory.end("train")
             self.tracker.end_window("train")
         if progress is not None:
             progress.close()
-        return Training(result, loader, budget, stopper, interrupts, checkpoints)
+        return Training(result, loader, budget, stopper, interrupts, checkpoints, head)
+
+    def _head_first(self) -> dict[str, Any] | None:
+        """train.head_first_steps on the newly initialised parameters alone (the rest frozen,
+        so the backward pass stops at them); None when there is nothing to do."""
+        cfg, p = self.cfg, self.p
+        steps, new = cfg.train.head_first_steps, p.loaded.fresh
+        if not steps or not new:
+            return None
+        frozen = [q for name, q in p.model.named_parameters() if q.requires_grad and not is_new(name, new)]
+        self.log(
+            f"head first: {steps} steps on the new head alone ({', '.join(sorted({n.rsplit('.', 1)[0] for n in new}))})"
+        )
+        for q in frozen:
+            q.requires_grad_(False)
+        try:
+            torch.manual_seed(cfg.train.seed + HEAD_SEED_OFFSET)
+            loader = BlockLoader(
+                p.blocks.train, cfg.train.micro_batch_size, p.loaded.objective, p.mask,
+                cfg.train.seed + HEAD_SEED_OFFSET, 0, 1,
+            )  # fmt: skip
+            head_cfg = replace(cfg.train, max_steps=steps, body_lr_scale=1.0, log_every=steps)
+            loop = train_loop.Loop.create(p.model, steps, head_cfg, p.policy, p.loaded.objective, self.device)
+            result = train_loop.train(loop, loader)
+        finally:
+            for q in frozen:
+                q.requires_grad_(True)
+        self.log(f"head first: loss {result.train_loss:.4f} after {steps} steps, {result.time_s:.1f} s")
+        return {"steps": steps, "tokens": result.tokens, "time_s": result.time_s, "train_loss": result.train_loss}
 
     def _job_training_joules(self) -> float:
         """Training joules so far, summed over every rank (a collective under parallelism)."""
@@ -289,9 +326,28 @@ class AdaptRun:
         else:
             backbone = downstream.backbone_state(parallel.unwrap(self.p.model))
         self.tracker.begin_window("task")
-        task = downstream.compare(self.cfg, self.p.loaded.tokenizer, backbone, self.device)
-        task["energy"] = self.tracker.end_window("task").as_dict()
+        try:
+            task = downstream.compare(self.cfg, self.p.loaded.tokenizer, backbone, self.device, self.tracker)
+        finally:
+            measured = self.tracker.end_window("task").as_dict()
+        task["energy"] = measured
         return task
+
+    def _task_or_failure(self, saved: list[str]) -> dict[str, Any] | None:
+        """The task, or what made it fail: the adaptation's measured sections are kept either way
+        (the model is saved; `ecoadapt evaluate` runs the task alone on it)."""
+        try:
+            return self.task(saved)
+        except Exception as e:  # any failure of the task must not lose the run
+            error = f"{type(e).__name__}: {e}"
+            self.log(f"task failed: {error}; the adaptation's results are kept. Retry: ecoadapt evaluate CONFIG")
+            window = self.tracker.windows.get("task")
+            return {
+                "status": "failed",
+                "error": error,
+                "energy": window.as_dict() if window is not None else None,
+                "retry": "ecoadapt evaluate CONFIG" if saved else "save the model (output.save_model) to retry",
+            }
 
     # -- the summary ------------------------------------------------------------------------
 
@@ -338,6 +394,8 @@ class AdaptRun:
         s.memory, s.flops = measured["memory"], measured["flops"]
         s.mfu = measured["flops"]["mfu"]
         s.task = task
+        s.head_first = training.head_first
+        s.notes = _notes(cfg, p)
         s.parallel = ParallelSummary(world.size, world.strategy)
         s.phases_s = p.phases
         s.environment = environment.describe(self.device)
@@ -360,6 +418,24 @@ class AdaptRun:
             )
         )
         return s
+
+
+def _notes(cfg: RunConfig, p: Prepared) -> list[str]:
+    """What the user should know about how this run adapted."""
+    notes = []
+    if p.loaded.fresh:
+        protected = []
+        if cfg.train.head_first_steps:
+            protected.append(f"trained alone first for {cfg.train.head_first_steps} steps")
+        if cfg.train.body_lr_scale != 1.0:
+            protected.append(f"the pretrained weights at {cfg.train.body_lr_scale:g} x train.lr")
+        notes.append(
+            f"the model had no trained head for this objective: {len(p.loaded.fresh)} parameter tensors were newly "
+            "initialised ("
+            + ("; ".join(protected) if protected else "no protection: see train.head_first_steps, train.body_lr_scale")
+            + ")"
+        )
+    return notes
 
 
 def _check_room(cfg: RunConfig, out: Path, p: Prepared) -> None:
@@ -390,7 +466,7 @@ def _energy_summary(
     """The job's energy with the task's window (run on rank 0 after the ranks were summed)."""
     if job is None:
         return None
-    if task is not None and "energy" in task:
+    if task is not None and task.get("energy"):
         job["phases"]["task"] = {k: task["energy"][k] for k in ("joules", "seconds")}
         energy.with_totals(job)
     train_joules = job["phases"]["train"]["joules"]

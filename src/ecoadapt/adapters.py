@@ -9,6 +9,7 @@ backward pass through every block.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,16 @@ class TrainablePlan:
     n_blocks: int
     lora: bool
     extra_trainable: list[str] = field(default_factory=list)
+
+
+PEFT_COPY = ".modules_to_save.default"  # where PEFT keeps the trained copy of a module it saves in full
+
+
+def is_new(name: str, new: Collection[str]) -> bool:
+    """Whether parameter ``name`` (of a model however wrapped: LossModule, DDP, PEFT) is one of
+    the newly initialised parameters ``new`` (names in the bare model)."""
+    bare = name.replace(PEFT_COPY, "")
+    return any(bare == n or bare.endswith("." + n) for n in new)
 
 
 def modules_after_blocks(model: nn.Module, blocks_name: str, example: torch.Tensor) -> list[str]:

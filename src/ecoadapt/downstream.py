@@ -1,55 +1,80 @@
-"""The downstream task: fine-tune a classifier on the base and on the adapted model, same seeds.
+"""The downstream task: base vs adapted model, one protocol for every recipe, paired by seed.
 
-Both start from the same classification model built from the base checkpoint (the head is
-newly initialised with the seed); for the adapted model its backbone weights are replaced by
-the adapted ones (a LoRA adapter is merged first). Both then get the same fine-tune budget,
-seeds, precision and data order, so the difference is the adaptation's alone. Encoders
-classify from their pooled [CLS] state, decoders from the last real token (transformers'
-``*ForSequenceClassification``).
+Both models are judged the same way: the task's own precision (``task.precision``, not the
+recipe's), the same seeds, data order and budget; for the adapted model the backbone weights
+are replaced by the adapted ones (a LoRA adapter is merged first). ``task.mode`` is a full
+fine-tune per seed (:mod:`ecoadapt.finetune`) or a linear probe on frozen features
+(:mod:`ecoadapt.probe`). The base model's results are cached (:mod:`ecoadapt.task_cache`), so
+a sweep evaluates the base once. The summary gives the per-seed gain (adapted minus base), its
+confidence interval and a verdict in words (:mod:`ecoadapt.stats`).
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from ecoadapt import models
-from ecoadapt import train as train_loop
-from ecoadapt.config import LoraConfig, RunConfig, TaskConfig, TrainConfig
-from ecoadapt.data import labelled
+from ecoadapt import finetune, probe, stats, task_cache
+from ecoadapt.config import RunConfig, TaskConfig
+from ecoadapt.data import labelled, readers
 from ecoadapt.errors import UserError
-from ecoadapt.metrics import classification
+from ecoadapt.finetune import TaskData
+from ecoadapt.measure.energy import EnergyTracker
 from ecoadapt.precision import Policy
-from ecoadapt.progress import say
+from ecoadapt.progress import fmt_duration, say
 
 
-@dataclass
-class TaskData:
-    """The task's examples, split, encoded and described."""
+def task_precision(setting: str, device: torch.device) -> str:
+    """The precision mode ``task.precision`` means on ``device`` (auto: bf16 autocast on a GPU
+    that runs bf16 natively, fp16 on older GPUs, fp32 on a CPU)."""
+    if setting != "auto":
+        return setting
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    return "fp32"
 
-    labels: list[str]
-    train: labelled.Encoded
-    test: labelled.Encoded
-    classes: dict[str, Any]
-    pad_id: int
 
+def read_examples(cfg: TaskConfig) -> tuple[list[labelled.Example], list[labelled.Example], list[str], dict[str, Any]]:
+    """Read, split (when no test files) and check the task's examples.
 
-def prepare(cfg: TaskConfig, tokenizer: Any) -> TaskData:
-    """Read, split (when no test files), check and tokenize the task's examples."""
-    train = labelled.read(cfg.train, cfg)
+    Returns:
+        (train, test, sorted labels, the bad-records summary).
+
+    Raises:
+        UserError: a missing file or field, an empty text (unless task.bad_records: skip), a
+            test label training never saw, or fewer than two labels.
+    """
+    bad = readers.BadRecords(cfg.bad_records, "task.bad_records")
+    train = labelled.read(cfg.train, cfg, bad)
     if cfg.test:
-        test = labelled.read(cfg.test, cfg)
+        test = labelled.read(cfg.test, cfg, bad)
     else:
         train, test = labelled.stratified_split(train, cfg.test_fraction)
     if cfg.max_train_examples is not None:
         train = labelled.subsample(train, cfg.max_train_examples)
+    if cfg.max_test_examples is not None:
+        test = labelled.subsample(test, cfg.max_test_examples)
     labels = labelled.check_labels(train, test)
     if len(labels) < 2:
         raise UserError(f"task: only one label ('{labels[0]}') in the training examples; a classifier needs two")
+    if bad.skipped:
+        say(f"task.bad_records: skipped {bad.skipped} records ({bad.examples[0]})")
+    return train, test, labels, bad.summary()
+
+
+def check(cfg: TaskConfig) -> None:
+    """Check the task before an adaptation starts: its files, fields, every record, two labels."""
+    train, test, labels, _ = read_examples(cfg)
+    say(f"task checked: {len(train)} train / {len(test)} test examples, {len(labels)} labels")
+
+
+def prepare(cfg: TaskConfig, tokenizer: Any) -> TaskData:
+    """Read, split, check and tokenize the task's examples."""
+    train, test, labels, bad = read_examples(cfg)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise UserError("task: the tokenizer has neither a pad nor an EOS token to pad batches with")
@@ -59,6 +84,7 @@ def prepare(cfg: TaskConfig, tokenizer: Any) -> TaskData:
         labelled.encode(test, tokenizer, labels, cfg.max_seq_len),
         labelled.class_report(train, test),
         int(pad_id),
+        bad,
     )
 
 
@@ -69,123 +95,145 @@ def backbone_state(model: Any) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().cpu() for k, v in model.base_model.state_dict().items()}
 
 
-def build_classifier(run: RunConfig, n_labels: int, pad_id: int, seed: int, backbone: dict[str, Any] | None) -> Any:
-    """A sequence classifier from the base checkpoint, its backbone optionally replaced."""
-    from transformers import AutoModelForSequenceClassification
+class _Judge:
+    """Scores one model on one seed under the task's protocol (fine-tune or probe); a probe's
+    features are computed once per model."""
 
-    where, gguf_file, _ = models.resolve(run.model.name_or_path)
-    kwargs: dict[str, Any] = {"local_files_only": True, "num_labels": n_labels, "dtype": torch.float32}
-    if gguf_file:
-        kwargs["gguf_file"] = gguf_file
-    torch.manual_seed(seed)  # the new head starts the same for base and adapted
-    with models.offline():
-        try:
-            clf = AutoModelForSequenceClassification.from_pretrained(where, **kwargs)
-        except ValueError as e:
-            raise UserError(f"task: {run.model.name_or_path} has no sequence-classification form ({e})") from None
-    clf.config.pad_token_id = pad_id  # decoders find the last real token by it
-    if backbone is not None:
-        result = clf.base_model.load_state_dict(backbone, strict=False)
-        stray = [k for k in result.missing_keys if not k.startswith("pooler.")]
-        if stray:
-            raise UserError(f"task: the adapted weights do not fit the classifier (missing {', '.join(stray[:3])})")
-    return clf
+    def __init__(self, run: RunConfig, data: TaskData, precision: str, device: torch.device) -> None:
+        self.run, self.data, self.precision, self.device = run, data, precision, device
+        self._features: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-
-@torch.no_grad()
-def predict(
-    model: Any, data: labelled.Encoded, pad_id: int, batch_size: int, policy: Policy, device: Any
-) -> torch.Tensor:
-    """Predicted class indices, (n,)."""
-    model.eval()
-    preds = []
-    for i in range(0, len(data.ids), batch_size):
-        input_ids, mask = labelled.pad_batch(data.ids[i : i + batch_size], pad_id)
-        with policy.autocast():
-            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
-        preds.append(logits.argmax(-1).cpu())
-    return torch.cat(preds)
+    def score(self, name: str, weights: dict[str, Any] | None, seed: int, label: str) -> dict[str, Any]:
+        if self.run.task.mode == "finetune":
+            return finetune.fine_tune(self.run, self.data, seed, weights, self.device, self.precision, label)
+        if name not in self._features:
+            n = len(self.data.train.ids) + len(self.data.test.ids)
+            say(f"[{label}] features of the {name} model ({n} examples)")
+            clf = finetune.build_classifier(self.run, len(self.data.labels), self.data.pad_id, 0, weights)
+            backbone = clf.base_model.to(self.device)
+            policy = Policy(self.precision, self.device.type)
+            try:
+                self._features[name] = tuple(  # type: ignore[assignment]
+                    probe.features(backbone, split, self.data.pad_id, policy, self.device)
+                    for split in (self.data.train, self.data.test)
+                )
+            finally:
+                policy.restore()
+        train_x, test_x = self._features[name]
+        return probe.score(train_x, self.data.train.labels, test_x, self.data.test.labels, len(self.data.labels), seed)
 
 
-def fine_tune(
-    run: RunConfig, data: TaskData, seed: int, backbone: dict[str, Any] | None, device: Any
+def _window(tracker: EnergyTracker | None) -> Callable[[], tuple[float, float]]:
+    """A stopwatch of joules and seconds since now: call it for (joules, seconds) so far."""
+    j0, t0 = (tracker.total_joules() if tracker else 0.0), time.perf_counter()
+    return lambda: ((tracker.total_joules() if tracker else 0.0) - j0, time.perf_counter() - t0)
+
+
+def compare(
+    run: RunConfig, tokenizer: Any, adapted: dict[str, Any] | None, device: Any, tracker: EnergyTracker | None = None
 ) -> dict[str, Any]:
-    """Fine-tune one classifier with ``seed`` and score it on the test examples."""
-    task = run.task
-    model = build_classifier(run, len(data.labels), data.pad_id, seed, backbone)
-    if task.lora:
-        from peft import LoraConfig as PeftLoraConfig
-        from peft import get_peft_model
-
-        lora: LoraConfig = run.lora
-        model = get_peft_model(
-            model, PeftLoraConfig(task_type="SEQ_CLS", r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout)
-        )
-    model.to(device)
-    policy = Policy(run.precision.mode, device.type)
-    policy.apply(model)
-    steps = train_loop.total_steps(
-        TrainConfig(max_steps=None, epochs=task.epochs, micro_batch_size=task.micro_batch_size), len(data.train.ids)
-    )
-    cfg = TrainConfig(
-        micro_batch_size=task.micro_batch_size,
-        max_steps=steps,
-        lr=task.lr,
-        warmup_ratio=0.1,
-        seed=seed,
-        log_every=steps,
-    )
-    torch.manual_seed(seed)
-    batches = labelled.batches(data.train, task.micro_batch_size, data.pad_id, seed)
-    try:
-        result = train_loop.run(model, batches, steps, cfg, "cls", policy, device)
-        preds = predict(model, data.test, data.pad_id, task.micro_batch_size * 2, policy, device)
-    finally:
-        policy.restore()
-    scores = classification(preds, data.test.labels, len(data.labels))
-    return {**scores, "steps": steps, "train_time_s": result.time_s, "train_loss": result.train_loss}
-
-
-def _stats(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def compare(run: RunConfig, tokenizer: Any, adapted: dict[str, Any] | None, device: Any) -> dict[str, Any]:
-    """Fine-tune base and adapted classifiers for every seed; the summary's ``task`` part.
+    """Score base and adapted model on every seed; the summary's ``task`` part.
 
     Args:
-        run: the run's config (task section, model, precision, lora).
+        run: the run's config (task section, model, lora).
         tokenizer: the model's tokenizer.
         adapted: the adapted backbone's weights (None: base only).
         device: where to train.
+        tracker: the run's energy tracker, to give each fine-tune's joules (None: no energy).
     """
     start = time.perf_counter()
     data = prepare(run.task, tokenizer)
+    precision = task_precision(run.task.precision, device)
     say(
-        f"task: {len(data.train.ids)} train / {len(data.test.ids)} test examples, {len(data.labels)} labels "
-        f"(majority class {data.classes['majority_class_accuracy']:.1%} of test, "
+        f"task ({run.task.mode}, {precision}): {len(data.train.ids)} train / {len(data.test.ids)} test examples, "
+        f"{len(data.labels)} labels (majority class {data.classes['majority_class_accuracy']:.1%} of test, "
         f"imbalance {data.classes['imbalance_ratio']:.1f}:1)"
     )
-    per_seed: list[dict[str, Any]] = []
-    for seed in run.task.seeds:
-        row: dict[str, Any] = {"seed": seed}
-        for name, weights in (("base", None), ("adapted", adapted)):
-            if name == "adapted" and adapted is None:
-                continue
-            scores = fine_tune(run, data, seed, weights, device)
-            row[name] = scores
-            say(f"task seed {seed} {name}: {run.task.metric} {scores[run.task.metric]:.4f}")
-        per_seed.append(row)
-    metric = run.task.metric
-    out: dict[str, Any] = {"metric": metric, "labels": data.labels, "classes": data.classes, "per_seed": per_seed}
-    base_mean, base_std = _stats([r["base"][metric] for r in per_seed])
-    out.update({"base": base_mean, "base_std": base_std})
-    if adapted is not None:
-        adapted_mean, adapted_std = _stats([r["adapted"][metric] for r in per_seed])
-        out.update({"adapted": adapted_mean, "adapted_std": adapted_std, "delta": adapted_mean - base_mean})
-    else:
-        out.update({"adapted": None, "adapted_std": None, "delta": None})
-    out["time_s"] = time.perf_counter() - start
+    cache_key = task_cache.key(run, precision, device.type) if run.task.cache else None
+    judge = _Judge(run, data, precision, device)
+    jobs = [(seed, name, w) for seed in run.task.seeds for name, w in (("base", None), ("adapted", adapted))]
+    jobs = [j for j in jobs if not (j[1] == "adapted" and adapted is None)]
+    results: dict[tuple[int, str], dict[str, Any]] = {}
+    if cache_key is not None:
+        for seed in run.task.seeds:
+            cached = task_cache.load(cache_key, seed)
+            if cached is not None:
+                results[(seed, "base")] = {**cached, "cached": True}
+                say(
+                    f"task seed {seed} base: {run.task.metric} {cached[run.task.metric]:.4f} "
+                    f"(cached: computed once before, {cached.get('joules', 0):,.0f} J then)"
+                )
+    todo = [j for j in jobs if (j[0], j[1]) not in results]
+    spent = 0.0
+    for done, (seed, name, weights) in enumerate(todo):
+        label = f"task {name} seed {seed} ({done + 1}/{len(todo)})"
+        elapsed = _window(tracker)
+        scores = judge.score(name, weights, seed, label)
+        scores["joules"], scores["seconds"] = elapsed()
+        spent += scores["seconds"]
+        if name == "base" and cache_key is not None:
+            task_cache.store(cache_key, seed, scores)
+        results[(seed, name)] = {**scores, "cached": False}
+        left = len(todo) - done - 1
+        eta = f"; {left} left, about {fmt_duration(spent / (done + 1) * left)}" if left else ""
+        say(f"task seed {seed} {name}: {run.task.metric} {scores[run.task.metric]:.4f}{eta}")
+    per_seed = [
+        {"seed": s, **{n: results[(s, n)] for n in ("base", "adapted") if (s, n) in results}} for s in run.task.seeds
+    ]
+    out = summarize(run.task.metric, per_seed, data.classes)
+    out.update(
+        {
+            "mode": run.task.mode,
+            "precision": precision,
+            "labels": data.labels,
+            "bad_records": data.bad_records,
+            "time_s": time.perf_counter() - start,
+        }
+    )
+    return out
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(metric: str, per_seed: list[dict[str, Any]], classes: dict[str, Any]) -> dict[str, Any]:
+    """Means, the paired gain with its interval, the verdict, and where the joules went."""
+    base = {r["seed"]: r["base"][metric] for r in per_seed}
+    base_mean, base_std = _mean_std(list(base.values()))
+    floor = stats.trivial_score(metric, classes["test_counts"])
+    out: dict[str, Any] = {
+        "metric": metric,
+        "classes": classes,
+        "per_seed": per_seed,
+        "floor": floor,
+        "base": base_mean,
+        "base_std": base_std,
+        "adapted": None,
+        "adapted_std": None,
+        "delta": None,
+        "gain": None,
+        "verdict": None,
+        "verdict_text": None,
+    }
+    computed = [r[n] for r in per_seed for n in ("base", "adapted") if n in r and not r[n].get("cached")]
+    out["evaluation_joules"] = sum(x.get("joules", 0.0) for x in computed)
+    out["base_cached"] = sum(1 for r in per_seed if r["base"].get("cached"))
+    if all("adapted" in r for r in per_seed):
+        adapted = {r["seed"]: r["adapted"][metric] for r in per_seed}
+        adapted_mean, adapted_std = _mean_std(list(adapted.values()))
+        gain, by_seed = stats.paired_gain(base, adapted)
+        word = stats.verdict(gain, base_mean, adapted_mean, floor)
+        out.update(
+            {
+                "adapted": adapted_mean,
+                "adapted_std": adapted_std,
+                "delta": gain.mean,
+                "gain": {**gain.as_dict(), "per_seed": by_seed},
+                "verdict": word.word,
+                "verdict_text": word.text,
+            }
+        )
     return out
 
 
@@ -198,6 +246,8 @@ def adapted_backbone(run: RunConfig) -> dict[str, torch.Tensor]:
     from pathlib import Path
 
     from transformers import AutoModel
+
+    from ecoadapt import models
 
     folder = Path(run.output.dir)
     if (folder / "adapter").is_dir():

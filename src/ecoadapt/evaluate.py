@@ -34,7 +34,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     adapted = downstream.adapted_backbone(cfg)
     tracker = EnergyTracker.for_config(cfg.measure, device.type, device.index, 0, say)
     tracker.begin_window("task")
-    result = downstream.compare(cfg, models.load_tokenizer(cfg.model), adapted, device)
+    result = downstream.compare(cfg, models.load_tokenizer(cfg.model), adapted, device, tracker)
     result["energy"] = tracker.end_window("task").as_dict()
     storage.write_json(folder / "task.json", result)
     summary_path = folder / "summary.json"

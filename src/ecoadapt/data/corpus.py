@@ -70,8 +70,11 @@ def build(cfg: DataConfig, tokenizer: Any, objective: str, base: Path | None = N
         "tokenizer": store.tokenizer_fingerprint(tokenizer),
         "objective": objective,
         "eval_fraction": cfg.eval_fraction,
+        "bad_records": cfg.bad_records,
     }
-    prep = store.Preparation(sources, tokenizer, objective, cfg.text_field, cfg.json_key, cfg.eval_fraction)
+    prep = store.Preparation(
+        sources, tokenizer, objective, cfg.text_field, cfg.json_key, cfg.eval_fraction, cfg.bad_records
+    )
     tokens = store.open_or_prepare(cache_dir(cfg), key_parts, prep, say)
     meta = tokens.meta
     if not meta["eval_documents"]:
@@ -95,5 +98,6 @@ def build(cfg: DataConfig, tokenizer: Any, objective: str, base: Path | None = N
         "store": str(tokens.folder),
         "cache_key": meta["key"],
         "cache": tokens.cache,
+        "bad_records": meta.get("bad_records", {"policy": cfg.bad_records, "skipped": 0, "examples": []}),
     }
     return TokenBlocks(train, held, stats)

@@ -25,25 +25,38 @@ class Example:
     where: str
 
 
-def read(sources: list[str], cfg: TaskConfig) -> list[Example]:
-    """Read labelled examples; an empty text or a missing field names the file and record.
+def read(sources: list[str], cfg: TaskConfig, bad: readers.BadRecords | None = None) -> list[Example]:
+    """Read labelled examples; an empty text or a missing field names the file and record and
+    goes to ``bad`` (default: an error; task.bad_records: skip counts it instead).
 
     Raises:
-        UserError: a missing file or field, an empty text, or no example at all.
+        UserError: a missing file, a bad record (unless skipped), or no example at all.
     """
+    bad = bad or readers.BadRecords("error", "task.bad_records")
     out = []
     for source in readers.resolve(sources):
-        for where, record in readers.records(source, cfg.text_field, cfg.json_key):
-            text = readers.text_field_value(record, cfg.text_field, where)
-            if not text:
-                raise UserError(f"{where}: empty '{cfg.text_field}'; remove the record or fill it in")
-            if cfg.label_field not in record or record[cfg.label_field] in (None, ""):
-                fields = ", ".join(sorted(map(str, record)))
-                raise UserError(f"{where}: no label '{cfg.label_field}' (fields: {fields}); set task.label_field")
-            out.append(Example(text, str(record[cfg.label_field]), where))
+        for where, record in readers.records(source, cfg.text_field, cfg.json_key, bad):
+            try:
+                out.append(_example(record, cfg, where))
+            except UserError as e:
+                bad.handle(e)
     if not out:
-        raise UserError(f"task: {', '.join(sources)} holds no labelled example")
+        why = f" (every record was skipped; the first: {bad.examples[0]})" if bad.examples else ""
+        raise UserError(f"task: {', '.join(sources)} holds no labelled example{why}")
     return out
+
+
+def _example(record: Any, cfg: TaskConfig, where: str) -> Example:
+    try:
+        text = readers.text_field_value(record, cfg.text_field, where)
+    except UserError as e:  # the reader's hint names the corpus's setting
+        raise UserError(str(e).replace("data.text_field", "task.text_field")) from None
+    if not text:
+        raise UserError(f"{where}: empty '{cfg.text_field}'; remove the record or fill it in")
+    if cfg.label_field not in record or record[cfg.label_field] in (None, ""):
+        fields = ", ".join(sorted(map(str, record)))
+        raise UserError(f"{where}: no label '{cfg.label_field}' (fields: {fields}); set task.label_field")
+    return Example(text, str(record[cfg.label_field]), where)
 
 
 def _rank(example: Example, salt: str) -> int:

@@ -99,12 +99,42 @@ def _check_format(path: Path) -> None:
         raise UserError(f"{path}: {fmt} files cannot be read compressed; decompress it, or use .jsonl{compression}")
 
 
-def records(source: str, text_field: str = "text", json_key: str | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+class BadRecords:
+    """What to do with a record that cannot be used (a line that is not JSON, a missing or
+    empty field): stop with its error (policy "error"), or skip it and count it ("skip"), as
+    users of messy public data expect. ``setting`` names the config key in the error's hint."""
+
+    EXAMPLES = 3  # skipped records named in the summary
+
+    def __init__(self, policy: str = "error", setting: str = "data.bad_records") -> None:
+        self.policy = policy
+        self.setting = setting
+        self.skipped = 0
+        self.examples: list[str] = []
+
+    def handle(self, error: UserError) -> None:
+        """Raise ``error`` (policy "error", with how to skip instead) or count it."""
+        if self.policy != "skip":
+            raise UserError(f"{error}; or set {self.setting}: skip to skip such records (counted)") from None
+        self.skipped += 1
+        if len(self.examples) < self.EXAMPLES:
+            self.examples.append(str(error))
+
+    def summary(self) -> dict[str, Any]:
+        """For summary.json: the policy, how many records were skipped, the first few reasons."""
+        return {"policy": self.policy, "skipped": self.skipped, "examples": self.examples}
+
+
+def records(
+    source: str, text_field: str = "text", json_key: str | None = None, bad: BadRecords | None = None
+) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield (where, record) for each record of a .jsonl, .json, .csv or .tsv file.
 
     ``where`` names the file and line (or record index) for messages. CSV/TSV rows become
-    dicts keyed by the header; ``text_field`` is checked against the header at once.
+    dicts keyed by the header; ``text_field`` is checked against the header at once. A .jsonl
+    line that is not JSON goes to ``bad`` (default: an error).
     """
+    bad = bad or BadRecords()
     if source.startswith(builtin.PREFIX):
         yield from builtin.task_records(source)
         return
@@ -114,7 +144,12 @@ def records(source: str, text_field: str = "text", json_key: str | None = None) 
         for lineno, line in _lines(path):
             if not line.strip():
                 continue
-            yield f"{path}:{lineno}", _json(line, f"{path}:{lineno}")
+            try:
+                record = _json(line, f"{path}:{lineno}")
+            except UserError as e:
+                bad.handle(e)
+                continue
+            yield f"{path}:{lineno}", record
     elif suffix == ".json":
         for i, record in enumerate(_json_records(path, text_field, json_key)):
             yield f"{path}: record {i}", record
@@ -126,8 +161,12 @@ def records(source: str, text_field: str = "text", json_key: str | None = None) 
         raise UserError(f"{path}: expected a file of records (.jsonl, .json, .csv, .tsv, .parquet), not '{suffix}'")
 
 
-def read(source: str, text_field: str = "text", json_key: str | None = None) -> Iterator[Document]:
-    """Yield the documents of one source; empty and whitespace-only texts are skipped."""
+def read(
+    source: str, text_field: str = "text", json_key: str | None = None, bad: BadRecords | None = None
+) -> Iterator[Document]:
+    """Yield the documents of one source; empty and whitespace-only texts are skipped, records
+    without a usable text go to ``bad`` (default: an error)."""
+    bad = bad or BadRecords()
     if source.startswith(builtin.PREFIX):
         for text in builtin.documents(source):
             yield Document(text, source)
@@ -138,8 +177,12 @@ def read(source: str, text_field: str = "text", json_key: str | None = None) -> 
             if line.strip():
                 yield Document(line.strip(), f"{path}:{lineno}")
         return
-    for where, record in records(source, text_field, json_key):
-        text = text_field_value(record, text_field, where)
+    for where, record in records(source, text_field, json_key, bad):
+        try:
+            text = text_field_value(record, text_field, where)
+        except UserError as e:
+            bad.handle(e)
+            continue
         if text:
             yield Document(text, where)
 

@@ -166,6 +166,7 @@ class Preparation:
         text_field: record field holding the text.
         json_key: where a .json file holds its records.
         eval_fraction: the share of documents held out, by the hash of their text.
+        bad_records: "error" or "skip" (see readers.BadRecords).
     """
 
     sources: list[str]
@@ -174,6 +175,7 @@ class Preparation:
     text_field: str
     json_key: str | None
     eval_fraction: float
+    bad_records: str = "error"
 
 
 def open_or_prepare(root: Path, key_parts: dict[str, Any], prep: Preparation, say: Callable[[str], None]) -> TokenStore:
@@ -235,9 +237,9 @@ def _check_room(root: Path, sources: list[str], dtype: np.dtype[Any]) -> None:
         )
 
 
-def _documents(sources: list[str], text_field: str, json_key: str | None) -> Iterator[str]:
+def _documents(sources: list[str], text_field: str, json_key: str | None, bad: readers.BadRecords) -> Iterator[str]:
     for source in sources:
-        for doc in readers.read(source, text_field, json_key):
+        for doc in readers.read(source, text_field, json_key, bad):
             yield doc.text
 
 
@@ -267,6 +269,7 @@ def _prepare(folder: Path, prep: Preparation, say: Callable[[str], None]) -> dic
     use_pool = workers > 1 and (total_bytes is None or total_bytes >= WORKERS_FROM_BYTES)
     init = (worker_tokenizer(tokenizer), objective, prep.eval_fraction, dtype.str, tokenizer.eos_token_id)
     counts = {f"{s}_{k}": 0 for s in SPLITS for k in ("tokens", "documents")}
+    bad = readers.BadRecords(prep.bad_records, "data.bad_records")
     files = {s: open(folder / f"{s}.bin", "wb") for s in SPLITS}  # noqa: SIM115
     index = {s: open(folder / f"{s}.docs", "wb") for s in SPLITS}  # noqa: SIM115
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr, mininterval=2.0)
@@ -275,7 +278,7 @@ def _prepare(folder: Path, prep: Preparation, say: Callable[[str], None]) -> dic
         if use_pool:
             context = multiprocessing.get_context("spawn")  # no fork of a process holding torch's threads
             with context.Pool(workers, initializer=init_worker, initargs=init) as pool:
-                chunks = _chunks(_documents(sources, prep.text_field, prep.json_key))
+                chunks = _chunks(_documents(sources, prep.text_field, prep.json_key, bad))
                 # At most IN_FLIGHT_PER_WORKER chunks per worker read ahead: the pool's feeder
                 # thread would otherwise queue the whole corpus while the workers tokenize.
                 slots = threading.BoundedSemaphore(IN_FLIGHT_PER_WORKER * workers)
@@ -283,7 +286,7 @@ def _prepare(folder: Path, prep: Preparation, say: Callable[[str], None]) -> dic
                 _write(_releasing(results, slots), files, index, counts, bar)
         else:
             init_worker(*init, in_process=True)
-            chunks = _chunks(_documents(sources, prep.text_field, prep.json_key))
+            chunks = _chunks(_documents(sources, prep.text_field, prep.json_key, bad))
             _write(map(tokenize_chunk, chunks), files, index, counts, bar)
     finally:
         bar.close()
@@ -296,7 +299,16 @@ def _prepare(folder: Path, prep: Preparation, say: Callable[[str], None]) -> dic
     tokens = counts["train_tokens"] + counts["eval_tokens"]
     rate = tokens / max(seconds, 1e-9)
     say(f"tokenized {documents:,} documents, {tokens:,} tokens in {seconds:.0f} s ({rate:,.0f} tokens/s)")
-    return {**counts, "documents": documents, "dtype": dtype.str, "vocab_size": len(tokenizer), "seconds": seconds}
+    if bad.skipped:
+        say(f"data.bad_records: skipped {bad.skipped:,} records that held no usable text ({bad.examples[0]})")
+    return {
+        **counts,
+        "documents": documents,
+        "dtype": dtype.str,
+        "vocab_size": len(tokenizer),
+        "seconds": seconds,
+        "bad_records": bad.summary(),
+    }
 
 
 def _bounded(chunks: Iterator[list[str]], slots: threading.BoundedSemaphore) -> Iterator[list[str]]:

