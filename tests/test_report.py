@@ -205,3 +205,17 @@ def test_every_report_writes_a_compute_statement_with_adaptation_and_evaluation_
     assert "| fp32_full | 0.001 | 0.000278 | 8.33e-05 | 100 | estimated |" in md  # 2 s of one device
     tex = (tmp_path / "compute.tex").read_text()
     assert "\\begin{tabular}{lrrrrr}" in tex and "fp32\\_full" in tex and "fp32_full" not in tex
+
+
+def test_a_report_where_adaptation_hurt_says_so_and_ranks_by_held_out_loss(tmp_path):
+    write_points(
+        tmp_path,
+        [
+            ("fp32", 1000.0, 2.00, task(BASE, [b - 0.05 + 0.002 * i for i, b in enumerate(BASE)])),
+            ("lora", 400.0, 2.01, task(BASE, [b - 0.01 + 0.001 * i for i, b in enumerate(BASE)])),
+        ],
+    )
+    built = report.build(tmp_path, tolerance=0.05)
+    assert built["metric"] == "eval_loss" and built["recommendation"]["name"] == "lora"
+    assert "No recipe's adaptation helped the task (macro_f1); 2 of 2 hurt it" in built["verdict"][0]
+    assert built["verdict"][1].startswith("fp32: hurt: -0.0460 (95% CI")

@@ -96,6 +96,12 @@ def headline(rows: list[dict[str, Any]]) -> list[str]:
             f"Adaptation helped the task ({metric}, adapted minus base, paired by seed) for {len(helped)} "
             f"of {len(judged)} recipes; recipes are ranked by the task's score."
         ]
+    elif hurt := [r for r in judged if r["verdict"] == "hurt"]:
+        lines = [
+            f"No recipe's adaptation helped the task ({metric}); {len(hurt)} of {len(judged)} hurt it beyond seed "
+            "noise (the base model does better there), so the task cannot rank them: recipes are ranked by "
+            "held-out domain loss (the adaptation's own objective) instead."
+        ]
     else:
         lines = [
             f"No recipe's adaptation changed the task ({metric}) beyond seed noise, so the task cannot rank "
