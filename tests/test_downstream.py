@@ -233,3 +233,23 @@ def test_test_examples_can_be_bounded_keeping_each_labels_share(tmp_path):
     assert len(bounded) == 50 and {e.text for e in bounded} <= {e.text for e in full}
     share = sum(e.label == "red" for e in full) / len(full)
     assert abs(sum(e.label == "red" for e in bounded) / 50 - share) < 0.05
+
+
+def test_the_base_results_key_follows_contents_and_settings_not_paths(tmp_path, tiny_bert):
+    from ecoadapt import task_cache
+
+    (tmp_path / "a").mkdir()
+    first = write_task(tmp_path / "a" / "task.jsonl", 40)
+    moved = tmp_path / "b" / "renamed.jsonl"
+    moved.parent.mkdir()
+    moved.write_bytes(first.read_bytes())
+
+    def key(path, **task):
+        run = RunConfig(model=ModelConfig(str(tiny_bert)), task=TaskConfig(train=[str(path)], **task))
+        return task_cache.key(run, "fp32", "cpu")
+
+    assert key(first) == key(moved)  # the same examples elsewhere: the same base results
+    assert key(first) != key(first, epochs=4.0) and key(first) != key(first, mode="probe")
+    assert key(first, seeds=[0]) == key(first, seeds=[0, 1, 2])  # each seed is its own entry
+    moved.write_text(moved.read_text() + '{"text": "one more", "label": "red"}\n')
+    assert key(first) != key(moved)  # other contents: computed again

@@ -20,9 +20,9 @@ from ecoadapt.config import ModelConfig, RunConfig
 from ecoadapt.data import readers
 from ecoadapt.data.store import source_digest
 
-# Task settings that do not change a base result: which seeds run (each seed is its own entry)
-# and whether the cache is used.
-NOT_IN_KEY = ("seeds", "cache")
+# Task settings that do not change a base result: which seeds run (each seed is its own entry),
+# whether the cache is used, and where the files are (their contents are in the key instead).
+NOT_IN_KEY = ("seeds", "cache", "train", "test")
 
 _digests: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> digest, per process
 
@@ -32,8 +32,18 @@ def _digest(path: Path) -> str:
     files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
     stamp = (str(path), sum(f.stat().st_size for f in files), max((f.stat().st_mtime_ns for f in files), default=0))
     if stamp not in _digests:
-        _digests[stamp] = source_digest(str(path))
+        # A folder (a model): its files by name and contents; a file: its contents alone, so
+        # the same examples under another name or folder give the same key.
+        _digests[stamp] = source_digest(str(path)) if path.is_dir() else _file_contents(path)
     return _digests[stamp]
+
+
+def _file_contents(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def model_identity(cfg: ModelConfig) -> str:
@@ -48,7 +58,7 @@ def key(run: RunConfig, precision: str, device_type: str) -> str:
     parts = {
         "model": model_identity(run.model),
         "task": task,
-        "files": [_digest(Path(s)) if not s.startswith("builtin:") else s for s in _sources(run)],
+        "files": {role: [_file_id(s) for s in readers.resolve(files)] for role, files in _roles(run).items()},
         "lora": asdict(run.lora) if run.task.lora else None,
         "precision": precision,
         "device": device_type,
@@ -57,8 +67,13 @@ def key(run: RunConfig, precision: str, device_type: str) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def _sources(run: RunConfig) -> list[str]:
-    return readers.resolve(run.task.train) + (readers.resolve(run.task.test) if run.task.test else [])
+def _roles(run: RunConfig) -> dict[str, list[str]]:
+    return {"train": run.task.train, **({"test": run.task.test} if run.task.test else {})}
+
+
+def _file_id(source: str) -> str:
+    """A task file's contents (a builtin task: its name and Python's version, as the store keys it)."""
+    return source_digest(source) if source.startswith("builtin:") else _digest(Path(source))
 
 
 def _path(cache_key: str, seed: int) -> Path:
