@@ -79,6 +79,11 @@ def test_a_bad_callback_setting_is_named(tmp_path):
 
     with pytest.raises(UserError, match="energy_jj"):
         EcoadaptCallback(tmp_path, budget={"energy_jj": 1})
+    from types import SimpleNamespace
+
+    # Under torchrun each rank would measure only itself: refused, saying what to use instead.
+    with pytest.raises(UserError, match="runs 2 processes.*parallel.nproc"):
+        EcoadaptCallback(tmp_path).on_train_begin(SimpleNamespace(world_size=2), None, None)
 
 
 def test_report_puts_a_trainer_run_beside_an_ecoadapt_run(tmp_path, tiny_bert, corpus_jsonl):

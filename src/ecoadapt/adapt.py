@@ -469,8 +469,4 @@ def _energy_summary(
     if task is not None and task.get("energy"):
         job["phases"]["task"] = {k: task["energy"][k] for k in ("joules", "seconds")}
         energy.with_totals(job)
-    train_joules = job["phases"]["train"]["joules"]
-    job["train_joules"] = train_joules
-    job["tokens_per_joule"] = tokens / train_joules if train_joules > 0 else None
-    job["joules_per_loss_point"] = train_joules / loss_gain if loss_gain > 0 and train_joules > 0 else None
-    return job
+    return energy.with_training_figures(job, tokens, loss_gain)

@@ -28,12 +28,12 @@ from transformers import TrainerCallback
 from ecoadapt import schema, storage
 from ecoadapt import summary as summary_mod
 from ecoadapt.config import BudgetConfig, MeasureConfig
+from ecoadapt.errors import UserError
 from ecoadapt.measure import energy, environment, flops, memory
 from ecoadapt.measure.budget import BUDGETS, Budget
+from ecoadapt.precision import DTYPES
 from ecoadapt.progress import say
 from ecoadapt.summary import EvalSummary, RunSummary
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -75,13 +75,24 @@ class EcoadaptCallback(TrainerCallback):
         self._eval_open = False
         self._eval_s = 0.0
         self._sequences = 0
+        self._counted: torch.Tensor | int = 0  # tokens so far, on the model's device: no sync per forward
         self._eval_losses: list[tuple[int, float]] = []
         self._last_loss: float | None = None
 
     # -- the Trainer's events ---------------------------------------------------------------
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        """Open the training window: meter, memory peak, clock, token counter."""
+        """Open the training window: meter, memory peak, clock, token counter.
+
+        Raises:
+            UserError: a multi-process run (its figures would be one rank's, not the job's).
+        """
+        if getattr(args, "world_size", 1) > 1:
+            raise UserError(
+                f"EcoadaptCallback: this Trainer runs {args.world_size} processes; the callback measures "
+                "single-process runs (its energy, tokens and memory would be one rank's, not the job's). "
+                "Use `ecoadapt adapt` with parallel.nproc for data-parallel runs"
+            )
         self.device = torch.device(args.device)
         self.out = self.output_dir or Path(args.output_dir) / "ecoadapt"
         self.out.mkdir(parents=True, exist_ok=True)
@@ -101,6 +112,9 @@ class EcoadaptCallback(TrainerCallback):
         self._close_eval()
         self.progress.steps = state.global_step
         self.progress.time_s = time.perf_counter() - self._start - self._eval_s
+        if not self.budget.active:
+            return
+        self._sync_tokens()  # one device sync per optimizer step, only when a budget reads it
         reason = self.budget.check(self.progress)
         if reason is not None and self.progress.stopped_by is None:
             self.progress.stopped_by = reason
@@ -118,6 +132,7 @@ class EcoadaptCallback(TrainerCallback):
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any) -> None:
         """One metrics.jsonl record per Trainer log (loss, lr, tokens, seconds, joules)."""
         logs = logs or {}
+        self._sync_tokens()
         if "loss" in logs:
             self._last_loss = float(logs["loss"])
         seconds = time.perf_counter() - self._start - self._eval_s
@@ -135,6 +150,7 @@ class EcoadaptCallback(TrainerCallback):
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Close the windows and write summary.json."""
         self._close_eval()
+        self._sync_tokens()
         self.progress.steps = state.global_step
         self.progress.time_s = time.perf_counter() - self._start - self._eval_s
         self.memory.end("train")
@@ -158,12 +174,16 @@ class EcoadaptCallback(TrainerCallback):
         ids = kwargs.get("input_ids", args[0] if args else None)
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor):
-            self.progress.tokens += int(mask.sum())
+            self._counted = self._counted + mask.sum()  # stays on the device until _sync_tokens
         elif isinstance(ids, torch.Tensor):
-            self.progress.tokens += ids.numel()
+            self._counted = self._counted + ids.numel()
         if isinstance(ids, torch.Tensor) and ids.ndim == 2:
             self._sequences += ids.shape[0]
             self._seq_len = ids.shape[1]
+
+    def _sync_tokens(self) -> None:
+        """Move the device-side token count into ``progress.tokens`` (a device-host sync)."""
+        self.progress.tokens = int(self._counted)
 
     def _close_eval(self) -> None:
         if self._eval_open:
@@ -177,10 +197,7 @@ class EcoadaptCallback(TrainerCallback):
         tokens_per_s = p.tokens / p.time_s if p.time_s > 0 else 0.0
         energy_part = self.tracker.summary(self.measure.grid_g_co2_per_kwh)
         if energy_part is not None:
-            energy_part["train_joules"] = energy_part["phases"].get("train", {}).get("joules", 0.0)
-            energy_part["tokens_per_joule"] = (
-                p.tokens / energy_part["train_joules"] if energy_part["train_joules"] else None
-            )
+            energy.with_training_figures(energy_part, p.tokens)
         flops_part = self._mfu(args, tokens_per_s)
         config = {
             "name": self.name or (self.out.parent.name if self.out.name == "ecoadapt" else self.out.name),
@@ -233,9 +250,14 @@ class EcoadaptCallback(TrainerCallback):
             _, blocks = transformer_blocks(self.model)
         except Exception:  # a model ecoadapt cannot find the blocks of: no MFU rather than a wrong one
             return None
-        count = flops.training_flops(self.model, blocks, self._seq_len, config.hidden_size)
-        dtype = DTYPES["bf16"] if args.bf16 else DTYPES["fp16"] if args.fp16 else torch.float32
-        peak, source = flops.peak_flops(
-            self.device, dtype, self.measure.peak_flops, at_least=count.per_token * tokens_per_s
+        dtype = DTYPES["bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"]
+        return flops.model_mfu(
+            self.model,
+            blocks,
+            self._seq_len,
+            config.hidden_size,
+            tokens_per_s,
+            self.device,
+            dtype,
+            self.measure.peak_flops,
         )
-        return flops.mfu_report(count, tokens_per_s, peak, source)

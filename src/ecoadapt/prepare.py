@@ -254,10 +254,9 @@ def mfu(p: Prepared, cfg: RunConfig, device: torch.device, tokens_per_s: float) 
     if p.loaded.objective == "mlm" and encoder_and_head(model) is not None:
         head_fraction = cfg.data.mlm_probability  # only masked positions reach the head, on every rank
     hidden = p.loaded.model.config.hidden_size
-    count = flops.training_flops(model, blocks, cfg.data.max_seq_len, hidden, head_fraction)
     # The peak of the dtype the blocks (nearly all FLOPs) compute in: a layer map can lower them.
     lowered = {v for v in p.precision_report.get("layers", {}).values() if v != "fp32"}
     dtype = DTYPES[lowered.pop()] if len(lowered) == 1 else p.policy.compute_dtype
-    achieved = count.per_token * tokens_per_s
-    peak, source = flops.peak_flops(device, dtype, cfg.measure.peak_flops, at_least=achieved)
-    return flops.mfu_report(count, tokens_per_s, peak, source)
+    return flops.model_mfu(
+        model, blocks, cfg.data.max_seq_len, hidden, tokens_per_s, device, dtype, cfg.measure.peak_flops, head_fraction
+    )

@@ -41,9 +41,7 @@ def task_fields(task: dict[str, Any]) -> dict[str, Any]:
             "verdict_text": task.get("verdict_text"),
             "eval_joules": (task.get("energy") or {}).get("joules"),
             "adapted_by_seed": {int(r["seed"]): r["adapted"][metric] for r in per_seed if "adapted" in r},
-            "gain_by_seed": {
-                int(r["seed"]): r["adapted"][metric] - r["base"][metric] for r in per_seed if "adapted" in r
-            },
+            "gain_by_seed": {int(seed): value for seed, value in (gain.get("per_seed") or {}).items()},
         }
     )
     return out

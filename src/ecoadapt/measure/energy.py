@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ecoadapt import carbon
 from ecoadapt.config import MeasureConfig
 from ecoadapt.measure import meters
 from ecoadapt.measure.meters import Meter, RaplMeter, ZeusGpuMeter, choose
@@ -227,8 +228,19 @@ def with_totals(energy: dict[str, Any]) -> dict[str, Any]:
         # Energy the machines would have drawn anyway, idle, over the same seconds.
         energy["joules_above_idle"] = energy["joules"] - energy["idle_watts"] * seconds
     if energy.get("grid_g_co2_per_kwh") is not None:
-        energy["co2e_g"] = energy["joules"] / 3.6e6 * energy["grid_g_co2_per_kwh"]
+        energy["co2e_g"] = carbon.kwh(energy["joules"]) * energy["grid_g_co2_per_kwh"]
     return energy
+
+
+def with_training_figures(job: dict[str, Any], tokens: int, loss_gain: float | None = None) -> dict[str, Any]:
+    """Add what training's window gives per unit of work: ``train_joules`` (J),
+    ``tokens_per_joule`` and ``joules_per_loss_point`` (J per nat of held-out loss gained)."""
+    train_joules = job["phases"].get("train", {}).get("joules", 0.0)
+    job["train_joules"] = train_joules
+    job["tokens_per_joule"] = tokens / train_joules if train_joules > 0 else None
+    gained = loss_gain is not None and loss_gain > 0 and train_joules > 0
+    job["joules_per_loss_point"] = train_joules / loss_gain if gained and loss_gain else None
+    return job
 
 
 def combine_ranks(per_rank: list[dict[str, Any] | None]) -> dict[str, Any] | None:

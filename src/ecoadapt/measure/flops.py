@@ -179,6 +179,24 @@ def peak_flops(
     return value, "probe"
 
 
+def model_mfu(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    seq_len: int,
+    d_model: int,
+    tokens_per_s: float,
+    device: torch.device,
+    dtype: torch.dtype,
+    given_peak: float | None = None,
+    head_fraction: float = 1.0,
+) -> dict[str, Any]:
+    """The flops part of summary.json for a model training at ``tokens_per_s``: its FLOPs per
+    token (:func:`training_flops`) against the device's peak in ``dtype`` (:func:`peak_flops`)."""
+    count = training_flops(model, blocks, seq_len, d_model, head_fraction)
+    peak, source = peak_flops(device, dtype, given_peak, at_least=count.per_token * tokens_per_s)
+    return mfu_report(count, tokens_per_s, peak, source)
+
+
 def mfu_report(count: FlopCount, tokens_per_s: float, peak: float, peak_source: str) -> dict[str, Any]:
     """The flops part of summary.json, and the MFU itself."""
     achieved = count.per_token * tokens_per_s
