@@ -190,6 +190,9 @@ def test_a_probe_is_paired_and_scores_the_same_model_the_same(tmp_path, tiny_ber
     assert out["verdict"] == "no detectable effect"
     scores = [r["base"]["accuracy"] for r in out["per_seed"]]
     assert len(set(scores)) > 1  # the seeds resample the training examples: they differ
+    assert out["base_cached"] == 0 and downstream.compare(run, tokenizer, same, torch.device("cpu"))["base_cached"] == 3
+    run.task.cache = False  # computed afresh, and not counted as cached
+    assert downstream.compare(run, tokenizer, same, torch.device("cpu"))["base_cached"] == 0
 
 
 def test_a_new_head_trains_alone_first_and_the_body_at_a_lower_rate(tmp_path, tiny_bert, corpus_jsonl):
@@ -253,3 +256,12 @@ def test_the_base_results_key_follows_contents_and_settings_not_paths(tmp_path, 
     assert key(first, seeds=[0]) == key(first, seeds=[0, 1, 2])  # each seed is its own entry
     moved.write_text(moved.read_text() + '{"text": "one more", "label": "red"}\n')
     assert key(first) != key(moved)  # other contents: computed again
+
+
+def test_task_precision_auto_is_fp32_on_a_cpu_and_bf16_or_fp16_on_a_gpu(monkeypatch):
+    assert downstream.task_precision("auto", torch.device("cpu")) == "fp32"
+    assert downstream.task_precision("fp16", torch.device("cpu")) == "fp16"  # as set
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert downstream.task_precision("auto", torch.device("cuda")) == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)  # a V100
+    assert downstream.task_precision("auto", torch.device("cuda")) == "fp16"

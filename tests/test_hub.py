@@ -17,18 +17,18 @@ from fake_hub import FakeHub
 LOAD = (
     "from ecoadapt import models\n"
     "from ecoadapt.config import ModelConfig\n"
-    "loaded = models.load(ModelConfig({repo!r}, offline={offline}), 16)\n"
+    "loaded = models.load(ModelConfig({repo!r}, offline={offline}, revision={revision!r}), 16)\n"
     "print('LOADED', loaded.source, loaded.objective)\n"
 )
 
 
-def load_in_child(tmp_path, repo, endpoint, offline_env=False, offline_cfg=False):
+def load_in_child(tmp_path, repo, endpoint, offline_env=False, offline_cfg=False, revision=None):
     """Load ``repo`` in a fresh interpreter (the hub client reads its endpoint at import)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env.update({"HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_TELEMETRY": "1"})
     if offline_env:
         env["HF_HUB_OFFLINE"] = "1"
-    code = LOAD.format(repo=repo, offline=offline_cfg)
+    code = LOAD.format(repo=repo, offline=offline_cfg, revision=revision)
     t0 = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     return done, time.perf_counter() - t0
@@ -78,3 +78,14 @@ def test_a_model_the_hub_does_not_have_is_named(tmp_path, tiny_bert):
     with FakeHub(tiny_bert, "org/tiny-bert") as hub:
         done, _ = load_in_child(tmp_path, "org/other", hub.endpoint)
     assert done.returncode != 0 and "'org/other' cannot be downloaded" in done.stderr
+
+
+def test_a_revision_is_asked_for_and_kept_under_its_name(tmp_path, tiny_bert):
+    with FakeHub(tiny_bert, "org/tiny-bert") as hub:
+        done, _ = load_in_child(tmp_path, "org/tiny-bert", hub.endpoint, revision="v1")
+        assert done.returncode == 0, done.stderr
+        assert any("/revision/v1" in path for _, path in hub.requests)
+        hub.requests.clear()
+        again, _ = load_in_child(tmp_path, "org/tiny-bert", hub.endpoint, revision="v1")
+        assert again.returncode == 0 and hub.requests == []  # that revision now comes from the cache
+    assert (tmp_path / "hf" / "hub" / "models--org--tiny-bert" / "refs" / "v1").is_file()

@@ -197,7 +197,12 @@ def test_every_report_writes_a_compute_statement_with_adaptation_and_evaluation_
             ("frugal", 500.0, 2.10, task(BASE, BASE, joules=100.0)),
         ],
     )
+    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    for r in records:
+        r["config"]["measure"] = {"location": "Quebec, Canada"}
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     report.build(tmp_path)
+    assert " in Quebec, Canada." in (tmp_path / "compute.md").read_text()  # measure.location
     md = (tmp_path / "compute.md").read_text()
     # 1,500 J adapting + 400 J evaluating = 1,900 J = 0.000528 kWh; at the world average 480 g/kWh.
     assert "0.000528 kWh in all (1,900 J): 0.000417 kWh adapting the models and 0.000111 kWh evaluating" in md
