@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The precision x LoRA x checkpointing grid (20 points, SmolLM2-135M causal LM) on one NVIDIA
+# The precision x LoRA x checkpointing grid (20 points, and 2 compiled ones; SmolLM2-135M causal LM) on one NVIDIA
 # GPU, with energy measured by NVML through Zeus, in at most 8 minutes. CI never runs it.
 #
 #   bash bench/gpu.sh               # on a GPU machine, from the repository root

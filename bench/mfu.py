@@ -8,7 +8,7 @@ recipe splits a training step's time into matrix multiplications (and attention)
 and measures the FLOP/s the matmuls themselves reach at the model's shapes: the two factors MFU
 is made of, which say where the rest goes.
 
-    python bench/mfu.py            # 12 steps per recipe, 2 repeats (about 6 minutes)
+    python bench/mfu.py            # 12 steps per recipe, 2 repeats (about 10 minutes)
     python bench/mfu.py --quick    # under 5 minutes: 6 steps, 1 repeat
 
 Target: MFU >= 0.6 for the fastest recipe on this CPU. Needs: pip install -e '.[demo,smollm2]'
@@ -30,7 +30,29 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from peers import DEFAULT_DATA, job  # noqa: E402  (the same job as the peer comparison)
 
-RECIPES = {"fp32": "fp32", "bf16": "bf16", "bf16-pure": "bf16-pure"}
+# name -> (precision.mode, lora.dropout, train.compile)
+RECIPES = {
+    "fp32": ("fp32", 0.05, False),
+    "bf16": ("bf16", 0.05, False),
+    "bf16-pure": ("bf16-pure", 0.05, False),
+    "bf16-pure, dropout 0": ("bf16-pure", 0.0, False),
+    "bf16-pure, dropout 0, compiled loss": ("bf16-pure", 0.0, "loss"),
+}
+
+
+def recipe_config(name: str, data: Path, steps: int) -> dict[str, Any]:
+    """The SmolLM2 LoRA job (the peer comparison's) in recipe ``name``."""
+    mode, dropout, compiled = RECIPES[name]
+    base = job("smollm2-lora", data, steps)
+    return {
+        **base,
+        "precision": {"mode": mode},
+        "lora": {**base["lora"], "dropout": dropout},
+        "train": {**base["train"], "compile": compiled},
+        "measure": {**base.get("measure", {}), "forecast": False},
+    }
+
+
 TARGET = 0.6
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::linear", "aten::matmul")
 ATTENTION_OPS = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product")
@@ -59,32 +81,29 @@ def profile_worker(spec: Path, result: Path, steps: int) -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from ecoadapt import adapters, models
     from ecoadapt import config as config_mod
+    from ecoadapt import models, parallel, prepare
     from ecoadapt import train as train_loop
     from ecoadapt.data import corpus
     from ecoadapt.data.batches import BlockLoader
     from ecoadapt.measure import flops
-    from ecoadapt.precision import Policy
 
     cfg = config_mod.from_dict(json.loads(spec.read_text()), str(spec))
     loaded = models.load(cfg.model, cfg.data.max_seq_len, cfg.train.seed)
     blocks = corpus.build(cfg.data, loaded.tokenizer, loaded.objective)
-    model, _ = adapters.prepare(loaded, cfg.train, cfg.lora)
-    policy = Policy(cfg.precision.mode, "cpu")
-    policy.apply(model)
-    if cfg.lora.enabled:
-        policy.store_frozen_linears(model)
-    loop = train_loop.Loop.create(model, steps + 2, cfg.train, policy, loaded.objective, torch.device("cpu"))
-    loader = BlockLoader(blocks.train, cfg.train.micro_batch_size, loaded.objective, None, cfg.train.seed)
     device = torch.device("cpu")
+    built = prepare.build(cfg, loaded, blocks.train, device, parallel.World(), lambda _: None)  # as a run builds it
+    model, policy = built.model, built.policy
+    loop = train_loop.Loop.create(model, steps + 2, cfg.train, policy, loaded.objective, device)
+    loader = BlockLoader(blocks.train, cfg.train.micro_batch_size, loaded.objective, None, cfg.train.seed)
 
     def step() -> None:
         micro = [next(loader)]
         loss, _, _ = train_loop.accumulate(model, micro, loaded.objective, policy, device)
         policy.step(loop.optimizer, loop.params, cfg.train.max_grad_norm, loss)
 
-    step()  # warm-up: kernel selection
+    step()  # warm-up: kernel selection, compiling
+    step()
     with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
         for _ in range(steps):
             step()
@@ -162,8 +181,8 @@ def main() -> None:
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in RECIPES}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(repeats):
-            for name, mode in RECIPES.items():
-                config = {**job("smollm2-lora", args.data, steps), "precision": {"mode": mode}}
+            for name in RECIPES:
+                config = recipe_config(name, args.data, steps)
                 results[name].append(run_recipe(config, Path(tmp) / f"{name}-{r}"))
                 print(f"{name} repeat {r}: {results[name][-1]}", flush=True)
         speeds = {
@@ -175,7 +194,7 @@ def main() -> None:
         profile = None
         if best:
             spec = Path(tmp) / "profile.json"
-            spec.write_text(json.dumps({**job("smollm2-lora", args.data, 4), "precision": {"mode": RECIPES[best]}}))
+            spec.write_text(json.dumps(recipe_config(best, args.data, 4)))
             out = Path(tmp) / "profile-result.json"
             proc = subprocess.run(
                 [sys.executable, __file__, "--profile-worker", str(spec), "--result", str(out)],

@@ -132,11 +132,22 @@ def corpus_jsonl(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def _session_plan_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("plan-cache")
+
+
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each test gets its own token cache (and never writes to the user's)."""
-    monkeypatch.setenv("ECOADAPT_CACHE", str(tmp_path / "token-cache"))
+def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _session_plan_cache: Path) -> None:
+    """Each test gets its own token cache (and never writes to the user's). The forecast
+    probes every run makes first (measure.forecast) are shared by the session, as a user's
+    repeated recipes share them: a probe is keyed by model files, recipe and device, so a test
+    that needs a fresh one uses its own model or recipe."""
+    cache = tmp_path / "token-cache"
+    monkeypatch.setenv("ECOADAPT_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / "plan").symlink_to(_session_plan_cache, target_is_directory=True)
 
 
 def fit(folder, cfg, lora=None, mode="fp32", layers=None):

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ecoadapt import checkpoint, downstream, export, model_card, models, parallel, rundir, storage
+from ecoadapt import checkpoint, downstream, export, model_card, models, parallel, plan, rundir, storage
 from ecoadapt import summary as summary_mod
 from ecoadapt import train as train_loop
 from ecoadapt.adapters import is_new
@@ -108,6 +108,7 @@ class AdaptRun:
         if self.cfg.measure.idle_s > 0:
             self.log(f"measuring idle power for {self.cfg.measure.idle_s:g} s ...")
             self.log(f"idle power: {self.tracker.measure_idle(self.cfg.measure.idle_s):.1f} W")
+        self.probe = plan.probe_for_run(self.cfg, self.tracker, self.log)
         self.p = prepare(self.cfg, base, self.device, self.world, self.tracker, self.log)
         self.eval_blocks = self.p.blocks.eval[: self.cfg.data.eval_max_blocks]
         self.steps = train_loop.total_steps(self.cfg.train, len(self.p.blocks.train) // self.world.size)
@@ -162,6 +163,7 @@ class AdaptRun:
             return RunSummary(status="completed", config=self.summary.config, rank=self.world.rank)
         task = self._task_or_failure(saved) if self.cfg.task.train else None
         self._fill(training, before, after, saved, measured, task)
+        self.summary.forecast = plan.beside_measured(self.cfg, self.probe, self.summary)
         model_card.write(self.run_dir, self.summary)  # with the task's result: it ran first
         summary_mod.write(self.run_dir / "summary.json", self.summary)
         # Finished: the checkpoint's optimizer state is no longer needed (the model is saved).
@@ -396,6 +398,7 @@ class AdaptRun:
         s.task = task
         s.head_first = training.head_first
         s.notes = _notes(cfg, p)
+        s.compile = p.compiled.report()
         s.parallel = ParallelSummary(world.size, world.strategy)
         s.phases_s = p.phases
         s.environment = environment.describe(self.device)

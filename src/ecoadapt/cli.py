@@ -85,7 +85,29 @@ def _print_run(summary: Any, run_dir: str) -> None:
             f"peak memory ({mem['device']}, measured): training {mem['train_peak_bytes'] / 2**20:,.0f} MiB, "
             f"evaluation {mem.get('eval_peak_bytes', 0) / 2**20:,.0f} MiB"
         )
+    for line in _compile_and_forecast_lines(summary):
+        print(line)
     print(f"run directory: {run_dir}")
+
+
+def _compile_and_forecast_lines(summary: Any) -> list[str]:
+    """What was compiled and what it cost; the forecast beside the measured figures."""
+    lines = []
+    c = summary.compile
+    if c and c["compiled"] != "off":
+        lines.append(
+            f"compiled: {c['compiled']} ({c['compile_s']:.1f} s of compiling, inside training's time and energy)"
+        )
+    elif c and c.get("fallback"):
+        lines.append(f"compiled: nothing (train.compile=auto fell back to eager: {c['fallback']})")
+    f = summary.forecast
+    if f and "versus_measured" in f:
+        v = f["versus_measured"]
+        lines.append(
+            f"forecast / measured: peak memory {v['peak_bytes']['ratio']:.2f}, seconds per step "
+            f"{v['step_s']['ratio']:.2f}, training joules {v['train_joules']['ratio'] or 0:.2f} (`ecoadapt plan`)"
+        )
+    return lines
 
 
 def _leave(code: int) -> None:
@@ -117,6 +139,29 @@ def task_line(task: dict[str, Any]) -> str:
     if task.get("adapted") is None:
         return line
     return f"{line}, adapted {task['adapted']:.4f}; {task['verdict_text']}"
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from ecoadapt import config, plan
+    from ecoadapt.progress import say
+
+    path = resolve_config(args.config)
+    cfg = config.load(path, args.set)
+    steps, source = plan.planned_steps(cfg, path.parent if path.exists() else None)
+    grid = args.grid or args.memory_gb is not None or args.energy_j is not None  # "which recipes fit"
+    rows = plan.run(cfg, steps, args.memory_gb, args.energy_j, grid, args.fresh, say)
+    print(
+        f"forecast for {steps} steps ({source}) of {cfg.model.name_or_path}, {cfg.data.max_seq_len} tokens x "
+        f"{cfg.train.micro_batch_size} x {cfg.train.grad_accum}, from a probe of a few steps per recipe:"
+    )
+    print(plan.table(rows, args.memory_gb, args.energy_j))
+    if args.json:
+        from ecoadapt.storage import atomic_write_text
+
+        atomic_write_text(Path(args.json), json.dumps({"steps": steps, "source": source, "recipes": rows}, indent=1))
+    return 0
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
@@ -223,6 +268,24 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("config", help="the adapt config (its output.dir holds the adapted model)")
     _add_set(evaluate, "override a config key")
     evaluate.set_defaults(func=_cmd_evaluate)
+
+    plan_cmd = sub.add_parser(
+        "plan", help="forecast peak memory, time and energy of a recipe before training; which recipes fit"
+    )
+    plan_cmd.add_argument("config", help="a YAML config file, or the name of a shipped preset")
+    _add_set(plan_cmd, "override a config key")
+    plan_cmd.add_argument(
+        "--memory-gb", type=float, default=None, help="memory limit (GiB): forecast the grid, mark what fits"
+    )
+    plan_cmd.add_argument(
+        "--energy-j", type=float, default=None, help="energy budget (J): forecast the grid, mark what fits"
+    )
+    plan_cmd.add_argument(
+        "--grid", action="store_true", help="forecast precision x LoRA x checkpointing, not only the config's recipe"
+    )
+    plan_cmd.add_argument("--fresh", action="store_true", help="probe again rather than read cached probes")
+    plan_cmd.add_argument("--json", default=None, help="also write the forecast to this JSON file")
+    plan_cmd.set_defaults(func=_cmd_plan)
 
     sweep = sub.add_parser("sweep", help="run a grid of adapt configurations, one process each, resumable")
     sweep.add_argument("sweep", help="a sweep YAML (base + grid and/or points)")

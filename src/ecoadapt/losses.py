@@ -18,6 +18,7 @@ their chunk; the FLOPs are those of the usual head and loss, with no recomputati
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -145,12 +146,14 @@ def training_loss_sum(
     labels: torch.Tensor,
     objective: str,
     attention_mask: torch.Tensor | None = None,
+    kernel: Kernel | None = None,
 ) -> torch.Tensor:
     """The summed loss of one micro-batch (see :func:`loss_sum`); models with a plain head
-    compute the vocabulary projection and loss in chunks, never holding whole logits."""
+    compute the vocabulary projection and loss in chunks, never holding whole logits, with
+    ``kernel`` for each chunk's loss and gradient (see :func:`linear_cross_entropy_sum`)."""
     if (rows := head_rows(model, input_ids, labels, objective)) is not None:
         hidden, projection, targets = rows
-        return linear_cross_entropy_sum(hidden, projection.weight, projection.bias, targets)
+        return linear_cross_entropy_sum(hidden, projection.weight, projection.bias, targets, kernel)
     logits, labels = forward_logits(model, input_ids, labels, objective, attention_mask)
     return loss_sum(logits, labels, objective)
 
@@ -185,12 +188,17 @@ class LossModule(torch.nn.Module):
     Args:
         model: the language model or classifier (PEFT-wrapped or not).
         objective: "clm", "mlm" or "cls".
+
+    Attributes:
+        kernel: each loss chunk's loss-and-gradient function (None: the eager one); train.compile
+            puts a compiled one here (:mod:`ecoadapt.compiling`).
     """
 
     def __init__(self, model: torch.nn.Module, objective: str) -> None:
         super().__init__()
         self.model = model
         self.objective = objective
+        self.kernel: Kernel | None = None
 
     def forward(
         self,
@@ -203,7 +211,7 @@ class LossModule(torch.nn.Module):
         (through forward, so that FSDP gathers the weights for evaluation too)."""
         if scores:
             return score_sums(self.model, input_ids, labels, self.objective)
-        return training_loss_sum(self.model, input_ids, labels, self.objective, attention_mask)
+        return training_loss_sum(self.model, input_ids, labels, self.objective, attention_mask, self.kernel)
 
 
 def as_loss_module(model: torch.nn.Module, objective: str) -> torch.nn.Module:
@@ -223,6 +231,46 @@ def chunk_rows(vocab: int, device_type: str) -> int:
     return max(1, CHUNK_ELEMENTS.get(device_type, CHUNK_ELEMENTS["cpu"]) // vocab)
 
 
+Kernel = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def softmax_cross_entropy_grad(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed CE in fp32, its gradient ``softmax - one_hot`` in the logits' dtype) of a chunk.
+
+    Written as one expression for torch.compile, which turns it into one kernel: a pass that
+    reads each row once for its max, sum of exponentials and target logit, and a pass that
+    writes the gradient, with no fp32 copy of the chunk. Rows labelled IGNORE give 0 and 0.
+
+    Args:
+        logits: (rows, vocab) in the head's compute dtype.
+        labels: (rows,) int64, IGNORE where there is no target.
+    """
+    x = logits.float()
+    valid = (labels != IGNORE).to(x.dtype)
+    target = labels.clamp(min=0)
+    top = x.amax(-1, keepdim=True)
+    e = (x - top).exp()
+    s = e.sum(-1, keepdim=True)
+    picked = x.gather(1, target[:, None])
+    loss = ((top + s.log() - picked).squeeze(1) * valid).sum()
+    one_hot = torch.arange(x.shape[1], device=x.device)[None, :] == target[:, None]
+    return loss, ((e / s - one_hot.to(x.dtype)) * valid[:, None]).to(logits.dtype)
+
+
+def softmax_grad_inplace(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`softmax_cross_entropy_grad` for eager execution: in place in an fp32 copy of the
+    chunk (log-softmax is one ATen kernel; exp in place), ignored rows zeroed by index."""
+    valid = labels != IGNORE
+    target = labels.clamp(min=0)
+    logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+    loss = -(logp.gather(1, target[:, None]).squeeze(1) * valid).sum()
+    probs = logp.exp_()
+    probs[torch.arange(len(labels), device=labels.device), target] -= 1.0
+    if (ignored := (~valid).nonzero().squeeze(1)).numel():
+        probs[ignored] = 0.0
+    return loss, probs.to(logits.dtype)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(hidden_i @ weight^T + bias, labels_i) over rows whose label is not IGNORE."""
 
@@ -234,6 +282,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         bias: torch.Tensor | None,
         labels: torch.Tensor,
         compute_dtype: torch.dtype | None,
+        kernel: Kernel,
     ) -> torch.Tensor:
         rows, vocab = hidden.shape[0], weight.shape[0]
         chunk = chunk_rows(vocab, hidden.device.type)
@@ -251,19 +300,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h = hidden[start : start + chunk]
             h_c = h if compute_dtype is None else h.to(compute_dtype)
             y = labels[start : start + chunk]
-            logits = (h_c @ w.T if b is None else torch.addmm(b, h_c, w.T)).float()
-            valid = y != IGNORE
-            target = y.clamp(min=0)
-            lse = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, target[:, None]).squeeze(1)
-            total += ((lse - picked) * valid).sum()
-            # d(sum CE)/d logits = softmax - one_hot, on valid rows only: computed in place.
-            probs = logits.sub_(lse[:, None]).exp_()
-            probs[torch.arange(len(y), device=y.device), target] -= 1.0
-            probs *= valid[:, None]
+            logits = h_c @ w.T if b is None else torch.addmm(b, h_c, w.T)
+            loss, g = kernel(logits, y)  # d(sum CE)/d logits, in the matmuls' dtype
+            total += loss
             if grad_bias is not None:
-                grad_bias += probs.sum(0)
-            g = probs.to(w.dtype)
+                grad_bias += g.sum(0, dtype=torch.float32)
             grad_hidden[start : start + chunk] = (g @ w).to(hidden.dtype)
             if grad_weight is not None:
                 grad_weight += (g.T @ h_c).float()
@@ -282,11 +323,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         gh = grad_hidden * grad_output.to(grad_hidden.dtype)
         gw = (grad_weight * grad_output).to(ctx.dtypes[0]) if ctx.needs_input_grad[1] else None
         gb = (grad_bias * grad_output).to(ctx.dtypes[1]) if ctx.dtypes[1] and ctx.needs_input_grad[2] else None
-        return gh, gw, gb, None, None
+        return gh, gw, gb, None, None, None
 
 
 def linear_cross_entropy_sum(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    kernel: Kernel | None = None,
 ) -> torch.Tensor:
     """sum CE(hidden @ weight^T + bias, labels) in fp32 over labels != IGNORE, chunk by chunk.
 
@@ -294,11 +339,13 @@ def linear_cross_entropy_sum(
         hidden: (rows, d) the head's input.
         weight: (vocab, d); bias: (vocab,) or None.
         labels: (rows,) int64.
+        kernel: the per-chunk loss and gradient (:func:`softmax_grad_inplace` unless
+            train.compile put a compiled :func:`softmax_cross_entropy_grad` here).
     """
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
     with torch.autocast(device, enabled=False):  # the Function casts as autocast would
-        return _LinearCrossEntropy.apply(hidden, weight, bias, labels, dtype)
+        return _LinearCrossEntropy.apply(hidden, weight, bias, labels, dtype, kernel or softmax_grad_inplace)
 
 
 @torch.no_grad()

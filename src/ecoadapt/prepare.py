@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ecoadapt import adapters, layerwise, models, parallel
+from ecoadapt import adapters, compiling, layerwise, models, parallel
 from ecoadapt.config import RunConfig
 from ecoadapt.data import corpus
 from ecoadapt.data.batches import Blocks, MaskSpec
@@ -39,6 +39,7 @@ class Prepared:
         precision_report: the per-layer part of the summary.
         counts: parameter counts (total, trainable).
         rss_before_load: resident set (bytes) just before the model loaded.
+        compiled: what train.compile compiled, and the seconds it took (filled as it runs).
         phases: seconds of loading and tokenizing.
     """
 
@@ -51,6 +52,7 @@ class Prepared:
     precision_report: dict[str, Any]
     counts: dict[str, int]
     rss_before_load: int
+    compiled: compiling.CompileClock
     phases: dict[str, float] = field(default_factory=dict)
 
 
@@ -88,6 +90,45 @@ def prepare(
     tracker.end_window("load")
     _describe_corpus(blocks, cfg, world, log)
 
+    built = build(cfg, loaded, blocks.train, device, world, log)
+    return Prepared(
+        loaded,
+        blocks,
+        built.model,
+        built.plan,
+        built.policy,
+        built.mask,
+        built.precision_report,
+        built.counts,
+        rss_before_load,
+        built.compiled,
+        phases,
+    )
+
+
+@dataclass
+class Built:
+    """A loaded model made into the recipe's training model (see :func:`build`)."""
+
+    model: Any
+    plan: adapters.TrainablePlan
+    policy: Policy
+    mask: MaskSpec | None
+    precision_report: dict[str, Any]
+    counts: dict[str, int]
+    compiled: compiling.CompileClock
+
+
+def build(
+    cfg: RunConfig,
+    loaded: models.LoadedModel,
+    train_blocks: Blocks,
+    device: torch.device,
+    world: parallel.World,
+    log: Callable[[str], None],
+) -> Built:
+    """What trains (LoRA, blocks), in which precision, compiled and wrapped, on ``device``:
+    the recipe, the same for a run and for `ecoadapt plan`'s probe."""
     model, plan = adapters.prepare(loaded, cfg.train, cfg.lora)
     # FSDP shards the model while it is still in host memory and moves only each rank's shard to
     # its GPU: the whole model never has to fit one GPU.
@@ -95,16 +136,18 @@ def prepare(
     model.to(setup_device)
     policy = Policy(cfg.precision.mode, device.type)
     mask = mask_spec(loaded.tokenizer, cfg.data.mlm_probability) if loaded.objective == "mlm" else None
-    precision_report = apply_precision(model, policy, cfg, blocks.train, loaded.objective, mask, setup_device, device)
+    precision_report = apply_precision(model, policy, cfg, train_blocks, loaded.objective, mask, setup_device, device)
     for note in policy.notes:
         log(f"note: {note}")
     counts = models.parameter_counts(model)
     _, block_list = models.transformer_blocks(model)
     if world.strategy == "fsdp":
         parallel.check_fsdp_units(model, block_list)
-    model = parallel.wrap(LossModule(model, loaded.objective), world, device, block_list)
+    loss_module = LossModule(model, loaded.objective)
+    compiled = compiling.apply(loss_module, block_list, cfg.train.compile, device.type)
+    wrapped = parallel.wrap(loss_module, world, device, block_list)
     log(_what_trains(cfg, loaded.objective, device, counts, plan, world))
-    return Prepared(loaded, blocks, model, plan, policy, mask, precision_report, counts, rss_before_load, phases)
+    return Built(wrapped, plan, policy, mask, precision_report, counts, compiled)
 
 
 def _describe_corpus(

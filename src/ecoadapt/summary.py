@@ -163,6 +163,12 @@ class RunSummary:
     training's time and energy window, not in steps, tokens or time_s above)."""
     notes: list[str] | None = None
     """What the user should know about how this run adapted (a newly initialised head, ...)."""
+    compile: dict[str, Any] | None = None
+    """train.compile: setting, compiled (off, loss, blocks), compile_s (wall seconds of the calls
+    that compiled, inside training's window), graphs, fallback (why eager was used instead)."""
+    forecast: dict[str, Any] | None = None
+    """What `ecoadapt plan` forecast for this recipe before training (peak memory, seconds per
+    step, joules), beside the measured figures and their ratios (forecast / measured)."""
     task: dict[str, Any] | None = None
     """The downstream task: status (failed, with error), mode, precision, metric, floor (a
     trivial classifier's score), base and adapted scores per seed (base ones cached or not,

@@ -346,7 +346,7 @@ def train(loop: Loop, batches: Iterator[dict[str, torch.Tensor]], hooks: Hooks |
     while result.steps < loop.steps:
         micro = [next(batches) for _ in range(cfg.grad_accum)]
         step_loss, n_tokens, n_targets = _fit_step(loop, micro)
-        status = _apply_step(loop, step_loss)
+        status = apply_step(loop, step_loss)
         result.steps += 1
         result.tokens += n_tokens
         result.target_tokens += n_targets
@@ -384,7 +384,7 @@ def train(loop: Loop, batches: Iterator[dict[str, torch.Tensor]], hooks: Hooks |
     return result
 
 
-def _apply_step(loop: Loop, step_loss: torch.Tensor) -> str:
+def apply_step(loop: Loop, step_loss: torch.Tensor) -> str:
     """The optimizer step (see :meth:`Policy.step`), the schedule, and fresh gradients."""
     try:
         status = loop.policy.step(

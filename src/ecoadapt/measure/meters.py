@@ -24,8 +24,8 @@ from typing import Any, Protocol
 
 import psutil
 
-from ecoadapt.config import CPU_WATTS_PER_CORE, MEMORY_WATTS_PER_GIB
 from ecoadapt.errors import UserError
+from ecoadapt.measure_config import CPU_WATTS_PER_CORE, MEMORY_WATTS_PER_GIB
 
 POWERCAP_ROOT = Path("/sys/class/powercap")
 

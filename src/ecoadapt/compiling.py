@@ -1,0 +1,139 @@
+"""train.compile: torch.compile where it pays, with the seconds it costs counted, never hidden.
+
+Two things can be compiled:
+
+- ``loss``: the element-wise work of the chunked loss (:mod:`ecoadapt.losses`): for each chunk
+  of logits, the max, the sum of exponentials, the target's logit and the gradient
+  ``softmax - one_hot`` in one generated kernel that reads the 16-bit logits once and writes
+  the 16-bit gradient once. Eager PyTorch makes five to seven passes over the
+  (rows x vocabulary) chunk, with fp32 copies; on a CPU those passes took twice the time of the
+  vocabulary projection's matmuls they follow (profile in BENCHMARKS.md).
+- ``blocks``: that, and every transformer block (norms, activations and residual additions
+  fused around the matmuls).
+
+Compiling runs on the first calls, inside the training window: its seconds and joules are
+training's. :class:`CompileClock` adds up the wall time of every call that compiled a graph, for
+the summary. Where compiling fails (no C++ compiler on a CPU, an unsupported op), ``auto`` falls
+back to eager execution and says so; an explicit setting stops with the error.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ecoadapt.errors import UserError
+
+
+def resolve(setting: str | bool, device_type: str) -> str:
+    """What train.compile means on ``device_type``: "off", "loss" or "blocks" (true: blocks).
+
+    ``auto`` is ``loss`` on a CPU (measured: it wins at the presets' lengths with compiling
+    counted) and ``off`` elsewhere: on GPUs the saving and the compile time have not been
+    measured yet, and a default must not rest on a guess.
+    """
+    if isinstance(setting, bool):
+        return "blocks" if setting else "off"
+    if setting != "auto":
+        return setting
+    return "loss" if device_type == "cpu" else "off"
+
+
+@dataclass
+class CompileClock:
+    """Seconds spent compiling, from the wall time of the calls that compiled a new graph.
+
+    Attributes:
+        what: what was asked to compile ("off", "loss", "blocks").
+        setting: train.compile as configured ("auto" included; false and true as "off", "blocks").
+        seconds: wall seconds of the calls during which dynamo compiled a graph.
+        graphs: graphs compiled.
+        fallback: why compiling was abandoned for eager execution (auto only), or None.
+    """
+
+    what: str = "off"
+    setting: str = "off"
+    seconds: float = 0.0
+    graphs: int = 0
+    fallback: str | None = None
+    _calls: list[str] = field(default_factory=list, repr=False)
+
+    def timed(self, fn: Callable[..., Any], eager: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` (compiled) with its compiling calls timed; ``eager`` after a failure under auto."""
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if self.fallback is not None:
+                return eager(*args, **kwargs)
+            before = _graphs_compiled()
+            start = time.perf_counter()
+            try:
+                out = fn(*args, **kwargs)
+            except Exception as e:  # torch._dynamo wraps backend failures in several types
+                if self.setting != "auto" or not _is_compile_failure(e):
+                    raise _explained(e) from e
+                self.fallback = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                self.seconds += time.perf_counter() - start
+                return eager(*args, **kwargs)
+            if (new := _graphs_compiled() - before) > 0:
+                self.seconds += time.perf_counter() - start
+                self.graphs += new
+            return out
+
+        return call
+
+    def report(self) -> dict[str, Any]:
+        """The ``compile`` part of summary.json."""
+        return {
+            "setting": self.setting,
+            "compiled": self.what if self.fallback is None else "off",
+            "compile_s": round(self.seconds, 3),
+            "graphs": self.graphs,
+            "fallback": self.fallback,
+            "counted": "compiling ran inside the training window: its time and energy are training's",
+        }
+
+
+def _graphs_compiled() -> int:
+    """Graphs dynamo has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def _is_compile_failure(error: Exception) -> bool:
+    module = type(error).__module__
+    return module.startswith(("torch._dynamo", "torch._inductor")) or "CppCompileError" in type(error).__name__
+
+
+def _explained(error: Exception) -> Exception:
+    if _is_compile_failure(error):
+        return UserError(
+            f"train.compile: compiling failed ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+            "on a CPU torch.compile needs a C++ compiler (gcc or clang): install one, or set train.compile "
+            "to auto (falls back to eager) or off"
+        )
+    return error
+
+
+def apply(loss_module: Any, blocks: torch.nn.ModuleList, setting: str | bool, device_type: str) -> CompileClock:
+    """Compile what ``setting`` asks for on ``loss_module`` (a :class:`~ecoadapt.losses.LossModule`)
+    and the model's transformer ``blocks``; returns the clock the summary reads."""
+    from ecoadapt import losses
+
+    what = resolve(setting, device_type)
+    clock = CompileClock(what=what, setting=setting if isinstance(setting, str) else resolve(setting, device_type))
+    if what == "off":
+        return clock
+    # Chunks differ in rows (the last one, masked LM's row buckets): one graph for any count.
+    fused = torch.compile(losses.softmax_cross_entropy_grad, dynamic=True)
+    loss_module.kernel = clock.timed(fused, losses.softmax_cross_entropy_grad)
+    if what == "blocks":
+        for block in blocks:
+            eager_forward = block.forward
+            compiled = torch.compile(eager_forward, dynamic=False)
+            block.forward = clock.timed(compiled, eager_forward)
+    return clock

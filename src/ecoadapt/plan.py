@@ -1,0 +1,238 @@
+"""`ecoadapt plan`: a recipe's peak memory, time and energy on this device before any training,
+and which recipes fit a memory limit and an energy budget.
+
+Each recipe is probed in a child process (:mod:`ecoadapt.plan_probe`: a few steps at two small
+micro-batches, so that a recipe too large for the device still gets a forecast) and the probe
+becomes a forecast (:mod:`ecoadapt.forecast`). Probes are cached per recipe, model files,
+device and library versions in ``<cache>/plan/`` (``--fresh`` probes again); a run
+(``measure.forecast``) reuses them and puts the forecast beside what it measured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import subprocess
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from ecoadapt import forecast, storage, task_cache
+from ecoadapt.config import RunConfig, from_dict
+from ecoadapt.errors import UserError
+
+GIB = 2**30
+
+
+def _key(cfg: RunConfig, sizes: list[int], device: str) -> str:
+    """What a probe's figures depend on: the model files, the recipe, the sizes, the device."""
+    from ecoadapt.measure.environment import cpu_name
+
+    train = dataclasses.asdict(cfg.train)
+    parts = {
+        "model": task_cache.model_identity(cfg.model),
+        "objective": cfg.model.objective,
+        "seq": cfg.data.max_seq_len,
+        "mlm_probability": cfg.data.mlm_probability,
+        "precision": dataclasses.asdict(cfg.precision),
+        "lora": dataclasses.asdict(cfg.lora),
+        "train": {
+            k: train[k] for k in ("gradient_checkpointing", "trainable_layers", "compile", "device", "max_memory_gb")
+        },
+        "measure": [cfg.measure.energy, cfg.measure.cpu_watts_per_core, cfg.measure.memory_watts_per_gib],
+        "sizes": sizes,
+        "device": device if device != "cpu" else f"cpu|{cpu_name()}",
+        "versions": [metadata.version(p) for p in ("ecoadapt", "torch", "transformers", "peft")],
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _device_name(cfg: RunConfig) -> str:
+    import torch
+
+    from ecoadapt.parallel import pick_device
+
+    device = pick_device(cfg.train.device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def probe(cfg: RunConfig, fresh: bool = False) -> dict[str, Any]:
+    """The recipe's probe (:func:`ecoadapt.plan_probe.probe`), from the cache or measured now in a
+    child process; ``cached`` says which. An ``out_of_memory`` key: it did not fit even there."""
+    sizes = forecast.probe_sizes(cfg.train.micro_batch_size)
+    path = storage.cache_root() / "plan" / f"{_key(cfg, sizes, _device_name(cfg))}.json"
+    if not fresh and path.exists():
+        return {**storage.read_json(path), "cached": True}
+    with tempfile.TemporaryDirectory() as tmp:
+        config_path, out_path = Path(tmp) / "config.json", Path(tmp) / "probe.json"
+        config_path.write_text(json.dumps(cfg.to_dict()))
+        sizes_text = ",".join(map(str, sizes))
+        command = [sys.executable, "-m", "ecoadapt.plan_probe", str(config_path), sizes_text, str(out_path)]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0 or not out_path.exists():
+            lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+            raise UserError(f"plan: the probe failed ({lines[-1] if lines else f'exit status {done.returncode}'})")
+        result: dict[str, Any] = json.loads(out_path.read_text())
+    storage.atomic_write_text(path, json.dumps(result, indent=1))
+    return {**result, "cached": False}
+
+
+def tokens_per_step(cfg: RunConfig) -> int:
+    """Input tokens of one optimizer step, all processes."""
+    return cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.data.max_seq_len * cfg.parallel.nproc
+
+
+def recipe_forecast(cfg: RunConfig, steps: int, probed: dict[str, Any]) -> dict[str, Any]:
+    """The forecast of ``cfg``'s recipe for a run of ``steps`` steps (budgets applied)."""
+    if "out_of_memory" in probed:
+        return {"out_of_memory": probed["out_of_memory"], "probed_at": forecast.probe_sizes(cfg.train.micro_batch_size)}
+    per = tokens_per_step(cfg)
+    step = forecast.per_step(probed, cfg.train.micro_batch_size, cfg.train.grad_accum, per)
+    b = cfg.budget
+    whole = forecast.run_length(step, steps, per, b.energy_j, b.time_s, b.tokens)
+    return {
+        **step,
+        **whole,
+        "energy_method": probed["energy_method"],
+        "meter": probed["meter"],
+        "memory_figure": probed["memory_figure"],
+        "cached_probe": probed.get("cached", False),
+    }
+
+
+def recipes(cfg: RunConfig, grid: bool, device: str) -> list[tuple[str, RunConfig]]:
+    """The config's own recipe, and with ``grid`` its variants: precision modes this device runs
+    (fp32, bf16, bf16-pure on a CPU; with tf32 and fp16 on a GPU) x LoRA x checkpointing."""
+    own = [(_name(cfg), cfg)]
+    if not grid:
+        return own
+    modes = ["fp32", "bf16", "bf16-pure"] if device == "cpu" else ["fp32", "tf32", "fp16", "bf16", "bf16-pure"]
+    raw = cfg.to_dict()
+    out = []
+    for mode in modes:
+        for lora in (False, True):
+            for ckpt in (False, True):
+                variant = json.loads(json.dumps(raw))
+                variant["precision"].update(mode=mode, layers=None)
+                variant["lora"]["enabled"] = lora
+                variant["train"]["gradient_checkpointing"] = ckpt
+                point = from_dict(variant, "plan grid")
+                out.append((_name(point), point))
+    names = {name for name, _ in out}
+    return out if own[0][0] in names else own + out
+
+
+def _name(cfg: RunConfig) -> str:
+    parts = [cfg.precision.mode + ("+layers" if cfg.precision.layers else "")]
+    parts += ["lora"] if cfg.lora.enabled else ["full"]
+    parts += ["ckpt"] if cfg.train.gradient_checkpointing else []
+    return " ".join(parts)
+
+
+def run(
+    cfg: RunConfig,
+    steps: int,
+    memory_gb: float | None = None,
+    energy_j: float | None = None,
+    grid: bool = False,
+    fresh: bool = False,
+    log: Any = None,
+) -> list[dict[str, Any]]:
+    """Forecast each recipe (see :func:`recipes`) for ``steps`` steps; mark what fits."""
+    rows = []
+    candidates = recipes(cfg, grid, _device_name(cfg))
+    for i, (name, point) in enumerate(candidates, 1):
+        if log is not None:
+            log(f"probing {name} ({i}/{len(candidates)}) ...")
+        f = recipe_forecast(point, steps, probe(point, fresh))
+        if "out_of_memory" in f:
+            rows.append({"recipe": name, **f, "fits": {"memory": False, "energy": None}})
+            continue
+        rows.append({"recipe": name, **f, "fits": forecast.fits(f["peak_bytes"], f["joules"], memory_gb, energy_j)})
+    return rows
+
+
+def table(rows: list[dict[str, Any]], memory_gb: float | None, energy_j: float | None) -> str:
+    """The forecast as a text table, with what fits and the cheapest recipe that does."""
+    head = (
+        f"{'recipe':<24} {'peak GiB':>9} {'s/step':>8} {'tok/s':>8} {'steps':>6} {'time s':>8} {'energy J':>10}  fits"
+    )
+    lines = [head]
+    for r in rows:
+        if "out_of_memory" in r:
+            lines.append(f"{r['recipe']:<24} out of memory even at micro-batch {r['probed_at'][0]}")
+            continue
+        fit = [k for k, v in r["fits"].items() if v is False]
+        mark = "no: " + ", ".join(fit) if fit else ("yes" if any(v for v in r["fits"].values()) else "-")
+        cut = f" ({r['stopped_by']})" if r["stopped_by"] else ""
+        lines.append(
+            f"{r['recipe']:<24} {r['peak_bytes'] / GIB:>9.2f} {r['step_s']:>8.3f} {r['tokens_per_s']:>8,.0f} "
+            f"{r['steps']:>6}{cut} {r['time_s']:>8.1f} {r['joules']:>10,.0f}  {mark}"
+        )
+    ok = [r for r in rows if "out_of_memory" not in r and all(v is not False for v in r["fits"].values())]
+    method = rows[0].get("energy_method", "estimated") if rows else "estimated"
+    lines.append(f"energy {method} by the probe's meter; memory: {rows[0].get('memory_figure', '')}" if rows else "")
+    if memory_gb is not None or energy_j is not None:
+        if ok:
+            best = min(ok, key=lambda r: r["joules"])
+            lines.append(
+                f"cheapest that fits: {best['recipe']} ({best['joules']:,.0f} J, {best['peak_bytes'] / GIB:.2f} GiB); "
+                "a forecast says nothing of accuracy: compare held-out losses with `ecoadapt sweep`"
+            )
+        else:
+            lines.append("no recipe fits: raise the limits, shorten data.max_seq_len, or lower train.micro_batch_size")
+    return "\n".join(lines)
+
+
+def planned_steps(cfg: RunConfig, base: Path | None) -> tuple[int, str]:
+    """The run's step count and where it came from: train.max_steps, or train.epochs over the
+    corpus's training blocks (the corpus is tokenized into the token store the run will use)."""
+    if cfg.train.max_steps is not None:
+        return cfg.train.max_steps, "train.max_steps"
+    from ecoadapt import models
+    from ecoadapt.data import corpus
+    from ecoadapt.train import total_steps
+
+    loaded = models.load(cfg.model, cfg.data.max_seq_len, cfg.train.seed)
+    blocks = corpus.build(cfg.data, loaded.tokenizer, loaded.objective, base)
+    n = total_steps(cfg.train, len(blocks.train) // cfg.parallel.nproc)
+    return n, f"train.epochs {cfg.train.epochs:g} over {len(blocks.train):,} blocks"
+
+
+def probe_for_run(cfg: RunConfig, tracker: Any, log: Any) -> dict[str, Any] | None:
+    """A run's probe (measure.forecast), inside the energy window ``forecast``; None when off
+    or with several processes; ``{"error": ...}`` when it failed (the run goes on)."""
+    if not cfg.measure.forecast or cfg.parallel.nproc > 1:
+        return None
+    tracker.begin_window("forecast")
+    try:
+        probed = probe(cfg)
+        log(f"forecast probe: {'cached' if probed['cached'] else 'measured now'}")
+        return probed
+    except UserError as e:
+        log(f"note: no forecast ({e})")
+        return {"error": str(e)}
+    finally:
+        tracker.end_window("forecast")
+
+
+def beside_measured(cfg: RunConfig, probed: dict[str, Any] | None, summary: Any) -> dict[str, Any] | None:
+    """summary.json's ``forecast``: the forecast for the steps the run planned, and the measured
+    figures beside it (peak memory, seconds per step, training joules) with their ratios."""
+    if probed is None or "error" in probed:
+        return probed
+    planned = cfg.train.max_steps or max(1, summary.steps)
+    f = recipe_forecast(cfg, planned, probed)
+    if "out_of_memory" in f:
+        return f
+    memory, energy = summary.memory or {}, summary.energy or {}
+    measured = {
+        "steps": summary.steps,
+        "time_s": summary.time_s,
+        "peak_bytes": memory.get(memory.get("compare_with", "peak_bytes")),
+        "train_joules": energy.get("train_joules"),
+    }
+    return {**f, "versus_measured": forecast.compare(f, measured)}

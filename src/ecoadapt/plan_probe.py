@@ -1,0 +1,147 @@
+"""The probe behind `ecoadapt plan`: a recipe's first steps at small micro-batches, measured.
+
+The recipe is built exactly as a run builds it (:func:`ecoadapt.prepare.build`: LoRA, frozen
+blocks, precision, checkpointing, compile) and trained with the run's own step functions on
+random token blocks of the run's length (time and memory do not depend on which tokens),
+at two micro-batch sizes below the run's, a few steps each. What it measures: seconds of the
+forward/backward and of the optimizer step, the peak memory of the training steps (the same
+figure as a run's training window), and the meter's joules. The weights, gradients and
+optimizer state are also counted from the shapes, for the forecast's breakdown.
+
+It runs in a child process (``python -m ecoadapt.plan_probe CONFIG.json SIZES OUT.json``), as
+each sweep point does: a process's resident peak never goes down, so each recipe needs its own.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ecoadapt import config as config_mod
+from ecoadapt import models, parallel, prepare, storage
+from ecoadapt import train as train_loop
+from ecoadapt.data.batches import BlockLoader
+from ecoadapt.measure import energy, memory
+from ecoadapt.progress import say
+
+WARMUP_STEPS = 2  # the first steps allocate the optimizer state, pick kernels and compile
+TIMED_STEPS = 3  # the median of these is the probe's step time
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def static_bytes(model: torch.nn.Module, policy: Any) -> dict[str, int]:
+    """Weights, gradients and AdamW state (bytes) of the model as the recipe stores it."""
+    params = list(model.parameters())
+    masters = {id(p): m for p, m in getattr(policy, "masters", [])}
+    weights = sum(p.numel() * p.element_size() for p in params) + sum(m.numel() * 4 for m in masters.values())
+    trainable = [p for p in params if p.requires_grad]
+    gradients = sum(p.numel() * p.element_size() for p in trainable)
+    gradients += sum(masters[id(p)].numel() * 4 for p in trainable if id(p) in masters)
+    # Two moments per trained value, in the dtype of what the optimizer updates (the fp32 master
+    # where there is one).
+    optimizer = sum(2 * p.numel() * (4 if id(p) in masters else p.element_size()) for p in trainable)
+    return {"weights": weights, "gradients": gradients, "optimizer": optimizer}
+
+
+def probe(cfg: config_mod.RunConfig, sizes: list[int]) -> dict[str, Any]:
+    """Build ``cfg``'s recipe and time its steps at each micro-batch size in ``sizes`` (ascending).
+
+    Returns:
+        device, counts, static bytes, compile seconds, energy method and meter, and per size:
+        micro_batch, micro_s (forward + backward), optimizer_s, step_s, first_step_s,
+        peak_bytes (the run's memory figure), joules_per_step, watts.
+    """
+    device = parallel.pick_device(cfg.train.device)
+    world = parallel.World()
+    rss_before_load = memory.rss_bytes()
+    tracker = energy.EnergyTracker.for_config(cfg.measure, device.type, device.index, 0, lambda _: None)
+    loaded = models.load(cfg.model, cfg.data.max_seq_len, cfg.train.seed)
+    vocab = len(loaded.tokenizer)
+    n = max(sizes) * (WARMUP_STEPS + TIMED_STEPS)
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    blocks = torch.randint(0, vocab, (n, cfg.data.max_seq_len), generator=generator)
+    built = prepare.build(cfg, loaded, blocks, device, world, lambda _: None)
+    loop = train_loop.Loop.create(
+        built.model, 10**9, cfg.train, built.policy, loaded.objective, device, new=loaded.fresh
+    )
+    windows = memory.MemoryWindows(device)
+    limit = cfg.train.max_memory_gb
+    memory_limit = int(limit * 2**30) if limit is not None and device.type == "cpu" else None
+    out: dict[str, Any] = {"device": str(device), "counts": built.counts, "sizes": []}
+    out["static_bytes"] = static_bytes(parallel.unwrap(built.model), built.policy)
+    for size in sizes:
+        loader = BlockLoader(blocks, size, loaded.objective, built.mask, cfg.train.seed)
+        batches = iter(loader)
+        windows.begin("train")
+        micro, optim, first = [], [], 0.0
+        for step in range(WARMUP_STEPS + TIMED_STEPS):
+            if step == WARMUP_STEPS:
+                tracker.begin_window("timed")
+            t0 = time.perf_counter()
+            step_loss, _, _ = train_loop.accumulate(
+                loop.model, [next(batches)], loaded.objective, loop.policy, device, 1, memory_limit
+            )
+            _sync(device)
+            t1 = time.perf_counter()
+            train_loop.apply_step(loop, step_loss)
+            _sync(device)
+            t2 = time.perf_counter()
+            if step == 0:
+                first = t2 - t0
+            if step >= WARMUP_STEPS:
+                micro.append(t1 - t0)
+                optim.append(t2 - t1)
+        measured = tracker.end_window("timed")
+        peaks = windows.end("train")
+        peak = peaks["peak"] if device.type == "cuda" else max(0, peaks["peak"] - rss_before_load)
+        step_s = statistics.median(m + o for m, o in zip(micro, optim, strict=True))
+        out["sizes"].append(
+            {
+                "micro_batch": size,
+                "micro_s": statistics.median(micro),
+                "optimizer_s": statistics.median(optim),
+                "step_s": step_s,
+                "first_step_s": first,
+                "peak_bytes": peak,
+                "joules_per_step": measured.joules / TIMED_STEPS,
+                "watts": measured.watts,
+            }
+        )
+    out["compile_s"] = built.compiled.seconds
+    out["energy_method"], out["meter"] = tracker.method, tracker.meter_name
+    on_cuda = device.type == "cuda"
+    out["memory_figure"] = "CUDA allocated peak" if on_cuda else "resident peak above the pre-load baseline"
+    return out
+
+
+def main(argv: list[str]) -> int:
+    """``python -m ecoadapt.plan_probe CONFIG.json SIZES OUT.json`` (SIZES: comma-separated)."""
+    config_path, sizes_text, out_path = argv
+    cfg = config_mod.from_dict(json.loads(Path(config_path).read_text()), config_path)
+    sizes = sorted({int(s) for s in sizes_text.split(",")})
+    try:
+        result = probe(cfg, sizes)
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not train_loop.is_out_of_memory(e):
+            raise
+        result = {"out_of_memory": str(e).splitlines()[0][:300]}
+    storage.atomic_write_text(Path(out_path), json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except Exception as e:  # the parent reads the last line of stderr as the error
+        say(f"plan probe failed: {type(e).__name__}: {e}")
+        sys.exit(1)

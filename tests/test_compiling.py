@@ -1,0 +1,110 @@
+"""train.compile: the fused loss kernel computes what the eager one does, compiling is timed and
+reported, and a failed compile falls back (auto) or stops with a clear error (explicit)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ecoadapt import compiling, losses
+from ecoadapt.data.batches import IGNORE
+from ecoadapt.errors import UserError
+
+
+def _chunk(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(9, 50, generator=g) * 3).to(dtype)
+    labels = torch.randint(0, 50, (9,), generator=g)
+    labels[[2, 7]] = IGNORE
+    return logits, labels
+
+
+@pytest.mark.parametrize("kernel", [losses.softmax_cross_entropy_grad, losses.softmax_grad_inplace])
+def test_kernels_give_the_loss_and_its_gradient(kernel):
+    logits, labels = _chunk(torch.float32)
+    x = logits.clone().requires_grad_(True)
+    expected = torch.nn.functional.cross_entropy(x, labels, ignore_index=IGNORE, reduction="sum")
+    expected.backward()
+    loss, grad = kernel(logits.clone(), labels)
+    torch.testing.assert_close(loss, expected.detach())
+    torch.testing.assert_close(grad, x.grad)
+    assert grad[2].abs().sum() == 0 and grad[7].abs().sum() == 0  # ignored rows: no gradient
+
+
+def test_the_compiled_kernel_matches_the_eager_one_in_bf16():
+    logits, labels = _chunk(torch.bfloat16)
+    clock = compiling.CompileClock(what="loss", setting="loss")
+    fused = clock.timed(torch.compile(losses.softmax_cross_entropy_grad, dynamic=True), losses.softmax_grad_inplace)
+    loss, grad = fused(logits, labels)
+    eager_loss, eager_grad = losses.softmax_grad_inplace(logits, labels)
+    assert grad.dtype == torch.bfloat16  # written in the matmuls' dtype: no fp32 copy of the chunk
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(grad.float(), eager_grad.float(), rtol=0.02, atol=0.01)
+    assert clock.graphs >= 1 and clock.seconds > 0  # the compiling call was timed
+    compiled_s = clock.seconds
+    fused(*_chunk(torch.bfloat16))  # the same graph again: no compile, no time added
+    assert clock.seconds == compiled_s
+    assert clock.report()["compiled"] == "loss" and clock.report()["compile_s"] == round(compiled_s, 3)
+
+
+def test_training_with_the_compiled_loss_equals_eager(tiny_llama):
+    from ecoadapt import models
+    from ecoadapt.config import ModelConfig
+
+    ids = torch.randint(5, 30, (3, 16), generator=torch.Generator().manual_seed(0))
+    results = []
+    for setting in (False, "loss"):
+        loaded = models.load(ModelConfig(str(tiny_llama)), 16, seed=0)
+        module = losses.LossModule(loaded.model.eval(), "clm")
+        _, blocks = models.transformer_blocks(loaded.model)
+        clock = compiling.apply(module, blocks, setting, "cpu")
+        loss = module(ids, ids)
+        loss.backward()
+        grad = loaded.model.get_output_embeddings().weight.grad.clone()
+        results.append((loss.detach(), grad, clock.report()))
+    (eager_loss, eager_grad, off), (fused_loss, fused_grad, on) = results
+    assert off["compiled"] == "off" and on["compiled"] == "loss" and on["graphs"] >= 1
+    torch.testing.assert_close(fused_loss, eager_loss, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(fused_grad, eager_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_auto_means_loss_on_cpu_and_off_on_gpus_until_measured_there():
+    assert compiling.resolve("auto", "cpu") == "loss"
+    assert compiling.resolve("auto", "cuda") == "off"
+    assert compiling.resolve(True, "cuda") == "blocks" and compiling.resolve(False, "cpu") == "off"
+
+
+class _FakeBackendFailure(Exception):
+    """What dynamo raises when the C++ compiler is missing (its module marks it as a compile failure)."""
+
+
+_FakeBackendFailure.__module__ = "torch._dynamo.exc"
+
+
+def _failing(*args: object) -> None:
+    raise _FakeBackendFailure("InvalidCxxCompiler: No working C++ compiler found")
+
+
+def test_a_failed_compile_falls_back_under_auto_and_stops_when_asked_for():
+    logits, labels = _chunk(torch.float32)
+    auto = compiling.CompileClock(what="loss", setting="auto")
+    loss, _ = auto.timed(_failing, losses.softmax_grad_inplace)(logits, labels)
+    assert torch.isfinite(loss) and auto.fallback is not None and "C++ compiler" in auto.fallback
+    assert auto.report()["compiled"] == "off"
+    explicit = compiling.CompileClock(what="loss", setting="loss")
+    with pytest.raises(UserError, match="train.compile: compiling failed.*C\\+\\+ compiler"):
+        explicit.timed(_failing, losses.softmax_grad_inplace)(logits, labels)
+
+
+def test_compiled_blocks_are_not_offered_with_fsdp():
+    from ecoadapt.config import from_dict
+
+    with pytest.raises(UserError, match="train.compile"):
+        from_dict(
+            {
+                "model": {"name_or_path": "some/model"},
+                "data": {"train": ["corpus.txt"]},
+                "train": {"compile": "blocks"},
+                "parallel": {"strategy": "fsdp", "nproc": 2},
+            }
+        )
