@@ -37,6 +37,7 @@ RECIPES = {
     "bf16-pure": ("bf16-pure", 0.05, False),
     "bf16-pure, dropout 0": ("bf16-pure", 0.0, False),
     "bf16-pure, dropout 0, compiled loss": ("bf16-pure", 0.0, "loss"),
+    "bf16-pure, dropout 0, compiled blocks": ("bf16-pure", 0.0, "blocks"),
 }
 
 
@@ -169,6 +170,7 @@ def main() -> None:
     parser.add_argument("--profile-worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=3, help=argparse.SUPPRESS)
+    parser.add_argument("--recipes", nargs="*", default=list(RECIPES), choices=list(RECIPES))
     args = parser.parse_args()
     if args.profile_worker:
         profile_worker(args.profile_worker, args.result, args.steps)
@@ -178,10 +180,10 @@ def main() -> None:
         print(table(saved["results"], saved["profile"], saved["best"]))
         return
     steps, repeats = (6, 1) if args.quick else (12, 2)
-    results: dict[str, list[dict[str, Any]]] = {name: [] for name in RECIPES}
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in args.recipes}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(repeats):
-            for name in RECIPES:
+            for name in args.recipes:
                 config = recipe_config(name, args.data, steps)
                 results[name].append(run_recipe(config, Path(tmp) / f"{name}-{r}"))
                 print(f"{name} repeat {r}: {results[name][-1]}", flush=True)

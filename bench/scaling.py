@@ -10,7 +10,9 @@ it: same model files, blocks, micro-batch, LoRA, optimizer settings and step cou
 
 Tokens per micro-batch stay constant as the sequence grows (the micro-batch shrinks), so a
 row's change is the sequence's own cost (attention grows with it). At sequence 128 ecoadapt's
-fastest recipe (bf16-pure, LoRA dropout 0) runs too. Each run is a fresh process; the table
+fastest recipe (bf16-pure, LoRA dropout 0, compiled blocks) runs too; its tokens/s are given
+with compiling counted and, in brackets, after it (these runs are shorter than the ~30-step
+break-even of bench/compile.py). Each run is a fresh process; the table
 gives tokens/s and training-window peak memory for both and their ratios.
 
     python bench/scaling.py                 # all jobs (about 25 minutes on 2 CPU cores)
@@ -55,10 +57,12 @@ def config(job: str, data: Path, seq: int) -> dict[str, Any]:
 
 
 def fastest(cfg: dict[str, Any]) -> dict[str, Any]:
-    """ecoadapt's fastest recipe for the same job: bf16-pure, LoRA dropout 0."""
+    """ecoadapt's fastest recipe for the same job: bf16-pure, LoRA dropout 0, compiled blocks
+    (its compile time is reported apart: these runs are too short to pay it back)."""
     out = json.loads(json.dumps(cfg))
     out["precision"]["mode"] = "bf16-pure"
     out["lora"]["dropout"] = 0.0
+    out["train"]["compile"] = "blocks"
     return out
 
 
@@ -69,22 +73,33 @@ def _ratio(x: dict[str, Any] | None, trainer: dict[str, Any], key: str, scale: f
     return f"{x[key] / scale:,.0f} ({x[key] / trainer[key]:.2f}x)"
 
 
+def _after_compiling(x: dict[str, Any] | None, trainer: dict[str, Any]) -> str:
+    """Tokens/s once compiled (compile seconds taken out of the training time), and the ratio."""
+    if not x or "error" in x or not x.get("compile_s"):
+        return ""
+    rate = x["tokens"] / max(1e-9, x["time_s"] - x["compile_s"])
+    return f" [after compiling {rate:,.0f} ({rate / trainer['tokens_per_s']:.2f}x)]"
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| model | seq x micro-batch | tokens/s Trainer | ecoadapt (ratio) | ecoadapt fastest (ratio) | "
-        "peak MiB Trainer | ecoadapt (ratio) | fastest (ratio) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "peak MiB Trainer | ecoadapt (ratio) | fastest (ratio) | held-out loss Trainer / ecoadapt / fastest |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         t, e, f = r["trainer"], r["ecoadapt"], r.get("fastest")
         if "error" in t or "error" in e:
-            lines.append(f"| {r['job']} | {r['seq']} | failed: {t.get('error') or e.get('error')} | | | | | |")
+            lines.append(f"| {r['job']} | {r['seq']} | failed: {t.get('error') or e.get('error')} | | | | | | |")
             continue
 
         lines.append(
             f"| {r['job']} | {r['seq']} x {r['micro_batch']} | {t['tokens_per_s']:,.0f} | "
-            f"{_ratio(e, t, 'tokens_per_s')} | {_ratio(f, t, 'tokens_per_s')} | {t['peak_bytes'] / 2**20:,.0f} | "
-            f"{_ratio(e, t, 'peak_bytes', 2**20)} | {_ratio(f, t, 'peak_bytes', 2**20)} |"
+            f"{_ratio(e, t, 'tokens_per_s')} | {_ratio(f, t, 'tokens_per_s')}{_after_compiling(f, t)} | "
+            f"{t['peak_bytes'] / 2**20:,.0f} | "
+            f"{_ratio(e, t, 'peak_bytes', 2**20)} | {_ratio(f, t, 'peak_bytes', 2**20)} | "
+            f"{t['eval_loss']:.3f} / {e['eval_loss']:.3f} / "
+            + (f"{f['eval_loss']:.3f} |" if f and "error" not in f else "- |")
         )
     return "\n".join(lines)
 

@@ -44,7 +44,10 @@ def test_the_compiled_kernel_matches_the_eager_one_in_bf16():
     compiled_s = clock.seconds
     fused(*_chunk(torch.bfloat16))  # the same graph again: no compile, no time added
     assert clock.seconds == compiled_s
-    assert clock.report()["compiled"] == "loss" and clock.report()["compile_s"] == round(compiled_s, 3)
+    report = clock.report()
+    # dynamo's own account where it keeps one (it also sees backward graphs); never less than the timed calls
+    assert report["compiled"] == "loss" and report["compile_s"] >= round(compiled_s, 3)
+    assert report["compile_s"] < compiled_s + 5
 
 
 def test_training_with_the_compiled_loss_equals_eager(tiny_llama):
@@ -68,10 +71,13 @@ def test_training_with_the_compiled_loss_equals_eager(tiny_llama):
     torch.testing.assert_close(fused_grad, eager_grad, rtol=1e-4, atol=1e-6)
 
 
-def test_auto_means_loss_on_cpu_and_off_on_gpus_until_measured_there():
-    assert compiling.resolve("auto", "cpu") == "loss"
-    assert compiling.resolve("auto", "cuda") == "off"
-    assert compiling.resolve(True, "cuda") == "blocks" and compiling.resolve(False, "cpu") == "off"
+def test_auto_compiles_long_cpu_runs_only():
+    assert compiling.resolve("auto", "cpu", 100) == "blocks"  # a preset's length: compiling pays
+    assert compiling.resolve("auto", "cpu", 40) == "off"  # the quickstart's: it does not
+    assert compiling.resolve("auto", "cpu", None) == "off"
+    assert compiling.resolve("auto", "cuda", 10_000) == "off"  # not measured on a GPU yet
+    assert compiling.resolve(True, "cuda") == "blocks" and compiling.resolve(False, "cpu", 500) == "off"
+    assert compiling.resolve("loss", "cpu", 1) == "loss"
 
 
 class _FakeBackendFailure(Exception):

@@ -24,12 +24,14 @@ PROBE = {
 }  # fmt: skip
 
 
-def test_probe_sizes_stay_below_the_run_and_extrapolate_at_most_twofold():
+def test_probe_sizes_are_the_runs_and_half_or_smaller_ones_extrapolated_at_most_twofold():
     assert forecast.probe_sizes(1) == [1]
     assert forecast.probe_sizes(2) == [1, 2]
-    assert forecast.probe_sizes(3) == [1, 2]
-    assert forecast.probe_sizes(8) == [2, 4]
-    assert forecast.probe_sizes(16) == [4, 8]
+    assert forecast.probe_sizes(3) == [1, 3]
+    assert forecast.probe_sizes(8) == [4, 8]
+    assert forecast.probe_sizes(16) == [8, 16]
+    assert forecast.probe_sizes(16, fits=False) == [4, 8]  # the run's own did not fit
+    assert forecast.probe_sizes(2, fits=False) == [1]
 
 
 def test_per_step_extrapolates_the_two_probes_linearly():
@@ -126,7 +128,7 @@ def test_forecast_against_a_measured_run(tmp_path: Path, corpus_jsonl: Path):
     summary = adapt.run(cfg)
     f = summary.forecast
     assert f is not None and "error" not in f, f
-    assert f["probed_at"] == [2, 4] and f["steps"] == 12 and not f["cached_probe"]
+    assert f["probed_at"] == [4, 8] and f["steps"] == 12 and not f["cached_probe"]
     versus = f["versus_measured"]
     assert versus["peak_bytes"]["measured"] == summary.memory["peak_above_baseline_bytes"]
     assert 0.8 < versus["peak_bytes"]["ratio"] < 1.2, versus["peak_bytes"]
@@ -176,3 +178,13 @@ def test_a_probe_that_runs_out_of_memory_says_so(tmp_path: Path, tiny_llama: Pat
     assert "out_of_memory" in probed and "train.max_memory_gb" in probed["out_of_memory"]
     f = plan.recipe_forecast(cfg, 12, probed)
     assert f["probed_at"] == [2, 4] and "out_of_memory" in f
+
+
+def test_the_probe_trains_as_the_run_does_checkpointing_included(tmp_path: Path, corpus_jsonl: Path):
+    """The probe runs in training mode: checkpointing (active only there) keeps fewer
+    activations per block row, and dropout draws its masks, as in the run."""
+    model = _small_llama(tmp_path / "small-llama")
+    plain = plan.probe(_config(model, corpus_jsonl, tmp_path / "a", seq=128, compile=False))
+    ckpt = plan.probe(_config(model, corpus_jsonl, tmp_path / "b", seq=128, compile=False, gradient_checkpointing=True))
+    activations = [forecast.per_step(p, 8, 1, 8 * 128)["parts_bytes"]["activations"] for p in (plain, ckpt)]
+    assert activations[1] < 0.7 * activations[0], activations

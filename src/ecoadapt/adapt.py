@@ -108,10 +108,10 @@ class AdaptRun:
         if self.cfg.measure.idle_s > 0:
             self.log(f"measuring idle power for {self.cfg.measure.idle_s:g} s ...")
             self.log(f"idle power: {self.tracker.measure_idle(self.cfg.measure.idle_s):.1f} W")
-        self.probe = plan.probe_for_run(self.cfg, self.tracker, self.log)
         self.p = prepare(self.cfg, base, self.device, self.world, self.tracker, self.log)
         self.eval_blocks = self.p.blocks.eval[: self.cfg.data.eval_max_blocks]
         self.steps = train_loop.total_steps(self.cfg.train, len(self.p.blocks.train) // self.world.size)
+        self.probe = plan.probe_for_run(self.cfg, self.steps, self.tracker, self.log)
         if self.world.is_main:
             _check_room(self.cfg, out, self.p)
         self._open_run_dir(out, resume, resumed)
@@ -163,7 +163,7 @@ class AdaptRun:
             return RunSummary(status="completed", config=self.summary.config, rank=self.world.rank)
         task = self._task_or_failure(saved) if self.cfg.task.train else None
         self._fill(training, before, after, saved, measured, task)
-        self.summary.forecast = plan.beside_measured(self.cfg, self.probe, self.summary)
+        self.summary.forecast = plan.beside_measured(self.cfg, self.steps, self.probe, self.summary)
         model_card.write(self.run_dir, self.summary)  # with the task's result: it ran first
         summary_mod.write(self.run_dir / "summary.json", self.summary)
         # Finished: the checkpoint's optimizer state is no longer needed (the model is saved).

@@ -12,9 +12,11 @@ Two things can be compiled:
   fused around the matmuls).
 
 Compiling runs on the first calls, inside the training window: its seconds and joules are
-training's. :class:`CompileClock` adds up the wall time of every call that compiled a graph, for
-the summary. Where compiling fails (no C++ compiler on a CPU, an unsupported op), ``auto`` falls
-back to eager execution and says so; an explicit setting stops with the error.
+training's. :class:`CompileClock` reads dynamo's own account of its compile time (forward
+graphs when first called, and their backward graphs, which AOTAutograd compiles at the first
+backward pass, outside any call we could time), for the summary. Where compiling fails (no
+C++ compiler on a CPU, an unsupported op), ``auto`` falls back to eager execution and says so;
+an explicit setting stops with the error.
 """
 
 from __future__ import annotations
@@ -28,19 +30,27 @@ import torch
 
 from ecoadapt.errors import UserError
 
+# Steps from which auto compiles the blocks on a CPU: about three times the break-even measured
+# on the presets with a cold compile cache (31 to 42 steps; BENCHMARKS.md, bench/compile.py).
+AUTO_BLOCKS_FROM_STEPS = 100
 
-def resolve(setting: str | bool, device_type: str) -> str:
-    """What train.compile means on ``device_type``: "off", "loss" or "blocks" (true: blocks).
 
-    ``auto`` is ``loss`` on a CPU (measured: it wins at the presets' lengths with compiling
-    counted) and ``off`` elsewhere: on GPUs the saving and the compile time have not been
-    measured yet, and a default must not rest on a guess.
+def resolve(setting: str | bool, device_type: str, steps: int | None = None) -> str:
+    """What train.compile means for a run of ``steps`` steps on ``device_type``: "off", "loss"
+    or "blocks" (true: blocks).
+
+    ``auto`` is ``blocks`` on a CPU for runs of at least :data:`AUTO_BLOCKS_FROM_STEPS` steps
+    (measured: the compiled blocks win there with compiling counted; shorter runs lose) and
+    ``off`` otherwise, and on GPUs: there the saving and the compile time have not been measured
+    yet, and a default must not rest on a guess. The loss kernel alone never won on the presets
+    (it needs 16-bit logits to save much), so auto does not choose it.
     """
     if isinstance(setting, bool):
         return "blocks" if setting else "off"
     if setting != "auto":
         return setting
-    return "loss" if device_type == "cpu" else "off"
+    long_run = steps is not None and steps >= AUTO_BLOCKS_FROM_STEPS
+    return "blocks" if device_type == "cpu" and long_run else "off"
 
 
 @dataclass
@@ -50,7 +60,8 @@ class CompileClock:
     Attributes:
         what: what was asked to compile ("off", "loss", "blocks").
         setting: train.compile as configured ("auto" included; false and true as "off", "blocks").
-        seconds: wall seconds of the calls during which dynamo compiled a graph.
+        seconds: wall seconds of the calls during which dynamo compiled a graph (forward graphs
+            only: see :attr:`compile_s` for the whole).
         graphs: graphs compiled.
         fallback: why compiling was abandoned for eager execution (auto only), or None.
     """
@@ -60,7 +71,16 @@ class CompileClock:
     seconds: float = 0.0
     graphs: int = 0
     fallback: str | None = None
-    _calls: list[str] = field(default_factory=list, repr=False)
+    _dynamo_start: float | None = field(default_factory=lambda: _dynamo_compile_seconds(), repr=False)
+
+    @property
+    def compile_s(self) -> float:
+        """Seconds spent compiling since this clock started, forward and backward graphs: dynamo's
+        account where it keeps one, else the timed calls (forward graphs only)."""
+        now = _dynamo_compile_seconds()
+        if now is None or self._dynamo_start is None or self.graphs == 0:
+            return self.seconds
+        return max(self.seconds, now - self._dynamo_start)
 
     def timed(self, fn: Callable[..., Any], eager: Callable[..., Any]) -> Callable[..., Any]:
         """``fn`` (compiled) with its compiling calls timed; ``eager`` after a failure under auto."""
@@ -90,11 +110,21 @@ class CompileClock:
         return {
             "setting": self.setting,
             "compiled": self.what if self.fallback is None else "off",
-            "compile_s": round(self.seconds, 3),
+            "compile_s": round(self.compile_s, 3),
             "graphs": self.graphs,
             "fallback": self.fallback,
             "counted": "compiling ran inside the training window: its time and energy are training's",
         }
+
+
+def _dynamo_compile_seconds() -> float | None:
+    """Dynamo's total compile wall time in this process so far (None where it keeps none)."""
+    try:
+        from torch._dynamo.utils import calculate_time_spent
+
+        return float(calculate_time_spent().get("total_wall_time", 0.0))
+    except (ImportError, AttributeError, TypeError):  # a private API: its absence is no error
+        return None
 
 
 def _graphs_compiled() -> int:
@@ -119,13 +149,16 @@ def _explained(error: Exception) -> Exception:
     return error
 
 
-def apply(loss_module: Any, blocks: torch.nn.ModuleList, setting: str | bool, device_type: str) -> CompileClock:
-    """Compile what ``setting`` asks for on ``loss_module`` (a :class:`~ecoadapt.losses.LossModule`)
-    and the model's transformer ``blocks``; returns the clock the summary reads."""
+def apply(
+    loss_module: Any, blocks: torch.nn.ModuleList, setting: str | bool, device_type: str, steps: int | None = None
+) -> CompileClock:
+    """Compile what ``setting`` asks for, for a run of ``steps`` steps, on ``loss_module`` (a
+    :class:`~ecoadapt.losses.LossModule`) and the model's transformer ``blocks``; returns the
+    clock the summary reads."""
     from ecoadapt import losses
 
-    what = resolve(setting, device_type)
-    clock = CompileClock(what=what, setting=setting if isinstance(setting, str) else resolve(setting, device_type))
+    what = resolve(setting, device_type, steps)
+    clock = CompileClock(what=what, setting=setting if isinstance(setting, str) else what)
     if what == "off":
         return clock
     # Chunks differ in rows (the last one, masked LM's row buckets): one graph for any count.

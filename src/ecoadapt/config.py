@@ -196,11 +196,12 @@ class TrainConfig:
     much of the GPU (to share a GPU, or to see what fits a smaller one): beyond it, the device's
     own out-of-memory error."""
     compile: bool | Literal["auto", "loss", "blocks"] = "auto"
-    """torch.compile: loss (the loss's passes over the vocabulary fused into one kernel),
-    blocks or true (that, and every transformer block), false (nothing); auto: loss on CPU, where it wins at the
-    presets' lengths once compiling is counted (BENCHMARKS.md), off on GPUs until measured
-    there. Compiling happens in the first steps and counts in training's time and energy; the
-    summary says what was compiled and how long it took."""
+    """torch.compile: blocks or true (every transformer block, and the loss's passes over the
+    vocabulary fused into one kernel), loss (that kernel alone), false (nothing); auto: blocks
+    on a CPU for runs of 100 steps or more, where compiling pays for itself (measured break-even
+    31-42 steps, BENCHMARKS.md), else off, and off on GPUs until measured there. Compiling
+    happens in the first steps and counts in training's time and energy; the summary says what
+    was compiled and how long it took."""
     auto_micro_batch: bool = False
     """On out of memory, halve train.micro_batch_size and double train.grad_accum (the same
     effective batch, the same blocks) and retry the step; the setting that fit is reported."""

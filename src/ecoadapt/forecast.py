@@ -6,7 +6,14 @@ steps each); here those two points become the forecast:
 - peak memory is linear in the micro-batch: weights, gradients and optimizer state do not grow
   with it, activations do (per block row, at this sequence length, with or without
   checkpointing as the recipe says). The two probes give the slope (activations per row) and
-  the intercept; the static part is also counted from the shapes, for the breakdown.
+  the intercept; the static part is also counted from the shapes, for the breakdown. Each size
+  is probed in a fresh process, as a run starts: on a CPU the resident peak depends on what
+  the process allocated before (glibc keeps freed memory), so sizes probed one after the other
+  in one process read low (measured: 646 MiB at 8 after 4, 808 MiB at 8 alone).
+- per-row cost is not linear over a wide range on a CPU (caches: MiniLM's forward and backward
+  took 0.051 s per row from 4 to 8 rows and 0.076 from 8 to 16), so the probe runs the run's
+  own micro-batch and half of it; only a micro-batch that does not fit is extrapolated, from
+  a quarter and a half.
 - seconds per step: forward and backward are linear in the micro-batch (fixed launch and
   Python overhead plus work per row), repeated train.grad_accum times; the optimizer step once.
 - joules: the probe's mean power (the meter's own, measured or estimated) times the forecast
@@ -26,13 +33,16 @@ from typing import Any
 GIB = 2**30
 
 
-def probe_sizes(micro_batch: int) -> list[int]:
-    """Micro-batch sizes to probe for a run of ``micro_batch``: a quarter and a half of it (the
-    forecast extrapolates by 2x at most), or 1 and 2 for small ones; 1 alone for 1."""
+def probe_sizes(micro_batch: int, fits: bool = True) -> list[int]:
+    """Micro-batch sizes to probe for a run of ``micro_batch``: half of it and itself (the
+    forecast at the run's size is then a measurement); when the run's size does not fit, a
+    quarter and a half (the forecast extrapolates by 2x). 1 alone for 1."""
     if micro_batch == 1:
         return [1]
-    quarter, half = max(1, micro_batch // 4), max(2, micro_batch // 2)
-    return [quarter, half] if quarter < half else [1, 2]
+    if fits:
+        return [max(1, micro_batch // 2), micro_batch]
+    quarter, half = max(1, micro_batch // 4), max(1, micro_batch // 2)
+    return [quarter, half] if quarter < half else [half]
 
 
 def _line(xs: list[float], ys: list[float], x: float) -> tuple[float, float]:

@@ -25,6 +25,7 @@ from ecoadapt.config import RunConfig, from_dict
 from ecoadapt.errors import UserError
 
 GIB = 2**30
+PROBE_VERSION = 2  # in the cache key: a changed probe is measured afresh (2: one process per size)
 
 
 def _key(cfg: RunConfig, sizes: list[int], device: str) -> str:
@@ -44,6 +45,7 @@ def _key(cfg: RunConfig, sizes: list[int], device: str) -> str:
         },
         "measure": [cfg.measure.energy, cfg.measure.cpu_watts_per_core, cfg.measure.memory_watts_per_gib],
         "sizes": sizes,
+        "probe_version": PROBE_VERSION,
         "device": device if device != "cpu" else f"cpu|{cpu_name()}",
         "versions": [metadata.version(p) for p in ("ecoadapt", "torch", "transformers", "peft")],
     }
@@ -59,25 +61,49 @@ def _device_name(cfg: RunConfig) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def probe(cfg: RunConfig, fresh: bool = False) -> dict[str, Any]:
-    """The recipe's probe (:func:`ecoadapt.plan_probe.probe`), from the cache or measured now in a
-    child process; ``cached`` says which. An ``out_of_memory`` key: it did not fit even there."""
-    sizes = forecast.probe_sizes(cfg.train.micro_batch_size)
-    path = storage.cache_root() / "plan" / f"{_key(cfg, sizes, _device_name(cfg))}.json"
+def probe(cfg: RunConfig, steps: int | None = None, fresh: bool = False) -> dict[str, Any]:
+    """The recipe's probe (:func:`ecoadapt.plan_probe.probe`) for a run of ``steps`` steps
+    (train.compile's auto depends on it; default train.max_steps), from the cache or measured
+    now in a child process; ``cached`` says which. An ``out_of_memory`` key: it did not fit."""
+    from ecoadapt import compiling
+    from ecoadapt.parallel import pick_device
+
+    device_type = pick_device(cfg.train.device).type
+    resolved = compiling.resolve(cfg.train.compile, device_type, steps or cfg.train.max_steps)
+    explicit: Any = resolved if resolved != "off" else False  # the child builds exactly this
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile=explicit))
+    key = _key(cfg, forecast.probe_sizes(cfg.train.micro_batch_size), _device_name(cfg))
+    path = storage.cache_root() / "plan" / f"{key}.json"
     if not fresh and path.exists():
         return {**storage.read_json(path), "cached": True}
-    with tempfile.TemporaryDirectory() as tmp:
-        config_path, out_path = Path(tmp) / "config.json", Path(tmp) / "probe.json"
-        config_path.write_text(json.dumps(cfg.to_dict()))
-        sizes_text = ",".join(map(str, sizes))
-        command = [sys.executable, "-m", "ecoadapt.plan_probe", str(config_path), sizes_text, str(out_path)]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0 or not out_path.exists():
-            lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
-            raise UserError(f"plan: the probe failed ({lines[-1] if lines else f'exit status {done.returncode}'})")
-        result: dict[str, Any] = json.loads(out_path.read_text())
+    result = _probe_sizes(cfg, forecast.probe_sizes(cfg.train.micro_batch_size))
+    if "out_of_memory" in result and cfg.train.micro_batch_size > 1:
+        # The run's own micro-batch does not fit: forecast it from smaller ones, and say so.
+        smaller = _probe_sizes(cfg, forecast.probe_sizes(cfg.train.micro_batch_size, fits=False))
+        result = smaller if "out_of_memory" in smaller else {**smaller, "extrapolated": result["out_of_memory"]}
     storage.atomic_write_text(path, json.dumps(result, indent=1))
     return {**result, "cached": False}
+
+
+def _probe_sizes(cfg: RunConfig, sizes: list[int]) -> dict[str, Any]:
+    """:func:`ecoadapt.plan_probe.probe` at each size, each in a fresh child process (a CPU's
+    resident peak depends on what the process held before); the results merged."""
+    merged: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        config_path = Path(tmp) / "config.json"
+        config_path.write_text(json.dumps(cfg.to_dict()))
+        for size in sizes:
+            out_path = Path(tmp) / f"probe-{size}.json"
+            command = [sys.executable, "-m", "ecoadapt.plan_probe", str(config_path), str(size), str(out_path)]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0 or not out_path.exists():
+                lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+                raise UserError(f"plan: the probe failed ({lines[-1] if lines else f'exit status {done.returncode}'})")
+            one: dict[str, Any] = json.loads(out_path.read_text())
+            if "out_of_memory" in one:
+                return {"out_of_memory": f"at micro-batch {size}: {one['out_of_memory']}", "probed_at": sizes}
+            merged = {**one, "sizes": merged.get("sizes", []) + one["sizes"]}
+    return merged
 
 
 def tokens_per_step(cfg: RunConfig) -> int:
@@ -88,7 +114,7 @@ def tokens_per_step(cfg: RunConfig) -> int:
 def recipe_forecast(cfg: RunConfig, steps: int, probed: dict[str, Any]) -> dict[str, Any]:
     """The forecast of ``cfg``'s recipe for a run of ``steps`` steps (budgets applied)."""
     if "out_of_memory" in probed:
-        return {"out_of_memory": probed["out_of_memory"], "probed_at": forecast.probe_sizes(cfg.train.micro_batch_size)}
+        return {"out_of_memory": probed["out_of_memory"], "probed_at": probed.get("probed_at", [])}
     per = tokens_per_step(cfg)
     step = forecast.per_step(probed, cfg.train.micro_batch_size, cfg.train.grad_accum, per)
     b = cfg.budget
@@ -100,6 +126,7 @@ def recipe_forecast(cfg: RunConfig, steps: int, probed: dict[str, Any]) -> dict[
         "meter": probed["meter"],
         "memory_figure": probed["memory_figure"],
         "cached_probe": probed.get("cached", False),
+        "extrapolated": probed.get("extrapolated"),
     }
 
 
@@ -147,7 +174,7 @@ def run(
     for i, (name, point) in enumerate(candidates, 1):
         if log is not None:
             log(f"probing {name} ({i}/{len(candidates)}) ...")
-        f = recipe_forecast(point, steps, probe(point, fresh))
+        f = recipe_forecast(point, steps, probe(point, steps, fresh))
         if "out_of_memory" in f:
             rows.append({"recipe": name, **f, "fits": {"memory": False, "energy": None}})
             continue
@@ -163,7 +190,7 @@ def table(rows: list[dict[str, Any]], memory_gb: float | None, energy_j: float |
     lines = [head]
     for r in rows:
         if "out_of_memory" in r:
-            lines.append(f"{r['recipe']:<24} out of memory even at micro-batch {r['probed_at'][0]}")
+            lines.append(f"{r['recipe']:<24} out of memory even at the smaller micro-batches {r['probed_at']}")
             continue
         fit = [k for k, v in r["fits"].items() if v is False]
         mark = "no: " + ", ".join(fit) if fit else ("yes" if any(v for v in r["fits"].values()) else "-")
@@ -202,14 +229,15 @@ def planned_steps(cfg: RunConfig, base: Path | None) -> tuple[int, str]:
     return n, f"train.epochs {cfg.train.epochs:g} over {len(blocks.train):,} blocks"
 
 
-def probe_for_run(cfg: RunConfig, tracker: Any, log: Any) -> dict[str, Any] | None:
-    """A run's probe (measure.forecast), inside the energy window ``forecast``; None when off
-    or with several processes; ``{"error": ...}`` when it failed (the run goes on)."""
+def probe_for_run(cfg: RunConfig, steps: int, tracker: Any, log: Any) -> dict[str, Any] | None:
+    """A run's probe (measure.forecast) for its ``steps`` steps, inside the energy window
+    ``forecast``; None when off or with several processes; ``{"error": ...}`` when it failed
+    (the run goes on)."""
     if not cfg.measure.forecast or cfg.parallel.nproc > 1:
         return None
     tracker.begin_window("forecast")
     try:
-        probed = probe(cfg)
+        probed = probe(cfg, steps)
         log(f"forecast probe: {'cached' if probed['cached'] else 'measured now'}")
         return probed
     except UserError as e:
@@ -219,12 +247,11 @@ def probe_for_run(cfg: RunConfig, tracker: Any, log: Any) -> dict[str, Any] | No
         tracker.end_window("forecast")
 
 
-def beside_measured(cfg: RunConfig, probed: dict[str, Any] | None, summary: Any) -> dict[str, Any] | None:
-    """summary.json's ``forecast``: the forecast for the steps the run planned, and the measured
+def beside_measured(cfg: RunConfig, planned: int, probed: dict[str, Any] | None, summary: Any) -> dict[str, Any] | None:
+    """summary.json's ``forecast``: the forecast for the ``planned`` steps, and the measured
     figures beside it (peak memory, seconds per step, training joules) with their ratios."""
     if probed is None or "error" in probed:
         return probed
-    planned = cfg.train.max_steps or max(1, summary.steps)
     f = recipe_forecast(cfg, planned, probed)
     if "out_of_memory" in f:
         return f

@@ -3,13 +3,15 @@
 The recipe is built exactly as a run builds it (:func:`ecoadapt.prepare.build`: LoRA, frozen
 blocks, precision, checkpointing, compile) and trained with the run's own step functions on
 random token blocks of the run's length (time and memory do not depend on which tokens),
-at two micro-batch sizes below the run's, a few steps each. What it measures: seconds of the
+at one micro-batch size per process (`ecoadapt plan` runs the run's own and half of it, each
+in a fresh process), a few steps each. What it measures: seconds of the
 forward/backward and of the optimizer step, the peak memory of the training steps (the same
 figure as a run's training window), and the meter's joules. The weights, gradients and
 optimizer state are also counted from the shapes, for the forecast's breakdown.
 
 It runs in a child process (``python -m ecoadapt.plan_probe CONFIG.json SIZES OUT.json``), as
-each sweep point does: a process's resident peak never goes down, so each recipe needs its own.
+each sweep point does: a process's resident peak never goes down, and on a CPU it depends on
+what the process allocated before, so each size needs its own.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ def probe(cfg: config_mod.RunConfig, sizes: list[int]) -> dict[str, Any]:
     loop = train_loop.Loop.create(
         built.model, 10**9, cfg.train, built.policy, loaded.objective, device, new=loaded.fresh
     )
+    loop.model.train()  # dropout and checkpointing act only in training mode, as in the run
     windows = memory.MemoryWindows(device)
     limit = cfg.train.max_memory_gb
     memory_limit = int(limit * 2**30) if limit is not None and device.type == "cpu" else None
@@ -117,7 +120,7 @@ def probe(cfg: config_mod.RunConfig, sizes: list[int]) -> dict[str, Any]:
                 "watts": measured.watts,
             }
         )
-    out["compile_s"] = built.compiled.seconds
+    out["compile_s"] = built.compiled.compile_s
     out["energy_method"], out["meter"] = tracker.method, tracker.meter_name
     on_cuda = device.type == "cuda"
     out["memory_figure"] = "CUDA allocated peak" if on_cuda else "resident peak above the pre-load baseline"

@@ -23,6 +23,7 @@ from ecoadapt.measure import flops, memory
 from ecoadapt.measure.energy import EnergyTracker
 from ecoadapt.precision import AUTOCAST_DTYPES, DTYPES, Policy
 from ecoadapt.progress import say
+from ecoadapt.train import total_steps
 
 
 @dataclass
@@ -126,9 +127,12 @@ def build(
     device: torch.device,
     world: parallel.World,
     log: Callable[[str], None],
+    steps: int | None = None,
 ) -> Built:
     """What trains (LoRA, blocks), in which precision, compiled and wrapped, on ``device``:
-    the recipe, the same for a run and for `ecoadapt plan`'s probe."""
+    the recipe, the same for a run and for `ecoadapt plan`'s probe. ``steps``: the run's length
+    (train.compile's auto depends on it); default: train.max_steps or train.epochs over
+    ``train_blocks``."""
     model, plan = adapters.prepare(loaded, cfg.train, cfg.lora)
     # FSDP shards the model while it is still in host memory and moves only each rank's shard to
     # its GPU: the whole model never has to fit one GPU.
@@ -144,7 +148,10 @@ def build(
     if world.strategy == "fsdp":
         parallel.check_fsdp_units(model, block_list)
     loss_module = LossModule(model, loaded.objective)
-    compiled = compiling.apply(loss_module, block_list, cfg.train.compile, device.type)
+    steps = steps or total_steps(cfg.train, max(1, len(train_blocks) // world.size))
+    compiled = compiling.apply(loss_module, block_list, cfg.train.compile, device.type, steps)
+    if compiled.what != "off":
+        log(f"compiling: {compiled.what} (train.compile={cfg.train.compile}; in the first steps, counted as training)")
     wrapped = parallel.wrap(loss_module, world, device, block_list)
     log(_what_trains(cfg, loaded.objective, device, counts, plan, world))
     return Built(wrapped, plan, policy, mask, precision_report, counts, compiled)
