@@ -100,22 +100,27 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "plan_check.json")
     parser.add_argument("--table", type=Path, default=None, help="only print the table of a saved results file")
+    parser.add_argument("--only", nargs="*", default=None, help="rerun these points (MODEL:RECIPE) into --out")
     args = parser.parse_args()
     if args.table:
         print(table(json.loads(args.table.read_text())["rows"]))
         return
     rows: list[dict[str, Any]] = []
+    if args.only and args.out.exists():  # keep the other points of the saved run
+        rows = [r for r in json.loads(args.out.read_text())["rows"] if f"{r['model']}:{r['recipe']}" not in args.only]
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:
             folder = Path(tmp) / f"{model}-model"
             for mode in MODES:
                 for lora in (False, True):
                     for ckpt in (False, True):
+                        name = f"{mode} {'lora' if lora else 'full'}" + (" ckpt" if ckpt else "")
+                        if args.only and f"{model}:{name}" not in args.only:
+                            continue
                         cfg = point(model, args.data, mode, lora, ckpt)
                         if folder.exists():
                             cfg["model"]["name_or_path"] = str(folder)
                         cfg = prepare(cfg, folder)
-                        name = f"{mode} {'lora' if lora else 'full'}" + (" ckpt" if ckpt else "")
                         summary = run_adapt(cfg, Path(tmp) / f"{model}-{name.replace(' ', '-')}")
                         rows.append(row(model, name, summary))
                         print(json.dumps(rows[-1]), flush=True)

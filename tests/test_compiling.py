@@ -78,6 +78,23 @@ def test_auto_compiles_long_cpu_runs_only():
     assert compiling.resolve("auto", "cuda", 10_000) == "off"  # not measured on a GPU yet
     assert compiling.resolve(True, "cuda") == "blocks" and compiling.resolve(False, "cpu", 500) == "off"
     assert compiling.resolve("loss", "cpu", 1) == "loss"
+    # Dropout: compiled blocks draw other masks and broke exact resume; auto leaves them eager.
+    assert compiling.resolve("auto", "cpu", 300, dropout=True) == "off"
+    assert compiling.resolve("blocks", "cpu", 300, dropout=True) == "blocks"  # asked for: done
+
+
+def test_dropout_is_found_in_modules_and_in_the_attention_config(tiny_bert, tiny_llama):
+    from ecoadapt import adapters, models
+    from ecoadapt.config import LoraConfig, ModelConfig, TrainConfig
+
+    assert compiling.has_dropout(models.load(ModelConfig(str(tiny_bert)), 16).model)  # BERT: 0.1
+    llama = models.load(ModelConfig(str(tiny_llama)), 16)
+    assert not compiling.has_dropout(llama.model)
+    with_lora, _ = adapters.prepare(llama, TrainConfig(), LoraConfig(enabled=True, r=4, dropout=0.05))
+    assert compiling.has_dropout(with_lora)
+    llama = models.load(ModelConfig(str(tiny_llama)), 16)
+    llama.model.config.attention_dropout = 0.1
+    assert compiling.has_dropout(llama.model)
 
 
 class _FakeBackendFailure(Exception):

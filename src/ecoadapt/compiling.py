@@ -35,13 +35,16 @@ from ecoadapt.errors import UserError
 AUTO_BLOCKS_FROM_STEPS = 100
 
 
-def resolve(setting: str | bool, device_type: str, steps: int | None = None) -> str:
+def resolve(setting: str | bool, device_type: str, steps: int | None = None, dropout: bool = False) -> str:
     """What train.compile means for a run of ``steps`` steps on ``device_type``: "off", "loss"
     or "blocks" (true: blocks).
 
     ``auto`` is ``blocks`` on a CPU for runs of at least :data:`AUTO_BLOCKS_FROM_STEPS` steps
-    (measured: the compiled blocks win there with compiling counted; shorter runs lose) and
-    ``off`` otherwise, and on GPUs: there the saving and the compile time have not been measured
+    (measured: the compiled blocks win there with compiling counted; shorter runs lose) of a
+    model without active ``dropout``, and ``off`` otherwise. Dropout: compiled blocks draw their
+    masks from inductor's own random stream, so the run no longer equals its eager twin, and
+    an interrupted run did not resume to the same weights (a test caught it); a default must
+    not trade either away. GPUs: the saving and the compile time have not been measured there
     yet, and a default must not rest on a guess. The loss kernel alone never won on the presets
     (it needs 16-bit logits to save much), so auto does not choose it.
     """
@@ -50,7 +53,19 @@ def resolve(setting: str | bool, device_type: str, steps: int | None = None) -> 
     if setting != "auto":
         return setting
     long_run = steps is not None and steps >= AUTO_BLOCKS_FROM_STEPS
-    return "blocks" if device_type == "cpu" and long_run else "off"
+    return "blocks" if device_type == "cpu" and long_run and not dropout else "off"
+
+
+def has_dropout(model: torch.nn.Module) -> bool:
+    """Whether training ``model`` draws random masks: a dropout module with p > 0 (LoRA's
+    included), or attention dropout in its config."""
+    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
+        return True
+    config = getattr(model, "config", None)
+    try:
+        return float(getattr(config, "attention_dropout", 0.0) or 0.0) > 0
+    except (TypeError, ValueError):
+        return False
 
 
 @dataclass
@@ -157,7 +172,7 @@ def apply(
     clock the summary reads."""
     from ecoadapt import losses
 
-    what = resolve(setting, device_type, steps)
+    what = resolve(setting, device_type, steps, has_dropout(loss_module.model))
     clock = CompileClock(what=what, setting=setting if isinstance(setting, str) else what)
     if what == "off":
         return clock

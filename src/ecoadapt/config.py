@@ -199,7 +199,8 @@ class TrainConfig:
     """torch.compile: blocks or true (every transformer block, and the loss's passes over the
     vocabulary fused into one kernel), loss (that kernel alone), false (nothing); auto: blocks
     on a CPU for runs of 100 steps or more, where compiling pays for itself (measured break-even
-    31-42 steps, BENCHMARKS.md), else off, and off on GPUs until measured there. Compiling
+    31-42 steps, BENCHMARKS.md), of models without active dropout (compiled dropout draws other
+    masks, and exact resume was lost), else off; off on GPUs until measured there. Compiling
     happens in the first steps and counts in training's time and energy; the summary says what
     was compiled and how long it took."""
     auto_micro_batch: bool = False

@@ -30,9 +30,11 @@ PROBE_VERSION = 2  # in the cache key: a changed probe is measured afresh (2: on
 
 def _key(cfg: RunConfig, sizes: list[int], device: str) -> str:
     """What a probe's figures depend on: the model files, the recipe, the sizes, the device."""
+    from ecoadapt.compiling import AUTO_BLOCKS_FROM_STEPS
     from ecoadapt.measure.environment import cpu_name
 
     train = dataclasses.asdict(cfg.train)
+    long_run = (cfg.train.max_steps or 0) >= AUTO_BLOCKS_FROM_STEPS
     parts = {
         "model": task_cache.model_identity(cfg.model),
         "objective": cfg.model.objective,
@@ -45,6 +47,7 @@ def _key(cfg: RunConfig, sizes: list[int], device: str) -> str:
         },
         "measure": [cfg.measure.energy, cfg.measure.cpu_watts_per_core, cfg.measure.memory_watts_per_gib],
         "sizes": sizes,
+        "auto_compile_long_run": long_run if cfg.train.compile == "auto" else None,
         "probe_version": PROBE_VERSION,
         "device": device if device != "cpu" else f"cpu|{cpu_name()}",
         "versions": [metadata.version(p) for p in ("ecoadapt", "torch", "transformers", "peft")],
@@ -65,13 +68,8 @@ def probe(cfg: RunConfig, steps: int | None = None, fresh: bool = False) -> dict
     """The recipe's probe (:func:`ecoadapt.plan_probe.probe`) for a run of ``steps`` steps
     (train.compile's auto depends on it; default train.max_steps), from the cache or measured
     now in a child process; ``cached`` says which. An ``out_of_memory`` key: it did not fit."""
-    from ecoadapt import compiling
-    from ecoadapt.parallel import pick_device
-
-    device_type = pick_device(cfg.train.device).type
-    resolved = compiling.resolve(cfg.train.compile, device_type, steps or cfg.train.max_steps)
-    explicit: Any = resolved if resolved != "off" else False  # the child builds exactly this
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile=explicit))
+    # The child builds the recipe for a run of this length (train.compile's auto depends on it).
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=steps or cfg.train.max_steps))
     key = _key(cfg, forecast.probe_sizes(cfg.train.micro_batch_size), _device_name(cfg))
     path = storage.cache_root() / "plan" / f"{key}.json"
     if not fresh and path.exists():

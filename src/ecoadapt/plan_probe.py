@@ -121,6 +121,7 @@ def probe(cfg: config_mod.RunConfig, sizes: list[int]) -> dict[str, Any]:
             }
         )
     out["compile_s"] = built.compiled.compile_s
+    out["compiled"] = built.compiled.report()["compiled"]
     out["energy_method"], out["meter"] = tracker.method, tracker.meter_name
     on_cuda = device.type == "cuda"
     out["memory_figure"] = "CUDA allocated peak" if on_cuda else "resident peak above the pre-load baseline"
