@@ -88,7 +88,7 @@ def run_ecoadapt(config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         "eval_loss": s["eval"]["loss"],
         "time_s": s["time_s"],
         "baseline_bytes": mem.get("baseline_rss_bytes"),
-        "compile_s": (s.get("compile") or {}).get("compile_s", 0.0),
+        "compile_s": (s.get("compile") or {}).get("training_compile_s") or 0.0,
         "tokens": s["tokens"],
     }
 

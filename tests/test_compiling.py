@@ -131,3 +131,22 @@ def test_compiled_blocks_are_not_offered_with_fsdp():
                 "parallel": {"strategy": "fsdp", "nproc": 2},
             }
         )
+
+
+def test_a_run_reports_what_it_compiled_and_when(tmp_path, tiny_llama, corpus_jsonl):
+    from ecoadapt import adapt
+    from ecoadapt.config import from_dict
+
+    cfg = from_dict(
+        {
+            "model": {"name_or_path": str(tiny_llama)},
+            "data": {"train": [str(corpus_jsonl)], "text_field": "caption", "max_seq_len": 16},
+            "train": {"micro_batch_size": 2, "max_steps": 3, "compile": "loss"},
+            "measure": {"forecast": False},
+            "output": {"dir": str(tmp_path / "run"), "save_model": False},
+        }
+    )
+    c = adapt.run(cfg).compile
+    assert c is not None and c["setting"] == "loss" and c["compiled"] == "loss" and c["graphs"] >= 1
+    # The kernel is used by the training loss only: its compiling is training's, all of it.
+    assert 0 < c["training_compile_s"] <= c["compile_s"] + 1e-6

@@ -194,6 +194,7 @@ class AdaptRun:
         cfg, p, world = self.cfg, self.p, self.world
         self.tracker.begin_window("train")
         self.memory.begin("train")
+        p.compiled.begin_training()
         head = self._head_first() if resumed is None else None
         torch.manual_seed(cfg.train.seed)  # dropout masks depend on the seed alone
         loader = BlockLoader(
@@ -227,6 +228,7 @@ class AdaptRun:
             rule = StopRule(world, interrupts, budget, self._periodic_eval, cfg.train.eval_every, stopper)
             hooks = train_loop.Hooks(lambda record: self._on_log(record, progress), rule, checkpoints)
             result = train_loop.train(loop, loader, hooks)
+            p.compiled.end_training()
             self.memory.end("train")
             self.tracker.end_window("train")
         if progress is not None:

@@ -96,7 +96,8 @@ def _compile_and_forecast_lines(summary: Any) -> list[str]:
     c = summary.compile
     if c and c["compiled"] != "off":
         lines.append(
-            f"compiled: {c['compiled']} ({c['compile_s']:.1f} s of compiling, inside training's time and energy)"
+            f"compiled: {c['compiled']} ({c['compile_s']:.1f} s of compiling, "
+            f"{c.get('training_compile_s') or 0:.1f} s of it inside training's time and energy)"
         )
     elif c and c.get("fallback"):
         lines.append(f"compiled: nothing (train.compile=auto fell back to eager: {c['fallback']})")

@@ -164,8 +164,9 @@ class RunSummary:
     notes: list[str] | None = None
     """What the user should know about how this run adapted (a newly initialised head, ...)."""
     compile: dict[str, Any] | None = None
-    """train.compile: setting, compiled (off, loss, blocks), compile_s (wall seconds of the calls
-    that compiled, inside training's window), graphs, fallback (why eager was used instead)."""
+    """train.compile: setting, compiled (off, loss, blocks), compile_s (dynamo's compile seconds,
+    all windows), training_compile_s (those inside training's window and its time and energy),
+    graphs, fallback (why eager was used instead)."""
     forecast: dict[str, Any] | None = None
     """What `ecoadapt plan` forecast for this recipe before training (peak memory, seconds per
     step, joules), beside the measured figures and their ratios (forecast / measured)."""
