@@ -27,7 +27,7 @@ from ecoadapt.isolated import run_adapt
 
 HERE = Path(__file__).resolve().parent
 PRESETS = ["quickstart", "minilm-mlm", "smollm2-clm-lora"]
-SETTINGS: list[Any] = [False, "loss", "blocks"]
+SETTINGS = ["false", "loss", "blocks"]  # train.compile values compared
 
 
 def measure(preset: str, setting: Any, steps: int, tmp: Path) -> dict[str, Any]:
@@ -79,6 +79,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--presets", nargs="*", default=PRESETS, choices=PRESETS)
+    parser.add_argument("--settings", nargs="*", default=SETTINGS, choices=SETTINGS)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "compile.json")
     parser.add_argument("--table", type=Path, default=None, help="only print the table of a saved results file")
     args = parser.parse_args()
@@ -90,7 +91,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for preset in args.presets:
             results[preset] = {}
-            for setting in SETTINGS:
+            for setting in [False if x == "false" else x for x in args.settings]:
                 results[preset][str(setting)] = got = measure(preset, setting, args.steps, Path(tmp))
                 print(preset, setting, got, flush=True)
                 args.out.parent.mkdir(parents=True, exist_ok=True)
