@@ -137,6 +137,7 @@ def test_a_run_reports_what_it_compiled_and_when(tmp_path, tiny_llama, corpus_js
     from ecoadapt import adapt
     from ecoadapt.config import from_dict
 
+    torch._dynamo.reset()  # an earlier test compiled the same kernel in this process: compile afresh
     cfg = from_dict(
         {
             "model": {"name_or_path": str(tiny_llama)},
