@@ -4,7 +4,13 @@
 # energy, the gpu/multigpu tests, and DDP + FSDP when two GPUs are visible. One line per run:
 # status, energy method, training peak memory, MFU. CI never runs it (no GPU there).
 #
-#   bash bench/gpu-check.sh          # from the repository root, on the GPU machine
+#   bash bench/gpu-check.sh                  # from the repository root, on the GPU machine
+#   GPU_SMOKE_CPU=1 bash bench/gpu-check.sh  # the script's plumbing on CPU (2 steps; no CUDA-only modes)
+#
+# The forecast (`ecoadapt plan`'s probe, two child processes per run) runs for bf16, LoRA and
+# compiled blocks, where its ratios to the measured figures are printed; the other runs skip it
+# to stay inside the time. With $OUT set (the device tool), the logs and summaries are packed
+# into $OUT/gpu-check.tgz.
 #
 # Uses the torch / transformers / peft already installed; ecoadapt goes on top (--no-deps).
 # The model is a small random-weight Llama (SmolLM2's shape, 6 blocks): fast, offline, and the
@@ -21,7 +27,8 @@ work=runs/gpu-check
 rm -rf "$work"; mkdir -p "$work"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
 gpus=$($PY -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
-[ "$gpus" -ge 1 ] || { echo "no CUDA GPU visible"; exit 1; }
+smoke=${GPU_SMOKE_CPU:-}
+[ "$gpus" -ge 1 ] || [ -n "$smoke" ] || { echo "no CUDA GPU visible (GPU_SMOKE_CPU=1 checks the plumbing on CPU)"; exit 1; }
 $PY -m ecoadapt meters || true
 
 $PY - "$work/model" <<'PY'
@@ -44,11 +51,16 @@ LlamaForCausalLM(cfg).save_pretrained(out)
 fast.save_pretrained(out)
 PY
 
+if [ -n "$smoke" ]; then
+  device=cpu seq=32 micro=2 steps=2 energy=estimate
+else
+  device=cuda seq=256 micro=16 steps=20 energy=auto
+fi
 cat > "$work/base.yaml" <<YAML
 model: {name_or_path: $work/model}
-data: {train: [builtin:python-docstrings], max_seq_len: 256, eval_max_blocks: 16}
-train: {micro_batch_size: 16, max_steps: 20, lr: 1.0e-3, log_every: 10, device: cuda}
-measure: {energy: auto}
+data: {train: [builtin:python-docstrings], max_seq_len: $seq, eval_max_blocks: 16}
+train: {micro_batch_size: $micro, max_steps: $steps, lr: 1.0e-3, log_every: 10, device: $device}
+measure: {energy: $energy, forecast: false}
 output: {save_model: false}
 YAML
 
@@ -66,6 +78,16 @@ print(f"{name:<22} {s['status']:<18} energy {e.get('method', 'off')}/{e.get('met
       f"train peak {peak / 2**20 if peak else float('nan'):>8,.0f} MiB  eval peak "
       f"{(m.get('eval_peak_bytes') or 0) / 2**20:>8,.0f} MiB  MFU {s.get('mfu') or float('nan'):.1%}  "
       f"{s.get('tokens_per_s') or 0:,.0f} tok/s" + (f"  [{s.get('error')}]" if s.get("error") else ""))
+c, f = s.get("compile") or {}, s.get("forecast") or {}
+if c.get("compiled", "off") != "off" or c.get("fallback"):
+    print(f"{'':<22} compiled {c.get('compiled')}: {c.get('compile_s') or 0:.1f} s, "
+          f"{c.get('training_compile_s') or 0:.1f} s inside training; fallback: {c.get('fallback')}")
+if "versus_measured" in f:
+    v = f["versus_measured"]
+    print(f"{'':<22} forecast/measured: " + ", ".join(
+        f"{k} {v[k]['ratio']:.2f}" if v[k]["ratio"] else f"{k} n/a" for k in ("peak_bytes", "step_s", "train_joules")))
+elif f:
+    print(f"{'':<22} forecast: {json.dumps(f)[:300]}")
 PY
 }
 run() {  # name, nproc, --set overrides...
@@ -76,17 +98,31 @@ run() {  # name, nproc, --set overrides...
   line "$name" "$work/$name" $?
 }
 
-for mode in fp32 tf32 fp16 bf16 bf16-pure; do run "$mode" 1 "precision.mode=$mode"; done
+if [ -n "$smoke" ]; then modes="fp32 bf16 bf16-pure"; else modes="fp32 tf32 fp16 bf16 bf16-pure"; fi
+for mode in $modes; do
+  if [ "$mode" = bf16 ]; then run "$mode" 1 "precision.mode=$mode" measure.forecast=true; else run "$mode" 1 "precision.mode=$mode"; fi
+done
 run layer-map 1 'precision.layers={"*.layers.*": bf16, "*norm*": fp32}'
 run layer-auto 1 precision.layers=auto
-run lora-bf16 1 precision.mode=bf16 lora.enabled=true
-run forced-oom 1 precision.mode=bf16 train.micro_batch_size=64 train.max_memory_gb=3 train.auto_micro_batch=true
-grep -h "micro-batch .* -> " "$work/forced-oom.log" | head -3
+run lora-bf16 1 precision.mode=bf16 lora.enabled=true measure.forecast=true
+run ckpt-bf16 1 precision.mode=bf16 train.gradient_checkpointing=true
+run compile-blocks 1 precision.mode=bf16-pure train.compile=blocks measure.forecast=true
+if [ -z "$smoke" ]; then
+  run forced-oom 1 precision.mode=bf16 train.micro_batch_size=64 train.max_memory_gb=3 train.auto_micro_batch=true
+  grep -h "micro-batch .* -> " "$work/forced-oom.log" | head -3
+fi
 if [ "$gpus" -ge 2 ]; then
   run ddp-2gpu 2 precision.mode=bf16 parallel.strategy=ddp
   run fsdp-2gpu 2 precision.mode=bf16-pure parallel.strategy=fsdp
 else
-  echo "one GPU: DDP and FSDP not run (they need two)"
+  echo "fewer than two GPUs: DDP and FSDP not run (they need two)"
 fi
-timeout 120 $PY -m pytest -q -p no:cacheprovider -m "gpu or multigpu" tests/test_gpu.py 2>&1 | tail -3
+if [ -z "$smoke" ]; then
+  timeout 180 $PY -m pytest -q -p no:cacheprovider -m "gpu or multigpu" tests/test_gpu.py > "$work/pytest-gpu.log" 2>&1
+  tail -15 "$work/pytest-gpu.log"
+fi
+if [ -n "${OUT:-}" ]; then
+  (cd "$work" && tar czf "$OUT/gpu-check.tgz" --exclude=model --exclude='*.safetensors' --exclude='*.pt' --exclude=checkpoints \
+    ./*.log ./*.yaml ./*/summary.json ./*/events.jsonl 2>/dev/null)
+fi
 echo "done in $(( $(date +%s) - started ))s; logs and summaries in $work/"

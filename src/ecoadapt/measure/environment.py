@@ -23,7 +23,9 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _version(package: str) -> str | None:
+def package_version(package: str) -> str | None:
+    """An installed distribution's version; None where it is not installed (ecoadapt run from
+    a source tree on PYTHONPATH, say)."""
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
@@ -35,9 +37,9 @@ def describe(device: torch.device) -> dict[str, Any]:
     env: dict[str, Any] = {
         "python": sys.version.split()[0],
         "torch": torch.__version__,
-        "transformers": _version("transformers"),
-        "peft": _version("peft"),
-        "ecoadapt": _version("ecoadapt"),
+        "transformers": package_version("transformers"),
+        "peft": package_version("peft"),
+        "ecoadapt": package_version("ecoadapt"),
         "device": device.type,
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
