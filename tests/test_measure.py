@@ -205,6 +205,37 @@ def test_zeus_gpu_meter_chains_windows_without_gaps(monkeypatch):
     assert isinstance(chosen.meter, meters.ZeusGpuMeter) and chosen.meter.method == "measured"
 
 
+class SteppingCounterMonitor(FakeZeusMonitor):
+    """NVML's counter moves in steps: every other window reads 0 J (and Zeus warns), the next
+    one the energy of both, as on the H200 (a 0.08 s phase read 0 J)."""
+
+    pending = 0.0
+
+    def end_window(self, key, sync_execution=True):
+        import warnings
+
+        joules = 2.0 * (self.clock - self.open.pop(key))
+        if self.clock % 2:
+            self.pending += joules
+            warnings.warn("The energy consumption of one or more GPUs was measured as zero. ...", stacklevel=1)
+            return SimpleNamespace(gpu_energy=dict.fromkeys(self.gpu_indices, 0.0), time=1.0)
+        joules, self.pending = joules + self.pending, 0.0
+        return SimpleNamespace(gpu_energy=dict.fromkeys(self.gpu_indices, joules), time=1.0)
+
+
+def test_zeus_short_windows_read_zero_but_the_total_stays_exact_and_quiet(monkeypatch):
+    import sys
+    import warnings
+
+    monkeypatch.setitem(sys.modules, "zeus.monitor", SimpleNamespace(ZeusMonitor=SteppingCounterMonitor))
+    meter = meters.ZeusGpuMeter([0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Zeus's warning would fail the test
+        reads = [meter.total_joules() for _ in range(4)]
+    assert reads == [2.0, 2.0, 6.0, 6.0]  # 2 J per window: a zero window's energy lands in the next
+    assert "0 J" in meter.describe()["resolution"]
+
+
 def test_nvml_without_zeus_is_an_error_and_auto_says_gpu_not_counted(monkeypatch):
     import sys
 

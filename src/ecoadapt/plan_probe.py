@@ -29,6 +29,7 @@ from ecoadapt import config as config_mod
 from ecoadapt import models, parallel, prepare, storage
 from ecoadapt import train as train_loop
 from ecoadapt.data.batches import BlockLoader
+from ecoadapt.heldout import heldout
 from ecoadapt.measure import energy, memory
 from ecoadapt.progress import say
 
@@ -76,6 +77,13 @@ def probe(cfg: config_mod.RunConfig, sizes: list[int]) -> dict[str, Any]:
     loop = train_loop.Loop.create(
         built.model, 10**9, cfg.train, built.policy, loaded.objective, device, new=loaded.fresh
     )
+    # The run measures the held-out loss before it trains: that first forward pass pays for the
+    # device's set-up (CUDA context, cuBLAS handles, inference graphs where blocks compile)
+    # outside training's window. So does the probe, or its one-off cost (first step minus a
+    # steady one) counts that set-up as training's: 3.3x the measured time per step for a
+    # 20-step run on an H200, 8x with compiled blocks (BENCHMARKS.md).
+    first_rows = min(sizes) if sizes else 1
+    heldout(loop.model, blocks[:first_rows], loaded.objective, built.mask, first_rows, loop.policy, device)
     loop.model.train()  # dropout and checkpointing act only in training mode, as in the run
     windows = memory.MemoryWindows(device)
     limit = cfg.train.max_memory_gb

@@ -26,37 +26,6 @@ from ecoadapt.progress import say
 from ecoadapt.train import total_steps
 
 
-@dataclass
-class Prepared:
-    """Everything a run sets up before its run directory exists.
-
-    Attributes:
-        loaded: the model as loaded, its tokenizer and objective.
-        blocks: the tokenized, split corpus.
-        model: the model as it trains (PEFT- and DDP/FSDP-wrapped where asked).
-        plan: what trains (blocks, LoRA).
-        policy: the precision policy.
-        mask: masked-LM masking (None for causal LM).
-        precision_report: the per-layer part of the summary.
-        counts: parameter counts (total, trainable).
-        rss_before_load: resident set (bytes) just before the model loaded.
-        compiled: what train.compile compiled, and the seconds it took (filled as it runs).
-        phases: seconds of loading and tokenizing.
-    """
-
-    loaded: models.LoadedModel
-    blocks: corpus.TokenBlocks
-    model: Any
-    plan: adapters.TrainablePlan
-    policy: Policy
-    mask: MaskSpec | None
-    precision_report: dict[str, Any]
-    counts: dict[str, int]
-    rss_before_load: int
-    compiled: compiling.CompileClock
-    phases: dict[str, float] = field(default_factory=dict)
-
-
 def mask_spec(tokenizer: Any, probability: float) -> MaskSpec:
     """What masking needs from an MLM tokenizer."""
     return MaskSpec(
@@ -92,19 +61,7 @@ def prepare(
     _describe_corpus(blocks, cfg, world, log)
 
     built = build(cfg, loaded, blocks.train, device, world, log)
-    return Prepared(
-        loaded,
-        blocks,
-        built.model,
-        built.plan,
-        built.policy,
-        built.mask,
-        built.precision_report,
-        built.counts,
-        rss_before_load,
-        built.compiled,
-        phases,
-    )
+    return Prepared(**vars(built), loaded=loaded, blocks=blocks, rss_before_load=rss_before_load, phases=phases)
 
 
 @dataclass
@@ -118,6 +75,25 @@ class Built:
     precision_report: dict[str, Any]
     counts: dict[str, int]
     compiled: compiling.CompileClock
+
+
+@dataclass
+class Prepared(Built):
+    """Everything a run sets up before its run directory exists: the recipe (:class:`Built`:
+    model as it trains, what trains, precision policy, masking, per-layer precision report,
+    parameter counts, what train.compile compiled) and around it:
+
+    Attributes:
+        loaded: the model as loaded, its tokenizer and objective.
+        blocks: the tokenized, split corpus.
+        rss_before_load: resident set (bytes) just before the model loaded.
+        phases: seconds of loading and tokenizing.
+    """
+
+    loaded: models.LoadedModel
+    blocks: corpus.TokenBlocks
+    rss_before_load: int
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 def build(
