@@ -251,10 +251,12 @@ class Policy:
                 self.skipped_steps += 1
                 # A loss that is itself NaN is not the scale's fault: lowering it will not help.
                 status = "nonfinite" if loss is not None and not bool(torch.isfinite(loss)) else "overflow"
-        if status == "stepped":
+        if status == "stepped" and self._masters:
             with torch.no_grad():
-                for p, master in self._masters:
-                    p.copy_(master)  # round to the stored dtype
+                # Round to the stored dtype in one multi-tensor copy, not one copy per weight:
+                # 272 ops fewer a step for SmolLM2 in bf16-pure (bench/step_overhead.py), each
+                # a kernel launch on a GPU, where a small model's step is bound by launches.
+                torch._foreach_copy_([p for p, _ in self._masters], [master for _, master in self._masters])
         for g in targets:
             g.grad = None
         return status
