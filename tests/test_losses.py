@@ -9,13 +9,19 @@ from ecoadapt.data.batches import IGNORE
 from ecoadapt.losses import loss_sum
 
 
+def chunks_of(monkeypatch, rows, vocab=40):
+    """Chunks of ``rows`` rows for the tiny models' 40-word vocabulary (no widening)."""
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", {"cpu": rows * vocab})
+    monkeypatch.setattr(losses, "SKINNY_ROWS", 1)
+
+
 def grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_chunked_loss_matches_full_logits(tiny_llama, monkeypatch, lora):
-    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", {"cpu": 7 * 40})  # 7 rows a chunk: many, uneven chunks
+    chunks_of(monkeypatch, 7)  # 7 rows a chunk: many, uneven chunks
     loaded = models.load(ModelConfig(str(tiny_llama)), 16, seed=0)
     model, _ = adapters.prepare(loaded, TrainConfig(), LoraConfig(enabled=lora, r=4))
     ids = torch.randint(5, 30, (3, 16), generator=torch.Generator().manual_seed(0))
@@ -61,7 +67,7 @@ def test_heads_that_are_not_plain_linear_use_the_models_forward(tiny_bert, tiny_
 def test_masked_lm_chunked_head_matches_the_models_head(tiny_bert, monkeypatch, mode):
     from ecoadapt.losses import forward_logits, training_loss_sum
 
-    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", {"cpu": 5 * 40})  # several chunks
+    chunks_of(monkeypatch, 5)  # several chunks
     loaded = models.load(ModelConfig(str(tiny_bert)), 32, seed=0)
     model = loaded.model.eval()
     ids = torch.randint(5, 30, (3, 16), generator=torch.Generator().manual_seed(2))
@@ -90,7 +96,7 @@ def test_masked_lm_chunked_head_matches_the_models_head(tiny_bert, monkeypatch, 
 
 @pytest.mark.parametrize("objective", ["clm", "mlm"])
 def test_chunked_held_out_scores_match_the_full_logits(tiny_llama, tiny_bert, monkeypatch, objective):
-    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", {"cpu": 3 * 40})  # many small chunks
+    chunks_of(monkeypatch, 3)  # many small chunks
     folder = tiny_llama if objective == "clm" else tiny_bert
     model = models.load(ModelConfig(str(folder)), 16, seed=0).model.eval()
     ids = torch.randint(5, 30, (3, 16), generator=torch.Generator().manual_seed(3))
@@ -108,7 +114,10 @@ def test_chunked_held_out_scores_match_the_full_logits(tiny_llama, tiny_bert, mo
     assert int(hits) == int((logits.argmax(-1)[keep] == lab[keep]).sum())
 
 
-def test_chunks_are_sized_by_device():
+def test_chunks_are_sized_by_device_and_skinny_ones_widened():
     assert losses.chunk_rows(49_152, "cuda") == 2**25 // 49_152 > 600  # enough rows to keep a GPU busy
-    assert losses.chunk_rows(49_152, "cpu") == 2**22 // 49_152
+    assert losses.chunk_rows(49_152, "cpu") == 2**22 // 49_152 == 85  # SmolLM2: as the cap says
+    assert losses.chunk_rows(262_144, "cpu") == 256  # Gemma 3: not 16, bound by reading the head
+    assert losses.chunk_rows(262_144, "cuda") == 128  # the GPU cap already gives 128 (>= 64)
+    assert losses.chunk_rows(2**20, "cpu") == 128  # a million words: the byte ceiling wins
     assert losses.chunk_rows(10**9, "cpu") == 1

@@ -29,6 +29,8 @@ def test_bf16_pure_stores_bf16_and_keeps_small_updates_in_fp32_masters(tiny_llam
     _, model, policy = fit(tiny_llama, cfg, mode="bf16-pure")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert policy.master_bytes == 4 * sum(p.numel() for p in model.parameters())
+    # Every stored weight is its master rounded to bf16 (the multi-tensor copy back).
+    assert all(torch.equal(p, master.to(torch.bfloat16)) for p, master in policy._masters)
     # lr 1e-5 moves weights by ~1e-5, far below bf16's resolution near 1.0 (2^-8): the norm
     # weights (all 1.0) cannot show it, but their fp32 masters must have moved.
     for p, master in policy._masters:
