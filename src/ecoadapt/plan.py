@@ -25,9 +25,9 @@ from ecoadapt.errors import UserError
 from ecoadapt.measure.environment import package_version
 
 GIB = 2**30
-PROBE_VERSION = (
-    3  # in the cache key: a changed probe is measured afresh (2: one process per size; 3: held-out pass first)
-)
+# In the cache key: a changed probe is measured afresh (2: one process per size; 3: the run's
+# held-out pass before the timed steps).
+PROBE_VERSION = 3
 
 
 def _key(cfg: RunConfig, sizes: list[int], device: str) -> str:

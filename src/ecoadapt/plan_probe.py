@@ -82,8 +82,8 @@ def probe(cfg: config_mod.RunConfig, sizes: list[int]) -> dict[str, Any]:
     # outside training's window. So does the probe, or its one-off cost (first step minus a
     # steady one) counts that set-up as training's: 3.3x the measured time per step for a
     # 20-step run on an H200, 8x with compiled blocks (BENCHMARKS.md).
-    first_rows = min(sizes) if sizes else 1
-    heldout(loop.model, blocks[:first_rows], loaded.objective, built.mask, first_rows, loop.policy, device)
+    rows = min(sizes)
+    heldout(loop.model, blocks[:rows], loaded.objective, built.mask, rows, loop.policy, device)
     loop.model.train()  # dropout and checkpointing act only in training mode, as in the run
     windows = memory.MemoryWindows(device)
     limit = cfg.train.max_memory_gb
