@@ -103,12 +103,12 @@ def row(summary: dict[str, Any]) -> dict[str, Any]:
 
 def warm_cache(config: dict[str, Any]) -> None:
     """Tokenize the corpus once, outside every measurement (see bench/peers.py)."""
-    from ecoadapt import config as config_mod
-    from ecoadapt import models
+    from ecoadapt.config import from_dict
     from ecoadapt.data import corpus
+    from ecoadapt.model import pretrained
 
-    cfg = config_mod.from_dict(config, "claims")
-    corpus.build(cfg.data, models.load_tokenizer(cfg.model), "mlm")
+    cfg = from_dict(config, "claims")
+    corpus.build(cfg.data, pretrained.load_tokenizer(cfg.model), "mlm")
 
 
 def _mean(values: list[float]) -> float:
@@ -173,7 +173,7 @@ def main() -> None:
     if args.table:
         print(table(json.loads(args.table.read_text())["results"]))
         return
-    from ecoadapt.isolated import run_adapt
+    from ecoadapt.commands.isolated import run_adapt
 
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     recipes = {n: r for n, r in RECIPES.items() if args.recipes is None or n in args.recipes or n == BASELINE}

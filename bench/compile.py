@@ -22,8 +22,8 @@ from typing import Any
 
 import yaml
 
-from ecoadapt.cli import resolve_config
-from ecoadapt.isolated import run_adapt
+from ecoadapt.commands.isolated import run_adapt
+from ecoadapt.config.presets import resolve_config
 
 HERE = Path(__file__).resolve().parent
 PRESETS = ["quickstart", "minilm-mlm", "smollm2-clm-lora"]

@@ -93,15 +93,15 @@ class TreeSampler:
 
 
 def worker_ecoadapt(corpus: Path, cache: Path) -> dict[str, Any]:
-    from ecoadapt import models
     from ecoadapt.config import DataConfig, ModelConfig
-    from ecoadapt.data import corpus as corpus_mod
+    from ecoadapt.data import corpus
+    from ecoadapt.model import pretrained
 
-    tokenizer = models.load_tokenizer(ModelConfig(MODEL))
+    tokenizer = pretrained.load_tokenizer(ModelConfig(MODEL))
     cfg = DataConfig(train=[str(corpus)], max_seq_len=BLOCK, eval_fraction=0.05, cache_dir=str(cache))
     sampler = TreeSampler()
     start = time.perf_counter()
-    built = corpus_mod.build(cfg, tokenizer, "mlm")
+    built = corpus.build(cfg, tokenizer, "mlm")
     seconds = time.perf_counter() - start
     peak = sampler.stop()
     meta = json.loads((Path(built.stats["store"]) / "meta.json").read_text())
@@ -118,10 +118,10 @@ def worker_recipe(corpus: Path, cache: Path) -> dict[str, Any]:
     """run_mlm.py's data preparation (line_by_line False: tokenize, then group_texts)."""
     from datasets import load_dataset
 
-    from ecoadapt import models
     from ecoadapt.config import ModelConfig
+    from ecoadapt.model import pretrained
 
-    tokenizer = models.load_tokenizer(ModelConfig(MODEL))
+    tokenizer = pretrained.load_tokenizer(ModelConfig(MODEL))
     workers = os.cpu_count() or 1
     sampler = TreeSampler()
     start = time.perf_counter()
@@ -164,17 +164,17 @@ def training_throughput(corpus: Path, workdir: Path, steps: int) -> dict[str, li
     """MiniLM masked-LM tokens/s with blocks from the memory map vs the same blocks in memory."""
     import torch
 
-    from ecoadapt import adapters, models
-    from ecoadapt import train as train_loop
     from ecoadapt.config import DataConfig, LoraConfig, ModelConfig, TrainConfig
-    from ecoadapt.data import corpus as corpus_mod
+    from ecoadapt.data import corpus
     from ecoadapt.data.batches import BlockLoader
-    from ecoadapt.precision import Policy
-    from ecoadapt.prepare import mask_spec
+    from ecoadapt.model import adapters, pretrained
+    from ecoadapt.model.precision import Policy
+    from ecoadapt.train.loop import fit_model
+    from ecoadapt.train.prepare import mask_spec
 
-    loaded = models.load(ModelConfig(MODEL), BLOCK, seed=0)
+    loaded = pretrained.load(ModelConfig(MODEL), BLOCK, seed=0)
     cfg = DataConfig(train=[str(corpus)], max_seq_len=BLOCK, eval_fraction=0.05, cache_dir=str(workdir / "tput"))
-    blocks = corpus_mod.build(cfg, loaded.tokenizer, "mlm")
+    blocks = corpus.build(cfg, loaded.tokenizer, "mlm")
     in_memory = blocks.train[:]  # the same blocks, as one tensor (what ecoadapt held before the store)
     mask = mask_spec(loaded.tokenizer, 0.15)
     train = TrainConfig(micro_batch_size=16, max_steps=steps, lr=1e-4, log_every=steps)
@@ -185,7 +185,7 @@ def training_throughput(corpus: Path, workdir: Path, steps: int) -> dict[str, li
             model, _ = adapters.prepare(loaded, train, LoraConfig())
             torch.manual_seed(0)
             loader = BlockLoader(source, 16, "mlm", mask, seed=0)
-            result = train_loop.run(model, loader, steps, train, "mlm", Policy("bf16", "cpu"), torch.device("cpu"))
+            result = fit_model(model, loader, steps, train, "mlm", Policy("bf16", "cpu"), torch.device("cpu"))
             out[name].append(result.tokens / result.time_s)
             print(f"training from {name}: {out[name][-1]:,.0f} tokens/s", flush=True)
     return out

@@ -7,7 +7,7 @@ matmul alone, then with each way of computing the loss and ``softmax - one_hot``
 - ``eager``: logsumexp, gather, subtract and exp in place, mask multiply (the eager default);
 - ``log-softmax``: log-softmax into fp32 (one ATen kernel), exp in place, ignored rows by index
   (tried as the eager default; slower here, so not kept);
-- ``compiled``: :func:`ecoadapt.losses.softmax_cross_entropy_grad` through torch.compile (one
+- ``compiled``: :func:`ecoadapt.model.losses.softmax_cross_entropy_grad` through torch.compile (one
   generated kernel per chunk; bf16 in, bf16 gradient out).
 
 Best of 7 alternating repeats, one process; the element-wise cost is each minus the matmuls.
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from ecoadapt import losses
 from ecoadapt.data.batches import IGNORE
+from ecoadapt.model import losses
 
 HERE = Path(__file__).resolve().parent
 V, D, ROWS = 49_152, 576, 512

@@ -61,7 +61,7 @@ ATTENTION_OPS = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_sc
 
 def run_recipe(config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     """One run in a fresh process; its MFU and what it is made of."""
-    from ecoadapt.isolated import run_adapt
+    from ecoadapt.commands.isolated import run_adapt
 
     s = run_adapt(config, run_dir)
     if s.get("status") != "completed":
@@ -82,25 +82,26 @@ def profile_worker(spec: Path, result: Path, steps: int) -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from ecoadapt import config as config_mod
-    from ecoadapt import models, parallel, prepare
-    from ecoadapt import train as train_loop
+    from ecoadapt.config import from_dict
     from ecoadapt.data import corpus
     from ecoadapt.data.batches import BlockLoader
     from ecoadapt.measure import flops
+    from ecoadapt.model import parallel, pretrained
+    from ecoadapt.train import prepare
+    from ecoadapt.train.loop import Loop, accumulate
 
-    cfg = config_mod.from_dict(json.loads(spec.read_text()), str(spec))
-    loaded = models.load(cfg.model, cfg.data.max_seq_len, cfg.train.seed)
+    cfg = from_dict(json.loads(spec.read_text()), str(spec))
+    loaded = pretrained.load(cfg.model, cfg.data.max_seq_len, cfg.train.seed)
     blocks = corpus.build(cfg.data, loaded.tokenizer, loaded.objective)
     device = torch.device("cpu")
     built = prepare.build(cfg, loaded, blocks.train, device, parallel.World(), lambda _: None)  # as a run builds it
     model, policy = built.model, built.policy
-    loop = train_loop.Loop.create(model, steps + 2, cfg.train, policy, loaded.objective, device)
+    loop = Loop.create(model, steps + 2, cfg.train, policy, loaded.objective, device)
     loader = BlockLoader(blocks.train, cfg.train.micro_batch_size, loaded.objective, None, cfg.train.seed)
 
     def step() -> None:
         micro = [next(loader)]
-        loss, _, _ = train_loop.accumulate(model, micro, loaded.objective, policy, device)
+        loss, _, _ = accumulate(model, micro, loaded.objective, policy, device)
         policy.step(loop.optimizer, loop.params, cfg.train.max_grad_norm, loss)
 
     step()  # warm-up: kernel selection, compiling

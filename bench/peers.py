@@ -50,13 +50,13 @@ def prepare(config: dict[str, Any], folder: Path) -> dict[str, Any]:
     transformers folder (the Trainer refuses models loaded from GGUF, and both sides should
     read the same files), and the corpus is tokenized into the cache (the first run would
     otherwise carry tokenization in its peak memory). Returns the config to run."""
-    from ecoadapt import config as config_mod
-    from ecoadapt import models
+    from ecoadapt.config import from_dict
     from ecoadapt.data import corpus
+    from ecoadapt.model import pretrained
 
-    cfg = config_mod.from_dict(config, "peers")
-    if models.resolve(cfg.model.name_or_path)[1] is not None:
-        loaded = models.load(cfg.model, cfg.data.max_seq_len, cfg.train.seed)
+    cfg = from_dict(config, "peers")
+    if pretrained.resolve(cfg.model.name_or_path)[1] is not None:
+        loaded = pretrained.load(cfg.model, cfg.data.max_seq_len, cfg.train.seed)
         # The weights are dequantized already (plain fp32 tensors): drop the GGUF marker that
         # makes transformers refuse to save them.
         loaded.model.hf_quantizer = None
@@ -65,8 +65,8 @@ def prepare(config: dict[str, Any], folder: Path) -> dict[str, Any]:
         loaded.model.save_pretrained(folder)
         loaded.tokenizer.save_pretrained(folder)
         config = {**config, "model": {**config["model"], "name_or_path": str(folder)}}
-        cfg = config_mod.from_dict(config, "peers")
-    loaded_tokenizer = models.load_tokenizer(cfg.model)
+        cfg = from_dict(config, "peers")
+    loaded_tokenizer = pretrained.load_tokenizer(cfg.model)
     objective = "mlm" if loaded_tokenizer.mask_token_id is not None else "clm"
     corpus.build(cfg.data, loaded_tokenizer, objective)
     return config
@@ -74,7 +74,7 @@ def prepare(config: dict[str, Any], folder: Path) -> dict[str, Any]:
 
 def run_ecoadapt(config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     """One ecoadapt run in a fresh process; the figures the table compares."""
-    from ecoadapt.isolated import run_adapt
+    from ecoadapt.commands.isolated import run_adapt
 
     s = run_adapt(config, run_dir)
     if s.get("status") != "completed":
@@ -114,17 +114,17 @@ def trainer_worker(spec_path: Path, result_path: Path) -> None:
     import torch
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
 
-    from ecoadapt import config as config_mod
-    from ecoadapt import models
+    from ecoadapt.config import from_dict
     from ecoadapt.data import corpus
-    from ecoadapt.heldout import heldout
     from ecoadapt.measure import energy, memory, meters
-    from ecoadapt.precision import Policy
-    from ecoadapt.prepare import mask_spec
+    from ecoadapt.model import pretrained
+    from ecoadapt.model.precision import Policy
+    from ecoadapt.train.heldout import heldout
+    from ecoadapt.train.prepare import mask_spec
 
-    cfg = config_mod.from_dict(json.loads(spec_path.read_text()), str(spec_path))
+    cfg = from_dict(json.loads(spec_path.read_text()), str(spec_path))
     rss_before_load = memory.rss_bytes()  # after the imports, as ecoadapt's baseline is
-    loaded = models.load(cfg.model, cfg.data.max_seq_len, cfg.train.seed)  # the same files, the same head init
+    loaded = pretrained.load(cfg.model, cfg.data.max_seq_len, cfg.train.seed)  # the same files, the same head init
     blocks = corpus.build(cfg.data, loaded.tokenizer, loaded.objective)
     model = loaded.model
     if cfg.lora.enabled:

@@ -23,7 +23,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from ecoadapt.isolated import run_adapt  # noqa: E402
+from ecoadapt.commands.isolated import run_adapt  # noqa: E402
 from peers import DEFAULT_DATA, prepare  # noqa: E402
 
 MODELS = {

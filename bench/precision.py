@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ecoadapt.isolated import run_adapt
+from ecoadapt.commands.isolated import run_adapt
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "vizwiz" / "captions_val.json"

@@ -91,26 +91,27 @@ def run_config(model: Path, mode: str, out: Path) -> dict[str, Any]:
 
 def ecoadapt_step(model_dir: Path, mode: str, out: Path) -> Callable[[], None]:
     """One optimizer step of the run's own loop objects."""
-    from ecoadapt import config as config_mod
-    from ecoadapt import models, parallel, prepare
-    from ecoadapt import train as train_loop
+    from ecoadapt.config import from_dict
     from ecoadapt.data import corpus
     from ecoadapt.data.batches import BlockLoader
+    from ecoadapt.model import parallel, pretrained
+    from ecoadapt.train import prepare
+    from ecoadapt.train.loop import Loop, accumulate, apply_step
 
-    cfg = config_mod.from_dict(run_config(model_dir, mode, out), "step_overhead")
-    loaded = models.load(cfg.model, cfg.data.max_seq_len, cfg.train.seed)
+    cfg = from_dict(run_config(model_dir, mode, out), "step_overhead")
+    loaded = pretrained.load(cfg.model, cfg.data.max_seq_len, cfg.train.seed)
     blocks = corpus.build(cfg.data, loaded.tokenizer, loaded.objective)
     device = torch.device("cpu")
     built = prepare.build(cfg, loaded, blocks.train, device, parallel.World(), lambda _: None)
-    loop = train_loop.Loop.create(built.model, 1000, cfg.train, built.policy, loaded.objective, device)
+    loop = Loop.create(built.model, 1000, cfg.train, built.policy, loaded.objective, device)
     loader = BlockLoader(blocks.train, BATCH, loaded.objective, None, cfg.train.seed)
     batches = [next(loader) for _ in range(4)]
     count = iter(range(10**9))
 
     def step() -> None:
         micro = [batches[next(count) % len(batches)]]
-        loss, _, _ = train_loop.accumulate(loop.model, micro, loaded.objective, built.policy, device)
-        train_loop.apply_step(loop, loss)
+        loss, _, _ = accumulate(loop.model, micro, loaded.objective, built.policy, device)
+        apply_step(loop, loss)
 
     return step
 

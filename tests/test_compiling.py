@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ecoadapt import compiling, losses
+from ecoadapt.core.errors import UserError
 from ecoadapt.data.batches import IGNORE
-from ecoadapt.errors import UserError
+from ecoadapt.model import compiling, losses
 
 
 def _chunk(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,15 +51,15 @@ def test_the_compiled_kernel_matches_the_eager_one_in_bf16():
 
 
 def test_training_with_the_compiled_loss_equals_eager(tiny_llama):
-    from ecoadapt import models
     from ecoadapt.config import ModelConfig
+    from ecoadapt.model import pretrained
 
     ids = torch.randint(5, 30, (3, 16), generator=torch.Generator().manual_seed(0))
     results = []
     for setting in (False, "loss"):
-        loaded = models.load(ModelConfig(str(tiny_llama)), 16, seed=0)
+        loaded = pretrained.load(ModelConfig(str(tiny_llama)), 16, seed=0)
         module = losses.LossModule(loaded.model.eval(), "clm")
-        _, blocks = models.transformer_blocks(loaded.model)
+        _, blocks = pretrained.transformer_blocks(loaded.model)
         clock = compiling.apply(module, blocks, setting, "cpu")
         loss = module(ids, ids)
         loss.backward()
@@ -84,15 +84,15 @@ def test_auto_compiles_long_cpu_runs_only():
 
 
 def test_dropout_is_found_in_modules_and_in_the_attention_config(tiny_bert, tiny_llama):
-    from ecoadapt import adapters, models
     from ecoadapt.config import LoraConfig, ModelConfig, TrainConfig
+    from ecoadapt.model import adapters, pretrained
 
-    assert compiling.has_dropout(models.load(ModelConfig(str(tiny_bert)), 16).model)  # BERT: 0.1
-    llama = models.load(ModelConfig(str(tiny_llama)), 16)
+    assert compiling.has_dropout(pretrained.load(ModelConfig(str(tiny_bert)), 16).model)  # BERT: 0.1
+    llama = pretrained.load(ModelConfig(str(tiny_llama)), 16)
     assert not compiling.has_dropout(llama.model)
     with_lora, _ = adapters.prepare(llama, TrainConfig(), LoraConfig(enabled=True, r=4, dropout=0.05))
     assert compiling.has_dropout(with_lora)
-    llama = models.load(ModelConfig(str(tiny_llama)), 16)
+    llama = pretrained.load(ModelConfig(str(tiny_llama)), 16)
     llama.model.config.attention_dropout = 0.1
     assert compiling.has_dropout(llama.model)
 
@@ -134,7 +134,7 @@ def test_compiled_blocks_are_not_offered_with_fsdp():
 
 
 def test_a_run_reports_what_it_compiled_and_when(tmp_path, tiny_llama, corpus_jsonl):
-    from ecoadapt import adapt
+    from ecoadapt.commands import adapt
     from ecoadapt.config import from_dict
 
     torch._dynamo.reset()  # an earlier test compiled the same kernel in this process: compile afresh

@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 
 from ecoadapt import config
-from ecoadapt.cli import keys_help, preset_names, resolve_config
-from ecoadapt.errors import UserError
+from ecoadapt.cli import keys_help
+from ecoadapt.config.presets import preset_names, resolve_config
+from ecoadapt.core.errors import UserError
 
 BASE = "model:\n  name_or_path: m\ndata:\n  train: [c.txt]\n"
 
@@ -95,7 +96,7 @@ def test_help_comes_from_field_docstrings():
 def test_every_shipped_preset_loads():
     from importlib import resources
 
-    from ecoadapt import sweep
+    from ecoadapt.commands import sweep
 
     names = preset_names()
     assert "quickstart" in names
@@ -111,7 +112,7 @@ def test_every_shipped_preset_loads():
 
 def test_every_yaml_under_bench_fits_the_schema():
     """The benchmark configs and sweeps are checked like the presets (paths need not exist)."""
-    from ecoadapt import sweep
+    from ecoadapt.commands import sweep
 
     bench = Path(__file__).parent.parent / "bench"
     configs = sorted((bench / "configs").glob("*.yaml"))
@@ -126,7 +127,7 @@ def test_every_yaml_under_bench_fits_the_schema():
 
 
 def test_summary_reference_lists_every_field_with_help():
-    from ecoadapt.summary import RunSummary, reference
+    from ecoadapt.results.summary import RunSummary, reference
 
     rows = reference()
     names = [r[0] for r in rows]

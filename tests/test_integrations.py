@@ -13,10 +13,11 @@ from transformers import (
     TrainingArguments,
 )
 
-from conftest import sentences
-from ecoadapt import report
 from ecoadapt.integrations import EcoadaptCallback
-from ecoadapt.summary import RunSummary
+from ecoadapt.reports import builder
+from ecoadapt.results.summary import RunSummary
+from helpers.runs import run_command
+from helpers.tiny_models import sentences
 
 SEQ = 16
 
@@ -75,7 +76,7 @@ def test_a_budget_stops_the_trainer(tmp_path, tiny_bert):
 
 
 def test_a_bad_callback_setting_is_named(tmp_path):
-    from ecoadapt.errors import UserError
+    from ecoadapt.core.errors import UserError
 
     with pytest.raises(UserError, match="energy_jj"):
         EcoadaptCallback(tmp_path, budget={"energy_jj": 1})
@@ -92,17 +93,14 @@ def test_report_puts_a_trainer_run_beside_an_ecoadapt_run(tmp_path, tiny_bert, c
     trainer_run(
         tmp_path, tiny_bert, EcoadaptCallback(tmp_path / "hf", measure={"energy": "estimate"}, name="hf-trainer")
     )
-    (tmp_path / "empty.yaml").write_text("{}\n")
     sets = {
         "model.name_or_path": tiny_bert, "data.train": corpus_jsonl, "data.text_field": "caption",
         "data.max_seq_len": 16, "train.max_steps": 3, "train.micro_batch_size": 4, "measure.energy": "estimate",
         "output.dir": tmp_path / "ours", "output.save_model": False,
     }  # fmt: skip
-    assert (
-        main(["adapt", str(tmp_path / "empty.yaml"), *(a for k, v in sets.items() for a in ("--set", f"{k}={v}"))]) == 0
-    )
+    assert run_command("adapt", tmp_path, sets) == 0
     assert main(["report", str(tmp_path / "ours"), str(tmp_path / "hf")]) == 0
-    rows = {r["name"]: r for r in report.load_rows(tmp_path / "ours", [tmp_path / "hf"])[0]}
+    rows = {r["name"]: r for r in builder.load_rows(tmp_path / "ours", [tmp_path / "hf"])[0]}
     assert set(rows) == {"ours", "hf-trainer"} and rows["ours"]["baseline"] and not rows["hf-trainer"]["baseline"]
     assert rows["hf-trainer"]["energy_method"] == "estimated" and rows["hf-trainer"]["train_joules"] > 0
     assert "hf-trainer" in (tmp_path / "ours" / "report.md").read_text()

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from ecoadapt import adapters, losses, models
 from ecoadapt.config import LoraConfig, ModelConfig, TrainConfig
 from ecoadapt.data.batches import IGNORE
-from ecoadapt.losses import loss_sum
+from ecoadapt.model import adapters, losses, pretrained
+from ecoadapt.model.losses import loss_sum
 
 
 def chunks_of(monkeypatch, rows, vocab=40):
@@ -22,7 +22,7 @@ def grads(model):
 @pytest.mark.parametrize("lora", [False, True])
 def test_chunked_loss_matches_full_logits(tiny_llama, monkeypatch, lora):
     chunks_of(monkeypatch, 7)  # 7 rows a chunk: many, uneven chunks
-    loaded = models.load(ModelConfig(str(tiny_llama)), 16, seed=0)
+    loaded = pretrained.load(ModelConfig(str(tiny_llama)), 16, seed=0)
     model, _ = adapters.prepare(loaded, TrainConfig(), LoraConfig(enabled=lora, r=4))
     ids = torch.randint(5, 30, (3, 16), generator=torch.Generator().manual_seed(0))
     labels = ids.clone()
@@ -47,7 +47,7 @@ def test_chunked_loss_matches_full_logits(tiny_llama, monkeypatch, lora):
 
 
 def test_chunked_loss_under_bf16_autocast_matches_the_models_head(tiny_llama):
-    loaded = models.load(ModelConfig(str(tiny_llama)), 16, seed=0)
+    loaded = pretrained.load(ModelConfig(str(tiny_llama)), 16, seed=0)
     model = loaded.model.eval()
     ids = torch.randint(5, 30, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -57,18 +57,18 @@ def test_chunked_loss_under_bf16_autocast_matches_the_models_head(tiny_llama):
 
 
 def test_heads_that_are_not_plain_linear_use_the_models_forward(tiny_bert, tiny_llama):
-    loaded = models.load(ModelConfig(str(tiny_llama)), 16, seed=0)
+    loaded = pretrained.load(ModelConfig(str(tiny_llama)), 16, seed=0)
     loaded.model.config.final_logit_softcapping = 30.0
     assert losses.lm_parts(loaded.model) is None
-    assert losses.lm_parts(models.load(ModelConfig(str(tiny_bert)), 16).model) is None  # BERT's head has a bias
+    assert losses.lm_parts(pretrained.load(ModelConfig(str(tiny_bert)), 16).model) is None  # BERT's head has a bias
 
 
 @pytest.mark.parametrize("mode", ["fp32", "bf16"])
 def test_masked_lm_chunked_head_matches_the_models_head(tiny_bert, monkeypatch, mode):
-    from ecoadapt.losses import forward_logits, training_loss_sum
+    from ecoadapt.model.losses import forward_logits, training_loss_sum
 
     chunks_of(monkeypatch, 5)  # several chunks
-    loaded = models.load(ModelConfig(str(tiny_bert)), 32, seed=0)
+    loaded = pretrained.load(ModelConfig(str(tiny_bert)), 32, seed=0)
     model = loaded.model.eval()
     ids = torch.randint(5, 30, (3, 16), generator=torch.Generator().manual_seed(2))
     labels = torch.full_like(ids, IGNORE)
@@ -98,7 +98,7 @@ def test_masked_lm_chunked_head_matches_the_models_head(tiny_bert, monkeypatch, 
 def test_chunked_held_out_scores_match_the_full_logits(tiny_llama, tiny_bert, monkeypatch, objective):
     chunks_of(monkeypatch, 3)  # many small chunks
     folder = tiny_llama if objective == "clm" else tiny_bert
-    model = models.load(ModelConfig(str(folder)), 16, seed=0).model.eval()
+    model = pretrained.load(ModelConfig(str(folder)), 16, seed=0).model.eval()
     ids = torch.randint(5, 30, (3, 16), generator=torch.Generator().manual_seed(3))
     labels = ids.clone() if objective == "clm" else torch.full_like(ids, IGNORE)
     if objective == "mlm":

@@ -1,16 +1,17 @@
 """Energy meters, windows and budgets."""
 
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from ecoadapt.config import BudgetConfig
-from ecoadapt.errors import UserError
+from ecoadapt.core.errors import UserError
 from ecoadapt.measure import energy, meters
 from ecoadapt.measure.budget import Budget
-from ecoadapt.train import TrainResult
+from ecoadapt.train.loop import TrainResult
+from helpers.fakes import FakeZeusMonitor, make_zone
+from helpers.runs import adapt_summary
 
 
 class FakeProcess:
@@ -42,15 +43,6 @@ def test_estimator_arithmetic(monkeypatch):
     assert meter.total_joules() == pytest.approx(84.0)
     assert meter.method == "estimated"
     assert meter.describe()["cpu_seconds"] == pytest.approx(8.0)
-
-
-def make_zone(root: Path, name: str, label: str, uj: int, max_uj: int) -> Path:
-    zone = root / name
-    zone.mkdir(parents=True)
-    (zone / "name").write_text(label + "\n")
-    (zone / "energy_uj").write_text(f"{uj}\n")
-    (zone / "max_energy_range_uj").write_text(f"{max_uj}\n")
-    return zone
 
 
 def test_rapl_sums_package_and_dram_and_handles_wraparound(tmp_path):
@@ -120,6 +112,42 @@ def test_an_inner_window_comes_out_of_the_outer_ones_figures():
     assert summary["covers"] == "a fake device"
 
 
+def test_phase_windows_close_on_every_way_out_and_nest():
+    import torch
+
+    from ecoadapt.measure.memory import MemoryWindows
+    from ecoadapt.measure.phases import Phases
+
+    class Clock:
+        def __init__(self):
+            self.events = []
+
+        def begin_training(self):
+            self.events.append("begin")
+
+        def end_training(self):
+            self.events.append("end")
+
+    tracker, memory, clock = energy.EnergyTracker(StepMeter()), MemoryWindows(torch.device("cpu")), Clock()
+    phases = Phases(tracker, memory)
+    with pytest.raises(RuntimeError, match="mid-phase"), phases.window("train", clock=clock) as train:
+        with phases.window("eval", within="train") as inner:
+            pass
+        raise RuntimeError("mid-phase")
+    # Every window closed despite the exception: nothing left open, every figure filled in.
+    assert not tracker._open and not memory._open and clock.events == ["begin", "end"]
+    assert inner.energy is not None and inner.energy.joules == 5.0  # reads 2 and 3
+    assert train.energy is not None and train.energy.joules == 20.0 - 5 - 5.0  # the inner one taken out
+    assert train.peaks is not None and train.peaks["peak"] > 0 and set(memory.peaks) == {"train", "eval"}
+    assert train.seconds >= inner.seconds > 0
+    with phases.window("save", memory=None) as save:
+        pass
+    assert save.peaks is None and "save" not in memory.peaks and save.energy is not None
+    with phases.window("timed", energy=False) as timed:
+        pass
+    assert timed.energy is None and "timed" not in tracker.windows and timed.peaks is not None
+
+
 def test_energy_budget_stops_with_a_fake_meter():
     tracker = energy.EnergyTracker(StepMeter())
     budget = Budget(BudgetConfig(energy_j=12.0), tracker.total_joules, total_steps=100)
@@ -172,24 +200,6 @@ def test_adapt_stopped_by_budget_leaves_a_usable_adapter(tmp_path, tiny_llama, c
     assert "cpu_watts_per_core" in e["details"]
     base = AutoModelForCausalLM.from_pretrained(tiny_llama)
     assert isinstance(PeftModel.from_pretrained(base, out / "adapter"), PeftModel)
-
-
-class FakeZeusMonitor:
-    """Stands in for zeus.monitor.ZeusMonitor: each GPU gains 2 J per window opened so far."""
-
-    def __init__(self, gpu_indices, cpu_indices):
-        self.gpu_indices = gpu_indices
-        self.open = {}
-        self.clock = 0
-
-    def begin_window(self, key, sync_execution=True):
-        self.clock += 1
-        self.open[key] = self.clock
-
-    def end_window(self, key, sync_execution=True):
-        start = self.open.pop(key)
-        joules = 2.0 * (self.clock - start)
-        return SimpleNamespace(gpu_energy=dict.fromkeys(self.gpu_indices, joules), time=1.0)
 
 
 def test_zeus_gpu_meter_chains_windows_without_gaps(monkeypatch):
@@ -248,24 +258,24 @@ def test_nvml_without_zeus_is_an_error_and_auto_says_gpu_not_counted(monkeypatch
 
 
 def test_flop_count_matches_a_hand_computation(tiny_llama):
-    from ecoadapt import adapters, models
     from ecoadapt.config import LoraConfig, ModelConfig, TrainConfig
     from ecoadapt.measure import flops
+    from ecoadapt.model import adapters, pretrained
 
     seq, d, ff = 16, 32, 64
     block = 4 * d * d + 3 * d * ff  # q, k, v, o + gate, up, down
-    loaded = models.load(ModelConfig(str(tiny_llama)), seq)
+    loaded = pretrained.load(ModelConfig(str(tiny_llama)), seq)
     vocab = loaded.model.config.vocab_size
     head = d * vocab
     attention = 4 * seq * d
-    _, blocks = models.transformer_blocks(loaded.model)
+    _, blocks = pretrained.transformer_blocks(loaded.model)
     full = flops.training_flops(loaded.model, blocks, seq, d)
     assert full.per_token == 6 * (2 * block + head) + 12 * 2 * seq * d  # the usual 6N + 12 L s d
     assert full.lowest_trained_block == 0
 
-    loaded = models.load(ModelConfig(str(tiny_llama)), seq)
+    loaded = pretrained.load(ModelConfig(str(tiny_llama)), seq)
     model, _ = adapters.prepare(loaded, TrainConfig(trainable_layers=1), LoraConfig())
-    _, blocks = models.transformer_blocks(model)
+    _, blocks = pretrained.transformer_blocks(model)
     top = flops.training_flops(model, blocks, seq, d)
     forward = 2 * (2 * block + head) + 2 * attention
     backward = 2 * head + (2 * block + 2 * attention + 2 * block)  # tied head frozen; block 1 only
@@ -283,14 +293,14 @@ def test_peak_probe_is_cached_and_can_be_given(tmp_path):
     cpu = torch.device("cpu")
     assert flops.peak_flops(cpu, torch.float32, given=1e12) == (1e12, "given")
     value, source = flops.peak_flops(cpu, torch.float32)
-    assert source == "probe" and 1e8 < value < 1e14
+    assert source == "measured" and 1e8 < value < 1e14
     assert flops.peak_flops(cpu, torch.float32) == (value, "cache")
     report = flops.mfu_report(flops.FlopCount(6e6, 2e6, 4e6, 0), tokens_per_s=1000, peak=1e10, peak_source="given")
     assert report["mfu"] == pytest.approx(0.6)
 
 
 def test_early_stop_rule():
-    from ecoadapt.early_stop import EarlyStop
+    from ecoadapt.train.early_stop import EarlyStop
 
     stop = EarlyStop(patience=2, min_delta=0.1)
     assert [stop.update(s, loss) for s, loss in [(1, 5.0), (2, 4.0), (3, 3.95), (4, 3.99)]] == [
@@ -301,10 +311,8 @@ def test_early_stop_rule():
 
 
 def test_adapt_early_stop_and_idle_and_co2(tmp_path, tiny_llama, corpus_jsonl):
-    from ecoadapt.cli import main
 
     out = tmp_path / "run"
-    (tmp_path / "empty.yaml").write_text("{}\n")
     sets = {
         "model.name_or_path": tiny_llama, "data.train": corpus_jsonl, "data.text_field": "caption",
         "data.max_seq_len": 16, "data.eval_fraction": 0.1, "train.max_steps": 400, "train.micro_batch_size": 2,
@@ -312,9 +320,7 @@ def test_adapt_early_stop_and_idle_and_co2(tmp_path, tiny_llama, corpus_jsonl):
         "measure.energy": "estimate", "measure.idle_s": 0.2, "measure.grid_g_co2_per_kwh": 400,
         "output.dir": out,
     }  # fmt: skip
-    args = ["adapt", str(tmp_path / "empty.yaml")] + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
-    assert main(args) == 0
-    summary = json.loads((out / "summary.json").read_text())
+    summary = adapt_summary(tmp_path, sets)
     # lr 1e-6 cannot lower the loss by 0.5: the first evaluation sets the best, two more stop it.
     assert summary["status"] == "completed" and summary["stopped_by"] == "early_stop"
     assert summary["steps"] == 6 and len(summary["early_stop"]["history"]) == 3

@@ -3,36 +3,36 @@
 import pytest
 import torch
 
-from ecoadapt import adapters, models
 from ecoadapt.config import LoraConfig, ModelConfig, TrainConfig
-from ecoadapt.errors import UserError
+from ecoadapt.core.errors import UserError
+from ecoadapt.model import adapters, pretrained
 
 
 def test_objective_is_detected_from_the_architecture(tiny_bert, tiny_llama):
-    assert models.load(ModelConfig(str(tiny_bert)), 32).objective == "mlm"
-    assert models.load(ModelConfig(str(tiny_llama)), 32).objective == "clm"
+    assert pretrained.load(ModelConfig(str(tiny_bert)), 32).objective == "mlm"
+    assert pretrained.load(ModelConfig(str(tiny_llama)), 32).objective == "clm"
 
 
 def test_objective_can_be_forced(tiny_bert):
-    loaded = models.load(ModelConfig(str(tiny_bert), objective="clm"), 32)
+    loaded = pretrained.load(ModelConfig(str(tiny_bert), objective="clm"), 32)
     assert loaded.objective == "clm"
     assert type(loaded.model).__name__ == "BertLMHeadModel"
 
 
 def test_sequence_length_above_the_model_limit(tiny_bert):
     with pytest.raises(UserError, match="data.max_seq_len = 65 is above this model's limit of 64"):
-        models.load(ModelConfig(str(tiny_bert)), 65)
+        pretrained.load(ModelConfig(str(tiny_bert)), 65)
 
 
 def test_missing_models_fail_at_once(tmp_path):
     with pytest.raises(UserError, match="no such folder"):
-        models.resolve(str(tmp_path / "nope"))
+        pretrained.resolve(str(tmp_path / "nope"))
     with pytest.raises(UserError, match="no config.json"):
-        models.resolve(str(tmp_path))
+        pretrained.resolve(str(tmp_path))
     with pytest.raises(UserError, match="unknown packaged model"):
-        models.resolve("pkg:nope")
+        pretrained.resolve("pkg:nope")
     with pytest.raises(UserError, match="not in the local Hugging Face cache.*HF_HUB_OFFLINE=1"):  # conftest: offline
-        models.load(ModelConfig("some-org/surely-not-cached-model"), 32)
+        pretrained.load(ModelConfig("some-org/surely-not-cached-model"), 32)
 
 
 def test_newly_initialised_head_is_reported(tiny_bert, tmp_path):
@@ -43,13 +43,13 @@ def test_newly_initialised_head_is_reported(tiny_bert, tmp_path):
     BertModel(BertConfig.from_pretrained(tiny_bert)).save_pretrained(bare)
     for f in tiny_bert.glob("tok*"):
         (bare / f.name).write_bytes(f.read_bytes())
-    loaded = models.load(ModelConfig(str(bare)), 32)
+    loaded = pretrained.load(ModelConfig(str(bare)), 32)
     assert loaded.fresh and all(n.startswith("cls.") for n in loaded.fresh)
     assert "cls.predictions.decoder.weight" not in loaded.fresh  # tied to the embeddings
 
 
 def test_trainable_layers_stops_the_backward_pass(tiny_llama):
-    loaded = models.load(ModelConfig(str(tiny_llama)), 32)
+    loaded = pretrained.load(ModelConfig(str(tiny_llama)), 32)
     model, plan = adapters.prepare(loaded, TrainConfig(trainable_layers=1), LoraConfig())
     assert plan.blocks == [1] and plan.n_blocks == 2
     assert "model.norm" in plan.extra_trainable
@@ -65,16 +65,16 @@ def test_trainable_layers_stops_the_backward_pass(tiny_llama):
 
 
 def test_lora_trains_only_adapters_on_the_chosen_blocks(tiny_llama):
-    loaded = models.load(ModelConfig(str(tiny_llama)), 32)
+    loaded = pretrained.load(ModelConfig(str(tiny_llama)), 32)
     model, _ = adapters.prepare(loaded, TrainConfig(trainable_layers=1), LoraConfig(enabled=True, r=4))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     assert all(".layers.1." in n for n in trainable)
-    assert models.parameter_counts(model)["trainable"] < models.parameter_counts(model)["total"] / 5
+    assert pretrained.parameter_counts(model)["trainable"] < pretrained.parameter_counts(model)["total"] / 5
 
 
 def test_lora_with_checkpointing_keeps_the_backward_above_the_adapters(tiny_llama):
-    loaded = models.load(ModelConfig(str(tiny_llama)), 32)
+    loaded = pretrained.load(ModelConfig(str(tiny_llama)), 32)
     train = TrainConfig(trainable_layers=1, gradient_checkpointing=True)
     model, _ = adapters.prepare(loaded, train, LoraConfig(enabled=True, r=4))
     model.train()
@@ -88,7 +88,7 @@ def test_lora_with_checkpointing_keeps_the_backward_above_the_adapters(tiny_llam
 
 
 def test_lora_bad_target_modules(tiny_llama):
-    loaded = models.load(ModelConfig(str(tiny_llama)), 32)
+    loaded = pretrained.load(ModelConfig(str(tiny_llama)), 32)
     with pytest.raises(UserError, match="lora.target_modules"):
         adapters.prepare(loaded, TrainConfig(), LoraConfig(enabled=True, target_modules=["nope_proj"]))
 
@@ -106,8 +106,8 @@ def test_hub_id_loads_from_the_local_cache_only(tiny_llama, tmp_path, monkeypatc
     import huggingface_hub.constants as hub_constants
 
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    loaded = models.load(ModelConfig("tiny-org/tiny-llama"), 32)
+    loaded = pretrained.load(ModelConfig("tiny-org/tiny-llama"), 32)
     assert loaded.objective == "clm"
     assert loaded.source == "tiny-org/tiny-llama"
     with pytest.raises(UserError, match="not in the local Hugging Face cache"):
-        models.load(ModelConfig("tiny-org/other-model"), 32)
+        pretrained.load(ModelConfig("tiny-org/other-model"), 32)

@@ -12,8 +12,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import heldout_loss_of
 from ecoadapt.data.batches import BlockLoader, MaskSpec
+from helpers.runs import heldout_loss_of
 
 HERE = Path(__file__).parent
 
@@ -118,8 +118,8 @@ def test_a_failing_rank_stops_the_job_within_seconds():
 
 
 def test_ddp_without_several_processes_is_a_clear_error():
-    from ecoadapt import parallel
-    from ecoadapt.errors import UserError
+    from ecoadapt.core.errors import UserError
+    from ecoadapt.model import parallel
 
     with pytest.raises(UserError, match="needs several processes"):
         parallel.setup("ddp", "cpu", 10)

@@ -5,19 +5,19 @@ import json
 import pytest
 import torch
 
-from conftest import fit
-from ecoadapt import layerwise, models
 from ecoadapt.config import ModelConfig, TrainConfig, load
-from ecoadapt.errors import UserError
-from ecoadapt.precision import Policy
+from ecoadapt.core.errors import UserError
+from ecoadapt.model import layerwise, pretrained
+from ecoadapt.model.precision import Policy
+from helpers.runs import fit_tiny, run_command
 
 STEPS = TrainConfig(max_steps=20, lr=1e-2, micro_batch_size=4, log_every=5, warmup_ratio=0)
 
 
 @pytest.mark.parametrize(("mode", "rel"), [("bf16", 0.03), ("fp16", 0.01), ("tf32", 1e-6), ("bf16-pure", 0.05)])
 def test_loss_after_n_steps_matches_fp32(tiny_llama, mode, rel):
-    reference, _, _ = fit(tiny_llama, STEPS, mode="fp32")
-    result, _, policy = fit(tiny_llama, STEPS, mode=mode)
+    reference, _, _ = fit_tiny(tiny_llama, STEPS, mode="fp32")
+    result, _, policy = fit_tiny(tiny_llama, STEPS, mode=mode)
     assert result.logs[-1].loss == pytest.approx(reference.logs[-1].loss, rel=rel)
     assert result.logs[-1].loss < 0.8 * result.logs[0].loss  # and it learned
     if mode == "tf32":
@@ -26,7 +26,7 @@ def test_loss_after_n_steps_matches_fp32(tiny_llama, mode, rel):
 
 def test_bf16_pure_stores_bf16_and_keeps_small_updates_in_fp32_masters(tiny_llama):
     cfg = TrainConfig(max_steps=3, lr=1e-5, micro_batch_size=4, warmup_ratio=0, max_grad_norm=None)
-    _, model, policy = fit(tiny_llama, cfg, mode="bf16-pure")
+    _, model, policy = fit_tiny(tiny_llama, cfg, mode="bf16-pure")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert policy.master_bytes == 4 * sum(p.numel() for p in model.parameters())
     # Every stored weight is its master rounded to bf16 (the multi-tensor copy back).
@@ -42,7 +42,7 @@ def test_bf16_pure_stores_bf16_and_keeps_small_updates_in_fp32_masters(tiny_llam
 
 
 def test_fp16_overflow_skips_the_step_lowers_the_scale_and_training_goes_on(tiny_llama):
-    model = models.load(ModelConfig(str(tiny_llama)), 16).model
+    model = pretrained.load(ModelConfig(str(tiny_llama)), 16).model
     policy = Policy("fp16", "cpu")
     groups = policy.optimizer_params([{"params": list(model.parameters())}])
     optimizer = torch.optim.AdamW(groups, lr=1e-3)
@@ -65,7 +65,7 @@ def test_fp16_overflow_skips_the_step_lowers_the_scale_and_training_goes_on(tiny
 
 
 def test_layer_map_sets_weights_and_computation(tiny_llama):
-    model = models.load(ModelConfig(str(tiny_llama)), 16).model
+    model = pretrained.load(ModelConfig(str(tiny_llama)), 16).model
     fp32_bytes = layerwise.weight_bytes(model)
     applied = layerwise.apply_map(model, {"model.layers.1": "bf16", "*norm*": "fp32"}, "cpu")
     assert applied["model.layers.1"] == "bf16" and applied["model.layers.1.input_layernorm"] == "fp32"
@@ -92,7 +92,7 @@ def test_layer_map_sets_weights_and_computation(tiny_llama):
 
 
 def test_layer_map_errors(tiny_llama):
-    model = models.load(ModelConfig(str(tiny_llama)), 16).model
+    model = pretrained.load(ModelConfig(str(tiny_llama)), 16).model
     with pytest.raises(UserError, match="pattern 'encoder.*' matches no module"):
         layerwise.apply_map(model, {"encoder.*": "bf16"}, "cpu")
     with pytest.raises(UserError, match="dtype must be one of fp32, bf16, fp16"):
@@ -100,8 +100,8 @@ def test_layer_map_errors(tiny_llama):
 
 
 def test_auto_search_keeps_a_sensitive_block_in_fp32(tiny_llama):
-    model = models.load(ModelConfig(str(tiny_llama)), 16).model
-    name, blocks = models.transformer_blocks(model)
+    model = pretrained.load(ModelConfig(str(tiny_llama)), 16).model
+    name, blocks = pretrained.transformer_blocks(model)
 
     # Block 1 made artificially sensitive: whenever its MLP computes in bf16, its output is way off.
     def sensitive(module, inputs, output):
@@ -140,9 +140,6 @@ def test_layers_config_accepts_a_map_or_auto(tmp_path):
 
 
 def test_adapt_with_auto_layers_and_bf16_pure_lora(tmp_path, tiny_llama, corpus_jsonl):
-    from ecoadapt.cli import main
-
-    (tmp_path / "empty.yaml").write_text("{}\n")
     common = {
         "model.name_or_path": tiny_llama, "data.train": corpus_jsonl, "data.text_field": "caption",
         "data.max_seq_len": 16, "data.eval_fraction": 0.1, "train.max_steps": 4, "train.micro_batch_size": 2,
@@ -154,8 +151,7 @@ def test_adapt_with_auto_layers_and_bf16_pure_lora(tmp_path, tiny_llama, corpus_
     }
     for name, extra in runs.items():
         sets = {**common, **extra, "output.dir": tmp_path / name}
-        args = ["adapt", str(tmp_path / "empty.yaml")] + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
-        assert main(args) == 0
+        assert run_command("adapt", tmp_path, sets) == 0
     auto = json.loads((tmp_path / "auto" / "summary.json").read_text())["precision"]
     assert len(auto["search"]["table"]) == 2 and auto["layers"]  # generous tolerance: something lowered
     assert auto["weight_bytes"] < auto["weight_bytes_before"]
@@ -168,9 +164,9 @@ def test_adapt_with_auto_layers_and_bf16_pure_lora(tmp_path, tiny_llama, corpus_
 
 def test_layer_map_without_autocast_reconciles_unmatched_modules(tiny_bert):
     from ecoadapt.data.batches import IGNORE
-    from ecoadapt.losses import forward_logits
+    from ecoadapt.model.losses import forward_logits
 
-    model = models.load(ModelConfig(str(tiny_bert)), 16).model
+    model = pretrained.load(ModelConfig(str(tiny_bert)), 16).model
     layerwise.apply_map(model, {"bert.encoder.layer.*": "bf16"}, "cpu", default=torch.float32)
     ids = torch.randint(5, 30, (2, 16))
     labels = torch.where(torch.rand(ids.shape) < 0.3, ids, IGNORE)
@@ -181,14 +177,14 @@ def test_layer_map_without_autocast_reconciles_unmatched_modules(tiny_bert):
 def test_mfu_above_one_is_not_reported():
     from ecoadapt.measure import flops
 
-    report = flops.mfu_report(flops.FlopCount(6e6, 2e6, 4e6, 0), tokens_per_s=1e6, peak=1e10, peak_source="probe")
+    report = flops.mfu_report(flops.FlopCount(6e6, 2e6, 4e6, 0), tokens_per_s=1e6, peak=1e10, peak_source="measured")
     assert report["mfu"] is None and "exceeds the probed peak" in report["note"]
 
 
 def test_auto_search_on_an_encoder_without_autocast(tiny_bert):
     # BERT blocks end in a LayerNorm: a lowered block hands bf16 to the next, fp32 one.
-    model = models.load(ModelConfig(str(tiny_bert)), 16).model
-    name, blocks = models.transformer_blocks(model)
+    model = pretrained.load(ModelConfig(str(tiny_bert)), 16).model
+    name, blocks = pretrained.transformer_blocks(model)
     ids = torch.randint(5, 30, (4, 16))
 
     def loss():

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
+from ecoadapt.core.errors import UserError
 from ecoadapt.data import readers
-from ecoadapt.errors import UserError
 
 
 def texts(path, **kw):

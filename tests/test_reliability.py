@@ -14,14 +14,15 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from ecoadapt import adapters, checkpoint, models, parallel, rundir
-from ecoadapt import train as train_loop
 from ecoadapt.cli import main
-from ecoadapt.config import LoraConfig, ModelConfig, TrainConfig
-from ecoadapt.data.batches import BlockLoader
-from ecoadapt.errors import UserError
-from ecoadapt.precision import Policy
-from test_cli import write_config
+from ecoadapt.config import TrainConfig
+from ecoadapt.core.errors import UserError
+from ecoadapt.model import parallel
+from ecoadapt.results import rundir
+from ecoadapt.train import checkpoint
+from ecoadapt.train.loop import Hooks, fit
+from helpers.fakes import refuse_batches_over, tiny_loop
+from helpers.runs import write_config
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -68,7 +69,7 @@ def reference(tmp_path_factory, tiny_bert):
     """The uninterrupted run's final weights."""
     tmp = tmp_path_factory.mktemp("reference")
     corpus = tmp / "corpus.jsonl"
-    from conftest import sentences
+    from helpers.tiny_models import sentences
 
     corpus.write_text("".join(json.dumps({"caption": s}) + "\n" for s in sentences(400)))
     config = resumable_config(tmp, tiny_bert, corpus, "run")
@@ -130,18 +131,6 @@ def test_sigterm_checkpoints_and_exits_interrupted_then_resumes(tmp_path, tiny_b
     assert all(torch.equal(got[k], expected[k]) for k in expected)
 
 
-def tiny_loop(folder, tmp_path, train: TrainConfig, lora=False):
-    loaded = models.load(ModelConfig(str(folder)), 16, seed=0)
-    model, _ = adapters.prepare(loaded, train, LoraConfig(enabled=lora, r=4))
-    blocks = torch.randint(5, 30, (16, 16), generator=torch.Generator().manual_seed(1))
-    loader = BlockLoader(blocks, train.micro_batch_size, loaded.objective, None, 0)
-    torch.manual_seed(0)
-    policy = Policy("fp32", "cpu")
-    loop = train_loop.Loop.create(model, train.max_steps or 1, train, policy, loaded.objective, torch.device("cpu"))
-    checkpoints = checkpoint.RunCheckpoints(tmp_path / rundir.CHECKPOINT_FILE, loader, True)
-    return loop, loader, checkpoints
-
-
 def poison(model, calls):
     """Make the forward passes numbered in ``calls`` (1-based) produce NaN hidden states (at the
     final norm, which every loss path goes through)."""
@@ -158,7 +147,7 @@ def test_an_injected_nan_step_is_skipped_and_training_goes_on(tmp_path, tiny_lla
     cfg = TrainConfig(max_steps=8, micro_batch_size=2, lr=1e-2, log_every=1)
     loop, loader, checkpoints = tiny_loop(tiny_llama, tmp_path, cfg)
     poison(loop.model, {4})
-    result = train_loop.train(loop, loader, train_loop.Hooks(checkpoints=checkpoints))
+    result = fit(loop, loader, Hooks(checkpoints=checkpoints))
     assert result.steps == 8 and result.nonfinite_steps == 1 and result.rollbacks == 0
     assert checkpoint.all_finite(loop.model)
     assert all(torch.isfinite(torch.tensor(log.loss)) for log in result.logs if log.step != 4)
@@ -176,7 +165,7 @@ def test_a_run_of_nans_rolls_back_to_the_checkpoint_at_a_lower_lr(tmp_path, tiny
             lr_at_4["lr"] = loop.optimizer.param_groups[0]["lr"]
         return None
 
-    result = train_loop.train(loop, loader, train_loop.Hooks(should_stop=note_lr, checkpoints=checkpoints))
+    result = fit(loop, loader, Hooks(should_stop=note_lr, checkpoints=checkpoints))
     assert result.rollbacks == 1 and result.lr_scale == 0.5 and result.nonfinite_steps == 3
     assert result.steps == 10  # steps 5-10 were trained again after the rollback
     assert checkpoint.all_finite(loop.model)
@@ -191,25 +180,15 @@ def test_nans_without_a_checkpoint_stop_with_a_clear_error(tmp_path, tiny_llama)
     loop, loader, checkpoints = tiny_loop(tiny_llama, tmp_path, cfg)
     poison(loop.model, {2, 3})
     with pytest.raises(UserError, match="not finite for 2 steps in a row.*set train.save_every"):
-        train_loop.train(loop, loader, train_loop.Hooks(checkpoints=checkpoints))
+        fit(loop, loader, Hooks(checkpoints=checkpoints))
     assert checkpoint.all_finite(loop.model)  # the skipped steps changed nothing
-
-
-def refuse_batches_over(model, rows):
-    """Simulate a device that runs out of memory on more than ``rows`` blocks per micro-batch."""
-
-    def hook(module, args, kwargs):
-        if kwargs["input_ids"].shape[0] > rows:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
-
-    dict(parallel.unwrap(model).named_modules())["model"].register_forward_pre_hook(hook, with_kwargs=True)  # decoder
 
 
 def test_out_of_memory_halves_the_micro_batch_with_the_same_effective_batch(tmp_path, tiny_llama):
     auto = TrainConfig(max_steps=5, micro_batch_size=4, lr=1e-2, auto_micro_batch=True)
     loop, loader, _ = tiny_loop(tiny_llama, tmp_path, auto)
     refuse_batches_over(loop.model, 1)
-    result = train_loop.train(loop, loader)
+    result = fit(loop, loader)
     assert result.steps == 5 and result.micro_batch_splits == 4
     assert [(e["micro_batch_before"], e["micro_batch_after"]) for e in result.memory_events] == [(4, 2), (2, 1)]
     assert result.tokens == 5 * 4 * 16  # every block of every step was trained on
@@ -217,7 +196,7 @@ def test_out_of_memory_halves_the_micro_batch_with_the_same_effective_batch(tmp_
     # The same rows in the same steps as asking for micro-batches of 1 x 4 accumulation.
     small = TrainConfig(max_steps=5, micro_batch_size=1, grad_accum=4, lr=1e-2)
     plain, plain_loader, _ = tiny_loop(tiny_llama, tmp_path, small)
-    train_loop.train(plain, plain_loader)
+    fit(plain, plain_loader)
     for a, b in zip(loop.params, plain.params, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -227,21 +206,21 @@ def test_out_of_memory_without_auto_micro_batch_says_what_to_set(tmp_path, tiny_
     loop, loader, _ = tiny_loop(tiny_llama, tmp_path, cfg)
     refuse_batches_over(loop.model, 2)
     with pytest.raises(UserError, match="out of memory at step 1 with 4 blocks.*train.auto_micro_batch=true"):
-        train_loop.train(loop, loader)
+        fit(loop, loader)
 
 
 def test_cpu_memory_guard_stops_when_nothing_fits(tmp_path, tiny_llama):
     cfg = TrainConfig(max_steps=2, micro_batch_size=4, auto_micro_batch=True, max_memory_gb=0.001)
     loop, loader, _ = tiny_loop(tiny_llama, tmp_path, cfg)
     with pytest.raises(UserError, match="memory guard at step 1 with 1 blocks.*does not fit even one block"):
-        train_loop.train(loop, loader)
+        fit(loop, loader)
     assert [e["micro_batch_after"] for e in loop.result.memory_events] == [2, 1]
 
 
 def test_checkpoint_round_trip_restores_every_state(tmp_path, tiny_llama):
     cfg = TrainConfig(max_steps=6, micro_batch_size=2, lr=1e-2, save_every=3)
     loop, loader, checkpoints = tiny_loop(tiny_llama, tmp_path, cfg, lora=True)
-    train_loop.train(loop, loader, train_loop.Hooks(checkpoints=checkpoints))
+    fit(loop, loader, Hooks(checkpoints=checkpoints))
     state = checkpoint.load(tmp_path / rundir.CHECKPOINT_FILE)
     assert state["loop"]["steps"] == 6 and len(state["weights"]) == len(loop.params)
     assert all("lora_" in name for name in state["weights"])  # an adapter checkpoint is the adapter

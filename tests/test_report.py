@@ -5,28 +5,29 @@ import json
 
 import pytest
 
-from ecoadapt import downstream, report, stats
-from ecoadapt.errors import UserError
-from ecoadapt.summary import EvalSummary, RunSummary
+from ecoadapt.core.errors import UserError
+from ecoadapt.reports import builder
+from ecoadapt.results.summary import EvalSummary, RunSummary
+from ecoadapt.task import downstream, stats
 
 
 def test_pareto_front_basic_and_ties():
     # (cost, metric) with higher metric better
     points = [(10, 0.80), (5, 0.80), (5, 0.70), (20, 0.90), (20, 0.85), (5, 0.80)]
-    front = report.pareto_front(points, higher_is_better=True)
+    front = builder.pareto_front(points, higher_is_better=True)
     # (5, .80) twice (exact ties both kept), (20, .90); (10, .80) is dominated by (5, .80)
     assert front == [1, 5, 3]
 
 
 def test_pareto_front_lower_is_better_and_single_point():
-    assert report.pareto_front([(3.0, 2.5)], higher_is_better=False) == [0]
+    assert builder.pareto_front([(3.0, 2.5)], higher_is_better=False) == [0]
     points = [(1, 3.0), (2, 2.0), (3, 2.5), (4, 1.0)]
-    assert report.pareto_front(points, higher_is_better=False) == [0, 1, 3]  # (3, 2.5) is dominated
+    assert builder.pareto_front(points, higher_is_better=False) == [0, 1, 3]  # (3, 2.5) is dominated
 
 
 def test_pareto_front_when_one_point_dominates_all():
     points = [(1, 0.9), (2, 0.8), (3, 0.7)]
-    assert report.pareto_front(points, higher_is_better=True) == [0]
+    assert builder.pareto_front(points, higher_is_better=True) == [0]
 
 
 def rows(*specs):
@@ -45,29 +46,29 @@ def test_recommendation_is_cheapest_within_tolerance_with_ratios():
         ("bf16", 500.0, 2.02, 800, False),
         ("lora", 300.0, 2.30, 400, False),  # cheapest, but 0.30 worse: outside tolerance
     )
-    rec = report.recommend(table, report.Metric("eval_loss", False), tolerance=0.05)
+    rec = builder.recommend(table, builder.Metric("eval_loss", False), tolerance=0.05)
     assert rec["name"] == "bf16"
     assert rec["ratios"]["energy"] == pytest.approx(-0.5)
     assert rec["ratios"]["peak memory"] == pytest.approx(0.0)
     assert rec["ratios"]["metric_delta"] == pytest.approx(0.02)
     assert "energy -50%" in rec["text"] and "peak memory +0%" in rec["text"]
-    assert report.recommend(table, report.Metric("eval_loss", False), tolerance=0.5)["name"] == "lora"
-    assert report.recommend(table, report.Metric("eval_loss", False), 0.5, objective="memory")["name"] == "lora"
+    assert builder.recommend(table, builder.Metric("eval_loss", False), tolerance=0.5)["name"] == "lora"
+    assert builder.recommend(table, builder.Metric("eval_loss", False), 0.5, objective="memory")["name"] == "lora"
     # Within 0.05 fp32 and bf16 tie on memory: the tie goes to the faster (and cheaper) one.
-    assert report.recommend(table, report.Metric("eval_loss", False), 0.05, objective="memory")["name"] == "bf16"
+    assert builder.recommend(table, builder.Metric("eval_loss", False), 0.05, objective="memory")["name"] == "bf16"
 
 
 def test_recommendation_ties_break_on_memory():
     table = rows(("a", 100.0, 1.0, 900, True), ("b", 100.0, 1.0, 500, False))
-    assert report.recommend(table, report.Metric("eval_loss", False), 0.0)["name"] == "b"
+    assert builder.recommend(table, builder.Metric("eval_loss", False), 0.0)["name"] == "b"
 
 
 def test_recommendation_single_point_and_none():
     table = rows(("only", 100.0, 1.0, 500, True))
-    rec = report.recommend(table, report.Metric("eval_loss", False), 0.01)
+    rec = builder.recommend(table, builder.Metric("eval_loss", False), 0.01)
     assert rec["name"] == "only" and rec["ratios"]["energy"] == 0
     failed = [{"name": "x", "status": "failed", "baseline": True, "error": "boom"}]
-    assert report.recommend(failed, report.Metric("eval_loss", False), 0.01) is None
+    assert builder.recommend(failed, builder.Metric("eval_loss", False), 0.01) is None
 
 
 def summary(name, joules, loss, peak, baseline=False, status="completed"):
@@ -88,7 +89,7 @@ def test_report_files_from_a_sweep_folder(tmp_path):
         {"name": "broken", "key": "broken", "status": "failed", "config": {}, "error": "UserError: bad"},
     ]
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"torn')
-    built = report.build(tmp_path, tolerance=0.05)
+    built = builder.build(tmp_path, tolerance=0.05)
     assert built["recommendation"]["name"] == "bf16"
     html = (tmp_path / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3 and "<img" in html and 'src="energy' not in html
@@ -106,9 +107,9 @@ def test_report_of_a_single_run_and_of_nothing(tmp_path):
     (tmp_path / "summary.json").write_text(
         json.dumps({k: v for k, v in record.items() if k not in ("name", "key", "baseline")})
     )
-    assert report.build(tmp_path)["recommendation"]["name"] == "run"
+    assert builder.build(tmp_path)["recommendation"]["name"] == "run"
     with pytest.raises(UserError, match="no results.jsonl"):
-        report.build(tmp_path / "nope")
+        builder.build(tmp_path / "nope")
 
 
 def task(base, adapted, joules=50.0):
@@ -145,7 +146,7 @@ def test_a_report_without_a_detectable_gain_says_so_and_ranks_by_held_out_loss(t
             ("lora", 400.0, 2.02, task(BASE, [b - n for b, n in zip(BASE, noise, strict=True)])),
         ],
     )
-    built = report.build(tmp_path, tolerance=0.05)
+    built = builder.build(tmp_path, tolerance=0.05)
     assert built["metric"] == "eval_loss"
     assert built["recommendation"]["name"] == "lora"  # cheapest within 0.05 nats of the best loss
     assert "No recipe's adaptation changed the task" in built["verdict"][0]
@@ -166,12 +167,12 @@ def test_a_report_with_a_detectable_gain_ranks_by_the_task_with_retained_gain(tm
             ("frugal", 300.0, 2.20, task(BASE, [b + g for b, g in zip(BASE, kept, strict=True)])),
         ],
     )
-    built = report.build(tmp_path, tolerance=0.03)
+    built = builder.build(tmp_path, tolerance=0.03)
     assert built["metric"] == "task_score" and built["recommendation"]["name"] == "frugal"
     assert "helped the task" in built["verdict"][0] and "for 2 of 2 recipes" in built["verdict"][0]
     expected = stats.retained_gain(dict(enumerate(kept)), dict(enumerate(gains)))
     assert expected is not None and 0.85 < expected.mean < 0.95
-    rows = {r["name"]: r for r in report.load_rows(tmp_path)[0]}
+    rows = {r["name"]: r for r in builder.load_rows(tmp_path)[0]}
     assert rows["frugal"]["retained"] == pytest.approx(expected.mean)
     assert rows["frugal"]["retained_low"] == pytest.approx(expected.low)
     assert any(line.startswith("frugal keeps 8") or line.startswith("frugal keeps 9") for line in built["verdict"])
@@ -183,10 +184,10 @@ def test_a_report_with_a_detectable_gain_ranks_by_the_task_with_retained_gain(tm
 def test_a_record_that_does_not_fit_the_summary_schema_is_named(tmp_path):
     (tmp_path / "summary.json").write_text(json.dumps({"status": "completed", "config": {}, "steps": "many"}))
     with pytest.raises(UserError, match="summary.json: steps = 'many' is not valid: expected an integer"):
-        report.build(tmp_path)
+        builder.build(tmp_path)
     (tmp_path / "summary.json").write_text(json.dumps({"status": "completed"}))
     with pytest.raises(UserError, match="config missing"):
-        report.build(tmp_path)
+        builder.build(tmp_path)
 
 
 def test_every_report_writes_a_compute_statement_with_adaptation_and_evaluation_apart(tmp_path):
@@ -201,7 +202,7 @@ def test_every_report_writes_a_compute_statement_with_adaptation_and_evaluation_
     for r in records:
         r["config"]["measure"] = {"location": "Quebec, Canada"}
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    report.build(tmp_path)
+    builder.build(tmp_path)
     assert " in Quebec, Canada." in (tmp_path / "compute.md").read_text()  # measure.location
     md = (tmp_path / "compute.md").read_text()
     # 1,500 J adapting + 400 J evaluating = 1,900 J = 0.000528 kWh; at the world average 480 g/kWh.
@@ -220,7 +221,7 @@ def test_a_report_where_adaptation_hurt_says_so_and_ranks_by_held_out_loss(tmp_p
             ("lora", 400.0, 2.01, task(BASE, [b - 0.01 + 0.001 * i for i, b in enumerate(BASE)])),
         ],
     )
-    built = report.build(tmp_path, tolerance=0.05)
+    built = builder.build(tmp_path, tolerance=0.05)
     assert built["metric"] == "eval_loss" and built["recommendation"]["name"] == "lora"
     assert "No recipe's adaptation helped the task (macro_f1); 2 of 2 hurt it" in built["verdict"][0]
     assert built["verdict"][1].startswith("fp32: hurt: -0.0460 (95% CI")

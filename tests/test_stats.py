@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from ecoadapt import stats
+from ecoadapt.task import stats
 
 
 @pytest.mark.parametrize(

@@ -14,9 +14,9 @@ import torch
 import yaml
 from transformers import AutoTokenizer
 
-from conftest import sentences
 from ecoadapt.config import DataConfig, TaskConfig
 from ecoadapt.data import corpus, labelled, readers
+from helpers.tiny_models import sentences
 
 HELPER = Path(__file__).parent / "helpers" / "build_store.py"
 

@@ -5,9 +5,9 @@ import json
 import pytest
 import yaml
 
-from ecoadapt import sweep
 from ecoadapt.cli import main
-from ecoadapt.errors import UserError
+from ecoadapt.commands import sweep
+from ecoadapt.core.errors import UserError
 
 
 def write_sweep(tmp_path, model, corpus, **extra):
@@ -84,8 +84,9 @@ def test_three_point_sweep_runs_resumes_and_records_failures(tmp_path, tiny_llam
     assert len(csv_rows) == 1 + 4  # header + enabled=False, enabled=True, too-many, more
 
 
+@pytest.mark.slow
 def test_a_sweep_fine_tunes_the_base_once_and_every_point_shares_it(tmp_path, tiny_bert, corpus_jsonl, capfd):
-    from test_downstream import write_task
+    from helpers.tiny_models import write_task
 
     task = {"train": [str(write_task(tmp_path / "task.jsonl", 120))], "seeds": [0, 1], "epochs": 1}
     path = write_sweep(tmp_path, tiny_bert, corpus_jsonl, grid={}, points=[{"name": "a"}, {"name": "b"}])

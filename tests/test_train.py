@@ -3,26 +3,26 @@
 import pytest
 import torch
 
-from conftest import fit
-from ecoadapt import losses, models
-from ecoadapt import train as train_loop
 from ecoadapt.config import LoraConfig, ModelConfig, TrainConfig
 from ecoadapt.data.batches import IGNORE
-from ecoadapt.precision import Policy
+from ecoadapt.model import losses, pretrained
+from ecoadapt.model.precision import Policy
+from ecoadapt.train.loop import accumulate, total_steps
+from helpers.runs import fit_tiny
 
 CPU = torch.device("cpu")
 
 
 def grads_after(model, micro, objective):
     model.zero_grad(set_to_none=True)
-    train_loop.accumulate(model, micro, objective, Policy("fp32", "cpu"), CPU)
+    accumulate(model, micro, objective, Policy("fp32", "cpu"), CPU)
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("objective", ["mlm", "clm"])
 def test_accumulation_equals_one_big_batch_with_uneven_targets(tiny_bert, tiny_llama, objective):
     folder = tiny_bert if objective == "mlm" else tiny_llama
-    model = models.load(ModelConfig(str(folder)), 32).model.eval()  # eval: no dropout
+    model = pretrained.load(ModelConfig(str(folder)), 32).model.eval()  # eval: no dropout
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(5, 30, (8, 16), generator=gen)
     labels = ids.clone()
@@ -50,7 +50,7 @@ def test_accumulation_equals_one_big_batch_with_uneven_targets(tiny_bert, tiny_l
 
 
 def test_masked_positions_only_head_matches_full_logits(tiny_bert):
-    model = models.load(ModelConfig(str(tiny_bert)), 32).model.eval()
+    model = pretrained.load(ModelConfig(str(tiny_bert)), 32).model.eval()
     ids = torch.randint(5, 30, (3, 16))
     labels = torch.full_like(ids, IGNORE)
     labels[:, ::3] = ids[:, ::3]
@@ -64,7 +64,9 @@ def test_masked_positions_only_head_matches_full_logits(tiny_bert):
 
 
 def test_loss_goes_down_on_repetitive_text(tiny_llama):
-    result, _, _ = fit(tiny_llama, TrainConfig(max_steps=40, lr=1e-2, micro_batch_size=4, log_every=10, warmup_ratio=0))
+    result, _, _ = fit_tiny(
+        tiny_llama, TrainConfig(max_steps=40, lr=1e-2, micro_batch_size=4, log_every=10, warmup_ratio=0)
+    )
     losses = [r.loss for r in result.logs]
     assert len(losses) == 4
     assert losses[-1] < 0.5 * losses[0]
@@ -74,20 +76,22 @@ def test_loss_goes_down_on_repetitive_text(tiny_llama):
 
 def test_mlm_lora_with_checkpointing_learns(tiny_bert):
     cfg = TrainConfig(max_steps=30, lr=1e-2, micro_batch_size=4, grad_accum=2, gradient_checkpointing=True)
-    result, _, _ = fit(tiny_bert, cfg, LoraConfig(enabled=True, r=4))
+    result, _, _ = fit_tiny(tiny_bert, cfg, LoraConfig(enabled=True, r=4))
     assert result.logs[-1].loss < result.logs[0].loss
 
 
 def test_gradient_checkpointing_gives_the_same_loss(tiny_llama):
-    base, _, _ = fit(tiny_llama, TrainConfig(max_steps=5, micro_batch_size=2, log_every=1))
-    ckpt, _, _ = fit(tiny_llama, TrainConfig(max_steps=5, micro_batch_size=2, log_every=1, gradient_checkpointing=True))
+    base, _, _ = fit_tiny(tiny_llama, TrainConfig(max_steps=5, micro_batch_size=2, log_every=1))
+    ckpt, _, _ = fit_tiny(
+        tiny_llama, TrainConfig(max_steps=5, micro_batch_size=2, log_every=1, gradient_checkpointing=True)
+    )
     for a, b in zip(base.logs, ckpt.logs, strict=True):
         assert a.loss == pytest.approx(b.loss, rel=1e-4)
 
 
 def test_total_steps_from_epochs():
-    assert train_loop.total_steps(TrainConfig(max_steps=None, epochs=2, micro_batch_size=4, grad_accum=2), 20) == 5
-    assert train_loop.total_steps(TrainConfig(max_steps=7), 20) == 7
+    assert total_steps(TrainConfig(max_steps=None, epochs=2, micro_batch_size=4, grad_accum=2), 20) == 5
+    assert total_steps(TrainConfig(max_steps=7), 20) == 7
 
 
 def test_masked_rows_pad_to_a_bucket_with_ignored_rows():
@@ -105,7 +109,7 @@ def test_masked_rows_pad_to_a_bucket_with_ignored_rows():
 
 
 def test_parameter_groups_give_new_parameters_the_full_rate_and_the_body_its_share():
-    from ecoadapt.train import parameter_groups
+    from ecoadapt.train.loop import parameter_groups
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))  # "1" plays the new head
     groups = parameter_groups(model, 0.01, 1e-3, new=["1.weight", "1.bias"], body_lr_scale=0.1)

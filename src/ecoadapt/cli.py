@@ -4,33 +4,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import textwrap
 import warnings
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ecoadapt import __version__
+from ecoadapt import __version__, api
 from ecoadapt.config import all_keys
-from ecoadapt.errors import UserError
-
-
-def preset_names() -> list[str]:
-    """The presets shipped with the package (YAML files in ecoadapt/presets)."""
-    folder = resources.files("ecoadapt") / "presets"
-    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
-
-
-def resolve_config(name: str) -> Path:
-    """A config file path, or the path of the shipped preset of that name."""
-    path = Path(name)
-    if path.exists() or name.endswith((".yaml", ".yml")):
-        return path
-    if name in preset_names():
-        return Path(str(resources.files("ecoadapt") / "presets" / f"{name}.yaml"))
-    raise UserError(f"{name}: no such config file or preset (presets: {', '.join(preset_names())})")
+from ecoadapt.config.presets import preset_names
+from ecoadapt.core.errors import UserError
 
 
 def keys_help(rows: list[tuple[str, str, Any, str]] | None = None, defaults: bool = True) -> str:
@@ -43,25 +26,18 @@ def keys_help(rows: list[tuple[str, str, Any, str]] | None = None, defaults: boo
 
 
 def _cmd_adapt(args: argparse.Namespace) -> int:
-    from ecoadapt import adapt, config, parallel
+    from ecoadapt.commands.adapt import exit_status
+    from ecoadapt.model import parallel
 
-    path = resolve_config(args.config)
-    overrides = [*args.set, *(["output.resume=true"] if args.resume else [])]
-    cfg = config.load(path, overrides)
-    if cfg.parallel.nproc > 1 and not parallel.under_torchrun():
-        # Relaunch this very command as nproc processes under torchrun.
-        return parallel.launch(cfg.parallel.nproc, ["adapt", str(path), *(f"--set={s}" for s in overrides)])
-    summary = adapt.run(cfg, base=path.parent if path.exists() else None)
-    if summary.status == "interrupted":
-        # The conventional status of a process ended by a signal (128 + its number).
-        code = 128 + int(signal.Signals[summary.signal or "SIGTERM"])
-    else:
-        # A failed task leaves a complete summary of the adaptation, and exit status 1 for scripts.
-        code = 1 if summary.task is not None and summary.task.get("status") == "failed" else 0
-        if summary.rank == 0:
-            _print_run(summary, cfg.output.dir)
+    try:
+        summary = api.adapt(args.config, args.set, resume=args.resume)
+    except api.JobFailed as e:  # its ranks printed why
+        return e.exit_code
+    code = exit_status(summary)
+    if summary.status != "interrupted" and summary.rank == 0:
+        _print_run(summary, summary.config["output"]["dir"])
     if parallel.under_torchrun() and code in (0, 1):
-        _leave(code)
+        parallel.end_rank(code)
     return code
 
 
@@ -113,21 +89,8 @@ def _compile_and_forecast_lines(summary: Any) -> list[str]:
     return lines
 
 
-def _leave(code: int) -> None:
-    """End a rank of a finished torchrun job: every output is written and the process group
-    left, so skip C++ static destructors, where gloo's threads aborted a worker ("terminate
-    called without an active exception") or left rank 0 hanging after its peer had gone."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from ecoadapt import config, evaluate
-
-    path = resolve_config(args.config)
-    cfg = config.load(path, args.set)
-    task = evaluate.run(cfg)
+    task = api.evaluate(args.config, args.set)
     print(task_line(task))
     e = task["energy"]
     print(f"evaluation: {e['seconds']:.1f} s, {e['joules']:,.0f} J ({e['method']}, {e['meter']})")
@@ -147,69 +110,57 @@ def task_line(task: dict[str, Any]) -> str:
 def _cmd_plan(args: argparse.Namespace) -> int:
     import json
 
-    from ecoadapt import config, plan
-    from ecoadapt.progress import say
-
-    path = resolve_config(args.config)
-    cfg = config.load(path, args.set)
-    steps, source = plan.planned_steps(cfg, path.parent if path.exists() else None)
-    grid = args.grid or args.memory_gb is not None or args.energy_j is not None  # "which recipes fit"
-    rows = plan.run(cfg, steps, args.memory_gb, args.energy_j, grid, args.fresh, say)
+    plan = api.plan(args.config, args.set, args.memory_gb, args.energy_j, args.grid, args.fresh)
+    cfg = plan.config
     print(
-        f"forecast for {steps} steps ({source}) of {cfg.model.name_or_path}, {cfg.data.max_seq_len} tokens x "
-        f"{cfg.train.micro_batch_size} x {cfg.train.grad_accum}, from a probe of a few steps per recipe:"
+        f"forecast for {plan.steps} steps ({plan.source}) of {cfg.model.name_or_path}, {cfg.data.max_seq_len} tokens "
+        f"x {cfg.train.micro_batch_size} x {cfg.train.grad_accum}, from trial steps of each recipe:"
     )
-    print(plan.table(rows, args.memory_gb, args.energy_j))
+    print(plan.table)
     if args.json:
-        from ecoadapt.storage import atomic_write_text
+        from ecoadapt.core.storage import atomic_write_text
 
-        atomic_write_text(Path(args.json), json.dumps({"steps": steps, "source": source, "recipes": rows}, indent=1))
+        document = {"steps": plan.steps, "source": plan.source, "recipes": plan.recipes}
+        atomic_write_text(Path(args.json), json.dumps(document, indent=1))
     return 0
 
 
-def _cmd_sweep(args: argparse.Namespace) -> int:
-    from ecoadapt import report, sweep
+def _print_report(report: api.Report) -> None:
+    print(report.table)
+    print(f"\nrecommendation: {report.recommendation_text}")
 
-    spec = sweep.load(args.sweep, args.set)
-    results = sweep.run(spec)
-    built = report.build(spec.out)
-    print(built["table"])
-    rec = built["recommendation"]
-    print(f"\nrecommendation: {rec['text'] if rec else 'no point completed'}")
-    print(f"report: {spec.out / 'report.html'}")
-    return 0 if any(r.get("status") != "failed" for r in results) else 1
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    result = api.sweep(args.sweep, args.set)
+    _print_report(result.report)
+    print(f"report: {result.report.folder / 'report.html'}")
+    return 0 if result.any_completed else 1
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from ecoadapt import report
-
-    built = report.build(Path(args.dir), args.tolerance, args.objective, [Path(d) for d in args.more])
-    print(built["table"])
-    rec = built["recommendation"]
-    print(f"\nrecommendation: {rec['text'] if rec else 'no point completed'}")
-    print(f"report: {Path(args.dir) / 'report.html'}")
+    report = api.report(args.dir, args.more, args.tolerance, args.objective)
+    _print_report(report)
+    print(f"report: {report.folder / 'report.html'}")
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     import platform
 
-    from ecoadapt import demo
+    from ecoadapt.commands import demo
 
-    built = demo.run(Path(args.out), quick=args.quick)
-    print(built["table"])
-    rec = built["recommendation"]
-    print(f"\nrecommendation: {rec['text'] if rec else 'no point completed'}")
-    for note in built["notes"]:
+    report = api.demo(args.out, quick=args.quick)
+    _print_report(report)
+    for note in report.notes:
         print(f"- {note}")
     print(f"- {demo.SOURCE.format(version=platform.python_version())}")
-    print(f"report: {Path(args.out) / 'report.html'}")
-    return 0 if rec else 1
+    print(f"report: {report.folder / 'report.html'}")
+    return 0 if report.recommendation else 1
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
     if args.summary:
-        from ecoadapt.summary import reference
+        from ecoadapt.results.summary import reference
 
         print(keys_help(reference(), defaults=False))
     else:
@@ -222,7 +173,7 @@ def _cmd_meters(args: argparse.Namespace) -> int:
 
     failed = []
     for kind in ("nvml", "rapl"):
-        why = meters.probe(kind)
+        why = meters.check(kind)
         print(f"{kind}: {'reads (measured)' if why is None else 'cannot read: ' + why}")
         if why is not None and kind in args.need:
             failed.append(kind)
@@ -249,7 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ecoadapt {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_run_commands(sub)
+    _add_result_commands(sub)
+    _add_info_commands(sub)
+    return parser
 
+
+def _add_run_commands(sub: Any) -> None:
+    """adapt, evaluate and plan: the verbs that take one run's config."""
     adapt = sub.add_parser(
         "adapt",
         help="continued pre-training of a model on a domain corpus",
@@ -290,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan_cmd.add_argument("--json", default=None, help="also write the forecast to this JSON file")
     plan_cmd.set_defaults(func=_cmd_plan)
 
+
+def _add_result_commands(sub: Any) -> None:
+    """sweep, report and demo: the verbs that end in a report."""
     sweep = sub.add_parser("sweep", help="run a grid of adapt configurations, one process each, resumable")
     sweep.add_argument("sweep", help="a sweep YAML (base + grid and/or points)")
     _add_set(sweep, "override a key of the base config (so of every point)")
@@ -309,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="three recipes, smaller budget (about 2 minutes)")
     demo.set_defaults(func=_cmd_demo)
 
+
+def _add_info_commands(sub: Any) -> None:
+    """keys, presets and meters: what the tool knows, and what this machine can measure."""
     keys = sub.add_parser("keys", help="list every config key with its default and help")
     keys.add_argument("--summary", action="store_true", help="list the fields of summary.json instead")
     keys.set_defaults(func=_cmd_keys)
@@ -316,7 +280,6 @@ def build_parser() -> argparse.ArgumentParser:
     meters = sub.add_parser("meters", help="which energy meters can read on this machine (built and read, not assumed)")
     meters.add_argument("--need", nargs="*", default=[], choices=["nvml", "rapl"], help="exit 1 unless these read")
     meters.set_defaults(func=_cmd_meters)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ evaluation window that is kept out of training's time, energy and peak memory.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -25,15 +26,15 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from ecoadapt import schema, storage
-from ecoadapt import summary as summary_mod
-from ecoadapt.config import BudgetConfig, MeasureConfig
-from ecoadapt.errors import UserError
+from ecoadapt.config import BudgetConfig, MeasureConfig, schema
+from ecoadapt.core import storage
+from ecoadapt.core.errors import UserError
+from ecoadapt.core.progress import say
 from ecoadapt.measure import energy, environment, flops, memory
 from ecoadapt.measure.budget import BUDGETS, Budget
-from ecoadapt.precision import DTYPES
-from ecoadapt.progress import say
-from ecoadapt.summary import EvalSummary, RunSummary
+from ecoadapt.measure.phases import PhaseFigures, Phases
+from ecoadapt.model.precision import DTYPES
+from ecoadapt.results.summary import EvalSummary, RunSummary
 
 
 @dataclass
@@ -72,7 +73,8 @@ class EcoadaptCallback(TrainerCallback):
         self.budget_cfg = budget if isinstance(budget, BudgetConfig) else schema.build(BudgetConfig, budget, "budget")
         self.name = name
         self.progress = _Progress()
-        self._eval_open = False
+        self._eval_window: contextlib.ExitStack | None = None  # open while the Trainer evaluates
+        self._eval_figures = PhaseFigures("eval")
         self._eval_s = 0.0
         self._sequences = 0
         self._counted: torch.Tensor | int = 0  # tokens so far, on the model's device: no sync per forward
@@ -100,11 +102,13 @@ class EcoadaptCallback(TrainerCallback):
         self.model = model
         self.tracker = energy.EnergyTracker.for_config(self.measure, self.device.type, self.device.index, 0, say)
         self.memory = memory.MemoryWindows(self.device)
+        self.phases = Phases(self.tracker, self.memory)
         self.rss_before = memory.rss_bytes()
         self.budget = Budget(self.budget_cfg, lambda: self.tracker.running("train"), state.max_steps or 1, say)
         self._hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
-        self.tracker.begin_window("train")
-        self.memory.begin("train")
+        # Trainer callbacks open and close the windows in separate calls: an exit stack holds them.
+        self._train_window = contextlib.ExitStack()
+        self._train_window.enter_context(self.phases.window("train"))
         self._start = time.perf_counter()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -153,11 +157,10 @@ class EcoadaptCallback(TrainerCallback):
         self._sync_tokens()
         self.progress.steps = state.global_step
         self.progress.time_s = time.perf_counter() - self._start - self._eval_s
-        self.memory.end("train")
-        self.tracker.end_window("train")
+        self._train_window.close()
         self._hook.remove()
         summary = self._summary(args, state)
-        summary_mod.write(self.out / "summary.json", summary)
+        summary.save(self.out / "summary.json")
         say(f"ecoadapt: {summary.status}; summary in {self.out / 'summary.json'}")
 
     # -- helpers ----------------------------------------------------------------------------
@@ -166,10 +169,9 @@ class EcoadaptCallback(TrainerCallback):
         """Count the tokens of a training forward pass; open the evaluation window on an
         evaluation one."""
         if not module.training:
-            if not self._eval_open:
-                self._eval_open, self._eval_t0 = True, time.perf_counter()
-                self.tracker.begin_window("eval", within="train")
-                self.memory.begin("eval")
+            if self._eval_window is None:
+                self._eval_window = contextlib.ExitStack()
+                self._eval_figures = self._eval_window.enter_context(self.phases.window("eval", within="train"))
             return
         ids = kwargs.get("input_ids", args[0] if args else None)
         mask = kwargs.get("attention_mask")
@@ -186,11 +188,10 @@ class EcoadaptCallback(TrainerCallback):
         self.progress.tokens = int(self._counted)
 
     def _close_eval(self) -> None:
-        if self._eval_open:
-            self.memory.end("eval")
-            self.tracker.end_window("eval")
-            self._eval_s += time.perf_counter() - self._eval_t0
-            self._eval_open = False
+        if self._eval_window is not None:
+            self._eval_window.close()
+            self._eval_s += self._eval_figures.seconds
+            self._eval_window = None
 
     def _summary(self, args: Any, state: Any) -> RunSummary:
         p = self.progress
@@ -241,7 +242,7 @@ class EcoadaptCallback(TrainerCallback):
 
     def _mfu(self, args: Any, tokens_per_s: float) -> dict[str, Any] | None:
         """MFU from the model's shapes (PaLM convention; every position through the LM head)."""
-        from ecoadapt.models import transformer_blocks
+        from ecoadapt.model.pretrained import transformer_blocks
 
         config = getattr(self.model, "config", None)
         if not tokens_per_s or config is None or not hasattr(config, "hidden_size") or not self._sequences:

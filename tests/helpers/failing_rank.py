@@ -2,7 +2,7 @@
 
 import sys
 
-from ecoadapt import parallel
+from ecoadapt.model import parallel
 
 world, _ = parallel.setup("ddp", "cpu", timeout_s=60)
 if world.rank == 1:

@@ -6,11 +6,11 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-from ecoadapt import parallel
 from ecoadapt.config import BudgetConfig
-from ecoadapt.early_stop import EarlyStop
 from ecoadapt.measure.budget import Budget
-from ecoadapt.stopping import StopRule
+from ecoadapt.model import parallel
+from ecoadapt.train.early_stop import EarlyStop
+from ecoadapt.train.stopping import StopRule
 
 out = Path(sys.argv[1])
 world, _ = parallel.setup("ddp", "cpu", timeout_s=60)

@@ -17,7 +17,7 @@ import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
-from ecoadapt.errors import UserError
+from ecoadapt.core.errors import UserError
 
 PREFIX = "builtin:"
 # Packages left out: tests (docstrings of test cases are noise) and vendored/IDE code.

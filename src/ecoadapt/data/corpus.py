@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from ecoadapt.config import DataConfig
+from ecoadapt.core.errors import UserError
+from ecoadapt.core.progress import say
+from ecoadapt.core.storage import cache_root
 from ecoadapt.data import readers, store
 from ecoadapt.data.store import MemmapBlocks
 from ecoadapt.data.tokenize_worker import is_held_out
-from ecoadapt.errors import UserError
-from ecoadapt.progress import say
-from ecoadapt.storage import cache_root
 
 __all__ = ["TokenBlocks", "build", "cache_dir", "is_held_out"]
 

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 
 from ecoadapt.config import TaskConfig
+from ecoadapt.core.errors import UserError
 from ecoadapt.data import readers
 from ecoadapt.data.batches import epoch_order
-from ecoadapt.errors import UserError
 
 
 @dataclass

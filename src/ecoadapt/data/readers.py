@@ -23,8 +23,8 @@ from typing import IO, Any, cast
 
 import psutil
 
+from ecoadapt.core.errors import UserError
 from ecoadapt.data import builtin
-from ecoadapt.errors import UserError
 
 SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".tsv", ".parquet")
 COMPRESSED = (".gz", ".zst")  # for the line- and row-based formats

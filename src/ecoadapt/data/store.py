@@ -33,10 +33,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ecoadapt.core.errors import UserError
+from ecoadapt.core.storage import atomic_write_text
 from ecoadapt.data import builtin, readers
 from ecoadapt.data.tokenize_worker import init_worker, tokenize_chunk, worker_tokenizer
-from ecoadapt.errors import UserError
-from ecoadapt.storage import atomic_write_text
 
 STORE_FORMAT = 1  # bump when the layout changes: stores of another format are not read
 # A tokenization task holds at most this many documents or characters: batches large enough for

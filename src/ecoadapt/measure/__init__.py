@@ -1,1 +1,3 @@
-"""Measurements of a run: memory, environment (and, in later modules, energy and FLOPs)."""
+"""Measurements of a run: energy meters and windows, peak memory, FLOPs and MFU, budgets, the
+environment, and what a kWh means in CO2e. Each figure says whether it was measured or estimated.
+"""

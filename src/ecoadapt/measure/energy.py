@@ -14,9 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ecoadapt import carbon
 from ecoadapt.config import MeasureConfig
-from ecoadapt.measure import meters
+from ecoadapt.measure import carbon, meters
 from ecoadapt.measure.meters import Meter, RaplMeter, ZeusGpuMeter, choose
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ecoadapt.storage import atomic_write_text, cache_root
+from ecoadapt.core.storage import atomic_write_text, cache_root
 
 
 @dataclass
@@ -117,7 +117,7 @@ PROBE_N_CUDA = 4096
 PROBE_TRIALS = 3  # the best of these: one slow trial on a busy machine is not the device's peak
 
 
-def probe_peak(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) -> float:
+def measure_peak(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) -> float:
     """Measured matmul FLOP/s of ``device`` in ``dtype``: the best of a few trials, about
     ``seconds`` in all.
 
@@ -156,7 +156,7 @@ def probe_peak(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) -
 def peak_flops(
     device: torch.device, dtype: torch.dtype, given: float | None = None, at_least: float | None = None
 ) -> tuple[float, str]:
-    """The device's peak FLOP/s in ``dtype`` and where it came from ("given", "probe", "cache").
+    """The device's peak FLOP/s in ``dtype`` and where it came from ("given", "measured", "cache").
 
     The cache keeps the highest peak ever probed. A cached peak below ``at_least`` (a rate a run
     has just achieved, so the probe that set it ran on a busy machine) is probed again.
@@ -172,11 +172,11 @@ def peak_flops(
     cached = float(cache[key]) if key in cache else None
     if cached is not None and (at_least is None or cached >= at_least):
         return cached, "cache"
-    value = max(probe_peak(device, dtype), cached or 0.0)
+    value = max(measure_peak(device, dtype), cached or 0.0)
     cache[key] = value
     with contextlib.suppress(OSError):  # the cache only saves a probe next time
         atomic_write_text(path, json.dumps(cache, indent=1))
-    return value, "probe"
+    return value, "measured"
 
 
 def model_mfu(

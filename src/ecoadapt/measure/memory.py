@@ -116,6 +116,10 @@ class MemoryWindows:
         self._open.append(name)
         self.reset_ok &= reset_peak(self.device)
 
+    def current_peak(self) -> int:
+        """The peak (bytes) of the innermost open window so far, without ending it."""
+        return self._read()["peak"]
+
     def end(self, name: str) -> dict[str, int]:
         """End the window ``name``; its peak (bytes): ``peak`` and, on CUDA, ``reserved``."""
         peaks = self._fold(name)
@@ -159,3 +163,14 @@ class MemoryWindows:
                 "includes every earlier one"
             )
         return out
+
+
+def combine_ranks(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
+    """The job's memory: rank 0's report, plus every rank's training peak (max and sum) under
+    data parallelism (each rank holds its own copy of what it trains)."""
+    out = dict(per_rank[0])
+    if len(per_rank) > 1:
+        key = out["compare_with"]
+        peaks = [m[key] for m in per_rank]
+        out.update({"per_rank_peak_bytes": peaks, "max_rank_peak_bytes": max(peaks), "sum_peak_bytes": sum(peaks)})
+    return out

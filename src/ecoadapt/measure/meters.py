@@ -25,8 +25,8 @@ from typing import Any, Protocol
 
 import psutil
 
-from ecoadapt.errors import UserError
-from ecoadapt.measure_config import CPU_WATTS_PER_CORE, MEMORY_WATTS_PER_GIB
+from ecoadapt.config.measure import CPU_WATTS_PER_CORE, MEMORY_WATTS_PER_GIB
+from ecoadapt.core.errors import UserError
 
 POWERCAP_ROOT = Path("/sys/class/powercap")
 
@@ -293,7 +293,7 @@ def choose(
     return MeterChoice(EstimateMeter(cpu_watts_per_core, memory_watts_per_gib), notes)
 
 
-def probe(kind: str, gpu_indices: list[int] | None = None, powercap_root: Path = POWERCAP_ROOT) -> str | None:
+def check(kind: str, gpu_indices: list[int] | None = None, powercap_root: Path = POWERCAP_ROOT) -> str | None:
     """Whether the meter ``kind`` (nvml, rapl) builds and reads here: None, or why not.
 
     Builds the real meter and reads it twice, as a run would: importing its library is not

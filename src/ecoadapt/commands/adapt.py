@@ -1,0 +1,481 @@
+"""`ecoadapt adapt`: continued pre-training from config to run directory, as a recipe of steps.
+
+    prepare   model, corpus, what trains, precision (before anything is written)
+    evaluate  held-out loss before training
+    train     the loop, with budgets, signals, periodic evaluation and checkpoints
+    evaluate  held-out loss after training
+    save      the adapter or the model
+    measure   energy, memory and MFU of each window, for the whole job
+    task      the downstream task, base vs adapted (rank 0)
+    summary   summary.json, written last
+
+Every check that can fail on bad input runs before the run directory is created; from then on a
+failure still writes ``summary.json`` with ``status: failed`` and the error. Under data
+parallelism every rank runs this same recipe on its shard; rank 0 alone prints and writes.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ecoadapt.config import RunConfig, dump
+from ecoadapt.core import storage
+from ecoadapt.core.errors import UserError
+from ecoadapt.core.progress import Progress, say
+from ecoadapt.data import readers
+from ecoadapt.data.batches import BlockLoader
+from ecoadapt.forecast.first_steps import FirstSteps
+from ecoadapt.measure import energy, environment, memory
+from ecoadapt.measure.budget import BUDGETS, Budget
+from ecoadapt.measure.phases import Phases
+from ecoadapt.model import export, parallel, pretrained
+from ecoadapt.model.adapters import is_new
+from ecoadapt.reports import model_card
+from ecoadapt.results import rundir
+from ecoadapt.results.summary import EvalSummary, ModelSummary, ParallelSummary, ReliabilitySummary, RunSummary
+from ecoadapt.task import downstream
+from ecoadapt.train import checkpoint
+from ecoadapt.train.early_stop import EarlyStop
+from ecoadapt.train.heldout import heldout
+from ecoadapt.train.interrupt import Interrupts
+from ecoadapt.train.loop import Hooks, Loop, StepLog, TrainResult, fit, total_steps
+from ecoadapt.train.prepare import Prepared, mfu, prepare
+from ecoadapt.train.stopping import StopRule
+
+HEAD_SEED_OFFSET = 7919  # the head-first steps draw their own block order and masks
+
+
+def exit_status(summary: RunSummary) -> int:
+    """The command's exit status for a finished run: 0 done, 1 the task failed (the adaptation's
+    results are kept), 128 + the signal's number when a signal ended it (the shell's convention)."""
+    if summary.status == "interrupted":
+        return 128 + int(signal.Signals[summary.signal or "SIGTERM"])
+    return 1 if summary.task is not None and summary.task.get("status") == "failed" else 0
+
+
+def run(cfg: RunConfig, base: Path | None = None) -> RunSummary:
+    """Run continued pre-training as ``cfg`` says and return the summary (also in summary.json).
+
+    Args:
+        cfg: the checked configuration.
+        base: the config file's folder (relative corpus paths are looked up there first).
+
+    Raises:
+        UserError: bad input found before the run directory is created.
+    """
+    out = Path(cfg.output.dir)
+    # Cheap checks first: a typo in a path fails in milliseconds, not after loading a model.
+    resume = rundir.resume_point(out, cfg.to_dict(), cfg.output.overwrite, cfg.output.resume)
+    readers.resolve(cfg.data.train, base)
+    pretrained.resolve_model(cfg.model)  # a hub id is fetched here, once, before anything else
+    if cfg.task.train:  # every record, before an adaptation that a bad task file would waste
+        downstream.check(cfg.task)
+    world, device = parallel.setup(cfg.parallel.strategy, cfg.train.device, cfg.parallel.timeout_s)
+    if world.strategy == "fsdp" and cfg.lora.merge:
+        raise UserError("lora.merge is not available with parallel.strategy = fsdp; merge the saved adapter afterwards")
+    try:
+        return AdaptRun(cfg, world, device).execute(base, out, resume)
+    finally:
+        parallel.teardown(barrier=False)  # after an error a peer may never reach a barrier
+
+
+@dataclass
+class Training:
+    """What the train step leaves: the loop's result and what produced it."""
+
+    result: TrainResult
+    loader: BlockLoader
+    budget: Budget
+    stopper: EarlyStop
+    interrupts: Interrupts
+    checkpoints: checkpoint.RunCheckpoints | None
+    head_first: dict[str, Any] | None = None
+
+
+class AdaptRun:
+    """One adapt run on one rank: the steps of the recipe, and the state they share."""
+
+    def __init__(self, cfg: RunConfig, world: parallel.World, device: torch.device) -> None:
+        self.cfg, self.world, self.device = cfg, world, device
+        self.tracker = energy.EnergyTracker.for_config(
+            cfg.measure, device.type, device.index, world.local_rank, self.log
+        )
+        self.memory = memory.MemoryWindows(device)
+        self.phases = Phases(self.tracker, self.memory)
+        self.first_steps: FirstSteps | None = None  # the in-run forecast's watcher, once training starts
+        self.summary = RunSummary(status="failed", config=cfg.to_dict(), rank=world.rank)
+        self.run_dir = Path(cfg.output.dir)
+
+    def log(self, message: str) -> None:
+        """A line of narration, from rank 0 only."""
+        if self.world.is_main:
+            say(message)
+
+    def execute(self, base: Path | None, out: Path, resume: rundir.ResumePoint) -> RunSummary:
+        """Prepare, then run the recipe; a failure after the run directory exists is summarised."""
+        resumed = checkpoint.load(resume.checkpoint) if resume.checkpoint is not None else None
+        if self.device.type == "cuda" and self.cfg.train.max_memory_gb is not None:
+            memory.cap_cuda_memory(self.device, self.cfg.train.max_memory_gb)
+        if self.cfg.measure.idle_s > 0:
+            self.log(f"measuring idle power for {self.cfg.measure.idle_s:g} s ...")
+            self.log(f"idle power: {self.tracker.measure_idle(self.cfg.measure.idle_s):.1f} W")
+        self.p = prepare(self.cfg, base, self.device, self.world, self.tracker, self.log)
+        self.eval_blocks = self.p.blocks.eval[: self.cfg.data.eval_max_blocks]
+        self.steps = total_steps(self.cfg.train, len(self.p.blocks.train) // self.world.size)
+        if self.world.is_main:
+            _check_room(self.cfg, out, self.p)
+        self._open_run_dir(out, resume, resumed)
+        try:
+            return self._recipe(resumed)
+        except BaseException as e:
+            if self.world.is_main:
+                self.summary.status, self.summary.error = "failed", f"{type(e).__name__}: {e}"
+                self.summary.environment = environment.describe(self.device)
+                self.summary.save(self.run_dir / "summary.json")
+            raise
+        finally:
+            self.p.recipe.policy.restore()  # process-wide TF32 settings as they were
+
+    def _open_run_dir(self, out: Path, resume: rundir.ResumePoint, resumed: dict[str, Any] | None) -> None:
+        if resumed is not None:
+            at = int(resumed["loop"]["steps"])
+            self.log(f"resuming from the checkpoint at step {at} of {self.steps}")
+            if self.world.is_main:
+                rundir.truncate_jsonl(out / "metrics.jsonl", at)
+                (out / "summary.json").unlink(missing_ok=True)  # the interrupted one: no longer true
+            self.tracker.carry(resumed["extra"]["energy_windows"])
+            self.summary.resumed_from_step = at
+        elif self.world.is_main:
+            rundir.create(out, self.cfg.output.overwrite or resume.restart)
+            storage.atomic_write_text(out / "config.yaml", dump(self.cfg))
+        self.run_dir = out
+
+    def _recipe(self, resumed: dict[str, Any] | None) -> RunSummary:
+        before = resumed["extra"]["before"] if resumed is not None else self.evaluate("eval")
+        self.log(f"held-out loss before: {before['loss']:.4f}")
+        training = self.train(before, resumed)
+        result = training.result
+        if result.stopped_by == "interrupted":
+            return self._interrupted(training)
+        if result.stopped_by:
+            self.log(
+                f"stopped by {result.stopped_by} after {result.steps} of {self.steps} steps; evaluating and saving"
+            )
+        after = self.evaluate("eval_after")
+        self.log(f"held-out loss after: {after['loss']:.4f} (before {before['loss']:.4f})")
+        saved = self.save()
+        measured = self.measure(result)
+        # All ranks leave the process group together, here: rank 0 may go on alone for a long
+        # time (the task), and a worker that exits while its peer still holds the group can
+        # abort in gloo's threads.
+        parallel.teardown(barrier=True)
+        if not self.world.is_main:
+            return RunSummary(status="completed", config=self.summary.config, rank=self.world.rank)
+        task = self._task_or_failure(saved) if self.cfg.task.train else None
+        self._fill(training, before, after, saved, measured, task)
+        if self.first_steps is not None:
+            self.summary.forecast = self.first_steps.beside_measured(self.summary)
+        model_card.write(self.run_dir, self.summary)  # with the task's result: it ran first
+        self.summary.save(self.run_dir / "summary.json")
+        # Finished: the checkpoint's optimizer state is no longer needed (the model is saved).
+        (self.run_dir / rundir.CHECKPOINT_FILE).unlink(missing_ok=True)
+        return self.summary
+
+    # -- the steps --------------------------------------------------------------------------
+
+    def evaluate(self, window: str, within: str | None = None) -> dict[str, Any]:
+        """Held-out loss now, in its own energy and memory windows.
+
+        Every rank evaluates every held-out block: no communication, and the numbers are those
+        a single process gets (FSDP needs all ranks in each forward pass anyway).
+        """
+        r, objective, rows = self.p.recipe, self.p.loaded.objective, self.cfg.train.micro_batch_size
+        with self.phases.window(window, within=within, memory="eval"):
+            return heldout(r.model, self.eval_blocks, objective, r.mask, rows, r.policy, self.device)
+
+    def train(self, before: dict[str, Any], resumed: dict[str, Any] | None) -> Training:
+        """The training loop (after the head-first steps, if any) in its own energy and memory
+        windows (closed however training ends)."""
+        with self.phases.window("train", clock=self.p.recipe.compiled):
+            return self._train_in_window(before, resumed)
+
+    def _train_in_window(self, before: dict[str, Any], resumed: dict[str, Any] | None) -> Training:
+        cfg, p, r, world = self.cfg, self.p, self.p.recipe, self.world
+        head = self._head_first() if resumed is None else None
+        torch.manual_seed(cfg.train.seed)  # dropout masks depend on the seed alone
+        objective, rows = p.loaded.objective, cfg.train.micro_batch_size
+        loader = BlockLoader(p.blocks.train, rows, objective, r.mask, cfg.train.seed, world.rank, world.size)
+        loop = Loop.create(r.model, self.steps, cfg.train, r.policy, objective, self.device, world.size, p.loaded.fresh)
+        stopper = EarlyStop(cfg.train.early_stop, cfg.train.early_stop_delta)
+        checkpoints = None
+        if world.strategy != "fsdp":  # FSDP shards would need a distributed checkpoint format
+            checkpoints = checkpoint.RunCheckpoints(
+                self.run_dir / rundir.CHECKPOINT_FILE,
+                loader,
+                world.is_main,
+                lambda: {"before": before, "energy_windows": self.tracker.snapshot(), "early_stop": stopper.state()},
+            )
+        if resumed is not None:
+            assert checkpoints is not None
+            checkpoints.resume(loop, resumed)
+            stopper.load_state(resumed["extra"]["early_stop"])
+        budget = Budget(cfg.budget, self._job_training_joules, self.steps, self.log, tokens_scale=world.size)
+        progress = Progress(self.steps) if world.is_main else None
+        with Interrupts() as interrupts:
+            rule = StopRule(world, interrupts, budget, self._periodic_eval, cfg.train.eval_every, stopper)
+            watch = self._watch_first_steps()
+            hooks = Hooks(lambda record: self._on_log(record, progress), rule, checkpoints)
+            if watch is not None:
+                hooks.after_step = watch.after_step
+                watch.start()
+            try:
+                result = fit(loop, loader, hooks)
+            finally:
+                if progress is not None:
+                    progress.close()
+        return Training(result, loader, budget, stopper, interrupts, checkpoints, head)
+
+    def _watch_first_steps(self) -> FirstSteps | None:
+        """The in-run forecast's watcher of the first steps (measure.forecast, one process)."""
+        if not self.cfg.measure.forecast or self.world.size > 1:
+            return None
+        recipe = self.p.recipe
+        self.first_steps = FirstSteps(
+            self.cfg, self.steps, self.tracker, self.memory, self.device, parallel.unwrap(recipe.model), recipe.policy,
+            lambda: recipe.compiled.compile_s, self.p.rss_before_load, self.log,
+        )  # fmt: skip
+        return self.first_steps
+
+    def _head_first(self) -> dict[str, Any] | None:
+        """train.head_first_steps on the newly initialised parameters alone (the rest frozen,
+        so the backward pass stops at them); None when there is nothing to do."""
+        cfg, p = self.cfg, self.p
+        steps, new = cfg.train.head_first_steps, p.loaded.fresh
+        if not steps or not new:
+            return None
+        frozen = [q for name, q in p.recipe.model.named_parameters() if q.requires_grad and not is_new(name, new)]
+        self.log(
+            f"head first: {steps} steps on the new head alone ({', '.join(sorted({n.rsplit('.', 1)[0] for n in new}))})"
+        )
+        for q in frozen:
+            q.requires_grad_(False)
+        try:
+            torch.manual_seed(cfg.train.seed + HEAD_SEED_OFFSET)
+            loader = BlockLoader(
+                p.blocks.train, cfg.train.micro_batch_size, p.loaded.objective, p.recipe.mask,
+                cfg.train.seed + HEAD_SEED_OFFSET, 0, 1,
+            )  # fmt: skip
+            head_cfg = replace(cfg.train, max_steps=steps, body_lr_scale=1.0, log_every=steps)
+            loop = Loop.create(p.recipe.model, steps, head_cfg, p.recipe.policy, p.loaded.objective, self.device)
+            result = fit(loop, loader)
+        finally:
+            for q in frozen:
+                q.requires_grad_(True)
+        self.log(f"head first: loss {result.train_loss:.4f} after {steps} steps, {result.time_s:.1f} s")
+        return {"steps": steps, "tokens": result.tokens, "time_s": result.time_s, "train_loss": result.train_loss}
+
+    def _job_training_joules(self) -> float:
+        """Training joules so far, summed over every rank (a collective under parallelism)."""
+        return parallel.all_sum(self.tracker.running("train"), self.world, self.device)
+
+    def _on_log(self, record: StepLog, progress: Progress | None) -> None:
+        line: dict[str, Any] = dict(record.__dict__)
+        # The same condition on every rank: the sum is a collective, and a rank without a meter
+        # of its own (RAPL is read by local rank 0 alone) still takes part, adding 0 J.
+        if self.cfg.measure.energy != "off":  # cumulative training energy of the job
+            line["energy_j"] = self._job_training_joules()  # every rank logs at the same steps
+            line["energy_method"] = self.tracker.method
+        if progress is not None:
+            storage.append_jsonl(self.run_dir / "metrics.jsonl", line)
+            progress.update(record.step, record.loss, record.tokens_per_s)
+
+    def _periodic_eval(self, result: Any) -> float:
+        t0 = time.perf_counter()
+        scores = self.evaluate("eval_periodic", within="train")
+        result.excluded_s += time.perf_counter() - t0  # evaluation is not training time
+        if self.world.is_main:
+            storage.append_jsonl(self.run_dir / "metrics.jsonl", {"step": result.steps, "eval_loss": scores["loss"]})
+        self.log(f"[eval] step {result.steps}: held-out loss {scores['loss']:.4f}")
+        return float(scores["loss"])
+
+    def save(self) -> list[str]:
+        """The adapter or model into the run directory (gathered from the shards under FSDP)."""
+        saved: list[str] = []
+        with self.phases.window("save", memory=None) as window:
+            gathered = parallel.full_state_dict(self.p.recipe.model, self.world)  # FSDP: a collective, on every rank
+            if self.cfg.output.save_model and self.world.is_main:
+                inner = parallel.unwrap(self.p.recipe.model)
+                if not checkpoint.all_finite(inner):  # the step guards make this unreachable; never save NaN
+                    raise RuntimeError("non-finite weights after training: not saved")
+                saved = export.save(
+                    inner, self.p.loaded.tokenizer, self.run_dir, self.p.recipe.plan.lora, self.cfg.lora.merge, gathered
+                )
+        self.p.phases["save_s"] = window.seconds
+        return saved
+
+    def measure(self, result: TrainResult) -> dict[str, Any]:
+        """Energy, memory and MFU of the job (collectives: every rank calls it)."""
+        tokens_per_s = result.tokens * self.world.size / max(result.time_s, 1e-9)
+        per_rank_mfu = mfu(self.p, self.cfg, self.device, result.tokens / max(result.time_s, 1e-9))
+        return {
+            "memory": memory.combine_ranks(parallel.gather(self.memory.report(self.p.rss_before_load), self.world)),
+            "energy": energy.combine_ranks(
+                parallel.gather(self.tracker.summary(self.cfg.measure.grid_g_co2_per_kwh), self.world)
+            ),
+            "flops": per_rank_mfu,
+            "tokens_per_s": tokens_per_s,
+        }
+
+    def task(self, saved: list[str]) -> dict[str, Any] | None:
+        """The downstream task on rank 0: base vs the adapted backbone (from memory, or as saved
+        when FSDP holds it in shards)."""
+        if self.world.strategy == "fsdp":
+            if not saved:
+                self.log(
+                    "note: with FSDP the task reads the saved model; output.save_model is off: run `ecoadapt evaluate`"
+                )
+                return None
+            backbone = downstream.adapted_backbone(self.cfg)
+        else:
+            backbone = downstream.backbone_state(parallel.unwrap(self.p.recipe.model))
+        with self.phases.window("task", memory=None) as window:
+            task = downstream.compare(self.cfg, self.p.loaded.tokenizer, backbone, self.device, self.tracker)
+        assert window.energy is not None
+        task["energy"] = window.energy.as_dict()
+        return task
+
+    def _task_or_failure(self, saved: list[str]) -> dict[str, Any] | None:
+        """The task, or what made it fail: the adaptation's measured sections are kept either way
+        (the model is saved; `ecoadapt evaluate` runs the task alone on it)."""
+        try:
+            return self.task(saved)
+        except Exception as e:  # any failure of the task must not lose the run
+            error = f"{type(e).__name__}: {e}"
+            self.log(f"task failed: {error}; the adaptation's results are kept. Retry: ecoadapt evaluate CONFIG")
+            window = self.tracker.windows.get("task")
+            return {
+                "status": "failed",
+                "error": error,
+                "energy": window.as_dict() if window is not None else None,
+                "retry": "ecoadapt evaluate CONFIG" if saved else "save the model (output.save_model) to retry",
+            }
+
+    # -- the summary ------------------------------------------------------------------------
+
+    def _fill(
+        self,
+        training: Training,
+        before: dict[str, Any],
+        after: dict[str, Any],
+        saved: list[str],
+        measured: dict[str, Any],
+        task: dict[str, Any] | None,
+    ) -> None:
+        cfg, p, world, s = self.cfg, self.p, self.world, self.summary
+        result = training.result
+        p.phases["train_s"] = result.time_s
+        p.phases["eval_s"] = before["time_s"] + after["time_s"]
+        s.status = "stopped_by_budget" if result.stopped_by in BUDGETS else "completed"
+        s.stopped_by = result.stopped_by
+        s.budget = training.budget.summary(result)
+        s.early_stop = training.stopper.summary()
+        s.objective = p.loaded.objective
+        plan = p.recipe.plan
+        s.model = ModelSummary(
+            p.loaded.source, p.recipe.counts, plan.blocks, plan.n_blocks, plan.lora, p.loaded.fresh, saved
+        )
+        s.data = p.blocks.stats
+        s.steps, s.epochs = result.steps, training.loader.epochs_done
+        s.tokens = result.tokens * world.size  # every rank processes the same number of tokens
+        s.target_tokens, s.time_s = result.target_tokens, result.time_s
+        s.tokens_per_s, s.train_loss = measured["tokens_per_s"], result.train_loss
+        s.reliability = ReliabilitySummary(
+            result.nonfinite_steps,
+            result.rollbacks,
+            result.lr_scale,
+            result.memory_events,
+            -(-cfg.train.micro_batch_size // result.micro_batch_splits),
+            cfg.train.grad_accum * result.micro_batch_splits,
+        )
+        s.eval = EvalSummary(
+            before["loss"], after["loss"], before["perplexity"], after["perplexity"],
+            before["accuracy"], after["accuracy"], after["target_tokens"], len(self.eval_blocks),
+        )  # fmt: skip
+        s.precision = {**p.recipe.policy.summary(), **p.recipe.precision_report}
+        s.energy = _energy_summary(measured["energy"], task, s.tokens, before["loss"] - after["loss"])
+        s.memory, s.flops = measured["memory"], measured["flops"]
+        s.mfu = measured["flops"]["mfu"]
+        s.task = task
+        s.head_first = training.head_first
+        s.notes = _notes(cfg, p)
+        s.compile = p.recipe.compiled.report()
+        s.parallel = ParallelSummary(world.size, world.strategy)
+        s.phases_s = p.phases
+        s.environment = environment.describe(self.device)
+
+    def _interrupted(self, training: Training) -> RunSummary:
+        """A signal stopped training: the checkpoint is written; say so, and how to go on."""
+        result, checkpoints = training.result, training.checkpoints
+        kept = checkpoints is not None and checkpoints.saved_at == result.steps
+        s = self.summary
+        s.status, s.signal, s.steps = "interrupted", training.interrupts.name, result.steps
+        s.checkpoint = rundir.CHECKPOINT_FILE if kept else None
+        if self.world.is_main:
+            s.save(self.run_dir / "summary.json")
+        self.log(
+            f"{training.interrupts.name}: stopped after step {result.steps}; "
+            + (
+                "checkpoint saved, rerun the same command to resume"
+                if kept
+                else "no checkpoint (FSDP): rerun to restart"
+            )
+        )
+        return s
+
+
+def _notes(cfg: RunConfig, p: Prepared) -> list[str]:
+    """What the user should know about how this run adapted."""
+    notes = []
+    if p.loaded.fresh:
+        protected = []
+        if cfg.train.head_first_steps:
+            protected.append(f"trained alone first for {cfg.train.head_first_steps} steps")
+        if cfg.train.body_lr_scale != 1.0:
+            protected.append(f"the pretrained weights at {cfg.train.body_lr_scale:g} x train.lr")
+        notes.append(
+            f"the model had no trained head for this objective: {len(p.loaded.fresh)} parameter tensors were newly "
+            "initialised ("
+            + ("; ".join(protected) if protected else "no protection: see train.head_first_steps, train.body_lr_scale")
+            + ")"
+        )
+    return notes
+
+
+def _check_room(cfg: RunConfig, out: Path, p: Prepared) -> None:
+    """Refuse to start when the disk cannot take the checkpoints and the saved model."""
+    from ecoadapt.model import layerwise
+
+    r, needed = p.recipe, 0
+    if cfg.train.save_every is not None:
+        needed += 2 * checkpoint.bytes_needed(r.model, r.policy)  # the new one beside the old
+    if cfg.output.save_model:
+        needed += checkpoint.bytes_needed(r.model, r.policy) if r.plan.lora else layerwise.weight_bytes(r.model)
+    rundir.check_room(out, needed, "the checkpoints and the saved model")
+
+
+def _energy_summary(
+    job: dict[str, Any] | None, task: dict[str, Any] | None, tokens: int, loss_gain: float
+) -> dict[str, Any] | None:
+    """The job's energy with the task's window (run on rank 0 after the ranks were summed)."""
+    if job is None:
+        return None
+    if task is not None and task.get("energy"):
+        job["phases"]["task"] = {k: task["energy"][k] for k in ("joules", "seconds")}
+        energy.with_totals(job)
+    return energy.with_training_figures(job, tokens, loss_gain)

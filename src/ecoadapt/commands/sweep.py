@@ -1,0 +1,238 @@
+"""`ecoadapt sweep`: a grid of adapt runs, one fresh process each, resumable.
+
+A sweep file is a base config plus small overrides per point (as in PEFT's method comparison):
+
+    base: configs/minilm.yaml          # or the sections inline
+    grid:                              # every combination
+      precision.mode: [fp32, bf16]
+      lora.enabled: [false, true]
+    points:                            # and/or explicit points
+      - {name: frugal, set: {precision.mode: bf16-pure, lora.enabled: true, train.trainable_layers: 2}}
+    baseline: {precision.mode: fp32, lora.enabled: false}   # default: fp32 full fine-tune
+    report: {tolerance: 0.05, objective: energy}
+    output: {dir: runs/sweep}
+
+Each point's config is resolved and checked before anything runs. Results are appended to
+``results.jsonl`` one line per point; running the sweep again skips every point whose resolved
+config already completed, and retries those that failed.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import itertools
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ecoadapt.commands.isolated import run_adapt
+from ecoadapt.config import RunConfig, from_dict, parse_override, schema
+from ecoadapt.config.report import ReportSettings
+from ecoadapt.core import storage
+from ecoadapt.core.errors import UserError
+from ecoadapt.core.progress import fmt_duration, say
+from ecoadapt.results import rundir
+from ecoadapt.results.summary import FINISHED
+from ecoadapt.results.sweep_records import latest_results
+
+DEFAULT_BASELINE = {"precision.mode": "fp32", "precision.layers": None, "lora.enabled": False}
+
+
+@dataclass
+class SweepOutput:
+    """Where the sweep's points and report go."""
+
+    dir: str = "runs/sweep"
+    """The sweep folder: points/, results.jsonl, sweep.json, the report."""
+
+
+@dataclass
+class SweepFile:
+    """A sweep file: a base config plus small overrides per point."""
+
+    base: str | dict[str, Any] = field(default_factory=dict)
+    """The run config every point starts from: a YAML file (relative to the sweep file) or the
+    sections inline."""
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    """section.key -> values: every combination is a point."""
+    points: list[dict[str, Any]] = field(default_factory=list)
+    """Explicit points, each {name: ..., set: {section.key: value}}."""
+    baseline: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_BASELINE))
+    """The overrides of the point every other is compared with (default: fp32 full fine-tune)."""
+    report: ReportSettings = field(default_factory=ReportSettings)
+    """How the report chooses its recommendation."""
+    output: SweepOutput = field(default_factory=SweepOutput)
+    """Where results go."""
+
+
+@dataclass
+class Point:
+    """One configuration of a sweep.
+
+    Attributes:
+        name: readable label (given, or made from the overrides).
+        overrides: dotted key -> value, applied on top of the base.
+        config: the resolved, checked run configuration.
+        key: hash of the resolved config (output directory excluded): what "done" is keyed by.
+        baseline: whether this is the sweep's baseline point.
+    """
+
+    name: str
+    overrides: dict[str, Any]
+    config: RunConfig
+    key: str
+    baseline: bool = False
+
+
+@dataclass
+class Sweep:
+    """A parsed sweep: its points, where they go, and the report's settings."""
+
+    points: list[Point]
+    out: Path
+    report: ReportSettings = field(default_factory=ReportSettings)
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any, where: str) -> None:
+    parts = dotted.split(".")
+    if len(parts) != 2:
+        raise UserError(f"{where}: '{dotted}' must be section.key (for example precision.mode)")
+    section = raw.setdefault(parts[0], {})
+    if not isinstance(section, dict):
+        raise UserError(f"{where}: section '{parts[0]}' must be a mapping")
+    section[parts[1]] = value
+
+
+def config_key(cfg: RunConfig) -> str:
+    """Hash of a resolved config, its output directory left out."""
+    data = cfg.to_dict()
+    data["output"] = {k: v for k, v in data["output"].items() if k not in ("dir", "overwrite")}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _label(overrides: dict[str, Any]) -> str:
+    if not overrides:
+        return "base"
+    return ",".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items())
+
+
+def slug(name: str) -> str:
+    """A folder name for a point."""
+    keep = "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
+    return keep.strip("-")[:80] or "point"
+
+
+def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Sweep:
+    """Read a sweep file, expand its grid and points, and check every point's config.
+
+    Args:
+        path: the sweep YAML.
+        overrides: ``section.key=value`` applied to the base (and so to every point).
+
+    Raises:
+        UserError: a bad sweep file, or a point whose config is invalid (named).
+    """
+    path = Path(path)
+    try:
+        spec = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such sweep file") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(spec, dict):
+        raise UserError(f"{path}: expected a mapping with base, grid and/or points")
+    parsed = schema.build(SweepFile, spec, str(path))
+    base = _base_config(parsed.base, path)
+    for item in overrides:
+        (section, key), value = parse_override(item)
+        _set_dotted(base, f"{section}.{key}", value, "--set")
+    wanted = _wanted_points(parsed, path)
+    out = Path(parsed.output.dir)
+    points: list[Point] = []
+    for name, point_overrides, is_baseline in wanted:
+        raw = copy.deepcopy(base)
+        for dotted, value in point_overrides.items():
+            _set_dotted(raw, dotted, value, f"{path}: point '{name}'")
+        cfg = from_dict(raw, f"{path}: point '{name}'")
+        key = config_key(cfg)
+        same = next((p for p in points if p.key == key), None)
+        if same is not None:  # the baseline is often one of the grid points already
+            same.baseline = same.baseline or is_baseline
+            continue
+        points.append(Point(name, point_overrides, cfg, key, is_baseline))
+    return Sweep(points, out, parsed.report)
+
+
+def _base_config(base: str | dict[str, Any], path: Path) -> dict[str, Any]:
+    if isinstance(base, str):
+        base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
+        loaded = yaml.safe_load(base_path.read_text(encoding="utf-8")) if base_path.exists() else None
+        if not isinstance(loaded, dict):
+            raise UserError(f"{path}: base config '{base}' not found (or not a mapping of sections)")
+        base = loaded
+    return copy.deepcopy(base)
+
+
+def _wanted_points(spec: SweepFile, path: Path) -> list[tuple[str, dict[str, Any], bool]]:
+    """(name, overrides, is the baseline) of every point the file asks for, baseline last."""
+    wanted: list[tuple[str, dict[str, Any], bool]] = []
+    if not all(values for values in spec.grid.values()):
+        raise UserError(f"{path}: grid must map section.key to a non-empty list of values")
+    if spec.grid:
+        for values in itertools.product(*spec.grid.values()):
+            overrides_ = dict(zip(spec.grid.keys(), values, strict=True))
+            wanted.append((_label(overrides_), overrides_, False))
+    for i, point in enumerate(spec.points):
+        if not isinstance(point.get("set", {}), dict) or set(point) - {"name", "set"}:
+            raise UserError(f"{path}: points[{i}] must be {{name: ..., set: {{section.key: value}}}}")
+        overrides_ = dict(point.get("set") or {})
+        wanted.append((str(point.get("name") or _label(overrides_)), overrides_, False))
+    wanted.append(("baseline", dict(spec.baseline), True))
+    if len(wanted) == 1:
+        raise UserError(f"{path}: no points: give a grid or a list of points")
+    return wanted
+
+
+def run(sweep: Sweep, timeout_s: float | None = None) -> list[dict[str, Any]]:
+    """Run every point not already completed, one fresh process each; return all results."""
+    sweep.out.mkdir(parents=True, exist_ok=True)
+    results_path = sweep.out / "results.jsonl"
+    manifest = {
+        "report": dataclasses.asdict(sweep.report),
+        "points": [{"name": p.name, "key": p.key, "baseline": p.baseline} for p in sweep.points],
+    }
+    storage.write_json(sweep.out / "sweep.json", manifest)
+    done = {r["key"] for r in storage.read_jsonl(results_path) if r.get("status") in FINISHED}
+    todo = [p for p in sweep.points if p.key not in done]
+    if len(todo) < len(sweep.points):
+        say(f"[sweep] {len(sweep.points) - len(todo)} of {len(sweep.points)} points already done: skipped")
+    durations: list[float] = []
+    for i, point in enumerate(todo, 1):
+        eta = f", about {fmt_duration(sum(durations) / len(durations) * (len(todo) - i + 1))} left" if durations else ""
+        say(f"[sweep] point {i}/{len(todo)}: {point.name}{eta}")
+        run_dir = sweep.out / "points" / f"{slug(point.name)}-{point.key[:6]}"
+        cfg = point.config.to_dict()
+        # A retried point replaces its failed attempt, or resumes an interrupted one.
+        cfg["output"]["overwrite"] = not (run_dir / rundir.CHECKPOINT_FILE).is_file()
+        start = time.perf_counter()
+        summary = run_adapt(cfg, run_dir, timeout_s=timeout_s, stream_output=True)
+        durations.append(time.perf_counter() - start)
+        record = {
+            "name": point.name,
+            "key": point.key,
+            "baseline": point.baseline,
+            "overrides": point.overrides,
+            "run_dir": str(run_dir),
+            **summary,
+        }
+        storage.append_jsonl(results_path, record)
+        if record.get("status") == "failed":
+            say(f"[sweep] point {point.name} failed: {record.get('error')}; going on")
+    latest = latest_results(sweep.out, {p.key for p in sweep.points})
+    return [latest[p.key] for p in sweep.points if p.key in latest]

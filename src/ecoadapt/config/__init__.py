@@ -1,0 +1,54 @@
+"""The run configuration: typed dataclasses whose field docstrings are the help text.
+
+``schema`` turns dataclasses into checked schemas; ``run`` holds the run's sections and their
+loading (YAML plus ``--set`` overrides); ``measure``, ``task`` and ``report`` hold the sections of
+those names. This package's names are the config's public face: ``from ecoadapt.config import
+RunConfig, load``. No torch.
+"""
+
+from ecoadapt.config.measure import BudgetConfig, MeasureConfig
+from ecoadapt.config.run import (
+    MLM_PROBABILITY,
+    WORLD_GRID_G_CO2_PER_KWH,
+    WORLD_GRID_SOURCE,
+    DataConfig,
+    LoraConfig,
+    ModelConfig,
+    OutputConfig,
+    ParallelConfig,
+    PrecisionConfig,
+    RunConfig,
+    TrainConfig,
+    all_keys,
+    apply_overrides,
+    check,
+    dump,
+    from_dict,
+    load,
+    parse_override,
+)
+from ecoadapt.config.task import TaskConfig
+
+__all__ = [
+    "MLM_PROBABILITY",
+    "WORLD_GRID_G_CO2_PER_KWH",
+    "WORLD_GRID_SOURCE",
+    "BudgetConfig",
+    "DataConfig",
+    "LoraConfig",
+    "MeasureConfig",
+    "ModelConfig",
+    "OutputConfig",
+    "ParallelConfig",
+    "PrecisionConfig",
+    "RunConfig",
+    "TaskConfig",
+    "TrainConfig",
+    "all_keys",
+    "apply_overrides",
+    "check",
+    "dump",
+    "from_dict",
+    "load",
+    "parse_override",
+]

@@ -1,0 +1,257 @@
+"""`ecoadapt plan`: a recipe's peak memory, time and energy on this device before any training,
+and which recipes fit a memory limit and an energy budget.
+
+Each recipe is probed in a child process (:mod:`ecoadapt.forecast.trial_steps`: a few steps at two small
+micro-batches, so that a recipe too large for the device still gets a forecast) and the probe
+becomes a forecast (:mod:`ecoadapt.forecast.costs`). Probes are cached per recipe, model files,
+device and library versions in ``<cache>/plan/`` (``--fresh`` probes again); a run
+(``measure.forecast``) reuses them and puts the forecast beside what it measured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ecoadapt.config import RunConfig, from_dict
+from ecoadapt.core import storage
+from ecoadapt.core.errors import UserError
+from ecoadapt.forecast import costs
+from ecoadapt.measure.environment import package_version
+from ecoadapt.task import base_cache
+
+GIB = 2**30
+# In the cache key: a changed probe is measured afresh (2: one process per size; 3: the run's
+# held-out pass before the timed steps).
+PROBE_VERSION = 3
+
+
+def _key(cfg: RunConfig, sizes: list[int], device: str) -> str:
+    """What a probe's figures depend on: the model files, the recipe, the sizes, the device."""
+    from ecoadapt.measure.environment import cpu_name
+    from ecoadapt.model.compiling import AUTO_BLOCKS_FROM_STEPS
+
+    train = dataclasses.asdict(cfg.train)
+    long_run = (cfg.train.max_steps or 0) >= AUTO_BLOCKS_FROM_STEPS
+    parts = {
+        "model": base_cache.model_identity(cfg.model),
+        "objective": cfg.model.objective,
+        "seq": cfg.data.max_seq_len,
+        "mlm_probability": cfg.data.mlm_probability,
+        "precision": dataclasses.asdict(cfg.precision),
+        "lora": dataclasses.asdict(cfg.lora),
+        "train": {
+            k: train[k] for k in ("gradient_checkpointing", "trainable_layers", "compile", "device", "max_memory_gb")
+        },
+        "measure": [cfg.measure.energy, cfg.measure.cpu_watts_per_core, cfg.measure.memory_watts_per_gib],
+        "sizes": sizes,
+        "auto_compile_long_run": long_run if cfg.train.compile == "auto" else None,
+        "probe_version": PROBE_VERSION,
+        "device": device if device != "cpu" else f"cpu|{cpu_name()}",
+        "versions": [package_version(p) for p in ("ecoadapt", "torch", "transformers", "peft")],
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _device_name(cfg: RunConfig) -> str:
+    import torch
+
+    from ecoadapt.model.parallel import pick_device
+
+    device = pick_device(cfg.train.device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def measured_trials(cfg: RunConfig, steps: int | None = None, fresh: bool = False) -> dict[str, Any]:
+    """The recipe's probe (:func:`ecoadapt.forecast.trial_steps.measure_trial_steps`) for a run of ``steps`` steps
+    (train.compile's auto depends on it; default train.max_steps), from the cache or measured
+    now in a child process; ``cached`` says which. An ``out_of_memory`` key: it did not fit."""
+    # The child builds the recipe for a run of this length (train.compile's auto depends on it).
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=steps or cfg.train.max_steps))
+    key = _key(cfg, costs.trial_sizes(cfg.train.micro_batch_size), _device_name(cfg))
+    path = storage.cache_root() / "plan" / f"{key}.json"
+    if not fresh and path.exists():
+        return {**storage.read_json(path), "cached": True}
+    result = _run_trials(cfg, costs.trial_sizes(cfg.train.micro_batch_size))
+    if "out_of_memory" in result and cfg.train.micro_batch_size > 1:
+        # The run's own micro-batch does not fit: forecast it from smaller ones, and say so.
+        smaller = _run_trials(cfg, costs.trial_sizes(cfg.train.micro_batch_size, fits=False))
+        result = smaller if "out_of_memory" in smaller else {**smaller, "extrapolated": result["out_of_memory"]}
+    storage.atomic_write_text(path, json.dumps(result, indent=1))
+    return {**result, "cached": False}
+
+
+def _run_trials(cfg: RunConfig, sizes: list[int]) -> dict[str, Any]:
+    """:func:`ecoadapt.forecast.trial_steps.measure_trial_steps` at each size, each in a fresh child process (a CPU's
+    resident peak depends on what the process held before); the results merged."""
+    merged: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        config_path = Path(tmp) / "config.json"
+        config_path.write_text(json.dumps(cfg.to_dict()))
+        for size in sizes:
+            out_path = Path(tmp) / f"probe-{size}.json"
+            command = [
+                sys.executable,
+                "-m",
+                "ecoadapt.forecast.trial_steps",
+                str(config_path),
+                str(size),
+                str(out_path),
+            ]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0 or not out_path.exists():
+                lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+                raise UserError(f"plan: the probe failed ({lines[-1] if lines else f'exit status {done.returncode}'})")
+            one: dict[str, Any] = json.loads(out_path.read_text())
+            if "out_of_memory" in one:
+                return {"out_of_memory": f"at micro-batch {size}: {one['out_of_memory']}", "probed_at": sizes}
+            merged = {**one, "sizes": merged.get("sizes", []) + one["sizes"]}
+    return merged
+
+
+def tokens_per_step(cfg: RunConfig) -> int:
+    """Input tokens of one optimizer step, all processes."""
+    return cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.data.max_seq_len * cfg.parallel.nproc
+
+
+def recipe_forecast(cfg: RunConfig, steps: int, probed: dict[str, Any]) -> dict[str, Any]:
+    """The forecast of ``cfg``'s recipe for a run of ``steps`` steps (budgets applied)."""
+    if "out_of_memory" in probed:
+        return {"out_of_memory": probed["out_of_memory"], "probed_at": probed.get("probed_at", [])}
+    per = tokens_per_step(cfg)
+    step = costs.per_step(probed, cfg.train.micro_batch_size, cfg.train.grad_accum, per)
+    b = cfg.budget
+    whole = costs.run_length(step, steps, per, b.energy_j, b.time_s, b.tokens)
+    return {
+        **step,
+        **whole,
+        "energy_method": probed["energy_method"],
+        "meter": probed["meter"],
+        "memory_figure": probed["memory_figure"],
+        "cached_probe": probed.get("cached", False),
+        "source": probed.get("source", "trial steps in child processes (`ecoadapt plan`)"),
+        "extrapolated": probed.get("extrapolated"),
+    }
+
+
+def recipes(cfg: RunConfig, grid: bool, device: str) -> list[tuple[str, RunConfig]]:
+    """The config's own recipe, and with ``grid`` its variants: precision modes this device runs
+    (fp32, bf16, bf16-pure on a CPU; with tf32 and fp16 on a GPU) x LoRA x checkpointing."""
+    own = [(_name(cfg), cfg)]
+    if not grid:
+        return own
+    modes = ["fp32", "bf16", "bf16-pure"] if device == "cpu" else ["fp32", "tf32", "fp16", "bf16", "bf16-pure"]
+    raw = cfg.to_dict()
+    out = []
+    for mode in modes:
+        for lora in (False, True):
+            for ckpt in (False, True):
+                variant = json.loads(json.dumps(raw))
+                variant["precision"].update(mode=mode, layers=None)
+                variant["lora"]["enabled"] = lora
+                variant["train"]["gradient_checkpointing"] = ckpt
+                point = from_dict(variant, "plan grid")
+                out.append((_name(point), point))
+    names = {name for name, _ in out}
+    return out if own[0][0] in names else own + out
+
+
+def _name(cfg: RunConfig) -> str:
+    parts = [cfg.precision.mode + ("+layers" if cfg.precision.layers else "")]
+    parts += ["lora"] if cfg.lora.enabled else ["full"]
+    parts += ["ckpt"] if cfg.train.gradient_checkpointing else []
+    return " ".join(parts)
+
+
+def run(
+    cfg: RunConfig,
+    steps: int,
+    memory_gb: float | None = None,
+    energy_j: float | None = None,
+    grid: bool = False,
+    fresh: bool = False,
+    log: Any = None,
+) -> list[dict[str, Any]]:
+    """Forecast each recipe (see :func:`recipes`) for ``steps`` steps; mark what fits."""
+    rows = []
+    candidates = recipes(cfg, grid, _device_name(cfg))
+    for i, (name, point) in enumerate(candidates, 1):
+        if log is not None:
+            log(f"probing {name} ({i}/{len(candidates)}) ...")
+        f = recipe_forecast(point, steps, measured_trials(point, steps, fresh))
+        if "out_of_memory" in f:
+            rows.append({"recipe": name, **f, "fits": {"memory": False, "energy": None}})
+            continue
+        rows.append({"recipe": name, **f, "fits": costs.fits(f["peak_bytes"], f["joules"], memory_gb, energy_j)})
+    return rows
+
+
+def table(rows: list[dict[str, Any]], memory_gb: float | None, energy_j: float | None) -> str:
+    """The forecast as a text table, with what fits and the cheapest recipe that does."""
+    head = (
+        f"{'recipe':<24} {'peak GiB':>9} {'s/step':>8} {'tok/s':>8} {'steps':>6} {'time s':>8} {'energy J':>10}  fits"
+    )
+    lines = [head]
+    for r in rows:
+        if "out_of_memory" in r:
+            lines.append(f"{r['recipe']:<24} out of memory even at the smaller micro-batches {r['probed_at']}")
+            continue
+        fit = [k for k, v in r["fits"].items() if v is False]
+        mark = "no: " + ", ".join(fit) if fit else ("yes" if any(v for v in r["fits"].values()) else "-")
+        cut = f" ({r['stopped_by']})" if r["stopped_by"] else ""
+        lines.append(
+            f"{r['recipe']:<24} {r['peak_bytes'] / GIB:>9.2f} {r['step_s']:>8.3f} {r['tokens_per_s']:>8,.0f} "
+            f"{r['steps']:>6}{cut} {r['time_s']:>8.1f} {r['joules']:>10,.0f}  {mark}"
+        )
+    ok = [r for r in rows if "out_of_memory" not in r and all(v is not False for v in r["fits"].values())]
+    method = rows[0].get("energy_method", "estimated") if rows else "estimated"
+    lines.append(f"energy {method} by the probe's meter; memory: {rows[0].get('memory_figure', '')}" if rows else "")
+    if memory_gb is not None or energy_j is not None:
+        if ok:
+            best = min(ok, key=lambda r: r["joules"])
+            lines.append(
+                f"cheapest that fits: {best['recipe']} ({best['joules']:,.0f} J, {best['peak_bytes'] / GIB:.2f} GiB); "
+                "a forecast says nothing of accuracy: compare held-out losses with `ecoadapt sweep`"
+            )
+        else:
+            lines.append("no recipe fits: raise the limits, shorten data.max_seq_len, or lower train.micro_batch_size")
+    return "\n".join(lines)
+
+
+def planned_steps(cfg: RunConfig, base: Path | None) -> tuple[int, str]:
+    """The run's step count and where it came from: train.max_steps, or train.epochs over the
+    corpus's training blocks (the corpus is tokenized into the token store the run will use)."""
+    if cfg.train.max_steps is not None:
+        return cfg.train.max_steps, "train.max_steps"
+    from ecoadapt.data import corpus
+    from ecoadapt.model import pretrained
+    from ecoadapt.train.loop import total_steps
+
+    loaded = pretrained.load(cfg.model, cfg.data.max_seq_len, cfg.train.seed)
+    blocks = corpus.build(cfg.data, loaded.tokenizer, loaded.objective, base)
+    n = total_steps(cfg.train, len(blocks.train) // cfg.parallel.nproc)
+    return n, f"train.epochs {cfg.train.epochs:g} over {len(blocks.train):,} blocks"
+
+
+def beside_measured(cfg: RunConfig, planned: int, probed: dict[str, Any] | None, summary: Any) -> dict[str, Any] | None:
+    """summary.json's ``forecast``: the forecast for the ``planned`` steps, and the measured
+    figures beside it (peak memory, seconds per step, training joules) with their ratios."""
+    if probed is None or "error" in probed:
+        return probed
+    f = recipe_forecast(cfg, planned, probed)
+    if "out_of_memory" in f:
+        return f
+    memory, energy = summary.memory or {}, summary.energy or {}
+    measured = {
+        "steps": summary.steps,
+        "time_s": summary.time_s,
+        "peak_bytes": memory.get(memory.get("compare_with", "peak_bytes")),
+        "train_joules": energy.get("train_joules"),
+    }
+    return {**f, "versus_measured": costs.compare(f, measured)}

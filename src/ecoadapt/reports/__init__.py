@@ -1,0 +1,3 @@
+"""From results to words: tables, the Pareto front, the recommendation and its verdicts, plots,
+compute statements and model cards. No torch.
+"""

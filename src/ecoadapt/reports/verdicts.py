@@ -1,0 +1,126 @@
+"""The report's verdict in words: did adaptation help the task, by how much, and how much of
+the baseline recipe's gain each cheaper recipe keeps (all paired by seed; see :mod:`stats`).
+
+Works on the report's flat rows (pure Python, no torch).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ecoadapt.task import stats
+
+
+def task_fields(task: dict[str, Any]) -> dict[str, Any]:
+    """The task's figures for a report row (every key present; None where not known)."""
+    out: dict[str, Any] = dict.fromkeys(
+        ("task_metric", "task_mode", "task_score", "task_base", "task_std", "task_delta", "gain_low", "gain_high",
+         "verdict", "verdict_text", "eval_joules", "task_error"),
+    )  # fmt: skip
+    out["adapted_by_seed"], out["gain_by_seed"] = {}, {}
+    if not task:
+        return out
+    if task.get("status") == "failed":
+        out["task_error"] = task.get("error")
+        out["eval_joules"] = (task.get("energy") or {}).get("joules")
+        return out
+    metric = task.get("metric")
+    gain = task.get("gain") or {}
+    per_seed = task.get("per_seed") or []
+    out.update(
+        {
+            "task_metric": metric,
+            "task_mode": task.get("mode", "finetune"),
+            "task_score": task.get("adapted"),
+            "task_base": task.get("base"),
+            "task_std": task.get("adapted_std"),
+            "task_delta": task.get("delta"),
+            "gain_low": gain.get("ci_low"),
+            "gain_high": gain.get("ci_high"),
+            "verdict": task.get("verdict"),
+            "verdict_text": task.get("verdict_text"),
+            "eval_joules": (task.get("energy") or {}).get("joules"),
+            "adapted_by_seed": {int(r["seed"]): r["adapted"][metric] for r in per_seed if "adapted" in r},
+            "gain_by_seed": {int(seed): value for seed, value in (gain.get("per_seed") or {}).items()},
+        }
+    )
+    return out
+
+
+def add_retained_gain(rows: list[dict[str, Any]]) -> None:
+    """Each row's ``retained``: its gain over the baseline recipe's, with an interval, when the
+    baseline's own gain is detectable (else None: a share of no effect means nothing)."""
+    base = next((r for r in rows if r["baseline"]), None)
+    for r in rows:
+        r["retained"] = r["retained_low"] = r["retained_high"] = None
+    if base is None or base.get("verdict") != "helped":
+        return
+    for r in rows:
+        interval = stats.retained_gain(r.get("gain_by_seed") or {}, base["gain_by_seed"])
+        if interval is not None:
+            r["retained"], r["retained_low"], r["retained_high"] = interval.mean, interval.low, interval.high
+
+
+def versus_baseline(row: dict[str, Any], base: dict[str, Any]) -> stats.Interval | None:
+    """The recipe's adapted score minus the baseline recipe's, paired by seed (None: no seeds
+    in common)."""
+    try:
+        gain, _ = stats.paired_gain(base.get("adapted_by_seed") or {}, row.get("adapted_by_seed") or {})
+    except ValueError:
+        return None
+    return gain
+
+
+def any_helped(rows: list[dict[str, Any]]) -> bool:
+    """Whether some recipe's adaptation helped the task beyond seed noise."""
+    return any(r.get("verdict") == "helped" for r in rows)
+
+
+def headline(rows: list[dict[str, Any]]) -> list[str]:
+    """The verdict in words, first thing in the report: per recipe, and what it means for the
+    ranking."""
+    judged = [r for r in rows if r.get("verdict")]
+    failed = [r for r in rows if r.get("task_error")]
+    if not judged:
+        lines = [
+            "No point has a paired task result (no task, or no adapted model): recipes are ranked by "
+            "held-out domain loss, the adaptation's own objective."
+        ]
+        return lines + [f"{r['name']}: task failed ({r['task_error']})" for r in failed]
+    metric = judged[0].get("task_metric") or "metric"
+    helped = [r for r in judged if r["verdict"] == "helped"]
+    if helped:
+        lines = [
+            f"Adaptation helped the task ({metric}, adapted minus base, paired by seed) for {len(helped)} "
+            f"of {len(judged)} recipes; recipes are ranked by the task's score."
+        ]
+    elif hurt := [r for r in judged if r["verdict"] == "hurt"]:
+        lines = [
+            f"No recipe's adaptation helped the task ({metric}); {len(hurt)} of {len(judged)} hurt it beyond seed "
+            "noise (the base model does better there), so the task cannot rank them: recipes are ranked by "
+            "held-out domain loss (the adaptation's own objective) instead."
+        ]
+    else:
+        lines = [
+            f"No recipe's adaptation changed the task ({metric}) beyond seed noise, so the task cannot rank "
+            "them: recipes are ranked by held-out domain loss (the adaptation's own objective) instead."
+        ]
+    lines += [f"{r['name']}: {r['verdict']}: {r['verdict_text'].split(': ', 1)[-1]}" for r in judged]
+    lines += [f"{r['name']}: task failed ({r['task_error']})" for r in failed]
+    retained = [r for r in rows if r.get("retained") is not None and not r["baseline"]]
+    for r in retained:
+        lo, hi = r["retained_low"], r["retained_high"]
+        lines.append(f"{r['name']} keeps {r['retained']:.0%} of the baseline's gain (95% CI {lo:.0%} to {hi:.0%}).")
+    return lines
+
+
+def energy_line(rows: list[dict[str, Any]]) -> str | None:
+    """Adaptation and evaluation energy apart, and their sum, over every point."""
+    train = sum(r.get("train_joules") or 0.0 for r in rows)
+    evaluation = sum(r.get("eval_joules") or 0.0 for r in rows)
+    if not train and not evaluation:
+        return None
+    return (
+        f"Energy in all: adaptation {train:,.0f} J + evaluation {evaluation:,.0f} J = {train + evaluation:,.0f} J "
+        "(the base model's task results are computed once and reused: their joules count where they were computed)."
+    )

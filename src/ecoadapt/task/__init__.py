@@ -1,0 +1,3 @@
+"""The downstream task: one protocol (fine-tune or linear probe) for base and adapted models,
+paired by seed, with the base model's results cached, and the paired statistics.
+"""

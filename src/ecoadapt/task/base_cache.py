@@ -1,0 +1,95 @@
+"""The base model's task results, computed once and shared by every run that asks again.
+
+Every point of a sweep, and every rerun, evaluates the same base model on the same task with
+the same seeds: the result is kept in ``<cache>/task-base/`` under a key made of the model's
+files, the task files' contents, every task setting that changes the result, the resolved
+precision and device type, the seed, and the versions of ecoadapt, torch and transformers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from ecoadapt.config import ModelConfig, RunConfig
+from ecoadapt.core import storage
+from ecoadapt.data import readers
+from ecoadapt.data.store import source_digest
+from ecoadapt.measure.environment import package_version
+from ecoadapt.model import pretrained
+
+# Task settings that do not change a base result: which seeds run (each seed is its own entry),
+# whether the cache is used, and where the files are (their contents are in the key instead).
+NOT_IN_KEY = ("seeds", "cache", "train", "test")
+
+_digests: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> digest, per process
+
+
+def _digest(path: Path) -> str:
+    """A file's or folder's content digest, remembered for the process while it is unchanged."""
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    stamp = (str(path), sum(f.stat().st_size for f in files), max((f.stat().st_mtime_ns for f in files), default=0))
+    if stamp not in _digests:
+        # A folder (a model): its files by name and contents; a file: its contents alone, so
+        # the same examples under another name or folder give the same key.
+        _digests[stamp] = source_digest(str(path)) if path.is_dir() else _file_contents(path)
+    return _digests[stamp]
+
+
+def _file_contents(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def model_identity(cfg: ModelConfig) -> str:
+    """What identifies the base model: its files' contents (a GGUF file alone)."""
+    where, gguf_file, _ = pretrained.resolve_model(cfg)
+    return _digest(Path(where) / gguf_file) if gguf_file else _digest(Path(where))
+
+
+def key(run: RunConfig, precision: str, device_type: str) -> str:
+    """The base results' key for ``run``'s model and task (without the seed)."""
+    task = {k: v for k, v in asdict(run.task).items() if k not in NOT_IN_KEY}
+    parts = {
+        "model": model_identity(run.model),
+        "task": task,
+        "files": {role: [_file_id(s) for s in readers.resolve(files)] for role, files in _roles(run).items()},
+        "lora": asdict(run.lora) if run.task.lora else None,
+        "precision": precision,
+        "device": device_type,
+        "versions": [package_version(p) for p in ("ecoadapt", "torch", "transformers")],
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _roles(run: RunConfig) -> dict[str, list[str]]:
+    return {"train": run.task.train, **({"test": run.task.test} if run.task.test else {})}
+
+
+def _file_id(source: str) -> str:
+    """A task file's contents (a builtin task: its name and Python's version, as the store keys it)."""
+    return source_digest(source) if source.startswith("builtin:") else _digest(Path(source))
+
+
+def _path(cache_key: str, seed: int) -> Path:
+    return storage.cache_root() / "task-base" / f"{cache_key}-seed{seed}.json"
+
+
+def load(cache_key: str, seed: int) -> dict[str, Any] | None:
+    """The cached base result for ``seed``, or None (missing or unreadable: computed again)."""
+    path = _path(cache_key, seed)
+    try:
+        return dict(storage.read_json(path)) if path.exists() else None
+    except (OSError, ValueError):
+        return None
+
+
+def store(cache_key: str, seed: int, result: dict[str, Any]) -> None:
+    """Keep ``result`` (atomically: a reader never sees half a file)."""
+    storage.write_json(_path(cache_key, seed), result)

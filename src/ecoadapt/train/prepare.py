@@ -1,0 +1,289 @@
+"""What a run sets up before its run directory exists: model, corpus, what trains, precision.
+
+Every step here can fail on bad input (a model that does not load, a corpus record without its
+text field, a layer map that matches nothing), and all of them run before anything is written.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ecoadapt.config import RunConfig
+from ecoadapt.core.progress import say
+from ecoadapt.data import corpus
+from ecoadapt.data.batches import Blocks, MaskSpec
+from ecoadapt.measure import flops, memory
+from ecoadapt.measure.energy import EnergyTracker
+from ecoadapt.measure.phases import Phases
+from ecoadapt.model import adapters, compiling, layerwise, parallel, pretrained
+from ecoadapt.model.losses import LossModule, encoder_and_head
+from ecoadapt.model.precision import AUTOCAST_DTYPES, DTYPES, Policy
+from ecoadapt.train.heldout import heldout
+from ecoadapt.train.loop import total_steps
+
+
+def mask_spec(tokenizer: Any, probability: float) -> MaskSpec:
+    """What masking needs from an MLM tokenizer."""
+    return MaskSpec(
+        mask_id=int(tokenizer.mask_token_id),
+        vocab_size=len(tokenizer),
+        special_ids=sorted(set(tokenizer.all_special_ids)),
+        probability=probability,
+    )
+
+
+def prepare(
+    cfg: RunConfig,
+    base: Any,
+    device: torch.device,
+    world: parallel.World,
+    tracker: EnergyTracker,
+    log: Callable[[str], None],
+) -> Prepared:
+    """Load the model, tokenize the corpus, choose what trains and in which precision, wrap."""
+    rss_before_load = memory.rss_bytes()
+    phases: dict[str, float] = {}
+    t = time.perf_counter()
+    log(f"loading {cfg.model.name_or_path} ...")
+    with Phases(tracker).window("load"):  # loading the model and tokenizing the corpus
+        loaded = pretrained.load(cfg.model, cfg.data.max_seq_len, cfg.train.seed)
+        phases["load_s"] = time.perf_counter() - t
+        if loaded.fresh:
+            log(f"newly initialised (trained from scratch): {', '.join(loaded.fresh)}")
+        t = time.perf_counter()
+        blocks = corpus.build(cfg.data, loaded.tokenizer, loaded.objective, base)
+        phases["tokenize_s"] = time.perf_counter() - t
+    _describe_corpus(blocks, cfg, world, log)
+
+    built = build(cfg, loaded, blocks.train, device, world, log)
+    return Prepared(built, loaded=loaded, blocks=blocks, rss_before_load=rss_before_load, phases=phases)
+
+
+@dataclass
+class Built:
+    """A loaded model made into the recipe's training model (see :func:`build`)."""
+
+    model: Any
+    plan: adapters.TrainablePlan
+    policy: Policy
+    mask: MaskSpec | None
+    precision_report: dict[str, Any]
+    counts: dict[str, int]
+    compiled: compiling.CompileClock
+
+
+@dataclass
+class Prepared:
+    """Everything a run sets up before its run directory exists: the recipe and around it.
+
+    Attributes:
+        recipe: the model as it trains, what trains, precision policy, masking, per-layer
+            precision report, parameter counts, what train.compile compiled (:class:`Built`).
+        loaded: the model as loaded, its tokenizer and objective.
+        blocks: the tokenized, split corpus.
+        rss_before_load: resident set (bytes) just before the model loaded.
+        phases: seconds of loading and tokenizing.
+    """
+
+    recipe: Built
+    loaded: pretrained.LoadedModel
+    blocks: corpus.TokenBlocks
+    rss_before_load: int
+    phases: dict[str, float] = field(default_factory=dict)
+
+
+def build(
+    cfg: RunConfig,
+    loaded: pretrained.LoadedModel,
+    train_blocks: Blocks,
+    device: torch.device,
+    world: parallel.World,
+    log: Callable[[str], None],
+    steps: int | None = None,
+) -> Built:
+    """What trains (LoRA, blocks), in which precision, compiled and wrapped, on ``device``:
+    the recipe, the same for a run and for `ecoadapt plan`'s probe. ``steps``: the run's length
+    (train.compile's auto depends on it); default: train.max_steps or train.epochs over
+    ``train_blocks``."""
+    model, plan = adapters.prepare(loaded, cfg.train, cfg.lora)
+    # FSDP shards the model while it is still in host memory and moves only each rank's shard to
+    # its GPU: the whole model never has to fit one GPU.
+    setup_device = torch.device("cpu") if world.strategy == "fsdp" else device
+    model.to(setup_device)
+    policy = Policy(cfg.precision.mode, device.type)
+    mask = mask_spec(loaded.tokenizer, cfg.data.mlm_probability) if loaded.objective == "mlm" else None
+    precision_report = apply_precision(model, policy, cfg, train_blocks, loaded.objective, mask, setup_device, device)
+    for note in policy.notes:
+        log(f"note: {note}")
+    counts = pretrained.parameter_counts(model)
+    _, block_list = pretrained.transformer_blocks(model)
+    if world.strategy == "fsdp":
+        parallel.check_fsdp_units(model, block_list)
+    loss_module = LossModule(model, loaded.objective)
+    steps = steps or total_steps(cfg.train, max(1, len(train_blocks) // world.size))
+    compiled = compiling.apply(loss_module, block_list, cfg.train.compile, device.type, steps)
+    if compiled.what != "off":
+        log(f"compiling: {compiled.what} (train.compile={cfg.train.compile}; in the first steps, counted as training)")
+    wrapped = parallel.wrap(loss_module, world, device, block_list)
+    log(_what_trains(cfg, loaded.objective, device, counts, plan, world))
+    return Built(wrapped, plan, policy, mask, precision_report, counts, compiled)
+
+
+def _describe_corpus(
+    blocks: corpus.TokenBlocks, cfg: RunConfig, world: parallel.World, log: Callable[[str], None]
+) -> None:
+    stats = blocks.stats
+    log(
+        f"corpus: {stats['train_documents']} train / {stats['eval_documents']} held-out documents, "
+        f"{stats['train_blocks']} blocks of {cfg.data.max_seq_len} tokens (cache {stats['cache']})"
+    )
+    if len(blocks.train) < cfg.train.micro_batch_size * world.size:
+        log(f"note: only {len(blocks.train)} training blocks; micro-batches repeat blocks within an epoch")
+
+
+def _what_trains(
+    cfg: RunConfig,
+    objective: str,
+    device: torch.device,
+    counts: dict[str, int],
+    plan: adapters.TrainablePlan,
+    world: parallel.World,
+) -> str:
+    partial = len(plan.blocks) < plan.n_blocks
+    return (
+        f"{objective.upper()} on {device.type}, {cfg.precision.mode}: "
+        f"{counts['trainable']:,} of {counts['total']:,} parameters train"
+        + (f" (LoRA r={cfg.lora.r})" if plan.lora else "")
+        + (f", blocks {plan.blocks[0]}-{plan.blocks[-1]} of {plan.n_blocks}" if partial else "")
+        + (f", {world.strategy.upper()} over {world.size} processes" if world.distributed else "")
+    )
+
+
+def apply_precision(
+    model: Any,
+    policy: Policy,
+    cfg: RunConfig,
+    train_blocks: Blocks,
+    objective: str,
+    mask: MaskSpec | None,
+    device: torch.device,
+    train_device: torch.device | None = None,
+) -> dict[str, Any]:
+    """Store and run the model as precision.mode and precision.layers say.
+
+    Args:
+        device: where the model is now (the precision search's calibration runs there).
+        train_device: where it will train (layer maps cast for it; the 16-bit matmul probe runs
+            there); default ``device``.
+
+    Returns:
+        The per-layer part of the summary: the map applied, the search table for auto, the
+        effective dtype of every module, weight bytes, and whether 16-bit is slower here.
+    """
+    report: dict[str, Any] = {"weight_bytes_before": layerwise.weight_bytes(model)}
+    policy.apply(model)
+    mapping = cfg.precision.layers
+    if mapping is None and cfg.lora.enabled and not cfg.lora.merge and cfg.parallel.strategy != "fsdp":
+        # LoRA's frozen base Linears in the autocast dtype: the same numbers, no cast per step.
+        # Not with layer maps (which set dtypes themselves), nor when a merged model is saved
+        # (its base weights must stay as loaded), nor under FSDP: a shard unit mixing bf16 and
+        # fp32 parameters made the 2-process CPU test abort at exit about one run in two.
+        report["frozen_linear_bytes_saved"] = policy.store_frozen_linears(model)
+    unlowered = None if policy.mode in AUTOCAST_DTYPES else policy.compute_dtype  # no autocast to reconcile
+    train_device = train_device or device
+    if mapping == "auto":
+        mapping = _search_layers(model, policy, cfg, train_blocks, objective, mask, device, unlowered, report)
+    if mapping:
+        report["layers"] = layerwise.apply_map(model, mapping, train_device.type, unlowered)
+        if "fp16" in mapping.values():
+            policy.use_fp16_layers()
+    report["layers_effective"] = layerwise.effective_dtypes(model)
+    report["weight_bytes"] = layerwise.weight_bytes(model)
+    _note_slow_16_bit(policy, mapping, train_device, report)
+    return report
+
+
+def _search_layers(
+    model: Any,
+    policy: Policy,
+    cfg: RunConfig,
+    train_blocks: Blocks,
+    objective: str,
+    mask: MaskSpec | None,
+    device: torch.device,
+    unlowered: torch.dtype | None,
+    report: dict[str, Any],
+) -> dict[str, str]:
+    """precision.layers = auto: measure each block's sensitivity and choose the map."""
+    blocks_name, blocks = pretrained.transformer_blocks(model)
+    calibration = train_blocks[: cfg.precision.calibration_batches * cfg.train.micro_batch_size]
+    here = policy if policy.device == device.type else Policy(policy.mode, device.type)  # FSDP: on the host
+
+    def calibration_loss() -> float:
+        return heldout(model, calibration, objective, mask, cfg.train.micro_batch_size, here, device)["loss"]
+
+    found = layerwise.search(
+        model,
+        blocks_name,
+        blocks,
+        calibration_loss,
+        cfg.precision.search_dtype,
+        cfg.precision.tolerance,
+        device.type,
+        default=unlowered,
+    )
+    say(f"precision search ({found.seconds:.1f} s, calibration loss {found.base_loss:.4f}):")
+    for row in found.table:
+        say(f"  {row['block']:<28} loss change {row['relative_loss_change']:+.3%}  -> {row['dtype']}")
+    say(
+        f"  lowered {len(found.chosen)} of {len(blocks)} blocks, predicted loss change "
+        f"{found.predicted_change:+.3%} (tolerance {cfg.precision.tolerance:.1%}), "
+        f"weights -{found.predicted_weight_saving_bytes / 2**20:.1f} MiB"
+    )
+    report["search"] = {
+        "table": found.table,
+        "base_loss": found.base_loss,
+        "predicted_change": found.predicted_change,
+        "predicted_weight_saving_bytes": found.predicted_weight_saving_bytes,
+        "seconds": found.seconds,
+    }
+    return found.chosen
+
+
+def _note_slow_16_bit(
+    policy: Policy, mapping: dict[str, str] | None, device: torch.device, report: dict[str, Any]
+) -> None:
+    """Measure whether the run's 16-bit matmuls are faster than fp32 here; say so when not."""
+    lowered = [DTYPES[v] for v in (mapping or {}).values() if v != "fp32"]
+    low = policy.compute_dtype if policy.compute_dtype != torch.float32 else (lowered[0] if lowered else None)
+    if low is None:
+        return
+    fast, _ = flops.peak_flops(device, low, None)
+    full, _ = flops.peak_flops(device, torch.float32, None)
+    report["matmul_speedup_vs_fp32"] = fast / full
+    if fast < full:
+        policy.notes.append(
+            f"{str(low).replace('torch.', '')} matmuls run at {fast / 1e9:,.0f} GFLOP/s on this {device.type} "
+            f"vs {full / 1e9:,.0f} for fp32: 16-bit is slower here (measured)"
+        )
+
+
+def mfu(p: Prepared, cfg: RunConfig, device: torch.device, tokens_per_s: float) -> dict[str, Any]:
+    """MFU of the training loop: model FLOPs per token x tokens/s over the device's peak."""
+    model = parallel.unwrap(p.recipe.model)
+    _, blocks = pretrained.transformer_blocks(model)
+    head_fraction = 1.0
+    if p.loaded.objective == "mlm" and encoder_and_head(model) is not None:
+        head_fraction = cfg.data.mlm_probability  # only masked positions reach the head, on every rank
+    hidden = p.loaded.model.config.hidden_size
+    # The peak of the dtype the blocks (nearly all FLOPs) compute in: a layer map can lower them.
+    lowered = {v for v in p.recipe.precision_report.get("layers", {}).values() if v != "fp32"}
+    dtype = DTYPES[lowered.pop()] if len(lowered) == 1 else p.recipe.policy.compute_dtype
+    return flops.model_mfu(
+        model, blocks, cfg.data.max_seq_len, hidden, tokens_per_s, device, dtype, cfg.measure.peak_flops, head_fraction
+    )
