@@ -27,6 +27,8 @@ def test_adapt_mlm_end_to_end(tmp_path, tiny_bert, corpus_jsonl, capsys):
     assert 0 < summary["mfu"] <= 1
     assert summary["flops"]["peak_source"] in ("measured", "cache")
     assert summary["energy"]["method"] in ("measured", "estimated") and summary["energy"]["joules"] > 0
+    e = summary["energy"]
+    assert e["mj_per_token"] == pytest.approx(1000 * e["train_joules"] / summary["tokens"])
     assert summary["environment"]["torch"]
     assert summary["config"]["train"]["grad_accum"] == 2
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["grad_accum"] == 2
@@ -38,7 +40,8 @@ def test_adapt_mlm_end_to_end(tmp_path, tiny_bert, corpus_jsonl, capsys):
 
     saved = AutoModelForMaskedLM.from_pretrained(run / "model")
     assert heldout_loss_of(saved, run, "mlm") == pytest.approx(summary["eval"]["loss"], rel=1e-5)
-    assert "held-out loss" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "held-out loss" in printed and f"{e['mj_per_token']:.2f} mJ per training token" in printed
 
 
 def test_adapt_clm_lora_saves_a_loadable_adapter_and_merged_model(tmp_path, tiny_llama, corpus_jsonl):
@@ -104,7 +107,7 @@ def test_existing_run_dir_is_not_overwritten(tmp_path, tiny_bert, corpus_jsonl, 
     (tmp_path / "run" / "keep.txt").write_text("precious")
     path = write_config(tmp_path, tiny_bert, corpus_jsonl)
     assert main(["adapt", str(path)]) == 2
-    assert "already holds files" in capsys.readouterr().err
+    assert "holds files ecoadapt did not write (keep.txt)" in capsys.readouterr().err
     assert (tmp_path / "run" / "keep.txt").read_text() == "precious"
 
 

@@ -243,6 +243,21 @@ def test_the_base_results_key_follows_contents_and_settings_not_paths(tmp_path, 
     assert key(first) != key(moved)  # other contents: computed again
 
 
+def test_the_base_results_key_holds_the_code_and_every_scoring_library(tmp_path, tiny_bert, monkeypatch):
+    from ecoadapt.task import base_cache
+
+    task = write_task(tmp_path / "task.jsonl", 40)
+    run = RunConfig(model=ModelConfig(str(tiny_bert)), task=TaskConfig(train=[str(task)]))
+    before = base_cache.key(run, "fp32", "cpu")
+    monkeypatch.setattr(base_cache, "source_revision", lambda: "0123abc+dirty.456def")  # an edited source tree
+    edited = base_cache.key(run, "fp32", "cpu")
+    assert edited != before
+    real = base_cache.package_version
+    monkeypatch.setattr(base_cache, "package_version", lambda p: "9.9" if p == "peft" else real(p))
+    assert base_cache.key(run, "fp32", "cpu") != edited  # another peft: computed again
+    assert {"peft", "tokenizers"} <= set(base_cache.SCORING_PACKAGES)
+
+
 def test_task_precision_auto_is_fp32_on_a_cpu_and_bf16_or_fp16_on_a_gpu(monkeypatch):
     assert downstream.task_precision("auto", torch.device("cpu")) == "fp32"
     assert downstream.task_precision("fp16", torch.device("cpu")) == "fp16"  # as set

@@ -104,3 +104,38 @@ def test_report_puts_a_trainer_run_beside_an_ecoadapt_run(tmp_path, tiny_bert, c
     assert set(rows) == {"ours", "hf-trainer"} and rows["ours"]["baseline"] and not rows["hf-trainer"]["baseline"]
     assert rows["hf-trainer"]["energy_method"] == "estimated" and rows["hf-trainer"]["train_joules"] > 0
     assert "hf-trainer" in (tmp_path / "ours" / "report.md").read_text()
+
+
+def test_a_resumed_trainer_run_keeps_its_earlier_records_and_counts_them(tmp_path, tiny_bert):
+    """The callback used to truncate metrics.jsonl at every train start: a resumed run lost its
+    records, and its budgets started again from zero."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    rows = [dict(tokenizer(s, truncation=True, max_length=SEQ, padding="max_length")) for s in sentences(80)]
+    out = tmp_path / "measured"
+
+    def trainer(callback):
+        args = TrainingArguments(
+            str(tmp_path / "trainer"), max_steps=6, per_device_train_batch_size=4, learning_rate=5e-3,
+            logging_steps=1, save_strategy="steps", save_steps=3, report_to=[], use_cpu=True, disable_tqdm=True,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15)
+        model = AutoModelForMaskedLM.from_pretrained(tiny_bert)
+        return Trainer(model=model, args=args, train_dataset=rows, data_collator=collator, callbacks=[callback])
+
+    trainer(EcoadaptCallback(out, measure={"energy": "estimate"})).train()
+    whole = RunSummary.from_dict(json.loads((out / "summary.json").read_text()))
+    first = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # As if it had been killed after step 3's checkpoint: resume from it.
+    trainer(EcoadaptCallback(out, measure={"energy": "estimate"})).train(
+        resume_from_checkpoint=str(tmp_path / "trainer" / "checkpoint-3")
+    )
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # Each step as the uninterrupted run logged it (the Trainer's closing log is at step 6 too):
+    # 1-3 kept, 4-6 logged again, nothing twice.
+    assert [r["step"] for r in records] == [r["step"] for r in first] and records[2]["step"] == 3
+    assert records[:3] == first[:3]
+    assert records[3]["energy_j"] > records[2]["energy_j"] and records[3]["tokens"] > records[2]["tokens"]
+    resumed = RunSummary.from_dict(json.loads((out / "summary.json").read_text()))
+    assert resumed.tokens == whole.tokens  # the same batches: the earlier part counted, not lost
+    assert resumed.energy is not None and resumed.energy["train_joules"] > records[2]["energy_j"]

@@ -171,6 +171,8 @@ def test_plan_command_marks_what_does_not_fit(tmp_path: Path, tiny_llama: Path, 
     assert "forecast for 12 steps (train.max_steps)" in printed and "fp32 lora" in printed
     saved = json.loads(out_json.read_text())
     (row,) = saved["recipes"]
+    per_token = row["joules"] / (12 * 8 * 32) * 1000  # 12 steps of 8 blocks of 32 tokens
+    assert row["mj_per_token"] == pytest.approx(per_token) and f"{per_token:.2f}" in printed
     assert row["recipe"] == "fp32 lora" and row["steps"] == 12 and row["energy_method"] == "estimated"
     assert row["joules"] == pytest.approx(row["one_off_joules"] + 12 * row["joules_per_step"])
     # A memory limit below the forecast: the grid is forecast (cached probes where they exist)

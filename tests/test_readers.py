@@ -115,3 +115,27 @@ def test_builtin_python_docstrings_is_real_text():
             break
     assert len(docs) == 200
     assert all(len(d) >= 40 and "\n" not in d for d in docs)
+
+
+def test_a_long_line_is_read_in_pieces_cut_at_whitespace_sharing_its_split(tmp_path, monkeypatch):
+    monkeypatch.setattr(readers, "PIECE_CHARS", 64)
+    long_line = " ".join(f"wörd{i}" for i in range(60))  # multi-byte characters across piece ends
+    path = tmp_path / "c.txt"
+    path.write_text(f"short one\n{long_line}\nlast line without a newline", encoding="utf-8")
+    docs = list(readers.read(str(path)))
+    assert docs[0].text == "short one" and docs[0].key == "short one" and docs[0].piece == 0
+    pieces = [d for d in docs if d.source.endswith(":2")]
+    assert len(pieces) > 3 and " ".join(p.text for p in pieces) == long_line  # nothing lost, no word cut
+    assert all(len(p.text.encode()) <= 64 for p in pieces)
+    assert {p.key for p in pieces} == {pieces[0].text} and [p.piece for p in pieces] == list(range(len(pieces)))
+    assert docs[-1].text == "last line without a newline" and docs[-1].piece == 0  # not taken for a piece
+
+
+def test_a_long_record_is_cut_into_pieces_before_the_tokenizer(tmp_path, monkeypatch):
+    monkeypatch.setattr(readers, "PIECE_CHARS", 50)
+    text = "x" * 120 + " " + "y" * 10  # no whitespace for a while: cut hard where there is none
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps({"text": text}) + "\n")
+    pieces = list(readers.read(str(path)))
+    assert "".join(p.text for p in pieces).replace(" ", "") == text.replace(" ", "")
+    assert all(len(p.text) <= 50 for p in pieces) and len({p.key for p in pieces}) == 1

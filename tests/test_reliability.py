@@ -257,9 +257,11 @@ def test_resume_point_decisions(tmp_path):
     with pytest.raises(UserError, match=r"different config \(train.lr\)"):
         rundir.resume_point(run, {**cfg, "train": {"lr": 0.2}}, False, False)
     (run / "summary.json").write_text(json.dumps({"status": "completed"}))
-    with pytest.raises(UserError, match="holds a finished run"):
-        rundir.resume_point(run, cfg, False, False)
-    assert rundir.resume_point(run, cfg, True, False) == rundir.ResumePoint()
+    assert rundir.resume_point(run, cfg, False, False).finished  # the same command again: nothing to do
+    with pytest.raises(UserError, match=r"holds a finished run \(completed\) with a different config \(train.lr\)"):
+        rundir.resume_point(run, {**cfg, "train": {"lr": 0.2}}, False, False)
+    # output.overwrite on a run of ecoadapt's: start again, removing what ecoadapt wrote there.
+    assert rundir.resume_point(run, cfg, True, False) == rundir.ResumePoint(restart=True)
 
 
 def test_not_enough_disk_is_reported_before_training(tmp_path):

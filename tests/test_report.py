@@ -76,7 +76,7 @@ def summary(name, joules, loss, peak, baseline=False, status="completed"):
     run = RunSummary(
         status=status, config={"output": {"dir": f"runs/{name}"}}, time_s=2.0, tokens_per_s=100.0, mfu=0.3,
         eval=EvalSummary(loss + 0.5, loss, 4.5, 2.7, 0.1, 0.2, 100, 4),
-        energy={"train_joules": joules, "method": "estimated"},
+        energy={"train_joules": joules, "method": "estimated", "mj_per_token": joules / 4},
         memory={"peak_above_baseline_bytes": peak, "compare_with": "peak_above_baseline_bytes"},
     )  # fmt: skip
     return {"name": name, "key": name, "baseline": baseline, **run.to_dict()}
@@ -99,6 +99,7 @@ def test_report_files_from_a_sweep_folder(tmp_path):
     assert table[1]["on_front"] == "True" and table[2]["error"] == "UserError: bad"
     md = (tmp_path / "report.md").read_text()
     assert "energy -50%" in md and "failed: UserError: bad" in md and "estimated" in md
+    assert "| mJ/token |" in md and "| 250.00 |" in md and "| 125.00 |" in md  # per training token
     assert (tmp_path / "energy_vs_metric.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -141,3 +141,124 @@ def test_concurrent_preparers_share_one_store(tmp_path, tiny_llama):
     outs = [json.loads(p.communicate(timeout=300)[0].splitlines()[0]) for p in procs]
     assert sorted(o["cache"] for o in outs) == ["hit", "miss"]  # one prepared it, the other waited
     assert outs[0]["train_blocks"] == outs[1]["train_blocks"] and outs[0]["store"] == outs[1]["store"]
+
+
+def test_a_tokenizer_worker_killed_by_the_oom_killer_stops_the_preparation_with_a_message(tmp_path, tiny_llama):
+    """It used to hang forever, holding the store's lock, with no message."""
+    import psutil
+
+    from ecoadapt.core import locks
+
+    big = tmp_path / "big.txt"
+    write_big_corpus(big, 40)  # above WORKERS_FROM_BYTES: tokenized in worker processes
+    cache = tmp_path / "c"
+    cmd = [sys.executable, str(HELPER), str(tiny_llama), str(big), str(cache)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    workers: list[psutil.Process] = []
+    while not workers:
+        assert proc.poll() is None and time.time() < deadline, "the preparation ended before a worker started"
+        time.sleep(0.05)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        workers = [c for c in children if "spawn_main" in " ".join(c.cmdline())]
+    while not list(cache.glob(".*.tmp/train.bin")):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    workers[0].kill()  # what the kernel's OOM killer does
+    killed = time.time()
+    _, err = proc.communicate(timeout=60)
+    assert time.time() - killed < 30  # noticed within seconds, not never
+    assert proc.returncode != 0 and "killed by SIGKILL: most likely the system ran out of memory" in err
+    assert not list(cache.glob(".*.tmp")) and not [p for p in cache.iterdir() if p.is_dir()]  # nothing trusted
+    assert [locks.holder(lock) for lock in cache.glob("*.lock")] == [None]  # the lock is free
+
+
+def test_a_lock_wait_names_the_holder_and_gives_up_after_its_limit(tmp_path):
+    from ecoadapt.core import locks
+    from ecoadapt.core.errors import UserError
+
+    said: list[str] = []
+    lock = tmp_path / "store.lock"
+    with locks.held(lock, "the token store X"):
+        started = time.monotonic()
+        pattern = rf"the token store X is in use by process {os.getpid()} on .* since .* after waiting 0.5 s"
+        with pytest.raises(UserError, match=pattern), locks.held(lock, "the token store X", 0.5, said.append):
+            pass
+        assert 0.4 < time.monotonic() - started < 10
+        assert len(said) == 1 and said[0].startswith(f"waiting for process {os.getpid()}")
+    with locks.held(lock, "the token store X"):  # free once its holder let go
+        pass
+
+
+def test_the_lock_of_a_killed_holder_is_free_at_once(tmp_path):
+    from ecoadapt.core import locks
+
+    lock = tmp_path / "store.lock"
+    code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from ecoadapt.core import locks\n"
+        f"with locks.held(Path({str(lock)!r}), 'x'):\n"
+        "    print('held', flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    assert locks.holder(lock) is not None and f"process {holder.pid}" in locks.holder(lock)
+    holder.kill()
+    holder.wait()
+    assert locks.holder(lock) is None
+    with locks.held(lock, "x"):  # no waiting, no stale-lock cleanup needed
+        pass
+
+
+def test_one_very_long_line_streams_in_bounded_memory(tmp_path, tiny_llama):
+    """A 12 MiB one-line document raised peak memory by about 1 GiB (it was tokenized whole);
+    under a 250 MiB data limit it must stream, in pieces."""
+    big = tmp_path / "one-line.txt"
+    words = " ".join(sentences(400, seed=2))
+    with open(big, "w") as f:
+        while f.tell() < 12 * 2**20:
+            f.write(words + " ")
+        f.write("\n")
+        f.writelines(f"{line}\n" for line in sentences(400, seed=3))  # and short documents around it
+    cmd = [sys.executable, str(HELPER), str(tiny_llama), str(big), str(tmp_path / "c"), "--data-limit-mb", "250"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stats = json.loads(proc.stdout.splitlines()[0])
+    assert stats["documents"] == 401 and stats["documents_cut"] == 1
+    assert stats["train_documents"] + stats["eval_documents"] - 400 >= 12 * 16  # in 64 KiB pieces
+
+
+def test_the_pieces_of_a_document_go_to_its_split_whatever_their_own_text():
+    import numpy as np
+
+    from ecoadapt.data.tokenize_worker import init_worker, is_held_out, tokenize_chunk
+
+    class Words:  # a tokenizer: one id per word
+        def encode_batch(self, texts, add_special_tokens=False):
+            return [type("E", (), {"ids": [len(w) for w in t.split()]})() for t in texts]
+
+    init_worker(Words(), "clm", 0.5, np.dtype(np.int32).str, 0, in_process=True)
+    keys = [f"document {i}" for i in range(40)]
+    held = [is_held_out(k, 0.5) for k in keys]
+    assert any(held) and not all(held)  # both splits occur among the keys
+    # Each document in pieces whose own texts would hash to either split: the key decides.
+    chunk = [(f"piece {j} of {k}", k) for k in keys for j in range(3)]
+    out = tokenize_chunk(chunk)
+    assert len(out["eval"][1]) == 3 * sum(held) and len(out["train"][1]) == 3 * (len(keys) - sum(held))
+
+
+def test_a_store_whose_files_were_zeroed_by_a_power_cut_is_prepared_again(tmp_path, tiny_llama):
+    """A zero-filled file of the right size used to be trained on (only the sizes were checked)."""
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    corpus_path = tmp_path / "c.txt"
+    corpus_path.write_text("\n".join(sentences(300, seed=4)) + "\n")
+    cfg = DataConfig(train=[str(corpus_path)], max_seq_len=16, eval_fraction=0.1, cache_dir=str(tmp_path / "c"))
+    expected = corpus.build(cfg, tok, "clm").train[:].clone()  # a copy: the blocks are a map of the file
+    train_bin = next((tmp_path / "c").glob("*/train.bin"))
+    size = train_bin.stat().st_size
+    train_bin.write_bytes(b"\0" * size)  # the size a check of sizes alone trusts
+    again = corpus.build(cfg, tok, "clm")
+    assert again.stats["cache"] == "miss"  # not trusted: prepared again
+    assert torch.equal(again.train[:], expected) and train_bin.stat().st_size == size

@@ -13,7 +13,7 @@ from typing import Any
 from ecoadapt import __version__, api
 from ecoadapt.config import all_keys
 from ecoadapt.config.presets import preset_names
-from ecoadapt.core.errors import UserError
+from ecoadapt.core.errors import Interrupted, UserError
 
 
 def keys_help(rows: list[tuple[str, str, Any, str]] | None = None, defaults: bool = True) -> str:
@@ -54,7 +54,11 @@ def _print_run(summary: Any, run_dir: str) -> None:
         print(f"MFU: {summary.mfu:.1%} of a {f['peak_flops_per_s'] / 1e9:,.0f} GFLOP/s peak ({f['peak_source']})")
     if summary.energy is not None:
         e = summary.energy
-        print(f"energy: {e['joules']:,.0f} J in all, {e['train_joules']:,.0f} J training ({e['method']}, {e['meter']})")
+        per_token = f", {e['mj_per_token']:.2f} mJ per training token" if e.get("mj_per_token") else ""
+        print(
+            f"energy: {e['joules']:,.0f} J in all, {e['train_joules']:,.0f} J training{per_token} "
+            f"({e['method']}, {e['meter']})"
+        )
     mem = summary.memory
     if mem and mem.get("train_peak_bytes") is not None:
         print(
@@ -297,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"ecoadapt{rank}: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"ecoadapt: {e}", file=sys.stderr)
+        return e.exit_status
     except KeyboardInterrupt:
         print("ecoadapt: interrupted", file=sys.stderr)
         return 130

@@ -34,6 +34,7 @@ from ecoadapt.measure import energy, environment, flops, memory
 from ecoadapt.measure.budget import BUDGETS, Budget
 from ecoadapt.measure.phases import PhaseFigures, Phases
 from ecoadapt.model.precision import DTYPES
+from ecoadapt.results.rundir import truncate_jsonl
 from ecoadapt.results.summary import EvalSummary, RunSummary
 
 
@@ -98,9 +99,9 @@ class EcoadaptCallback(TrainerCallback):
         self.device = torch.device(args.device)
         self.out = self.output_dir or Path(args.output_dir) / "ecoadapt"
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "metrics.jsonl").unlink(missing_ok=True)  # this run's records only
         self.model = model
         self.tracker = energy.EnergyTracker.for_config(self.measure, self.device.type, self.device.index, 0, say)
+        earlier = self._carry_earlier(state.global_step)
         self.memory = memory.MemoryWindows(self.device)
         self.phases = Phases(self.tracker, self.memory)
         self.rss_before = memory.rss_bytes()
@@ -109,7 +110,8 @@ class EcoadaptCallback(TrainerCallback):
         # Trainer callbacks open and close the windows in separate calls: an exit stack holds them.
         self._train_window = contextlib.ExitStack()
         self._train_window.enter_context(self.phases.window("train"))
-        self._start = time.perf_counter()
+        self._counted = int(earlier.get("tokens", 0))
+        self._start = time.perf_counter() - float(earlier.get("seconds", 0.0))  # the clock goes on
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Check the budgets after every optimizer step."""
@@ -164,6 +166,23 @@ class EcoadaptCallback(TrainerCallback):
         say(f"ecoadapt: {summary.status}; summary in {self.out / 'summary.json'}")
 
     # -- helpers ----------------------------------------------------------------------------
+
+    def _carry_earlier(self, step: int) -> dict[str, Any]:
+        """A Trainer resumed from its checkpoint at ``step`` goes on from there: the records up
+        to it are kept (later ones, logged after the checkpoint, are dropped) and what they
+        measured (joules, tokens, seconds) counts in this run's figures and budgets. A run from
+        step 0 starts a new file. Returns the last kept record ({} when none)."""
+        path = self.out / "metrics.jsonl"
+        if step == 0:
+            path.unlink(missing_ok=True)  # this run's records only
+            return {}
+        truncate_jsonl(path, step)
+        kept = storage.read_jsonl(path)
+        last = kept[-1] if kept else {}
+        if last:
+            self.tracker.carry({"train": (float(last.get("energy_j", 0.0)), float(last.get("seconds", 0.0)))})
+            say(f"ecoadapt: resumed at step {step}; {len(kept)} earlier records kept and counted")
+        return last
 
     def _count(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Count the tokens of a training forward pass; open the evaluation window on an

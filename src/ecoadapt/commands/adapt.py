@@ -16,6 +16,9 @@ parallelism every rank runs this same recipe on its shard; rank 0 alone prints a
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import os
 import signal
 import time
 from dataclasses import dataclass, replace
@@ -24,6 +27,7 @@ from typing import Any
 
 import torch
 
+from ecoadapt.commands import finish
 from ecoadapt.config import RunConfig, dump
 from ecoadapt.core import storage
 from ecoadapt.core.errors import UserError
@@ -36,10 +40,9 @@ from ecoadapt.measure.budget import BUDGETS, Budget
 from ecoadapt.measure.phases import Phases
 from ecoadapt.model import export, parallel, pretrained
 from ecoadapt.model.adapters import is_new
-from ecoadapt.reports import model_card
 from ecoadapt.results import rundir
 from ecoadapt.results.summary import EvalSummary, ModelSummary, ParallelSummary, ReliabilitySummary, RunSummary
-from ecoadapt.task import downstream
+from ecoadapt.task import base_cache, downstream
 from ecoadapt.train import checkpoint
 from ecoadapt.train.early_stop import EarlyStop
 from ecoadapt.train.heldout import heldout
@@ -71,7 +74,16 @@ def run(cfg: RunConfig, base: Path | None = None) -> RunSummary:
     """
     out = Path(cfg.output.dir)
     # Cheap checks first: a typo in a path fails in milliseconds, not after loading a model.
-    resume = rundir.resume_point(out, cfg.to_dict(), cfg.output.overwrite, cfg.output.resume)
+    rank = int(os.environ.get("RANK", "0"))  # torchrun's; the process group starts later
+    resume = rundir.resume_point(out, cfg.to_dict(), cfg.output.overwrite, cfg.output.resume, rank == 0)
+    if resume.finished:  # the same command again: nothing left to do
+        say(f"{out}: this run has finished; its summary is kept (--set output.overwrite=true runs it again)")
+        return RunSummary.from_dir(out)
+    if resume.after_training:
+        if rank != 0:  # the task and the summary are rank 0's
+            return RunSummary(status="completed", config=cfg.to_dict(), rank=rank)
+        with rundir.locked(out):
+            return finish.resume_after_training(cfg, out)
     readers.resolve(cfg.data.train, base)
     pretrained.resolve_model(cfg.model)  # a hub id is fetched here, once, before anything else
     if cfg.task.train:  # every record, before an adaptation that a bad task file would waste
@@ -109,6 +121,8 @@ class AdaptRun:
         self.memory = memory.MemoryWindows(device)
         self.phases = Phases(self.tracker, self.memory)
         self.first_steps: FirstSteps | None = None  # the in-run forecast's watcher, once training starts
+        self._input_ids: dict[str, str] | None = None  # what _inputs() found, once
+        self._hold = contextlib.ExitStack()  # the run folder's lock, held by rank 0 while the run uses it
         self.summary = RunSummary(status="failed", config=cfg.to_dict(), rank=world.rank)
         self.run_dir = Path(cfg.output.dir)
 
@@ -126,6 +140,8 @@ class AdaptRun:
             self.log(f"measuring idle power for {self.cfg.measure.idle_s:g} s ...")
             self.log(f"idle power: {self.tracker.measure_idle(self.cfg.measure.idle_s):.1f} W")
         self.p = prepare(self.cfg, base, self.device, self.world, self.tracker, self.log)
+        if resumed is not None:
+            self._check_inputs(resumed["extra"].get("inputs"))
         self.eval_blocks = self.p.blocks.eval[: self.cfg.data.eval_max_blocks]
         self.steps = total_steps(self.cfg.train, len(self.p.blocks.train) // self.world.size)
         if self.world.is_main:
@@ -141,8 +157,34 @@ class AdaptRun:
             raise
         finally:
             self.p.recipe.policy.restore()  # process-wide TF32 settings as they were
+            self._hold.close()  # the run folder's lock
+
+    def _inputs(self) -> dict[str, str]:
+        """What the run trains on, by content: the corpus's token store and the model's files."""
+        if self._input_ids is None:
+            store = Path(self.p.blocks.stats["store"]).name  # its name is the key of its contents
+            self._input_ids = {"corpus token store": store, "model files": base_cache.model_identity(self.cfg.model)}
+        return self._input_ids
+
+    def _check_inputs(self, recorded: dict[str, str] | None) -> None:
+        """A checkpoint resumes only on the corpus and model it was made on.
+
+        Raises:
+            UserError: naming what changed since the checkpoint.
+        """
+        if recorded is None:  # a checkpoint of an earlier version: nothing to compare
+            return
+        changed = [what for what, key in self._inputs().items() if recorded.get(what) != key]
+        if changed:
+            raise UserError(
+                f"output.dir: {self.cfg.output.dir} holds a checkpoint made on other {' and '.join(changed)} "
+                "(edited in place, or a new snapshot); restore them to resume, or --set output.overwrite=true "
+                "to start again"
+            )
 
     def _open_run_dir(self, out: Path, resume: rundir.ResumePoint, resumed: dict[str, Any] | None) -> None:
+        if self.world.is_main and resumed is not None:
+            self._hold.enter_context(rundir.locked(out))
         if resumed is not None:
             at = int(resumed["loop"]["steps"])
             self.log(f"resuming from the checkpoint at step {at} of {self.steps}")
@@ -152,7 +194,8 @@ class AdaptRun:
             self.tracker.carry(resumed["extra"]["energy_windows"])
             self.summary.resumed_from_step = at
         elif self.world.is_main:
-            rundir.create(out, self.cfg.output.overwrite or resume.restart)
+            self._hold.enter_context(rundir.locked(out))  # before anything in it is removed
+            rundir.create(out, resume.restart)
             storage.atomic_write_text(out / "config.yaml", dump(self.cfg))
         self.run_dir = out
 
@@ -177,15 +220,21 @@ class AdaptRun:
         parallel.teardown(barrier=True)
         if not self.world.is_main:
             return RunSummary(status="completed", config=self.summary.config, rank=self.world.rank)
-        task = self._task_or_failure(saved) if self.cfg.task.train else None
-        self._fill(training, before, after, saved, measured, task)
+        job_energy = copy.deepcopy(measured["energy"])  # before the task joins it
+        self._fill(training, before, after, saved, measured)
         if self.first_steps is not None:
             self.summary.forecast = self.first_steps.beside_measured(self.summary)
-        model_card.write(self.run_dir, self.summary)  # with the task's result: it ran first
-        self.summary.save(self.run_dir / "summary.json")
-        # Finished: the checkpoint's optimizer state is no longer needed (the model is saved).
-        (self.run_dir / rundir.CHECKPOINT_FILE).unlink(missing_ok=True)
-        return self.summary
+        task_inputs = None
+        if self.cfg.task.train:
+            backbone = self._backbone(saved)
+            if backbone is not None and not saved:  # a resumed task needs it, and nothing else holds it
+                finish.keep_backbone(self.run_dir, backbone)
+            get = (lambda: backbone) if backbone is not None else (lambda: downstream.adapted_backbone(self.cfg))
+            if backbone is not None or saved:
+                task_inputs = (self.p.loaded.tokenizer, get, self.device, self.tracker)
+        finish.record_trained(self.run_dir, self.summary, job_energy)
+        (self.run_dir / rundir.CHECKPOINT_FILE).unlink(missing_ok=True)  # phases.json resumes from here on
+        return finish.finish(self.cfg, self.run_dir, self.summary, job_energy, task_inputs)
 
     # -- the steps --------------------------------------------------------------------------
 
@@ -219,7 +268,12 @@ class AdaptRun:
                 self.run_dir / rundir.CHECKPOINT_FILE,
                 loader,
                 world.is_main,
-                lambda: {"before": before, "energy_windows": self.tracker.snapshot(), "early_stop": stopper.state()},
+                lambda: {
+                    "before": before,
+                    "energy_windows": self.tracker.snapshot(),
+                    "early_stop": stopper.state(),
+                    "inputs": self._inputs(),
+                },
             )
         if resumed is not None:
             assert checkpoints is not None
@@ -332,39 +386,16 @@ class AdaptRun:
             "tokens_per_s": tokens_per_s,
         }
 
-    def task(self, saved: list[str]) -> dict[str, Any] | None:
-        """The downstream task on rank 0: base vs the adapted backbone (from memory, or as saved
-        when FSDP holds it in shards)."""
-        if self.world.strategy == "fsdp":
-            if not saved:
-                self.log(
-                    "note: with FSDP the task reads the saved model; output.save_model is off: run `ecoadapt evaluate`"
-                )
-                return None
-            backbone = downstream.adapted_backbone(self.cfg)
-        else:
-            backbone = downstream.backbone_state(parallel.unwrap(self.p.recipe.model))
-        with self.phases.window("task", memory=None) as window:
-            task = downstream.compare(self.cfg, self.p.loaded.tokenizer, backbone, self.device, self.tracker)
-        assert window.energy is not None
-        task["energy"] = window.energy.as_dict()
-        return task
-
-    def _task_or_failure(self, saved: list[str]) -> dict[str, Any] | None:
-        """The task, or what made it fail: the adaptation's measured sections are kept either way
-        (the model is saved; `ecoadapt evaluate` runs the task alone on it)."""
-        try:
-            return self.task(saved)
-        except Exception as e:  # any failure of the task must not lose the run
-            error = f"{type(e).__name__}: {e}"
-            self.log(f"task failed: {error}; the adaptation's results are kept. Retry: ecoadapt evaluate CONFIG")
-            window = self.tracker.windows.get("task")
-            return {
-                "status": "failed",
-                "error": error,
-                "energy": window.as_dict() if window is not None else None,
-                "retry": "ecoadapt evaluate CONFIG" if saved else "save the model (output.save_model) to retry",
-            }
+    def _backbone(self, saved: list[str]) -> dict[str, Any] | None:
+        """The adapted backbone's weights for the task: from memory, or (FSDP, which holds it
+        in shards) as saved; None when FSDP saved nothing."""
+        if self.world.strategy != "fsdp":
+            return downstream.backbone_state(parallel.unwrap(self.p.recipe.model))
+        if not saved:
+            self.log(
+                "note: with FSDP the task reads the saved model; output.save_model is off: run `ecoadapt evaluate`"
+            )
+        return None
 
     # -- the summary ------------------------------------------------------------------------
 
@@ -375,8 +406,8 @@ class AdaptRun:
         after: dict[str, Any],
         saved: list[str],
         measured: dict[str, Any],
-        task: dict[str, Any] | None,
     ) -> None:
+        """Everything of the summary but the task (see :mod:`ecoadapt.commands.finish`)."""
         cfg, p, world, s = self.cfg, self.p, self.world, self.summary
         result = training.result
         p.phases["train_s"] = result.time_s
@@ -408,10 +439,9 @@ class AdaptRun:
             before["accuracy"], after["accuracy"], after["target_tokens"], len(self.eval_blocks),
         )  # fmt: skip
         s.precision = {**p.recipe.policy.summary(), **p.recipe.precision_report}
-        s.energy = _energy_summary(measured["energy"], task, s.tokens, before["loss"] - after["loss"])
+        s.energy = finish.energy_summary(measured["energy"], None, s.tokens, before["loss"] - after["loss"])
         s.memory, s.flops = measured["memory"], measured["flops"]
         s.mfu = measured["flops"]["mfu"]
-        s.task = task
         s.head_first = training.head_first
         s.notes = _notes(cfg, p)
         s.compile = p.recipe.compiled.report()
@@ -467,15 +497,3 @@ def _check_room(cfg: RunConfig, out: Path, p: Prepared) -> None:
     if cfg.output.save_model:
         needed += checkpoint.bytes_needed(r.model, r.policy) if r.plan.lora else layerwise.weight_bytes(r.model)
     rundir.check_room(out, needed, "the checkpoints and the saved model")
-
-
-def _energy_summary(
-    job: dict[str, Any] | None, task: dict[str, Any] | None, tokens: int, loss_gain: float
-) -> dict[str, Any] | None:
-    """The job's energy with the task's window (run on rank 0 after the ranks were summed)."""
-    if job is None:
-        return None
-    if task is not None and task.get("energy"):
-        job["phases"]["task"] = {k: task["energy"][k] for k in ("joules", "seconds")}
-        energy.with_totals(job)
-    return energy.with_training_figures(job, tokens, loss_gain)

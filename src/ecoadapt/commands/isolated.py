@@ -7,17 +7,17 @@ Sweeps and benchmarks both go through here.
 
 from __future__ import annotations
 
-import collections
 import os
+import signal
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from ecoadapt.core.processes import echo_to_stderr, run_child
 from ecoadapt.core.storage import read_json
 from ecoadapt.results.summary import RunSummary
 
@@ -36,7 +36,8 @@ def run_adapt(
 
     Returns:
         The run's summary.json, or ``{"status": "failed", "error": ...}`` when the child
-        failed before writing one (bad config, crash, timeout); ``exit_code`` is added.
+        failed before writing one (bad config, crash, timeout); ``exit_code`` is added, and
+        ``interrupted_by`` (SIGTERM, SIGINT) when a signal to this process was passed on to it.
     """
     config = {section: dict(values) for section, values in config.items()}
     config.setdefault("output", {})["dir"] = str(run_dir)
@@ -44,32 +45,23 @@ def run_adapt(
         yaml.safe_dump(config, f)
         config_path = f.name
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    tail: collections.deque[str] = collections.deque(maxlen=20)  # the child's last words, for the error
     try:
-        with subprocess.Popen(
+        # Its own process group: a signal to the sweep reaches the run (and torchrun's ranks),
+        # which checkpoints; a timeout stops all of it.
+        child = run_child(
             [sys.executable, "-m", "ecoadapt", "adapt", config_path],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
             env=env,
-        ) as proc:
-            timer = threading.Timer(timeout_s, proc.kill) if timeout_s else None
-            if timer:
-                timer.start()
-            assert proc.stderr is not None
-            for line in proc.stderr:  # progress passes through as it comes
-                tail.append(line)
-                if stream_output:
-                    sys.stderr.write(line)
-                    sys.stderr.flush()
-            code = proc.wait()
-            timed_out = timer is not None and not timer.is_alive() and code != 0
-            if timer:
-                timer.cancel()
-        if timed_out:
-            tail.append(f"timed out after {timeout_s} s")
+            timeout_s=timeout_s,
+            capture_stderr=True,
+            on_line=echo_to_stderr if stream_output else None,
+            stdout=subprocess.DEVNULL,
+        )
     finally:
         Path(config_path).unlink(missing_ok=True)
+    tail = list(child.tail)
+    if child.timed_out:
+        tail.append(f"timed out after {timeout_s} s")
+    code = child.exit_status
     err = "".join(tail)
     summary_path = run_dir / "summary.json"
     if summary_path.exists():
@@ -79,4 +71,6 @@ def run_adapt(
         error = lines[-1] if lines else f"exit status {code}"
         summary = RunSummary(status="failed", config=config, error=error).to_dict()
     summary["exit_code"] = code
+    if child.forwarded is not None:
+        summary["interrupted_by"] = signal.Signals(child.forwarded).name
     return summary

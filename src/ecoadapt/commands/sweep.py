@@ -35,9 +35,8 @@ from ecoadapt.commands.isolated import run_adapt
 from ecoadapt.config import RunConfig, from_dict, parse_override, schema
 from ecoadapt.config.report import ReportSettings
 from ecoadapt.core import storage
-from ecoadapt.core.errors import UserError
+from ecoadapt.core.errors import Interrupted, UserError
 from ecoadapt.core.progress import fmt_duration, say
-from ecoadapt.results import rundir
 from ecoadapt.results.summary import FINISHED
 from ecoadapt.results.sweep_records import latest_results
 
@@ -217,9 +216,9 @@ def run(sweep: Sweep, timeout_s: float | None = None) -> list[dict[str, Any]]:
         eta = f", about {fmt_duration(sum(durations) / len(durations) * (len(todo) - i + 1))} left" if durations else ""
         say(f"[sweep] point {i}/{len(todo)}: {point.name}{eta}")
         run_dir = sweep.out / "points" / f"{slug(point.name)}-{point.key[:6]}"
+        # A retried point resumes what its earlier attempt finished (the trained model, the task
+        # seeds, a checkpoint), or starts again where nothing was: its run folder decides.
         cfg = point.config.to_dict()
-        # A retried point replaces its failed attempt, or resumes an interrupted one.
-        cfg["output"]["overwrite"] = not (run_dir / rundir.CHECKPOINT_FILE).is_file()
         start = time.perf_counter()
         summary = run_adapt(cfg, run_dir, timeout_s=timeout_s, stream_output=True)
         durations.append(time.perf_counter() - start)
@@ -232,6 +231,13 @@ def run(sweep: Sweep, timeout_s: float | None = None) -> list[dict[str, Any]]:
             **summary,
         }
         storage.append_jsonl(results_path, record)
+        if "interrupted_by" in record:  # the signal reached the point, which kept its work: stop here
+            signal_name = str(record["interrupted_by"])
+            raise Interrupted(
+                signal_name,
+                f"[sweep] {signal_name}: stopped at point {point.name} ({record.get('status')}); "
+                "rerun the same command to resume it and the points after it",
+            )
         if record.get("status") == "failed":
             say(f"[sweep] point {point.name} failed: {record.get('error')}; going on")
     latest = latest_results(sweep.out, {p.key for p in sweep.points})

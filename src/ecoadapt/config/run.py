@@ -87,6 +87,10 @@ class DataConfig:
     tokenizer, the objective and the split; any sequence length reads the same store); default
     the tokens/ folder of ecoadapt's cache ($ECOADAPT_CACHE, else ~/.cache/ecoadapt). Needs about
     1-2 bytes per character of text."""
+    lock_timeout_s: float = 3600.0
+    """How long a run waits for another process that is preparing the same token store (s),
+    saying which process it waits for, before giving up with a message. A process that died
+    holds no lock."""
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The one exception type for bad input: the CLI prints its message and exits with status 2."""
+"""The exceptions the CLI turns into one line: bad input (status 2) and a signal that stopped the work (128 + n)."""
 
 
 class UserError(Exception):
@@ -7,3 +7,22 @@ class UserError(Exception):
     Raised anywhere; the CLI turns it into one line on stderr and exit status 2, with a traceback
     only under ``--debug``.
     """
+
+
+class Interrupted(Exception):
+    """A signal stopped the work: what was done is kept, and the same command resumes it.
+
+    The command line prints the message and exits with 128 + the signal's number.
+    """
+
+    def __init__(self, signal_name: str, message: str) -> None:
+        super().__init__(message)
+        self.signal_name = signal_name
+        """SIGTERM or SIGINT."""
+
+    @property
+    def exit_status(self) -> int:
+        """128 + the signal's number, as a shell reports a process a signal ended."""
+        import signal
+
+        return 128 + int(signal.Signals[self.signal_name])

@@ -11,12 +11,16 @@ No torch here: the report reads results through this module on machines without 
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import socket
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
+
+_HOST = socket.gethostname().replace(".", "-").replace("/", "-")  # in temp names: whose writer it was
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
@@ -27,8 +31,13 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
         write: writes the contents to the (binary) file it is given.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # The writer in the name: a temp file its dead writer left behind is removed by the next write.
+    prefix = f".{path.name}.{_HOST}.{os.getpid()}."
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=".tmp")
     try:
+        # mkstemp makes the file 0600; the file it becomes is the user's, as any file they
+        # create: readable by their group (a shared cache, a teammate's summary) as umask says.
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -42,6 +51,34 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
         os.fsync(folder)  # the rename itself survives a power cut
     finally:
         os.close(folder)
+    remove_stale_temps(path)
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Remove the temp files of ``path`` whose writers, on this machine, have died (a kill
+    mid-write); those of live writers, and of other machines sharing the folder, stay."""
+    import psutil
+
+    removed = []
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.{glob.escape(_HOST)}.*.tmp"):
+        pid = stale.name[len(f".{path.name}.{_HOST}.") :].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not psutil.pid_exists(int(pid)):
+            stale.unlink(missing_ok=True)
+            removed.append(stale)
+    return removed
+
+
+def current_umask() -> int:
+    """The process's file-mode creation mask (read without changing it where Linux allows)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore at once (not thread-safe, briefly)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -57,6 +94,18 @@ def write_json(path: Path, data: Any) -> None:
 def read_json(path: Path) -> Any:
     """The JSON in ``path`` (raises OSError or ValueError as json does)."""
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def read_cache(path: Path, warn: Callable[[str], None]) -> Any:
+    """A cache file's JSON, or None when it is missing or cannot be read (torn, edited, another
+    version's): a cache only saves work, so an unreadable one is measured again, said once."""
+    if not path.is_file():
+        return None
+    try:
+        return read_json(path)
+    except (OSError, ValueError) as e:
+        warn(f"note: the cache file {path} cannot be read ({type(e).__name__}); it is measured again")
+        return None
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:

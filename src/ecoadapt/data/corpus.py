@@ -73,7 +73,14 @@ def build(cfg: DataConfig, tokenizer: Any, objective: str, base: Path | None = N
         "bad_records": cfg.bad_records,
     }
     prep = store.Preparation(
-        sources, tokenizer, objective, cfg.text_field, cfg.json_key, cfg.eval_fraction, cfg.bad_records
+        sources,
+        tokenizer,
+        objective,
+        cfg.text_field,
+        cfg.json_key,
+        cfg.eval_fraction,
+        cfg.bad_records,
+        cfg.lock_timeout_s,
     )
     tokens = store.open_or_prepare(cache_dir(cfg), key_parts, prep, say)
     meta = tokens.meta
@@ -88,6 +95,7 @@ def build(cfg: DataConfig, tokenizer: Any, objective: str, base: Path | None = N
     stats = {
         "sources": sources,
         "documents": meta["documents"],
+        "documents_cut": meta.get("documents_cut", 0),  # longer than readers.PIECE_CHARS: stored in pieces
         "train_documents": meta["train_documents"],
         "eval_documents": meta["eval_documents"],
         "train_blocks": len(train),

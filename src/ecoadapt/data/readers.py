@@ -11,6 +11,7 @@ Every problem is a :class:`UserError` that names the file (and line or record) a
 
 from __future__ import annotations
 
+import codecs
 import csv
 import glob
 import gzip
@@ -31,6 +32,13 @@ COMPRESSED = (".gz", ".zst")  # for the line- and row-based formats
 STREAMABLE = (".txt", ".jsonl", ".csv", ".tsv")
 DATASET_FOLDER_MARKER = "state.json"  # what datasets' save_to_disk writes beside its Arrow files
 JSON_MEMORY_FACTOR = 10  # a parsed JSON value takes about this many times its file's bytes
+# A document longer than this many characters (about 13k tokens) is cut into pieces, at
+# whitespace, before it reaches a tokenizer, and a .txt line is read in pieces of this size, so
+# no line length can exhaust memory: a tokenizer holds about 70 bytes per character of one
+# sequence (2 MiB as one text: +145 MiB peak; in 64 pieces: +33 MiB). Each piece is stored as a
+# document of its own (a causal LM's separator follows it), in its document's split.
+PIECE_CHARS = 64 * 2**10
+RECORD_LINE_BYTES = 256 * 2**20  # a .jsonl line is parsed whole: one longer than this is refused
 
 
 def file_format(path: Path) -> tuple[str, str | None]:
@@ -46,10 +54,26 @@ def file_format(path: Path) -> tuple[str, str | None]:
 
 @dataclass(frozen=True)
 class Document:
-    """One document of a corpus, with where it came from (for messages)."""
+    """One document of a corpus (or a piece of a long one), with where it came from.
+
+    Attributes:
+        text: the text.
+        source: where it came from, for messages ("file:line").
+        split_key: what decides its split (train or held out) by its hash: its own text, or for
+            the pieces of a long document the first piece's, so that a document is never split
+            across the two.
+        piece: its index among the pieces of its document (0: the first, or not cut).
+    """
 
     text: str
     source: str
+    split_key: str = ""
+    piece: int = 0
+
+    @property
+    def key(self) -> str:
+        """The text whose hash decides the split."""
+        return self.split_key or self.text
 
 
 def resolve(patterns: list[str], base: Path | None = None) -> list[str]:
@@ -173,9 +197,7 @@ def read(
         return
     path = Path(source)
     if file_format(path)[0] == ".txt":
-        for lineno, line in _lines(path):
-            if line.strip():
-                yield Document(line.strip(), f"{path}:{lineno}")
+        yield from _txt_documents(path)
         return
     for where, record in records(source, text_field, json_key, bad):
         try:
@@ -184,7 +206,69 @@ def read(
             bad.handle(e)
             continue
         if text:
-            yield Document(text, where)
+            yield from _pieces(text, where)
+
+
+def _pieces(text: str, where: str) -> Iterator[Document]:
+    """``text`` as one document, or in pieces of at most PIECE_CHARS cut at whitespace."""
+    if len(text) <= PIECE_CHARS:
+        yield Document(text, where)
+        return
+    first = ""
+    for i, piece in enumerate(cut_at_whitespace(text, PIECE_CHARS)):
+        first = first or piece
+        yield Document(piece, where, first, i)
+
+
+def cut_at_whitespace(text: str, limit: int) -> Iterator[str]:
+    """Pieces of ``text`` of at most ``limit`` characters, each ending at the last whitespace
+    before the limit where the second half of the piece has one (else cut there)."""
+    start = 0
+    while len(text) - start > limit:
+        end = start + limit
+        space = max(text.rfind(c, start + limit // 2, end) for c in " \t\n\r")
+        end = space + 1 if space >= 0 else end
+        piece = text[start:end].strip()
+        if piece:
+            yield piece
+        start = end
+    rest = text[start:].strip()
+    if rest:
+        yield rest
+
+
+def _txt_documents(path: Path) -> Iterator[Document]:
+    """The lines of a .txt file as documents, each read in pieces of at most PIECE_CHARS bytes,
+    so that memory stays bounded whatever a line's length; a long line becomes several pieces,
+    cut at whitespace, that share its split."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    lineno, carry, piece, first = 1, "", 0, ""
+    with open_binary(path) as f:
+        try:
+            while raw := f.readline(PIECE_CHARS):
+                if lineno == 1 and not piece and not carry:
+                    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
+                ends = raw.endswith(b"\n") or len(raw) < PIECE_CHARS  # shorter without one: the last line
+                try:
+                    text = carry + decoder.decode(raw, final=ends)
+                except UnicodeDecodeError as e:
+                    raise UserError(
+                        f"{path}:{lineno}: not UTF-8 text (byte {e.start} of the line); re-encode the file as UTF-8"
+                    ) from None
+                carry = ""
+                if not ends:  # a piece of a long line: keep what follows its last whitespace
+                    cut = max(text.rfind(c, len(text) // 2) for c in " \t\r")
+                    text, carry = (text[: cut + 1], text[cut + 1 :]) if cut >= 0 else (text, "")
+                if text.strip():
+                    first = first or text.strip()
+                    yield Document(text.strip(), f"{path}:{lineno}", first if (piece or not ends) else "", piece)
+                    piece += 1
+                if ends:
+                    lineno, piece, first = lineno + 1, 0, ""
+            if carry.strip():
+                yield Document(carry.strip(), f"{path}:{lineno}", first, piece)
+        except (OSError, EOFError) as e:  # a truncated or corrupt compressed file
+            raise UserError(f"{path}: cannot be read to the end ({type(e).__name__}: {e})") from None
 
 
 def open_binary(path: Path) -> IO[bytes]:
@@ -214,7 +298,12 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
     """
     with open_binary(path) as f:
         try:
-            for lineno, raw in enumerate(f, 1):
+            for lineno, raw in enumerate(iter(lambda: f.readline(RECORD_LINE_BYTES + 1), b""), 1):
+                if len(raw) > RECORD_LINE_BYTES:
+                    raise UserError(
+                        f"{path}:{lineno}: a record of over {RECORD_LINE_BYTES // 2**20} MiB, which would be "
+                        "read whole; split it into several records, or give the text as a .txt file"
+                    )
                 if lineno == 1:
                     raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
                 try:

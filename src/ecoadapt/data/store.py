@@ -15,17 +15,19 @@ interrupted preparation leaves nothing a later run trusts (the next one starts c
 
 from __future__ import annotations
 
-import fcntl
+import collections
 import hashlib
 import json
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
-import threading
 import time
+import zlib
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,12 +35,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from ecoadapt.core import locks
 from ecoadapt.core.errors import UserError
 from ecoadapt.core.storage import atomic_write_text
 from ecoadapt.data import builtin, readers
 from ecoadapt.data.tokenize_worker import init_worker, tokenize_chunk, worker_tokenizer
 
-STORE_FORMAT = 1  # bump when the layout changes: stores of another format are not read
+STORE_FORMAT = (
+    2  # 2: long documents in pieces, checksums. Bump when the layout changes: stores of another format are not read
+)
 # A tokenization task holds at most this many documents or characters: batches large enough for
 # the tokenizer, and a worker's transient memory (token ids as Python lists, ~40 B a token) bounded.
 CHUNK_DOCS = 2048
@@ -131,28 +136,51 @@ class TokenStore:
         return MemmapBlocks(self.folder / f"{split}.bin", np.dtype(self.meta["dtype"]), seq_len)
 
 
+DATA_FILES = tuple(f"{split}.{kind}" for split in SPLITS for kind in ("bin", "docs"))
+CHECK_WINDOWS, CHECK_WINDOW_BYTES = 32, 64 * 2**10  # what a store's checksum reads: 2 MiB a file at most
+
+
+def sampled_checksum(path: Path) -> str:
+    """CRC-32 of a file's size and of CHECK_WINDOWS windows spread evenly over it (the whole file
+    when smaller): a store of gigabytes is checked in milliseconds at every start, and a file of
+    the right size that is not what was written (zeros after a power cut) does not pass."""
+    size = path.stat().st_size
+    crc = zlib.crc32(str(size).encode())
+    with open(path, "rb") as f:
+        if size <= CHECK_WINDOWS * CHECK_WINDOW_BYTES:
+            return f"{zlib.crc32(f.read(), crc):08x}"
+        step = (size - CHECK_WINDOW_BYTES) // (CHECK_WINDOWS - 1)
+        for i in range(CHECK_WINDOWS):
+            f.seek(i * step)
+            crc = zlib.crc32(f.read(CHECK_WINDOW_BYTES), crc)
+    return f"{crc:08x}"
+
+
 def open_store(folder: Path) -> TokenStore | None:
-    """The complete store in ``folder``, or None (absent, of another format, or damaged)."""
+    """The complete store in ``folder``, or None (absent, of another format, or damaged: a size
+    or a checksum that is not what was written)."""
     try:
         meta = json.loads((folder / "meta.json").read_text())
+        if meta.get("format") != STORE_FORMAT:
+            return None
         itemsize = np.dtype(meta["dtype"]).itemsize
         for split in SPLITS:
             if (folder / f"{split}.bin").stat().st_size != meta[f"{split}_tokens"] * itemsize:
                 return None
+        if any(sampled_checksum(folder / name) != meta["checksums"][name] for name in DATA_FILES):
+            return None
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return TokenStore(folder, meta, "hit") if meta.get("format") == STORE_FORMAT else None
+    return TokenStore(folder, meta, "hit")
 
 
-@contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    """An exclusive lock on ``path`` (blocking): one process prepares, the others wait."""
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def _fsync(path: Path) -> None:
+    """Flush a file or a folder (the names in it) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -167,6 +195,7 @@ class Preparation:
         json_key: where a .json file holds its records.
         eval_fraction: the share of documents held out, by the hash of their text.
         bad_records: "error" or "skip" (see readers.BadRecords).
+        lock_wait_s: how long to wait for another process preparing the same store (s).
     """
 
     sources: list[str]
@@ -176,6 +205,7 @@ class Preparation:
     json_key: str | None
     eval_fraction: float
     bad_records: str = "error"
+    lock_wait_s: float = 3600.0
 
 
 def open_or_prepare(root: Path, key_parts: dict[str, Any], prep: Preparation, say: Callable[[str], None]) -> TokenStore:
@@ -196,7 +226,8 @@ def open_or_prepare(root: Path, key_parts: dict[str, Any], prep: Preparation, sa
         raise UserError(
             f"data.cache_dir: cannot create {root} ({e.strerror}); set data.cache_dir to a writable folder"
         ) from None
-    with _lock(root / f"{key}.lock"):
+    what, fix = f"the token store {folder}", "raise data.lock_timeout_s, or wait for it"
+    with locks.held(root / f"{key}.lock", what, prep.lock_wait_s, say, fix):
         store = open_store(folder)  # another process may have prepared it meanwhile
         if store is not None:
             return store
@@ -208,9 +239,13 @@ def open_or_prepare(root: Path, key_parts: dict[str, Any], prep: Preparation, sa
         tmp.mkdir()
         try:
             meta = _prepare(tmp, prep, say)
-            meta.update({"format": STORE_FORMAT, "key": key, "sources": prep.sources})
+            for name in DATA_FILES:  # on disk before anything says the store is complete
+                _fsync(tmp / name)
+            checksums = {name: sampled_checksum(tmp / name) for name in DATA_FILES}
+            meta.update({"format": STORE_FORMAT, "key": key, "sources": prep.sources, "checksums": checksums})
             atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=1))  # written last: the store is complete
             os.replace(tmp, folder)
+            _fsync(root)  # the rename, too, survives a power cut
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -237,18 +272,24 @@ def _check_room(root: Path, sources: list[str], dtype: np.dtype[Any]) -> None:
         )
 
 
-def _documents(sources: list[str], text_field: str, json_key: str | None, bad: readers.BadRecords) -> Iterator[str]:
+def _documents(
+    sources: list[str], text_field: str, json_key: str | None, bad: readers.BadRecords, counts: dict[str, int]
+) -> Iterator[tuple[str, str]]:
+    """(text, what decides its split) of every document, long ones in pieces (counted)."""
     for source in sources:
         for doc in readers.read(source, text_field, json_key, bad):
-            yield doc.text
+            if doc.piece:
+                counts["documents_cut"] += doc.piece == 1
+                counts["pieces_after_first"] += 1
+            yield doc.text, doc.key
 
 
-def _chunks(docs: Iterator[str]) -> Iterator[list[str]]:
-    chunk: list[str] = []
+def _chunks(docs: Iterator[tuple[str, str]]) -> Iterator[list[tuple[str, str]]]:
+    chunk: list[tuple[str, str]] = []
     chars = 0
-    for text in docs:
-        chunk.append(text)
-        chars += len(text)
+    for doc in docs:
+        chunk.append(doc)
+        chars += len(doc[0])
         if len(chunk) == CHUNK_DOCS or chars >= CHUNK_CHARS:
             yield chunk
             chunk, chars = [], 0
@@ -269,6 +310,7 @@ def _prepare(folder: Path, prep: Preparation, say: Callable[[str], None]) -> dic
     use_pool = workers > 1 and (total_bytes is None or total_bytes >= WORKERS_FROM_BYTES)
     init = (worker_tokenizer(tokenizer), objective, prep.eval_fraction, dtype.str, tokenizer.eos_token_id)
     counts = {f"{s}_{k}": 0 for s in SPLITS for k in ("tokens", "documents")}
+    cut = {"documents_cut": 0, "pieces_after_first": 0}
     bad = readers.BadRecords(prep.bad_records, "data.bad_records")
     files = {s: open(folder / f"{s}.bin", "wb") for s in SPLITS}  # noqa: SIM115
     index = {s: open(folder / f"{s}.docs", "wb") for s in SPLITS}  # noqa: SIM115
@@ -276,23 +318,17 @@ def _prepare(folder: Path, prep: Preparation, say: Callable[[str], None]) -> dic
     start = time.perf_counter()
     try:
         if use_pool:
-            context = multiprocessing.get_context("spawn")  # no fork of a process holding torch's threads
-            with context.Pool(workers, initializer=init_worker, initargs=init) as pool:
-                chunks = _chunks(_documents(sources, prep.text_field, prep.json_key, bad))
-                # At most IN_FLIGHT_PER_WORKER chunks per worker read ahead: the pool's feeder
-                # thread would otherwise queue the whole corpus while the workers tokenize.
-                slots = threading.BoundedSemaphore(IN_FLIGHT_PER_WORKER * workers)
-                results = pool.imap(tokenize_chunk, _bounded(chunks, slots), chunksize=1)
-                _write(_releasing(results, slots), files, index, counts, bar)
+            chunks = _chunks(_documents(sources, prep.text_field, prep.json_key, bad, cut))
+            _write(_tokenized_in_workers(chunks, workers, init), files, index, counts, bar)
         else:
             init_worker(*init, in_process=True)
-            chunks = _chunks(_documents(sources, prep.text_field, prep.json_key, bad))
+            chunks = _chunks(_documents(sources, prep.text_field, prep.json_key, bad, cut))
             _write(map(tokenize_chunk, chunks), files, index, counts, bar)
     finally:
         bar.close()
         for f in (*files.values(), *index.values()):
             f.close()
-    documents = counts["train_documents"] + counts["eval_documents"]
+    documents = counts["train_documents"] + counts["eval_documents"] - cut["pieces_after_first"]
     if not documents:
         raise UserError(f"data.train: {', '.join(sources)} holds no text (all files are empty?)")
     seconds = time.perf_counter() - start
@@ -304,6 +340,8 @@ def _prepare(folder: Path, prep: Preparation, say: Callable[[str], None]) -> dic
     return {
         **counts,
         "documents": documents,
+        # Documents longer than readers.PIECE_CHARS, each stored as several pieces.
+        "documents_cut": cut["documents_cut"],
         "dtype": dtype.str,
         "vocab_size": len(tokenizer),
         "seconds": seconds,
@@ -311,16 +349,50 @@ def _prepare(folder: Path, prep: Preparation, say: Callable[[str], None]) -> dic
     }
 
 
-def _bounded(chunks: Iterator[list[str]], slots: threading.BoundedSemaphore) -> Iterator[list[str]]:
-    for chunk in chunks:
-        slots.acquire()  # blocks the reader until a written result frees a slot
-        yield chunk
+def _tokenized_in_workers(
+    chunks: Iterator[list[tuple[str, str]]], workers: int, init: tuple[Any, ...]
+) -> Iterator[dict[str, Any]]:
+    """Each chunk tokenized in a worker process, in order, with at most IN_FLIGHT_PER_WORKER
+    chunks per worker read ahead (nothing proportional to the corpus is held).
+
+    Raises:
+        UserError: a worker died (the kernel's OOM killer, a signal): noticed within moments,
+            naming how it died; the caller keeps nothing of the preparation.
+    """
+    context = multiprocessing.get_context("spawn")  # no fork of a process holding torch's threads
+    pending: collections.deque[Future[dict[str, Any]]] = collections.deque()
+    seen: dict[int, Any] = {}  # worker processes, kept to read how one ended
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker, initargs=init)
+    try:
+        for chunk in chunks:
+            pending.append(pool.submit(tokenize_chunk, chunk))
+            seen.update(getattr(pool, "_processes", None) or {})
+            if len(pending) >= IN_FLIGHT_PER_WORKER * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    except BrokenProcessPool:
+        raise UserError(f"tokenizing: {_how_workers_died(seen.values())}; nothing of it was kept") from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # an error downstream: no work left queued
 
 
-def _releasing(results: Iterable[dict[str, Any]], slots: threading.BoundedSemaphore) -> Iterator[dict[str, Any]]:
-    for result in results:
-        yield result
-        slots.release()
+def _how_workers_died(processes: Iterable[Any]) -> str:
+    """A dead tokenization worker, in words: the signal that ended it and its likely cause."""
+    for proc in processes:
+        code = getattr(proc, "exitcode", None)
+        if code is not None and code < 0:
+            name = signal.Signals(-code).name
+            cause = (
+                ": most likely the system ran out of memory (the kernel's OOM killer); free memory, or "
+                "split very long documents"
+                if -code == signal.SIGKILL
+                else ""
+            )
+            return f"a worker process was killed by {name}{cause}"
+        if code not in (None, 0):
+            return f"a worker process exited with status {code}"
+    return "a worker process ended abruptly"
 
 
 def _write(

@@ -59,19 +59,24 @@ def init_worker(
     )
 
 
-def tokenize_chunk(texts: list[str]) -> dict[str, Any]:
-    """One chunk's token ids per split: {"<split>": (ids bytes, per-document lengths), "bytes": n}."""
+def tokenize_chunk(docs: list[tuple[str, str]]) -> dict[str, Any]:
+    """One chunk's token ids per split: {"<split>": (ids bytes, per-document lengths), "bytes": n}.
+
+    Args:
+        docs: (text, the text whose hash decides its split) of each document or piece.
+    """
     w = _WORKER
+    texts = [text for text, _ in docs]
     ids = _encode(w["tokenizer"], texts, special=w["objective"] == "mlm")
     separator = w["eos"] if w["objective"] == "clm" else None
     out: dict[str, Any] = {"bytes": sum(len(t) for t in texts)}
     parts: dict[str, list[list[int]]] = {"train": [], "eval": []}
-    for text, doc in zip(texts, ids, strict=True):
-        parts["eval" if is_held_out(text, w["eval_fraction"]) else "train"].append(
-            [*doc, separator] if separator is not None else list(doc)
+    for (_, key), doc_ids in zip(docs, ids, strict=True):
+        parts["eval" if is_held_out(key, w["eval_fraction"]) else "train"].append(
+            [*doc_ids, separator] if separator is not None else list(doc_ids)
         )
-    for split, docs in parts.items():
-        lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
-        flat = np.concatenate([np.asarray(d, dtype=w["dtype"]) for d in docs]) if docs else np.zeros(0, w["dtype"])
+    for split, rows in parts.items():
+        lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+        flat = np.concatenate([np.asarray(r, dtype=w["dtype"]) for r in rows]) if rows else np.zeros(0, w["dtype"])
         out[split] = (flat.tobytes(), lengths)
     return out

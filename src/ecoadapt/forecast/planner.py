@@ -22,6 +22,8 @@ from typing import Any
 from ecoadapt.config import RunConfig, from_dict
 from ecoadapt.core import storage
 from ecoadapt.core.errors import UserError
+from ecoadapt.core.processes import run_child
+from ecoadapt.core.progress import say
 from ecoadapt.forecast import costs
 from ecoadapt.measure.environment import package_version
 from ecoadapt.task import base_cache
@@ -30,6 +32,9 @@ GIB = 2**30
 # In the cache key: a changed probe is measured afresh (2: one process per size; 3: the run's
 # held-out pass before the timed steps).
 PROBE_VERSION = 3
+
+
+TRIAL_TIMEOUT_S = 1800.0  # one size's trial steps (a few steps and a model load): hung past this
 
 
 def _key(cfg: RunConfig, sizes: list[int], device: str) -> str:
@@ -76,8 +81,9 @@ def measured_trials(cfg: RunConfig, steps: int | None = None, fresh: bool = Fals
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=steps or cfg.train.max_steps))
     key = _key(cfg, costs.trial_sizes(cfg.train.micro_batch_size), _device_name(cfg))
     path = storage.cache_root() / "plan" / f"{key}.json"
-    if not fresh and path.exists():
-        return {**storage.read_json(path), "cached": True}
+    cached = None if fresh else storage.read_cache(path, say)
+    if isinstance(cached, dict):
+        return {**cached, "cached": True}
     result = _run_trials(cfg, costs.trial_sizes(cfg.train.micro_batch_size))
     if "out_of_memory" in result and cfg.train.micro_batch_size > 1:
         # The run's own micro-batch does not fit: forecast it from smaller ones, and say so.
@@ -104,10 +110,11 @@ def _run_trials(cfg: RunConfig, sizes: list[int]) -> dict[str, Any]:
                 str(size),
                 str(out_path),
             ]
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode != 0 or not out_path.exists():
-                lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
-                raise UserError(f"plan: the probe failed ({lines[-1] if lines else f'exit status {done.returncode}'})")
+            done = run_child(command, timeout_s=TRIAL_TIMEOUT_S, capture_stderr=True, stdout=subprocess.DEVNULL)
+            if done.exit_status != 0 or not out_path.exists():
+                lines = [line for line in "".join(done.tail).strip().splitlines() if line.strip()]
+                why = "timed out" if done.timed_out else (lines[-1] if lines else f"exit status {done.exit_status}")
+                raise UserError(f"plan: the trial steps at micro-batch {size} failed ({why})")
             one: dict[str, Any] = json.loads(out_path.read_text())
             if "out_of_memory" in one:
                 return {"out_of_memory": f"at micro-batch {size}: {one['out_of_memory']}", "probed_at": sizes}
@@ -128,7 +135,9 @@ def recipe_forecast(cfg: RunConfig, steps: int, probed: dict[str, Any]) -> dict[
     step = costs.per_step(probed, cfg.train.micro_batch_size, cfg.train.grad_accum, per)
     b = cfg.budget
     whole = costs.run_length(step, steps, per, b.energy_j, b.time_s, b.tokens)
+    tokens = whole["steps"] * per
     return {
+        "mj_per_token": 1000.0 * whole["joules"] / tokens if tokens else None,
         **step,
         **whole,
         "energy_method": probed["energy_method"],
@@ -195,7 +204,8 @@ def run(
 def table(rows: list[dict[str, Any]], memory_gb: float | None, energy_j: float | None) -> str:
     """The forecast as a text table, with what fits and the cheapest recipe that does."""
     head = (
-        f"{'recipe':<24} {'peak GiB':>9} {'s/step':>8} {'tok/s':>8} {'steps':>6} {'time s':>8} {'energy J':>10}  fits"
+        f"{'recipe':<24} {'peak GiB':>9} {'s/step':>8} {'tok/s':>8} {'steps':>6} {'time s':>8} {'energy J':>10} "
+        f"{'mJ/tok':>7}  fits"
     )
     lines = [head]
     for r in rows:
@@ -207,11 +217,12 @@ def table(rows: list[dict[str, Any]], memory_gb: float | None, energy_j: float |
         cut = f" ({r['stopped_by']})" if r["stopped_by"] else ""
         lines.append(
             f"{r['recipe']:<24} {r['peak_bytes'] / GIB:>9.2f} {r['step_s']:>8.3f} {r['tokens_per_s']:>8,.0f} "
-            f"{r['steps']:>6}{cut} {r['time_s']:>8.1f} {r['joules']:>10,.0f}  {mark}"
+            f"{r['steps']:>6}{cut} {r['time_s']:>8.1f} {r['joules']:>10,.0f} {r['mj_per_token']:>7.2f}  {mark}"
         )
     ok = [r for r in rows if "out_of_memory" not in r and all(v is not False for v in r["fits"].values())]
     method = rows[0].get("energy_method", "estimated") if rows else "estimated"
-    lines.append(f"energy {method} by the probe's meter; memory: {rows[0].get('memory_figure', '')}" if rows else "")
+    figure = rows[0].get("memory_figure", "") if rows else ""
+    lines.append(f"energy {method} by the trial steps' meter (mJ/tok: per training token); memory: {figure}")
     if memory_gb is not None or energy_j is not None:
         if ok:
             best = min(ok, key=lambda r: r["joules"])

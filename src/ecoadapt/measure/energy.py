@@ -233,9 +233,11 @@ def with_totals(energy: dict[str, Any]) -> dict[str, Any]:
 
 def with_training_figures(job: dict[str, Any], tokens: int, loss_gain: float | None = None) -> dict[str, Any]:
     """Add what training's window gives per unit of work: ``train_joules`` (J),
+    ``mj_per_token`` (mJ per training token, the headline of what a recipe spends),
     ``tokens_per_joule`` and ``joules_per_loss_point`` (J per nat of held-out loss gained)."""
     train_joules = job["phases"].get("train", {}).get("joules", 0.0)
     job["train_joules"] = train_joules
+    job["mj_per_token"] = 1000.0 * train_joules / tokens if tokens > 0 and train_joules > 0 else None
     job["tokens_per_joule"] = tokens / train_joules if train_joules > 0 else None
     gained = loss_gain is not None and loss_gain > 0 and train_joules > 0
     job["joules_per_loss_point"] = train_joules / loss_gain if gained and loss_gain else None

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import platform
+import subprocess
 import sys
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,6 +36,24 @@ def package_version(package: str) -> str | None:
         return None
 
 
+@functools.cache
+def source_revision() -> str | None:
+    """The git commit of the source tree ecoadapt runs from, with ``+dirty.<digest of the
+    changes>`` when it has uncommitted ones; None when it is installed from a package (its
+    version then says which code ran)."""
+    here = Path(__file__).resolve().parents[1]  # the ecoadapt package folder
+    git = ["git", "-C", str(here)]
+    try:
+        head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        diff = subprocess.run([*git, "diff", "HEAD", "--", "."], capture_output=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    dirty = f"+dirty.{hashlib.sha256(diff).hexdigest()[:12]}" if diff else ""
+    return head.stdout.strip() + dirty
+
+
 def describe(device: torch.device) -> dict[str, Any]:
     """The environment part of summary.json: software versions, device and CPU."""
     env: dict[str, Any] = {
@@ -40,6 +62,7 @@ def describe(device: torch.device) -> dict[str, Any]:
         "transformers": package_version("transformers"),
         "peft": package_version("peft"),
         "ecoadapt": package_version("ecoadapt"),
+        "ecoadapt_source": source_revision(),
         "device": device.type,
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),

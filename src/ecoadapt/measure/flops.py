@@ -30,7 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ecoadapt.core.storage import atomic_write_text, cache_root
+from ecoadapt.core.progress import say
+from ecoadapt.core.storage import atomic_write_text, cache_root, read_cache
 
 
 @dataclass
@@ -165,10 +166,8 @@ def peak_flops(
         return given, "given"
     path = _cache_path()
     key = device_key(device, dtype)
-    try:
-        cache = json.loads(path.read_text())
-    except (OSError, ValueError):
-        cache = {}
+    loaded = read_cache(path, say)
+    cache = loaded if isinstance(loaded, dict) else {}
     cached = float(cache[key]) if key in cache else None
     if cached is not None and (at_least is None or cached >= at_least):
         return cached, "cache"

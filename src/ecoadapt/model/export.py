@@ -35,6 +35,43 @@ def save(
             obj = model.merge_and_unload()
         obj.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, run_dir / name)
+        replace_folder(tmp, run_dir / name)
         written.append(name)
     return written
+
+
+def replace_folder(new: Path, target: Path) -> None:
+    """Put the folder ``new`` at ``target``, replacing what is there: old aside, new in place,
+    old removed. A kill at any moment leaves the old folder or the new one at ``target``, or
+    (between the two renames) the old one aside as ``target.old``, which the next call puts
+    back first."""
+    aside = target.with_name(target.name + ".old")
+    if aside.is_dir() and not target.exists():
+        os.replace(aside, target)  # a kill between the renames: the old one is still whole
+    _fsync_files(new)
+    if target.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(target, aside)
+    os.replace(new, target)
+    _fsync_dir(target.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _fsync_files(folder: Path) -> None:
+    """Flush the files of ``folder`` to disk before it is trusted (renamed into place)."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

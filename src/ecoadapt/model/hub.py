@@ -40,8 +40,19 @@ def snapshot(repo_id: str, revision: str | None = None, offline: bool = False) -
     """The local folder of hub model ``repo_id``: from the cache, else downloaded once.
 
     Raises:
-        UserError: not cached and offline, or the hub cannot be reached, or no such model.
+        UserError: not a valid hub id, not cached and offline, or the hub cannot be reached, or
+            no such model.
     """
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise UserError(
+            f"model.name_or_path: '{repo_id}' is neither a local folder or file nor a valid hub id "
+            "(ORG/NAME: letters, digits, '-', '_' and '.', not starting or ending with '-' or '.')"
+        ) from None
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 

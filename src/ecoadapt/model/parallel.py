@@ -16,8 +16,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-import signal
-import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -245,26 +243,13 @@ def end_rank(code: int) -> None:
 
 
 def launch(nproc: int, argv: list[str]) -> int:
-    """Run ``python -m ecoadapt ARGV`` as ``nproc`` processes under torchrun; its exit status."""
+    """Run ``python -m ecoadapt ARGV`` as ``nproc`` processes under torchrun; its exit status.
+
+    torchrun runs in a process group of its own: a SIGTERM or SIGINT sent to this launcher
+    (a scheduler, `kill`, Ctrl-C) is passed on to it, and it to the workers, which checkpoint
+    and exit; the status is then 128 + the signal's number.
+    """
+    from ecoadapt.core.processes import run_child
+
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    cmd += ["-m", "ecoadapt", *argv]
-    with subprocess.Popen(cmd) as proc:
-        # A SIGTERM sent to this launcher alone (a scheduler, `kill`) goes on to torchrun, which
-        # passes it to the workers: they checkpoint and exit. Ctrl-C reaches them directly.
-        forwarded: list[int] = []
-
-        def forward(signum: int, frame: object) -> None:
-            forwarded.append(signum)
-            proc.send_signal(signum)
-
-        previous = signal.signal(signal.SIGTERM, forward)
-        try:
-            while True:
-                try:
-                    code = proc.wait()
-                    # torchrun itself exits 1 after passing a signal on; say what happened.
-                    return 128 + forwarded[0] if forwarded else code
-                except KeyboardInterrupt:
-                    continue  # the workers got the SIGINT too: wait for their checkpoint
-        finally:
-            signal.signal(signal.SIGTERM, previous)
+    return run_child([*cmd, "-m", "ecoadapt", *argv]).exit_status

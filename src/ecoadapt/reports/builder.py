@@ -67,6 +67,7 @@ def row(meta: dict[str, Any], summary: RunSummary) -> dict[str, Any]:
     out.update(
         {
             "train_joules": energy.get("train_joules"),
+            "mj_per_token": energy.get("mj_per_token"),
             "energy_method": energy.get("method", "off"),
             "peak_bytes": mem.get(mem.get("compare_with", "peak_bytes")),
             "memory_figure": mem.get("compare_with", "peak_bytes"),
@@ -224,6 +225,7 @@ COLUMNS = [  # (row key, heading, format: a format spec, "bytes" or "pct")
     ("name", "point", ""),
     ("status", "status", ""),
     ("train_joules", "train energy (J)", ",.1f"),
+    ("mj_per_token", "mJ/token", ",.2f"),
     ("energy_method", "energy method", ""),
     ("peak_bytes", "peak memory", "bytes"),
     ("time_s", "time (s)", ",.1f"),

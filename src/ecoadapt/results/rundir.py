@@ -6,31 +6,96 @@ folder without one, or with a failed one, is never mistaken for a result.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from ecoadapt.core import locks
 from ecoadapt.core.errors import UserError
-from ecoadapt.core.storage import atomic_write_text, read_json, read_jsonl
+from ecoadapt.core.storage import atomic_write_text, read_json, read_jsonl, write_json
 from ecoadapt.results.summary import FINISHED
 
+MARKER = ".ecoadapt-run"  # written first into every run folder: the proof that ecoadapt made it
+LOCK_FILE = ".ecoadapt-run.lock"  # held (flock) while a run uses the folder; names its process
+# Every entry a run (and `ecoadapt report` on a run) writes into its folder: overwriting removes
+# these, nothing else. A folder holding only these names is an ecoadapt run of an earlier
+# version, written before the marker existed.
+OWN_ENTRIES = frozenset(
+    {
+        MARKER,
+        LOCK_FILE,
+        "config.yaml",
+        "summary.json",
+        "metrics.jsonl",
+        "checkpoint.pt",
+        "phases.json",
+        "task.json",
+        "task_seeds.jsonl",
+        "model",
+        "adapter",
+        ".task-backbone",
+        "report.md",
+        "report.html",
+        "results.csv",
+        "compute.md",
+        "compute.tex",
+        "energy_vs_metric.png",
+        "memory.png",
+        "throughput.png",
+    }
+)
 
-def check_writable(path: Path, overwrite: bool) -> None:
-    """Refuse to start when the run directory cannot be written or holds an earlier run.
+
+def _is_own(name: str) -> bool:
+    """Whether a folder entry is one ecoadapt writes (temp files of its atomic writes included)."""
+    return name in OWN_ENTRIES or (name.startswith(".") and name.endswith(".tmp")) or name.endswith(".old")
+
+
+def check_location(path: Path) -> None:
+    """Refuse output folders that no run may own, whatever they hold: the file system's root,
+    the home folder, the current folder and a repository's root (a run writes into a folder of
+    its own, which overwriting may empty).
 
     Raises:
-        UserError: the folder exists and is not empty (without output.overwrite), or it (or the
-            nearest existing parent) is not writable.
+        UserError: naming the folder and what to choose instead.
     """
+    resolved = path.expanduser().resolve()
+    forbidden = {Path("/"): "the file system's root", Path.home().resolve(): "your home folder"}
+    forbidden[Path.cwd().resolve()] = "the current folder"
+    what = forbidden.get(resolved)
+    if what is None and (resolved / ".git").exists():
+        what = "a repository's root"
+    if what is not None:
+        raise UserError(f"output.dir: {path} is {what}; a run needs a folder of its own, e.g. runs/my-run")
     if path.exists() and not path.is_dir():
         raise UserError(f"output.dir: {path} exists and is not a folder")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise UserError(f"output.dir: {path} already holds files; choose another or --set output.overwrite=true")
+
+
+def _refuse_foreign(path: Path) -> None:
+    """A non-empty folder ecoadapt did not write is refused, never cleared."""
+    entries = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    if not entries or MARKER in entries or all(_is_own(n) for n in entries):
+        return
+    shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+    raise UserError(
+        f"output.dir: {path} holds files ecoadapt did not write ({shown}); ecoadapt never deletes or "
+        "overwrites them: choose a new or empty folder"
+    )
+
+
+def check_writable(path: Path) -> None:
+    """Refuse to start when ``path`` (or its nearest existing parent) cannot be written.
+
+    Raises:
+        UserError: naming the folder.
+    """
     parent = path
     while not parent.exists():
         parent = parent.parent
@@ -50,11 +115,18 @@ class ResumePoint:
     Attributes:
         checkpoint: the checkpoint to resume from, or None to start from the beginning.
         restart: the folder holds an earlier attempt of this same run that never checkpointed
-            (killed early): it is emptied and the run starts again.
+            (killed early), or output.overwrite was set: what ecoadapt wrote there is removed
+            and the run starts again.
+        after_training: the earlier attempt trained and saved its model (``phases.json``):
+            only the task and the summary are left to do.
+        finished: the same run (same config) has finished: nothing is left to do, and the
+            same command run again says so and exits 0.
     """
 
     checkpoint: Path | None = None
     restart: bool = False
+    after_training: bool = False
+    finished: bool = False
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -74,7 +146,9 @@ def config_changes(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
     return [k for k in changed if not any(k == p or (p.endswith(".") and k.startswith(p)) for p in RESUMABLE_CHANGES)]
 
 
-def resume_point(path: Path, config_now: dict[str, Any], overwrite: bool, require: bool) -> ResumePoint:
+def resume_point(
+    path: Path, config_now: dict[str, Any], overwrite: bool, require: bool, main_rank: bool = True
+) -> ResumePoint:
     """Decide, before anything is loaded, whether the run in ``path`` resumes, restarts or starts.
 
     Args:
@@ -82,21 +156,47 @@ def resume_point(path: Path, config_now: dict[str, Any], overwrite: bool, requir
         config_now: this run's configuration (``RunConfig.to_dict()``).
         overwrite: output.overwrite: start afresh whatever the folder holds.
         require: output.resume (``--resume``): a checkpoint must be there.
+        main_rank: whether this process is rank 0 (the one that holds the folder's lock: the
+            other ranks of the same job find it held, by their own job).
 
     Raises:
         UserError: the folder is not writable; holds a finished run, files of something else,
             or a run with another configuration (the keys are named); --resume without a
             checkpoint.
     """
-    if overwrite or not path.is_dir() or not any(path.iterdir()):
-        check_writable(path, overwrite)
+    check_location(path)
+    check_writable(path)
+    holder = in_use_by(path) if main_rank else None
+    if holder is not None:
+        raise UserError(f"output.dir: {path} is in use by {holder}; wait for it, or choose another output.dir")
+    empty = not path.is_dir() or not any(path.iterdir())
+    if not empty:
+        _refuse_foreign(path)
+    if empty or overwrite:
         if require:
             raise UserError(f"output.resume: {path} holds no checkpoint to resume from")
-        return ResumePoint()
-    saved_config = path / "config.yaml"
-    if not saved_config.is_file():
-        check_writable(path, overwrite)  # not a run directory: refuses, naming the fix
-    check_writable(path, True)
+        return ResumePoint(restart=not empty)
+    if not (path / "config.yaml").is_file():
+        return ResumePoint(restart=True)  # ours, killed before it wrote its config: start again
+    if _finished_or_refused(path, config_now):
+        return ResumePoint(finished=True)
+    if (path / "phases.json").is_file():
+        return ResumePoint(after_training=True)
+    checkpoint = path / CHECKPOINT_FILE
+    if checkpoint.is_file():
+        return ResumePoint(checkpoint=checkpoint)
+    if require:
+        raise UserError(f"output.resume: {path} holds no checkpoint (the run stopped before its first one)")
+    return ResumePoint(restart=True)
+
+
+def _finished_or_refused(path: Path, config_now: dict[str, Any]) -> bool:
+    """Whether the same run has finished there; a run with another config is refused (an
+    interrupted one resumes, and a finished one is reported, only with its own config).
+
+    Raises:
+        UserError: naming the keys that changed.
+    """
     summary_file = path / "summary.json"
     status = None
     if summary_file.is_file():
@@ -104,10 +204,7 @@ def resume_point(path: Path, config_now: dict[str, Any], overwrite: bool, requir
             status = read_json(summary_file).get("status")
         except (OSError, ValueError, AttributeError):
             status = None
-    if status in FINISHED:
-        raise UserError(
-            f"output.dir: {path} holds a finished run ({status}); choose another or --set output.overwrite=true"
-        )
+    saved_config = path / "config.yaml"
     try:
         before = yaml.safe_load(saved_config.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
@@ -117,16 +214,12 @@ def resume_point(path: Path, config_now: dict[str, Any], overwrite: bool, requir
     changes = config_changes(before if isinstance(before, dict) else {}, config_now)
     if changes:
         shown = ", ".join(changes[:5]) + (" ..." if len(changes) > 5 else "")
+        what = f"a finished run ({status})" if status in FINISHED else "an interrupted run"
         raise UserError(
-            f"output.dir: {path} holds an interrupted run with a different config ({shown}); rerun it with the same "
-            "settings to resume, choose another output.dir, or --set output.overwrite=true to restart"
+            f"output.dir: {path} holds {what} with a different config ({shown}); rerun it with the same settings, "
+            "choose another output.dir, or --set output.overwrite=true to start again"
         )
-    checkpoint = path / CHECKPOINT_FILE
-    if checkpoint.is_file():
-        return ResumePoint(checkpoint=checkpoint)
-    if require:
-        raise UserError(f"output.resume: {path} holds no checkpoint (the run stopped before its first one)")
-    return ResumePoint(restart=True)
+    return status in FINISHED
 
 
 def check_room(path: Path, needed_bytes: int, what: str) -> None:
@@ -153,10 +246,42 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
-def create(path: Path, overwrite: bool) -> Path:
-    """Create (or empty, with ``overwrite``) the run directory. Call only after all checks."""
-    check_writable(path, overwrite)
-    if path.is_dir() and overwrite:
-        shutil.rmtree(path)
+def remove_own(path: Path) -> None:
+    """Remove what ecoadapt wrote in the run folder ``path``; anything else stays."""
+    for entry in path.iterdir():
+        if entry.name in (MARKER, LOCK_FILE) or not _is_own(entry.name):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def create(path: Path, restart: bool) -> Path:
+    """Create the run folder with its marker first (or, with ``restart``, remove what an earlier
+    attempt of ecoadapt wrote there). Call only after every check has passed."""
+    check_location(path)
+    _refuse_foreign(path)
     path.mkdir(parents=True, exist_ok=True)
+    if restart:
+        remove_own(path)
+    marker = path / MARKER
+    if not marker.is_file():
+        write_json(marker, {"written_by": "ecoadapt", "note": "a run folder: ecoadapt may replace what it wrote here"})
     return path
+
+
+def in_use_by(path: Path) -> str | None:
+    """Who holds the run folder's lock now (None: nobody); the lock is not kept."""
+    return locks.holder(path / LOCK_FILE)
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold the run folder's lock while a run uses it.
+
+    Raises:
+        UserError: another live process holds it (named, with since when).
+    """
+    with locks.held(path / LOCK_FILE, f"output.dir: {path}", fix="wait for it, or choose another output.dir"):
+        yield

@@ -147,7 +147,8 @@ class RunSummary:
     """mode, compute_dtype, notes, skipped fp16 steps, loss scale, master-weight bytes, and per-layer
     details (layers, layers_effective, search, weight_bytes, matmul_speedup_vs_fp32)."""
     energy: dict[str, Any] | None = None
-    """joules (all phases), train_joules, method (measured | estimated), meter, phases (joules,
+    """joules (all phases), train_joules, mj_per_token (training's mJ per training token),
+    method (measured | estimated), meter, phases (joules,
     seconds, watts per window: load, eval, train, eval_periodic, eval_after, save, task),
     details (formula and inputs of an estimate), tokens_per_joule, co2e_g, joules_above_idle;
     summed over ranks (per_rank_joules), wall seconds counted once."""

@@ -3,7 +3,8 @@
 Every point of a sweep, and every rerun, evaluates the same base model on the same task with
 the same seeds: the result is kept in ``<cache>/task-base/`` under a key made of the model's
 files, the task files' contents, every task setting that changes the result, the resolved
-precision and device type, the seed, and the versions of ecoadapt, torch and transformers.
+precision and device type, the seed, the versions of every library that shapes a score, and,
+from a source tree, its commit and uncommitted changes.
 """
 
 from __future__ import annotations
@@ -16,14 +17,16 @@ from typing import Any
 
 from ecoadapt.config import ModelConfig, RunConfig
 from ecoadapt.core import storage
+from ecoadapt.core.progress import say
 from ecoadapt.data import readers
 from ecoadapt.data.store import source_digest
-from ecoadapt.measure.environment import package_version
+from ecoadapt.measure.environment import package_version, source_revision
 from ecoadapt.model import pretrained
 
 # Task settings that do not change a base result: which seeds run (each seed is its own entry),
 # whether the cache is used, and where the files are (their contents are in the key instead).
 NOT_IN_KEY = ("seeds", "cache", "train", "test")
+SCORING_PACKAGES = ("ecoadapt", "torch", "transformers", "tokenizers", "peft", "safetensors", "numpy")
 
 _digests: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> digest, per process
 
@@ -63,7 +66,9 @@ def key(run: RunConfig, precision: str, device_type: str) -> str:
         "lora": asdict(run.lora) if run.task.lora else None,
         "precision": precision,
         "device": device_type,
-        "versions": [package_version(p) for p in ("ecoadapt", "torch", "transformers")],
+        # Every library that shapes a score, and the very code when it runs from a source tree.
+        "versions": [package_version(p) for p in SCORING_PACKAGES],
+        "source": source_revision(),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
@@ -83,11 +88,8 @@ def _path(cache_key: str, seed: int) -> Path:
 
 def load(cache_key: str, seed: int) -> dict[str, Any] | None:
     """The cached base result for ``seed``, or None (missing or unreadable: computed again)."""
-    path = _path(cache_key, seed)
-    try:
-        return dict(storage.read_json(path)) if path.exists() else None
-    except (OSError, ValueError):
-        return None
+    cached = storage.read_cache(_path(cache_key, seed), say)
+    return dict(cached) if isinstance(cached, dict) else None
 
 
 def store(cache_key: str, seed: int, result: dict[str, Any]) -> None:

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ecoadapt.config import RunConfig, TaskConfig
+from ecoadapt.core import storage
 from ecoadapt.core.errors import UserError
 from ecoadapt.core.progress import fmt_duration, say
 from ecoadapt.data import labelled, readers
@@ -46,7 +49,7 @@ def read_examples(cfg: TaskConfig) -> tuple[list[labelled.Example], list[labelle
 
     Raises:
         UserError: a missing file or field, an empty text (unless task.bad_records: skip), a
-            test label training never saw, or fewer than two labels.
+            test label training never saw, fewer than two labels, or no test example.
     """
     bad = readers.BadRecords(cfg.bad_records, "task.bad_records")
     train = labelled.read(cfg.train, cfg, bad)
@@ -61,6 +64,16 @@ def read_examples(cfg: TaskConfig) -> tuple[list[labelled.Example], list[labelle
     labels = labelled.check_labels(train, test)
     if len(labels) < 2:
         raise UserError(f"task: only one label ('{labels[0]}') in the training examples; a classifier needs two")
+    if not test:
+        where = (
+            "task.test holds no examples"
+            if cfg.test
+            else (
+                f"holding out task.test_fraction = {cfg.test_fraction:g} of each label left no test examples "
+                f"(the most examples a label has is {max(Counter(e.label for e in train).values())})"
+            )
+        )
+        raise UserError(f"task: {where}: nothing to score; give task.test files or more examples per label")
     if bad.skipped:
         say(f"task.bad_records: skipped {bad.skipped} records ({bad.examples[0]})")
     return train, test, labels, bad.summary()
@@ -132,7 +145,12 @@ def _window(tracker: EnergyTracker | None) -> Callable[[], tuple[float, float]]:
 
 
 def compare(
-    run: RunConfig, tokenizer: Any, adapted: dict[str, Any] | None, device: Any, tracker: EnergyTracker | None = None
+    run: RunConfig,
+    tokenizer: Any,
+    adapted: dict[str, Any] | None,
+    device: Any,
+    tracker: EnergyTracker | None = None,
+    seeds_file: Path | None = None,
 ) -> dict[str, Any]:
     """Score base and adapted model on every seed; the summary's ``task`` part.
 
@@ -142,6 +160,9 @@ def compare(
         adapted: the adapted backbone's weights (None: base only).
         device: where to train.
         tracker: the run's energy tracker, to give each fine-tune's joules (None: no energy).
+        seeds_file: a JSON-lines file where each scored (seed, model) is recorded as it ends;
+            those already there are not scored again (a killed task resumes from the seed it
+            was on). None: nothing recorded.
     """
     start = time.perf_counter()
     data = prepare(run.task, tokenizer)
@@ -156,20 +177,9 @@ def compare(
     jobs = [(seed, name, w) for seed in run.task.seeds for name, w in (("base", None), ("adapted", adapted))]
     jobs = [j for j in jobs if not (j[1] == "adapted" and adapted is None)]
     results = _cached_base_results(run, cache_key) if cache_key is not None else {}
+    results.update(_recorded(seeds_file))
     todo = [j for j in jobs if (j[0], j[1]) not in results]
-    spent = 0.0
-    for done, (seed, name, weights) in enumerate(todo):
-        label = f"task {name} seed {seed} ({done + 1}/{len(todo)})"
-        elapsed = _window(tracker)
-        scores = judge.score(name, weights, seed, label)
-        scores["joules"], scores["seconds"] = elapsed()
-        spent += scores["seconds"]
-        if name == "base" and cache_key is not None:
-            base_cache.store(cache_key, seed, scores)
-        results[(seed, name)] = {**scores, "cached": False}
-        left = len(todo) - done - 1
-        eta = f"; {left} left, about {fmt_duration(spent / (done + 1) * left)}" if left else ""
-        say(f"task seed {seed} {name}: {run.task.metric} {scores[run.task.metric]:.4f}{eta}")
+    results.update(_score(judge, todo, run.task.metric, tracker, cache_key, seeds_file))
     per_seed = [
         {"seed": s, **{n: results[(s, n)] for n in ("base", "adapted") if (s, n) in results}} for s in run.task.seeds
     ]
@@ -184,6 +194,45 @@ def compare(
         }
     )
     return out
+
+
+def _score(
+    judge: _Judge,
+    todo: list[tuple[int, str, Any]],
+    metric: str,
+    tracker: EnergyTracker | None,
+    cache_key: str | None,
+    seeds_file: Path | None,
+) -> dict[tuple[int, str], dict[str, Any]]:
+    """Score each (seed, model, weights) of ``todo``, recording each as it ends (base results in
+    the cache, every result in ``seeds_file``), with its joules and seconds."""
+    results: dict[tuple[int, str], dict[str, Any]] = {}
+    spent = 0.0
+    for done, (seed, name, weights) in enumerate(todo):
+        label = f"task {name} seed {seed} ({done + 1}/{len(todo)})"
+        elapsed = _window(tracker)
+        scores = judge.score(name, weights, seed, label)
+        scores["joules"], scores["seconds"] = elapsed()
+        spent += scores["seconds"]
+        if name == "base" and cache_key is not None:
+            base_cache.store(cache_key, seed, scores)
+        results[(seed, name)] = {**scores, "cached": False}
+        if seeds_file is not None:
+            storage.append_jsonl(seeds_file, {"seed": seed, "name": name, "scores": scores})
+        left = len(todo) - done - 1
+        eta = f"; {left} left, about {fmt_duration(spent / (done + 1) * left)}" if left else ""
+        say(f"task seed {seed} {name}: {metric} {scores[metric]:.4f}{eta}")
+    return results
+
+
+def _recorded(seeds_file: Path | None) -> dict[tuple[int, str], dict[str, Any]]:
+    """The (seed, model) scores recorded by an earlier attempt of this task."""
+    if seeds_file is None:
+        return {}
+    records = storage.read_jsonl(seeds_file)
+    if records:
+        say(f"task: {len(records)} seed(s) scored before this attempt: kept, not scored again")
+    return {(int(r["seed"]), str(r["name"])): {**r["scores"], "cached": False, "recorded": True} for r in records}
 
 
 def _cached_base_results(run: RunConfig, cache_key: str) -> dict[tuple[int, str], dict[str, Any]]:
@@ -266,8 +315,18 @@ def adapted_backbone(run: RunConfig) -> dict[str, torch.Tensor]:
         return backbone_state(merged)
     if (folder / "model").is_dir():
         with pretrained.offline():
-            model = AutoModel.from_pretrained(folder / "model", local_files_only=True, dtype=torch.float32)
-        return {k: v.detach().float() for k, v in model.state_dict().items()}
+            model, info = AutoModel.from_pretrained(
+                folder / "model", local_files_only=True, dtype=torch.float32, output_loading_info=True
+            )
+        # Only what the checkpoint holds: AutoModel adds parts the LM never had (BERT's pooler),
+        # randomly initialised, which would replace the classifier's seeded ones.
+        fresh = set(info.get("missing_keys", ()))
+        return {k: v.detach().float() for k, v in model.state_dict().items() if k not in fresh}
+    kept = folder / ".task-backbone" / "backbone.safetensors"  # a run's task resuming, nothing saved
+    if kept.is_file():
+        from safetensors.torch import load_file
+
+        return load_file(kept)
     raise UserError(
         f"output.dir: {folder} holds no adapted model or adapter; run `ecoadapt adapt` with this config first"
     )

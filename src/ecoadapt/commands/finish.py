@@ -1,0 +1,151 @@
+"""The adapt recipe's last phase: the downstream task and the final summary, resumable.
+
+Once training has ended and the model is saved, the run records that in ``phases.json`` (the
+summary so far, and the job's energy before the task). From there a kill loses nothing that
+is done: a rerun of the same command finds ``phases.json`` and comes straight here, without
+loading the training set or training again; the task goes on from the seed it was on (each
+scored seed is recorded in ``task_seeds.jsonl`` as it ends), and the final ``summary.json`` is
+written as an uninterrupted run writes it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ecoadapt.config import RunConfig
+from ecoadapt.core import storage
+from ecoadapt.core.progress import say
+from ecoadapt.measure import energy
+from ecoadapt.measure.energy import EnergyTracker
+from ecoadapt.measure.phases import Phases
+from ecoadapt.model import pretrained
+from ecoadapt.model.parallel import pick_device
+from ecoadapt.reports import model_card
+from ecoadapt.results import rundir
+from ecoadapt.results.summary import RunSummary
+from ecoadapt.task import downstream
+
+PHASES_FILE = "phases.json"  # training and saving done: the summary so far
+SEEDS_FILE = "task_seeds.jsonl"  # each task seed scored so far
+BACKBONE_DIR = ".task-backbone"  # the adapted backbone, for a task that must resume, when nothing was saved
+
+Backbone = Callable[[], dict[str, Any]]
+
+
+def record_trained(run_dir: Path, summary: RunSummary, job_energy: dict[str, Any] | None) -> None:
+    """Record that training and saving are done (the summary so far, the job's energy)."""
+    storage.write_json(run_dir / PHASES_FILE, {"summary": summary.to_dict(), "job_energy": job_energy})
+
+
+def keep_backbone(run_dir: Path, backbone: dict[str, Any]) -> None:
+    """Write the adapted backbone where a resumed task finds it (when no model was saved)."""
+    from safetensors.torch import save
+
+    data = save({k: v.contiguous() for k, v in backbone.items()})
+    storage.atomic_write(run_dir / BACKBONE_DIR / "backbone.safetensors", lambda f: f.write(data))
+
+
+def finish(
+    cfg: RunConfig,
+    run_dir: Path,
+    summary: RunSummary,
+    job_energy: dict[str, Any] | None,
+    task_inputs: tuple[Any, Backbone, Any, EnergyTracker] | None,
+) -> RunSummary:
+    """Run the task (if the config names one), then write model cards and the final summary.
+
+    Args:
+        summary: the summary filled with everything but the task.
+        job_energy: the job's energy section before the task (every rank's, summed).
+        task_inputs: (tokenizer, the adapted backbone's weights on demand, device, energy tracker).
+    """
+    if cfg.task.train and task_inputs is not None:
+        task = _task_or_failure(cfg, run_dir, summary, *task_inputs)
+        summary.task = task
+        gain = summary.eval.loss_before - summary.eval.loss if summary.eval else None
+        summary.energy = energy_summary(job_energy, task, summary.tokens or 0, gain)
+    model_card.write(run_dir, summary)  # with the task's result: it ran first
+    summary.save(run_dir / "summary.json")
+    # Finished: what resuming needed is no longer needed (the model is saved).
+    for name in (rundir.CHECKPOINT_FILE, PHASES_FILE, SEEDS_FILE):
+        (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / BACKBONE_DIR, ignore_errors=True)
+    return summary
+
+
+def resume_after_training(cfg: RunConfig, run_dir: Path) -> RunSummary:
+    """A rerun of a run killed after its model was saved: the task from the seed it was on,
+    then the final summary; nothing is trained or saved again."""
+    recorded = storage.read_json(run_dir / PHASES_FILE)
+    summary = RunSummary.from_dict(recorded["summary"], str(run_dir / PHASES_FILE))
+    summary.resumed_from_step = summary.steps
+    say(f"resuming after training: {summary.steps} steps trained and the model saved; the task goes on")
+    task_inputs = None
+    if cfg.task.train:
+        device = pick_device(cfg.train.device)
+        tracker = EnergyTracker.for_config(cfg.measure, device.type, device.index, 0, say)
+        task_inputs = (pretrained.load_tokenizer(cfg.model), lambda: downstream.adapted_backbone(cfg), device, tracker)
+    return finish(cfg, run_dir, summary, recorded["job_energy"], task_inputs)
+
+
+def _task_or_failure(
+    cfg: RunConfig,
+    run_dir: Path,
+    summary: RunSummary,
+    tokenizer: Any,
+    backbone: Backbone,
+    device: Any,
+    tracker: EnergyTracker,
+) -> dict[str, Any]:
+    """The task, or what made it fail: the adaptation's measured sections are kept either way."""
+    saved = bool(summary.model and summary.model.saved)
+    window = None
+    try:
+        with Phases(tracker).window("task", memory=None) as window:
+            task = downstream.compare(cfg, tokenizer, backbone(), device, tracker, run_dir / SEEDS_FILE)
+        assert window.energy is not None
+        task["energy"] = _with_earlier_seeds(window.energy.as_dict(), task)
+        return task
+    except Exception as e:  # any failure of the task must not lose the run
+        error = f"{type(e).__name__}: {e}"
+        say(f"task failed: {error}; the adaptation's results are kept. Retry: ecoadapt evaluate CONFIG")
+        measured = window.energy if window is not None else None
+        return {
+            "status": "failed",
+            "error": error,
+            "energy": measured.as_dict() if measured is not None else None,
+            "retry": "ecoadapt evaluate CONFIG" if saved else "save the model (output.save_model) to retry",
+        }
+
+
+def _with_earlier_seeds(measured: dict[str, Any], task: dict[str, Any]) -> dict[str, Any]:
+    """The task window's energy plus that of the seeds an earlier, killed attempt scored."""
+    earlier = [
+        scores
+        for row in task.get("per_seed", [])
+        for name in ("base", "adapted")
+        if (scores := row.get(name)) and scores.get("recorded")
+    ]
+    if not earlier:
+        return measured
+    return {
+        **measured,
+        "joules": measured["joules"] + sum(s.get("joules", 0.0) for s in earlier),
+        "seconds": measured["seconds"] + sum(s.get("seconds", 0.0) for s in earlier),
+        "resumed_seeds": len(earlier),
+    }
+
+
+def energy_summary(
+    job: dict[str, Any] | None, task: dict[str, Any] | None, tokens: int, loss_gain: float | None
+) -> dict[str, Any] | None:
+    """The job's energy with the task's window (run on rank 0 after the ranks were summed)."""
+    if job is None:
+        return None
+    if task is not None and task.get("energy"):
+        job["phases"]["task"] = {k: task["energy"][k] for k in ("joules", "seconds")}
+        energy.with_totals(job)
+    return energy.with_training_figures(job, tokens, loss_gain)

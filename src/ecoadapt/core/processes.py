@@ -1,0 +1,155 @@
+"""Child processes that signals and timeouts reach whole.
+
+Every process ecoadapt starts (a sweep point, torchrun and its workers, the plan's trial steps)
+runs in a process group of its own. A SIGTERM or SIGINT sent to ecoadapt is passed on to the
+whole group (each adapt process then checkpoints and exits as interrupted), and a timeout stops
+the whole group: SIGTERM first, SIGKILL after a grace period. A child's grandchildren are never
+left running behind it.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+FORWARDED = (signal.SIGTERM, signal.SIGINT)
+GRACE_S = 30.0  # between the SIGTERM of a timeout and the SIGKILL: time to write a checkpoint
+
+
+@dataclass
+class ChildResult:
+    """How a child ended.
+
+    Attributes:
+        code: its exit status (negative: the signal that ended it, as subprocess reports it).
+        forwarded: the first signal ecoadapt received and passed on to it, if any.
+        timed_out: whether the timeout stopped it.
+        tail: its last lines of standard error (when captured).
+    """
+
+    code: int
+    forwarded: int | None = None
+    timed_out: bool = False
+    tail: list[str] = field(default_factory=list)
+
+    @property
+    def exit_status(self) -> int:
+        """The status a shell gives it: 128 + the signal's number when a signal ended it."""
+        if self.forwarded is not None:
+            return 128 + self.forwarded
+        return 128 - self.code if self.code < 0 else self.code
+
+
+def stop_group(proc: subprocess.Popen[Any], grace_s: float = GRACE_S) -> None:
+    """SIGTERM to the child's process group, then SIGKILL to whatever of its process tree is
+    still there after ``grace_s`` (torchrun starts each worker in a session of its own: a
+    group's signal does not reach them, so the tree is taken before anything is signalled)."""
+    import psutil
+
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        tree = []
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)  # each adapt process checkpoints on it
+    except ProcessLookupError:
+        return
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=grace_s)
+    _kill_stragglers(proc)
+    for child in tree:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    proc.wait()
+
+
+def _kill_stragglers(proc: subprocess.Popen[Any]) -> None:
+    """The child has gone: anything left in its group (a grandchild) goes too."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def run_child(
+    cmd: list[str],
+    env: dict[str, str] | None = None,
+    timeout_s: float | None = None,
+    capture_stderr: bool = False,
+    on_line: Callable[[str], None] | None = None,
+    grace_s: float = GRACE_S,
+    stdout: Any = None,
+) -> ChildResult:
+    """Run ``cmd`` in a process group of its own until it ends; signals and the timeout reach all of it.
+
+    Args:
+        cmd: the command.
+        env: its environment (default: this process's).
+        timeout_s: stop the group after this many seconds (SIGTERM, then SIGKILL after ``grace_s``).
+        capture_stderr: keep its last lines of standard error (``tail``), passing each to ``on_line``.
+        stdout: where its standard output goes (default: this process's).
+    """
+    tail: collections.deque[str] = collections.deque(maxlen=20)
+    forwarded: list[int] = []
+    timed_out = threading.Event()
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=stdout,
+        stderr=subprocess.PIPE if capture_stderr else None,
+        text=True,
+        start_new_session=True,  # its own group: what reaches it is what ecoadapt sends
+    )
+
+    def expire() -> None:
+        timed_out.set()
+        stop_group(proc, grace_s)
+
+    previous = _forward_signals(proc, forwarded)
+    timer = threading.Timer(timeout_s, expire) if timeout_s else None
+    if timer:
+        timer.daemon = True
+        timer.start()
+    try:
+        if proc.stderr is not None:
+            for line in proc.stderr:
+                tail.append(line)
+                if on_line is not None:
+                    on_line(line)
+        code = proc.wait()
+        _kill_stragglers(proc)
+    except BaseException:
+        stop_group(proc, grace_s)  # never leave the group running behind an error here
+        raise
+    finally:
+        if timer:
+            timer.cancel()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return ChildResult(code, forwarded[0] if forwarded else None, timed_out.is_set(), list(tail))
+
+
+def _forward_signals(proc: subprocess.Popen[Any], forwarded: list[int]) -> dict[int, Any]:
+    """Pass SIGTERM and SIGINT on to the child's group (noting each in ``forwarded``); returns the
+    handlers to put back. Only the main thread may set handlers: elsewhere nothing is forwarded."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def forward(signum: int, frame: object) -> None:
+        forwarded.append(signum)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signum)
+
+    return {s: signal.signal(s, forward) for s in FORWARDED}
+
+
+def echo_to_stderr(line: str) -> None:
+    """Pass a child's line of standard error through as it comes."""
+    sys.stderr.write(line)
+    sys.stderr.flush()
