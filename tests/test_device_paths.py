@@ -3,6 +3,7 @@
 Each test here failed on the code before issue 14's fixes (see its docstring for the defect).
 """
 
+import gc
 import sys
 from types import SimpleNamespace
 
@@ -269,6 +270,11 @@ def test_the_fast_loss_runs_under_ddp(tmp_path, tiny_bert, monkeypatch):
         assert float(loss) == pytest.approx(float(plain) / n_targets, rel=1e-6)
         assert parallel.unwrap(wrapped) is model
     finally:
+        # DDP's reducer holds the process group: free it while the group is alive. Freed after
+        # destroy_process_group (when the test returned), gloo's destructor sometimes hung
+        # joining its threads, and the whole suite with it.
+        wrapped = None
+        gc.collect()
         dist.destroy_process_group()
 
 

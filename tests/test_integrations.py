@@ -106,6 +106,7 @@ def test_report_puts_a_trainer_run_beside_an_ecoadapt_run(tmp_path, tiny_bert, c
     assert "hf-trainer" in (tmp_path / "ours" / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_a_resumed_trainer_run_keeps_its_earlier_records_and_counts_them(tmp_path, tiny_bert):
     """The callback used to truncate metrics.jsonl at every train start: a resumed run lost its
     records, and its budgets started again from zero."""

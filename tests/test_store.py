@@ -143,6 +143,7 @@ def test_concurrent_preparers_share_one_store(tmp_path, tiny_llama):
     assert outs[0]["train_blocks"] == outs[1]["train_blocks"] and outs[0]["store"] == outs[1]["store"]
 
 
+@pytest.mark.slow
 def test_a_tokenizer_worker_killed_by_the_oom_killer_stops_the_preparation_with_a_message(tmp_path, tiny_llama):
     """It used to hang forever, holding the store's lock, with no message."""
     import psutil
@@ -212,6 +213,7 @@ def test_the_lock_of_a_killed_holder_is_free_at_once(tmp_path):
         pass
 
 
+@pytest.mark.slow
 def test_one_very_long_line_streams_in_bounded_memory(tmp_path, tiny_llama):
     """A 12 MiB one-line document raised peak memory by about 1 GiB (it was tokenized whole);
     under a 250 MiB data limit it must stream, in pieces."""

@@ -106,6 +106,7 @@ def _start(config, *extra):
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow
 def test_a_run_killed_during_its_task_resumes_the_task_and_keeps_the_trained_model(tmp_path, tiny_bert, corpus_jsonl):
     task = write_task(tmp_path / "task.jsonl", 200)
     sections = {

@@ -59,6 +59,10 @@ def _print_run(summary: Any, run_dir: str) -> None:
             f"energy: {e['joules']:,.0f} J in all, {e['train_joules']:,.0f} J training{per_token} "
             f"({e['method']}, {e['meter']})"
         )
+    o = (summary.energy or {}).get("overhead")
+    if o and o["windows"]:
+        parts = ", ".join(name.replace("_", " ") for name in o["windows"])
+        print(f"overhead (ecoadapt's own: {parts}): {o['joules']:,.0f} J, {o['share']:.1%} of the run's energy")
     mem = summary.memory
     if mem and mem.get("train_peak_bytes") is not None:
         print(

@@ -376,7 +376,8 @@ class AdaptRun:
     def measure(self, result: TrainResult) -> dict[str, Any]:
         """Energy, memory and MFU of the job (collectives: every rank calls it)."""
         tokens_per_s = result.tokens * self.world.size / max(result.time_s, 1e-9)
-        per_rank_mfu = mfu(self.p, self.cfg, self.device, result.tokens / max(result.time_s, 1e-9))
+        with self.phases.window("peak_flops", memory=None):  # the tool's own: measured once per device
+            per_rank_mfu = mfu(self.p, self.cfg, self.device, result.tokens / max(result.time_s, 1e-9))
         return {
             "memory": memory.combine_ranks(parallel.gather(self.memory.report(self.p.rss_before_load), self.world)),
             "energy": energy.combine_ranks(

@@ -228,7 +228,26 @@ def with_totals(energy: dict[str, Any]) -> dict[str, Any]:
         energy["joules_above_idle"] = energy["joules"] - energy["idle_watts"] * seconds
     if energy.get("grid_g_co2_per_kwh") is not None:
         energy["co2e_g"] = carbon.kwh(energy["joules"]) * energy["grid_g_co2_per_kwh"]
+    energy["overhead"] = overhead(phases, energy["joules"])
     return energy
+
+
+# Windows of the tool's own work: neither training, nor the evaluation and task the user asked
+# for, nor loading and saving. Their share of a run is reported, and kept small.
+OVERHEAD_WINDOWS = ("forecast", "peak_flops", "precision_checks")
+
+
+def overhead(phases: dict[str, dict[str, float]], total_joules: float) -> dict[str, Any]:
+    """The tool's own cost in a run: joules, seconds, its share of the run's joules, and which
+    windows (``OVERHEAD_WINDOWS``) it was spent in."""
+    own = {name: phases[name] for name in OVERHEAD_WINDOWS if name in phases}
+    joules = sum(m["joules"] for m in own.values())
+    return {
+        "joules": joules,
+        "seconds": sum(m["seconds"] for m in own.values()),
+        "share": joules / total_joules if total_joules > 0 else 0.0,
+        "windows": {name: m["joules"] for name, m in own.items()},
+    }
 
 
 def with_training_figures(job: dict[str, Any], tokens: int, loss_gain: float | None = None) -> dict[str, Any]:

@@ -6,6 +6,7 @@ text field, a layer map that matches nothing), and all of them run before anythi
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,7 +61,7 @@ def prepare(
         phases["tokenize_s"] = time.perf_counter() - t
     _describe_corpus(blocks, cfg, world, log)
 
-    built = build(cfg, loaded, blocks.train, device, world, log)
+    built = build(cfg, loaded, blocks.train, device, world, log, phases=Phases(tracker))
     return Prepared(built, loaded=loaded, blocks=blocks, rss_before_load=rss_before_load, phases=phases)
 
 
@@ -105,11 +106,13 @@ def build(
     world: parallel.World,
     log: Callable[[str], None],
     steps: int | None = None,
+    phases: Phases | None = None,
 ) -> Built:
     """What trains (LoRA, blocks), in which precision, compiled and wrapped, on ``device``:
     the recipe, the same for a run and for `ecoadapt plan`'s probe. ``steps``: the run's length
     (train.compile's auto depends on it); default: train.max_steps or train.epochs over
-    ``train_blocks``."""
+    ``train_blocks``. ``phases``: where the precision checks (the layer-wise search's
+    calibration, the 16-bit speed check) are measured, as the tool's own overhead."""
     model, plan = adapters.prepare(loaded, cfg.train, cfg.lora)
     # FSDP shards the model while it is still in host memory and moves only each rank's shard to
     # its GPU: the whole model never has to fit one GPU.
@@ -117,7 +120,11 @@ def build(
     model.to(setup_device)
     policy = Policy(cfg.precision.mode, device.type)
     mask = mask_spec(loaded.tokenizer, cfg.data.mlm_probability) if loaded.objective == "mlm" else None
-    precision_report = apply_precision(model, policy, cfg, train_blocks, loaded.objective, mask, setup_device, device)
+    checks = phases.window("precision_checks", memory=None) if phases else contextlib.nullcontext()
+    with checks:
+        precision_report = apply_precision(
+            model, policy, cfg, train_blocks, loaded.objective, mask, setup_device, device
+        )
     for note in policy.notes:
         log(f"note: {note}")
     counts = pretrained.parameter_counts(model)
