@@ -290,7 +290,8 @@ def test_temp_files_of_killed_writers_are_removed_by_the_next_write(tmp_path):
 @pytest.mark.slow
 def test_sigterm_to_the_launcher_of_a_two_rank_job_reaches_both_ranks(tmp_path, tiny_llama, corpus_jsonl):
     """torchrun runs in a group of its own; the launcher passes the signal on, the ranks checkpoint."""
-    sections = {"train": {"max_steps": 60, "log_every": 1, "micro_batch_size": 2}, "parallel": {"nproc": 2}}
+    # Long enough that the signal arrives mid-training on a fast machine (60 steps took 0.5 s).
+    sections = {"train": {"max_steps": 400, "log_every": 1, "micro_batch_size": 2}, "parallel": {"nproc": 2}}
     path = write_config(tmp_path, tiny_llama, corpus_jsonl, measure={"energy": "estimate"}, **sections)
     proc = _start(path)
     metrics = tmp_path / "run" / "metrics.jsonl"
@@ -307,4 +308,4 @@ def test_sigterm_to_the_launcher_of_a_two_rank_job_reaches_both_ranks(tmp_path, 
     out, _ = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, out[-3000:]
     resumed = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert resumed["status"] == "completed" and resumed["steps"] == 60 and resumed["resumed_from_step"] >= 3
+    assert resumed["status"] == "completed" and resumed["steps"] == 400 and resumed["resumed_from_step"] >= 3

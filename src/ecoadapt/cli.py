@@ -26,14 +26,13 @@ def keys_help(rows: list[tuple[str, str, Any, str]] | None = None, defaults: boo
 
 
 def _cmd_adapt(args: argparse.Namespace) -> int:
-    from ecoadapt.commands.adapt import exit_status
     from ecoadapt.model import parallel
 
     try:
         summary = api.adapt(args.config, args.set, resume=args.resume)
     except api.JobFailed as e:  # its ranks printed why
         return e.exit_code
-    code = exit_status(summary)
+    code = summary.exit_status
     if summary.status != "interrupted" and summary.rank == 0:
         _print_run(summary, summary.config["output"]["dir"])
     if parallel.under_torchrun() and code in (0, 1):

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import os
-import signal
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -54,14 +54,6 @@ from ecoadapt.train.stopping import StopRule
 HEAD_SEED_OFFSET = 7919  # the head-first steps draw their own block order and masks
 
 
-def exit_status(summary: RunSummary) -> int:
-    """The command's exit status for a finished run: 0 done, 1 the task failed (the adaptation's
-    results are kept), 128 + the signal's number when a signal ended it (the shell's convention)."""
-    if summary.status == "interrupted":
-        return 128 + int(signal.Signals[summary.signal or "SIGTERM"])
-    return 1 if summary.task is not None and summary.task.get("status") == "failed" else 0
-
-
 def run(cfg: RunConfig, base: Path | None = None) -> RunSummary:
     """Run continued pre-training as ``cfg`` says and return the summary (also in summary.json).
 
@@ -91,9 +83,11 @@ def run(cfg: RunConfig, base: Path | None = None) -> RunSummary:
     world, device = parallel.setup(cfg.parallel.strategy, cfg.train.device, cfg.parallel.timeout_s)
     if world.strategy == "fsdp" and cfg.lora.merge:
         raise UserError("lora.merge is not available with parallel.strategy = fsdp; merge the saved adapter afterwards")
+    adapt_run = AdaptRun(cfg, world, device)
     try:
-        return AdaptRun(cfg, world, device).execute(base, out, resume)
+        return adapt_run.execute(base, out, resume)
     finally:
+        adapt_run.release_wrapper()
         parallel.teardown(barrier=False)  # after an error a peer may never reach a barrier
 
 
@@ -145,7 +139,9 @@ class AdaptRun:
         self.eval_blocks = self.p.blocks.eval[: self.cfg.data.eval_max_blocks]
         self.steps = total_steps(self.cfg.train, len(self.p.blocks.train) // self.world.size)
         if self.world.is_main:
-            _check_room(self.cfg, out, self.p)
+            r = self.p.recipe
+            room = checkpoint.room_needed(self.cfg, r.model, r.policy, r.plan.lora)
+            rundir.check_room(out, room, "the checkpoints and the saved model")
         self._open_run_dir(out, resume, resumed)
         try:
             return self._recipe(resumed)
@@ -217,6 +213,7 @@ class AdaptRun:
         # All ranks leave the process group together, here: rank 0 may go on alone for a long
         # time (the task), and a worker that exits while its peer still holds the group can
         # abort in gloo's threads.
+        self.release_wrapper()
         parallel.teardown(barrier=True)
         if not self.world.is_main:
             return RunSummary(status="completed", config=self.summary.config, rank=self.world.rank)
@@ -387,6 +384,13 @@ class AdaptRun:
             "tokens_per_s": tokens_per_s,
         }
 
+    def release_wrapper(self) -> None:
+        """Drop DDP's wrapper while the group lives: freed after it, gloo's destructor deadlocked
+        on the GIL at a rank's exit. The model stays (the task reads it)."""
+        if getattr(self, "p", None) is not None and self.world.distributed:
+            self.p.recipe.model = parallel.unwrap(self.p.recipe.model)
+            gc.collect()
+
     def _backbone(self, saved: list[str]) -> dict[str, Any] | None:
         """The adapted backbone's weights for the task: from memory, or (FSDP, which holds it
         in shards) as saved; None when FSDP saved nothing."""
@@ -486,15 +490,3 @@ def _notes(cfg: RunConfig, p: Prepared) -> list[str]:
             + ")"
         )
     return notes
-
-
-def _check_room(cfg: RunConfig, out: Path, p: Prepared) -> None:
-    """Refuse to start when the disk cannot take the checkpoints and the saved model."""
-    from ecoadapt.model import layerwise
-
-    r, needed = p.recipe, 0
-    if cfg.train.save_every is not None:
-        needed += 2 * checkpoint.bytes_needed(r.model, r.policy)  # the new one beside the old
-    if cfg.output.save_model:
-        needed += checkpoint.bytes_needed(r.model, r.policy) if r.plan.lora else layerwise.weight_bytes(r.model)
-    rundir.check_room(out, needed, "the checkpoints and the saved model")

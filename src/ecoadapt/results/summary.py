@@ -205,6 +205,16 @@ class RunSummary:
         """
         return schema.build(cls, data, source)
 
+    @property
+    def exit_status(self) -> int:
+        """The command's exit status for this run: 0 done, 1 the task failed (the adaptation's
+        results are kept), 128 + the signal's number when a signal ended it (the shell's way)."""
+        import signal
+
+        if self.status == "interrupted":
+            return 128 + int(signal.Signals[self.signal or "SIGTERM"])
+        return 1 if self.task is not None and self.task.get("status") == "failed" else 0
+
     @classmethod
     def read(cls, path: str | Path) -> RunSummary:
         """The summary.json file at ``path`` (see :func:`read`)."""

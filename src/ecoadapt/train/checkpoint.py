@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ecoadapt.config import RunConfig
 from ecoadapt.core import storage
 from ecoadapt.core.errors import UserError
 from ecoadapt.data.batches import BlockLoader
@@ -37,6 +38,17 @@ def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 def all_finite(model: torch.nn.Module) -> bool:
     """Whether every trainable weight is finite (frozen ones cannot have changed)."""
     return all(bool(torch.isfinite(p).all()) for p in trainable(model).values())
+
+
+def room_needed(cfg: RunConfig, model: torch.nn.Module, policy: Policy, lora: bool) -> int:
+    """Bytes on disk a run needs for its checkpoints (the new one beside the old, with
+    train.save_every) and its saved model (the adapter, or the full weights)."""
+    from ecoadapt.model import layerwise
+
+    needed = 2 * bytes_needed(model, policy) if cfg.train.save_every is not None else 0
+    if cfg.output.save_model:
+        needed += bytes_needed(model, policy) if lora else layerwise.weight_bytes(model)
+    return needed
 
 
 def bytes_needed(model: torch.nn.Module, policy: Policy) -> int:
