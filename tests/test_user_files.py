@@ -51,11 +51,14 @@ def test_overwriting_a_run_removes_ecoadapts_files_and_keeps_the_users(tmp_path,
     run = tmp_path / "run"
     assert (run / rundir.MARKER).is_file() and (run / "model").is_dir()
     (run / "notes.md").write_text("my notes on this run")  # the user's, added afterwards
+    for lookalike in ("thesis.old", ".notes.tmp"):  # named like what ecoadapt sets aside, but the user's
+        (run / lookalike).write_text("mine")
     summary_before = (run / "summary.json").read_text()
     assert main(["adapt", str(path)]) == 0  # the same command again: it has finished, nothing to redo
     assert (run / "summary.json").read_text() == summary_before
     assert main(["adapt", str(path), "--set", "output.overwrite=true", "--set", "train.max_steps=2"]) == 0
     assert (run / "notes.md").read_text() == "my notes on this run"
+    assert (run / "thesis.old").read_text() == "mine" and (run / ".notes.tmp").read_text() == "mine"
     assert json.loads((run / "summary.json").read_text())["steps"] == 2
 
 

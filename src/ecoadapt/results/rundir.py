@@ -54,8 +54,16 @@ OWN_ENTRIES = frozenset(
 
 
 def _is_own(name: str) -> bool:
-    """Whether a folder entry is one ecoadapt writes (temp files of its atomic writes included)."""
-    return name in OWN_ENTRIES or (name.startswith(".") and name.endswith(".tmp")) or name.endswith(".old")
+    """Whether a folder entry is one ecoadapt writes: one of OWN_ENTRIES, a temp file of one
+    (``.summary.json.<host>.<pid>.<x>.tmp``, ``.model.tmp``) or one set aside (``model.old``).
+    A user's ``thesis.old`` or ``.notes.tmp`` is not."""
+    if name in OWN_ENTRIES:
+        return True
+    if name.endswith(".old"):
+        return name[: -len(".old")] in OWN_ENTRIES
+    if name.startswith(".") and name.endswith(".tmp"):
+        return any(name == f".{own}.tmp" or name.startswith(f".{own}.") for own in OWN_ENTRIES)
+    return False
 
 
 def check_location(path: Path) -> None:
