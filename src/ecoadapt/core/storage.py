@@ -46,12 +46,17 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)  # the rename itself survives a power cut
-    finally:
-        os.close(folder)
+    fsync(path.parent)  # the rename itself survives a power cut
     remove_stale_temps(path)
+
+
+def fsync(path: Path) -> None:
+    """Flush a file, or a folder (the names in it), to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def remove_stale_temps(path: Path) -> list[Path]:

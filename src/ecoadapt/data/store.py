@@ -37,7 +37,7 @@ import torch
 
 from ecoadapt.core import locks
 from ecoadapt.core.errors import UserError
-from ecoadapt.core.storage import atomic_write_text
+from ecoadapt.core.storage import atomic_write_text, fsync
 from ecoadapt.data import builtin, readers
 from ecoadapt.data.tokenize_worker import init_worker, tokenize_chunk, worker_tokenizer
 
@@ -174,15 +174,6 @@ def open_store(folder: Path) -> TokenStore | None:
     return TokenStore(folder, meta, "hit")
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file or a folder (the names in it) to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @dataclass
 class Preparation:
     """What a store is prepared from.
@@ -240,12 +231,12 @@ def open_or_prepare(root: Path, key_parts: dict[str, Any], prep: Preparation, sa
         try:
             meta = _prepare(tmp, prep, say)
             for name in DATA_FILES:  # on disk before anything says the store is complete
-                _fsync(tmp / name)
+                fsync(tmp / name)
             checksums = {name: sampled_checksum(tmp / name) for name in DATA_FILES}
             meta.update({"format": STORE_FORMAT, "key": key, "sources": prep.sources, "checksums": checksums})
             atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=1))  # written last: the store is complete
             os.replace(tmp, folder)
-            _fsync(root)  # the rename, too, survives a power cut
+            fsync(root)  # the rename, too, survives a power cut
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -7,6 +7,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from ecoadapt.core.storage import fsync
+
 
 def save(
     model: Any, tokenizer: Any, run_dir: Path, lora: bool, merge: bool, state_dict: dict[str, Any] | None = None
@@ -53,25 +55,13 @@ def replace_folder(new: Path, target: Path) -> None:
         shutil.rmtree(aside, ignore_errors=True)
         os.replace(target, aside)
     os.replace(new, target)
-    _fsync_dir(target.parent)
+    fsync(target.parent)
     shutil.rmtree(aside, ignore_errors=True)
 
 
 def _fsync_files(folder: Path) -> None:
-    """Flush the files of ``folder`` to disk before it is trusted (renamed into place)."""
+    """Flush the files of ``folder``, and the folder, to disk before it is trusted (renamed into place)."""
     for path in folder.rglob("*"):
         if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            fsync(path)
+    fsync(folder)
