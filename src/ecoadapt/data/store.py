@@ -363,15 +363,28 @@ def _tokenized_in_workers(
         while pending:
             yield pending.popleft().result()
     except BrokenProcessPool:
-        raise UserError(f"tokenizing: {_how_workers_died(seen.values())}; nothing of it was kept") from None
+        seen.update(getattr(pool, "_processes", None) or {})
+        how = _how_workers_died(seen.values())
+        # A worker spawned while the pool broke escapes the pool's own SIGTERM, takes queued work
+        # and blocks forever writing its result to a queue nobody reads; shutdown would wait on
+        # it (seen: 7 hangs in 20 kills at the pool's start). Nothing a worker holds is worth
+        # keeping, so every one still alive is killed before the pool is shut down.
+        for proc in seen.values():
+            if proc.is_alive():
+                proc.kill()
+        raise UserError(f"tokenizing: {how}; nothing of it was kept") from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # an error downstream: no work left queued
 
 
 def _how_workers_died(processes: Iterable[Any]) -> str:
-    """A dead tokenization worker, in words: the signal that ended it and its likely cause."""
-    for proc in processes:
-        code = getattr(proc, "exitcode", None)
+    """A dead tokenization worker, in words: the signal that ended it and its likely cause.
+
+    A SIGKILL is named before anything else: the pool answers one dead worker by sending SIGTERM
+    to the others, which is the consequence, not the cause.
+    """
+    codes = [getattr(proc, "exitcode", None) for proc in processes]
+    for code in sorted(codes, key=lambda c: c != -signal.SIGKILL):
         if code is not None and code < 0:
             name = signal.Signals(-code).name
             cause = (
