@@ -17,7 +17,8 @@ from ecoadapt.model import parallel, pretrained
 from ecoadapt.model.precision import Policy
 from ecoadapt.train import checkpoint
 from ecoadapt.train.heldout import heldout
-from ecoadapt.train.loop import accumulate, fit, is_out_of_memory
+from ecoadapt.train.loop import accumulate, fit
+from ecoadapt.train.micro_batch import is_out_of_memory
 from helpers.fakes import FakeZeusMonitor, make_zone, refuse_batches_over, tiny_loop
 
 

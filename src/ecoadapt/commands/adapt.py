@@ -43,12 +43,13 @@ from ecoadapt.model.adapters import is_new
 from ecoadapt.results import rundir
 from ecoadapt.results.summary import EvalSummary, ModelSummary, ParallelSummary, ReliabilitySummary, RunSummary
 from ecoadapt.task import base_cache, downstream
-from ecoadapt.train import checkpoint
+from ecoadapt.train import checkpoint, micro_batch
 from ecoadapt.train.early_stop import EarlyStop
 from ecoadapt.train.heldout import heldout
 from ecoadapt.train.interrupt import Interrupts
-from ecoadapt.train.loop import Hooks, Loop, StepLog, TrainResult, fit, total_steps
-from ecoadapt.train.prepare import Prepared, mfu, prepare
+from ecoadapt.train.loop import Hooks, Loop, StepLog, TrainResult, each, fit, total_steps
+from ecoadapt.train.micro_batch import MicroBatchChoice
+from ecoadapt.train.prepare import mfu, prepare
 from ecoadapt.train.stopping import StopRule
 
 HEAD_SEED_OFFSET = 7919  # the head-first steps draw their own block order and masks
@@ -115,6 +116,7 @@ class AdaptRun:
         self.memory = memory.MemoryWindows(device)
         self.phases = Phases(self.tracker, self.memory)
         self.first_steps: FirstSteps | None = None  # the in-run forecast's watcher, once training starts
+        self.batch_choice: MicroBatchChoice | None = None  # train.micro_batch_size: auto's choice
         self._input_ids: dict[str, str] | None = None  # what _inputs() found, once
         self._hold = contextlib.ExitStack()  # the run folder's lock, held by rank 0 while the run uses it
         self.summary = RunSummary(status="failed", config=cfg.to_dict(), rank=world.rank)
@@ -241,7 +243,7 @@ class AdaptRun:
         Every rank evaluates every held-out block: no communication, and the numbers are those
         a single process gets (FSDP needs all ranks in each forward pass anyway).
         """
-        r, objective, rows = self.p.recipe, self.p.loaded.objective, self.cfg.train.micro_batch_size
+        r, objective, rows = self.p.recipe, self.p.loaded.objective, micro_batch.eval_rows(self.cfg, self.device)
         with self.phases.window(window, within=within, memory="eval"):
             return heldout(r.model, self.eval_blocks, objective, r.mask, rows, r.policy, self.device)
 
@@ -276,14 +278,20 @@ class AdaptRun:
             assert checkpoints is not None
             checkpoints.resume(loop, resumed)
             stopper.load_state(resumed["extra"]["early_stop"])
+        self.batch_choice = micro_batch.choose(
+            cfg, parallel.unwrap(r.model), r.policy, self.device, self.steps - loop.result.steps,
+            r.compiled.what == "blocks" and r.compiled.fallback is None, world.size,
+        )  # fmt: skip
         budget = Budget(cfg.budget, self._job_training_joules, self.steps, self.log, tokens_scale=world.size)
         progress = Progress(self.steps) if world.is_main else None
         with Interrupts() as interrupts:
             rule = StopRule(world, interrupts, budget, self._periodic_eval, cfg.train.eval_every, stopper)
             watch = self._watch_first_steps()
             hooks = Hooks(lambda record: self._on_log(record, progress), rule, checkpoints)
+            hooks.after_step = each(*(w.after_step for w in (watch, self.batch_choice) if w is not None))
+            if self.batch_choice is not None:
+                hooks.before_step = self.batch_choice.before_step
             if watch is not None:
-                hooks.after_step = watch.after_step
                 watch.start()
             try:
                 result = fit(loop, loader, hooks)
@@ -439,6 +447,7 @@ class AdaptRun:
             -(-cfg.train.micro_batch_size // result.micro_batch_splits),
             cfg.train.grad_accum * result.micro_batch_splits,
         )
+        s.batch = micro_batch.summary(cfg, self.batch_choice, result.micro_batch_splits)
         s.eval = EvalSummary(
             before["loss"], after["loss"], before["perplexity"], after["perplexity"],
             before["accuracy"], after["accuracy"], after["target_tokens"], len(self.eval_blocks),
@@ -448,7 +457,7 @@ class AdaptRun:
         s.memory, s.flops = measured["memory"], measured["flops"]
         s.mfu = measured["flops"]["mfu"]
         s.head_first = training.head_first
-        s.notes = _notes(cfg, p)
+        s.notes = finish.notes(cfg, p)
         s.compile = p.recipe.compiled.report()
         s.parallel = ParallelSummary(world.size, world.strategy)
         s.phases_s = p.phases
@@ -472,21 +481,3 @@ class AdaptRun:
             )
         )
         return s
-
-
-def _notes(cfg: RunConfig, p: Prepared) -> list[str]:
-    """What the user should know about how this run adapted."""
-    notes = []
-    if p.loaded.fresh:
-        protected = []
-        if cfg.train.head_first_steps:
-            protected.append(f"trained alone first for {cfg.train.head_first_steps} steps")
-        if cfg.train.body_lr_scale != 1.0:
-            protected.append(f"the pretrained weights at {cfg.train.body_lr_scale:g} x train.lr")
-        notes.append(
-            f"the model had no trained head for this objective: {len(p.loaded.fresh)} parameter tensors were newly "
-            "initialised ("
-            + ("; ".join(protected) if protected else "no protection: see train.head_first_steps, train.body_lr_scale")
-            + ")"
-        )
-    return notes

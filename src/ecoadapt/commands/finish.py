@@ -27,6 +27,7 @@ from ecoadapt.reports import model_card
 from ecoadapt.results import rundir
 from ecoadapt.results.summary import RunSummary
 from ecoadapt.task import downstream
+from ecoadapt.train.prepare import Prepared
 
 PHASES_FILE = "phases.json"  # training and saving done: the summary so far
 SEEDS_FILE = "task_seeds.jsonl"  # each task seed scored so far
@@ -149,3 +150,21 @@ def energy_summary(
         job["phases"]["task"] = {k: task["energy"][k] for k in ("joules", "seconds")}
         energy.with_totals(job)
     return energy.with_training_figures(job, tokens, loss_gain)
+
+
+def notes(cfg: RunConfig, p: Prepared) -> list[str]:
+    """What the user should know about how this run adapted."""
+    notes = []
+    if p.loaded.fresh:
+        protected = []
+        if cfg.train.head_first_steps:
+            protected.append(f"trained alone first for {cfg.train.head_first_steps} steps")
+        if cfg.train.body_lr_scale != 1.0:
+            protected.append(f"the pretrained weights at {cfg.train.body_lr_scale:g} x train.lr")
+        notes.append(
+            f"the model had no trained head for this objective: {len(p.loaded.fresh)} parameter tensors were newly "
+            "initialised ("
+            + ("; ".join(protected) if protected else "no protection: see train.head_first_steps, train.body_lr_scale")
+            + ")"
+        )
+    return notes

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from ecoadapt.config import schema
+from ecoadapt.config import batch, schema
 from ecoadapt.config.measure import BudgetConfig, MeasureConfig
 from ecoadapt.config.task import TaskConfig
 from ecoadapt.core.errors import UserError
@@ -137,9 +137,19 @@ class TrainConfig:
     """The training loop."""
 
     micro_batch_size: int = 8
-    """Blocks per forward/backward pass."""
+    """Blocks per forward/backward pass; auto: the run picks it (the largest that fits the
+    device's free memory on a GPU, the fastest measured in the first steps on a CPU) without
+    changing the step's rows; the summary says what it chose and why."""
     grad_accum: int = 1
     """Micro-batches per optimizer step (effective batch = micro_batch_size x grad_accum)."""
+    tokens_per_step: int | None = None
+    """Input tokens per optimizer step over all processes (the effective batch, a training
+    hyperparameter); train.grad_accum then follows from the micro-batch. A multiple of
+    data.max_seq_len x parallel.nproc."""
+    fill_micro_batch: bool = False
+    """Each process draws its whole step as one batch of train.micro_batch_size blocks and the
+    loop splits it into micro-batches that fit and run fastest (what micro_batch_size: auto
+    resolves to)."""
     max_steps: int | None = 100
     """Optimizer steps; null to train for train.epochs instead."""
     epochs: float | None = None
@@ -303,6 +313,7 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
     for section, values in raw.items():
         if section not in sections:
             raise UserError(f"{source}: unknown section '{section}'{schema.closest(str(section), list(sections))}")
+        values = batch.read_auto(values) if section == "train" and isinstance(values, dict) else values
         built[section] = schema.build(sections[section], values, source, f"{section}.")
     cfg = RunConfig(**built)
     check(cfg, source)
@@ -354,8 +365,8 @@ def _check_model_data_precision(cfg: RunConfig, need: Need) -> None:
 
 def _check_train(cfg: RunConfig, need: Need) -> None:
     t = cfg.train
-    need(t.micro_batch_size >= 1, "train.micro_batch_size", "must be at least 1")
     need(t.grad_accum >= 1, "train.grad_accum", "must be at least 1")
+    batch.resolve(cfg, need)
     need(t.max_steps is None or t.max_steps >= 1, "train.max_steps", "must be at least 1 (or null)")
     need(t.max_steps is not None or t.epochs is not None, "train.max_steps", "set it, or train.epochs")
     need(t.epochs is None or t.epochs > 0, "train.epochs", "must be positive")

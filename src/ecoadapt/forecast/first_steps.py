@@ -24,9 +24,10 @@ import torch
 from ecoadapt.config import RunConfig
 from ecoadapt.core.progress import fmt_duration
 from ecoadapt.forecast.planner import beside_measured, recipe_forecast
-from ecoadapt.forecast.trial_steps import TIMED_STEPS, WARMUP_STEPS, static_bytes
+from ecoadapt.forecast.trial_steps import TIMED_STEPS, WARMUP_STEPS
 from ecoadapt.measure.energy import EnergyTracker
 from ecoadapt.measure.memory import MemoryWindows
+from ecoadapt.model.footprint import static_bytes
 from ecoadapt.model.precision import Policy
 
 

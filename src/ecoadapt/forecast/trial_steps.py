@@ -33,9 +33,11 @@ from ecoadapt.data.batches import BlockLoader
 from ecoadapt.measure import energy, memory
 from ecoadapt.measure.phases import Phases
 from ecoadapt.model import parallel, pretrained
+from ecoadapt.model.footprint import static_bytes
 from ecoadapt.train import prepare
 from ecoadapt.train.heldout import heldout
-from ecoadapt.train.loop import Loop, accumulate, apply_step, is_out_of_memory
+from ecoadapt.train.loop import Loop, accumulate, apply_step
+from ecoadapt.train.micro_batch import is_out_of_memory
 
 WARMUP_STEPS = 2  # the first steps allocate the optimizer state, pick kernels and compile
 TIMED_STEPS = 3  # the median of these is the probe's step time
@@ -44,20 +46,6 @@ TIMED_STEPS = 3  # the median of these is the probe's step time
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def static_bytes(model: torch.nn.Module, policy: Any) -> dict[str, int]:
-    """Weights, gradients and AdamW state (bytes) of the model as the recipe stores it."""
-    params = list(model.parameters())
-    masters = {id(p): m for p, m in getattr(policy, "masters", [])}
-    weights = sum(p.numel() * p.element_size() for p in params) + sum(m.numel() * 4 for m in masters.values())
-    trainable = [p for p in params if p.requires_grad]
-    gradients = sum(p.numel() * p.element_size() for p in trainable)
-    gradients += sum(masters[id(p)].numel() * 4 for p in trainable if id(p) in masters)
-    # Two moments per trained value, in the dtype of what the optimizer updates (the fp32 master
-    # where there is one).
-    optimizer = sum(2 * p.numel() * (4 if id(p) in masters else p.element_size()) for p in trainable)
-    return {"weights": weights, "gradients": gradients, "optimizer": optimizer}
 
 
 @dataclass

@@ -143,6 +143,9 @@ class RunSummary:
     """Held-out scores before and after."""
     reliability: ReliabilitySummary | None = None
     """What the loop's guards did (skipped steps, rollbacks, out-of-memory retries)."""
+    batch: dict[str, Any] | None = None
+    """The step's batch: tokens_per_step (all processes), blocks_per_step (per process),
+    micro_batch_size and micro_batches that ran, and how the micro-batch was chosen."""
     precision: dict[str, Any] | None = None
     """mode, compute_dtype, notes, skipped fp16 steps, loss scale, master-weight bytes, and per-layer
     details (layers, layers_effective, search, weight_bytes, matmul_speedup_vs_fp32)."""

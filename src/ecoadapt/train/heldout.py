@@ -11,7 +11,7 @@ import torch
 from ecoadapt.data.batches import Blocks, MaskSpec, make_batch
 from ecoadapt.model.losses import as_loss_module
 from ecoadapt.model.precision import Policy
-from ecoadapt.train.loop import is_out_of_memory
+from ecoadapt.train.micro_batch import is_out_of_memory
 
 EVAL_MASK_SEED = 1234  # the same masks before and after training, so the losses compare
 

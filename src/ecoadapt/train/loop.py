@@ -26,6 +26,7 @@ from ecoadapt.measure import memory
 from ecoadapt.model import parallel
 from ecoadapt.model.losses import as_loss_module
 from ecoadapt.model.precision import Policy
+from ecoadapt.train.micro_batch import is_out_of_memory, split_micro_batches
 from ecoadapt.train.param_groups import parameter_groups
 
 
@@ -84,17 +85,6 @@ def accumulate(
         # Real tokens only (padding excluded); counted on the host copy: no device sync.
         n_tokens += int(batch["attention_mask"].sum()) if mask is not None else input_ids.numel()
     return step_loss, n_tokens, n_targets
-
-
-def split_micro_batches(micro: list[dict[str, torch.Tensor]], parts: int) -> list[dict[str, torch.Tensor]]:
-    """Each micro-batch cut into ``parts`` row chunks: the same rows, the same step."""
-    out = []
-    for batch in micro:
-        rows = batch["input_ids"].shape[0]
-        for chunk in range(min(parts, rows)):
-            index = torch.tensor_split(torch.arange(rows), min(parts, rows))[chunk]
-            out.append({k: v[index] if v.ndim > 0 else v for k, v in batch.items()})
-    return out
 
 
 def total_steps(cfg: TrainConfig, n_blocks: int) -> int:
@@ -190,12 +180,15 @@ class Hooks:
             steps rolls back to; an interrupted loop checkpoints before it returns.
         after_step: called after every optimizer step, before should_stop (the in-run forecast
             watches the first steps with it); it must be cheap.
+        before_step: called before every optimizer step (train.micro_batch_size: auto sets
+            ``result.micro_batch_splits`` with it); it must be cheap.
     """
 
     on_log: Callable[[StepLog], None] | None = None
     should_stop: Callable[[TrainResult], str | None] | None = None
     checkpoints: Checkpoints | None = None
     after_step: Callable[[TrainResult], None] | None = None
+    before_step: Callable[[TrainResult], None] | None = None
 
 
 @dataclass
@@ -276,6 +269,18 @@ class Loop:
             master.grad = None
 
 
+def each(*hooks: Callable[[TrainResult], None]) -> Callable[[TrainResult], None] | None:
+    """One per-step hook that calls ``hooks`` in order (None when there are none)."""
+    if not hooks:
+        return None
+
+    def call_each(result: TrainResult) -> None:
+        for hook in hooks:
+            hook(result)
+
+    return call_each
+
+
 def fit_model(
     model: torch.nn.Module,
     batches: Iterator[dict[str, torch.Tensor]],
@@ -347,6 +352,8 @@ def fit(loop: Loop, batches: Iterator[dict[str, torch.Tensor]], hooks: Hooks | N
         return time_before + time.perf_counter() - start - (result.excluded_s - excluded_before)
 
     while result.steps < loop.steps:
+        if hooks.before_step is not None:
+            hooks.before_step(result)
         micro = [next(batches) for _ in range(cfg.grad_accum)]
         step_loss, n_tokens, n_targets = _fit_step(loop, micro)
         status = apply_step(loop, step_loss)
@@ -414,17 +421,6 @@ def apply_step(loop: Loop, step_loss: torch.Tensor) -> str:
     return status
 
 
-# Allocation failures that reach Python as a plain RuntimeError rather than OutOfMemoryError.
-_ALLOCATION_FAILURES = ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "CUDA error: out of memory")
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    """Whether ``error`` is the device (or the CPU guard) running out of memory."""
-    if isinstance(error, torch.OutOfMemoryError):
-        return True
-    return isinstance(error, RuntimeError) and any(s in str(error) for s in _ALLOCATION_FAILURES)
-
-
 def _fit_step(loop: Loop, micro: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, int, int]:
     """One step's forward and backward; on out of memory, with train.auto_micro_batch, the same
     rows again in micro-batches half as large (twice as many), until they fit."""
@@ -457,7 +453,7 @@ def _fit_step(loop: Loop, micro: list[dict[str, torch.Tensor]]) -> tuple[torch.T
 def _shrink_micro_batches(loop: Loop, micro: list[dict[str, torch.Tensor]], size: int, what: str, message: str) -> None:
     """Twice as many micro-batches, half as large, after out of memory; or a clear stop."""
     result = loop.result
-    if not loop.cfg.auto_micro_batch or size <= 1 or loop.world_size > 1:
+    if not (loop.cfg.auto_micro_batch or loop.cfg.fill_micro_batch) or size <= 1 or loop.world_size > 1:
         hint = (
             "it does not fit even one block per micro-batch: shorten data.max_seq_len, use LoRA or bf16-pure"
             if size <= 1
