@@ -14,10 +14,8 @@ draws per step and ``train.fill_micro_batch`` true, and reading it again gives t
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from ecoadapt.config.run import Need, RunConfig
+from collections.abc import Callable
+from typing import Any
 
 # Blocks per optimizer step and process when micro_batch_size is auto and tokens_per_step is
 # not set: the default run's step (micro-batch 8, no accumulation), so "auto" alone changes how
@@ -36,8 +34,11 @@ def read_auto(values: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
-def resolve(cfg: RunConfig, need: Need) -> None:
+def resolve(cfg: Any, need: Callable[[bool, str, str], None]) -> None:
     """Turn train.tokens_per_step and a filled micro-batch into plain numbers, in place.
+
+    ``cfg`` is the RunConfig (not imported: it imports this module); ``need(ok, key, what)``
+    reports a key whose value cannot hold.
 
     Raises:
         UserError (through ``need``): tokens per step that are not a whole number of blocks per

@@ -338,8 +338,7 @@ def fit(loop: Loop, batches: Iterator[dict[str, torch.Tensor]], hooks: Hooks | N
         hooks: logging, stopping and checkpoints (see :class:`Hooks`).
 
     Raises:
-        UserError: the loss stayed non-finite and no rollback was left; out of memory with
-            nothing left to shrink.
+        UserError: the loss stayed non-finite, no rollback left; out of memory, nothing to shrink.
     """
     hooks = hooks or Hooks()
     result, cfg = loop.result, loop.cfg
