@@ -331,3 +331,24 @@ def test_max_memory_gb_caps_the_cuda_allocator(monkeypatch):
     assert memory.cap_cuda_memory(gpu, 20.0) == pytest.approx(0.25)
     assert memory.cap_cuda_memory(gpu, 500.0) == 1.0  # never above the whole GPU
     assert calls == [(pytest.approx(0.25), gpu), (1.0, gpu)]
+
+
+def test_adamw_takes_the_fused_kernel_and_matches_the_foreach_one():
+    """One kernel for every parameter's update (on this CPU 3.6x faster than foreach, BENCHMARKS.md)."""
+    from ecoadapt.train.param_groups import adamw
+
+    torch.manual_seed(0)
+    weights = [torch.nn.Parameter(torch.randn(32, 16)), torch.nn.Parameter(torch.randn(16))]
+    twins = [torch.nn.Parameter(w.detach().clone()) for w in weights]
+    start = [w.detach().clone() for w in weights]
+    fused = adamw([{"params": weights, "weight_decay": 0.01}], 1e-2)
+    foreach = torch.optim.AdamW([{"params": twins, "weight_decay": 0.01}], lr=1e-2, foreach=True)
+    assert fused.defaults["fused"] is True
+    for _ in range(3):
+        for a, b in zip(weights, twins, strict=True):
+            a.grad = b.grad = torch.randn_like(a)
+        fused.step()
+        foreach.step()
+    for a, b, a0 in zip(weights, twins, start, strict=True):
+        torch.testing.assert_close(a, b)
+        assert (a - a0).abs().max() > 1e-3  # 3 steps of about lr each moved every weight

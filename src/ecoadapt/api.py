@@ -166,9 +166,12 @@ def adapt(config: ConfigLike, overrides: Overrides = (), resume: bool = False) -
 
 def _launch_adapt(resolved: ResolvedConfig, overrides: tuple[str, ...]) -> RunSummary:
     """Relaunch ``adapt`` as ``parallel.nproc`` processes under torchrun; the job's summary."""
-    from ecoadapt.model import parallel
+    from ecoadapt.model import parallel, precision_choice
 
     cfg, started = resolved.cfg, time.time()
+    # Chosen once, here: ranks probing the same CPU at once would measure each other.
+    if precision_choice.resolve(cfg, parallel.pick_device(cfg.train.device)) is not None:
+        overrides = (*overrides, f"precision.mode={cfg.precision.mode}")
     with tempfile.TemporaryDirectory(prefix="ecoadapt-launch-") as tmp:
         if resolved.path is not None:
             argv = ["adapt", str(resolved.path), *(f"--set={s}" for s in overrides)]

@@ -39,6 +39,7 @@ from ecoadapt.measure import energy, environment, memory
 from ecoadapt.measure.budget import BUDGETS, Budget
 from ecoadapt.measure.phases import Phases
 from ecoadapt.model import export, parallel, pretrained
+from ecoadapt.model import precision_choice as precision_choice_module
 from ecoadapt.model.adapters import is_new
 from ecoadapt.results import rundir
 from ecoadapt.results.summary import EvalSummary, ModelSummary, ParallelSummary, ReliabilitySummary, RunSummary
@@ -68,6 +69,7 @@ def run(cfg: RunConfig, base: Path | None = None) -> RunSummary:
     out = Path(cfg.output.dir)
     # Cheap checks first: a typo in a path fails in milliseconds, not after loading a model.
     rank = int(os.environ.get("RANK", "0"))  # torchrun's; the process group starts later
+    precision_choice = precision_choice_module.resolve(cfg, parallel.pick_device(cfg.train.device))
     resume = rundir.resume_point(out, cfg.to_dict(), cfg.output.overwrite, cfg.output.resume, rank == 0)
     if resume.finished:  # the same command again: nothing left to do
         say(f"{out}: this run has finished; its summary is kept (--set output.overwrite=true runs it again)")
@@ -84,7 +86,7 @@ def run(cfg: RunConfig, base: Path | None = None) -> RunSummary:
     world, device = parallel.setup(cfg.parallel.strategy, cfg.train.device, cfg.parallel.timeout_s)
     if world.strategy == "fsdp" and cfg.lora.merge:
         raise UserError("lora.merge is not available with parallel.strategy = fsdp; merge the saved adapter afterwards")
-    adapt_run = AdaptRun(cfg, world, device)
+    adapt_run = AdaptRun(cfg, world, device, precision_choice)
     try:
         return adapt_run.execute(base, out, resume)
     finally:
@@ -108,7 +110,9 @@ class Training:
 class AdaptRun:
     """One adapt run on one rank: the steps of the recipe, and the state they share."""
 
-    def __init__(self, cfg: RunConfig, world: parallel.World, device: torch.device) -> None:
+    def __init__(
+        self, cfg: RunConfig, world: parallel.World, device: torch.device, precision: dict[str, Any] | None = None
+    ) -> None:
         self.cfg, self.world, self.device = cfg, world, device
         self.tracker = energy.EnergyTracker.for_config(
             cfg.measure, device.type, device.index, world.local_rank, self.log
@@ -117,6 +121,7 @@ class AdaptRun:
         self.phases = Phases(self.tracker, self.memory)
         self.first_steps: FirstSteps | None = None  # the in-run forecast's watcher, once training starts
         self.batch_choice: MicroBatchChoice | None = None  # train.micro_batch_size: auto's choice
+        self.precision_choice = precision  # precision.mode: auto's choice
         self._input_ids: dict[str, str] | None = None  # what _inputs() found, once
         self._hold = contextlib.ExitStack()  # the run folder's lock, held by rank 0 while the run uses it
         self.summary = RunSummary(status="failed", config=cfg.to_dict(), rank=world.rank)
@@ -452,7 +457,7 @@ class AdaptRun:
             before["loss"], after["loss"], before["perplexity"], after["perplexity"],
             before["accuracy"], after["accuracy"], after["target_tokens"], len(self.eval_blocks),
         )  # fmt: skip
-        s.precision = {**p.recipe.policy.summary(), **p.recipe.precision_report}
+        s.precision = {**p.recipe.policy.summary(), **p.recipe.precision_report, "auto": self.precision_choice}
         s.energy = finish.energy_summary(measured["energy"], None, s.tokens, before["loss"] - after["loss"])
         s.memory, s.flops = measured["memory"], measured["flops"]
         s.mfu = measured["flops"]["mfu"]

@@ -24,7 +24,7 @@ from ecoadapt.config.task import TaskConfig
 from ecoadapt.core.errors import UserError
 
 Objective = Literal["auto", "clm", "mlm"]
-PrecisionMode = Literal["fp32", "tf32", "fp16", "bf16", "bf16-pure"]
+PrecisionMode = Literal["auto", "fp32", "tf32", "fp16", "bf16", "bf16-pure"]
 
 # Defaults that other modules use too: written once, here.
 MLM_PROBABILITY = 0.15  # BERT's masking rate (Devlin et al. 2019)
@@ -100,7 +100,9 @@ class PrecisionConfig:
     mode: PrecisionMode = "fp32"
     """fp32; tf32 (TF32 matmuls on GPUs that have them, plain fp32 on CPU); fp16 (autocast with
     dynamic loss scaling; overflowing steps are skipped); bf16 (autocast); bf16-pure (weights,
-    activations and gradients in bf16, updates applied to fp32 master weights)."""
+    activations and gradients in bf16, updates applied to fp32 master weights); auto (bf16 on
+    GPUs with native bfloat16, else fp16; on a CPU bf16 where its measured matmuls are at least
+    1.2x fp32's, else fp32; the summary says which and why)."""
     layers: dict[str, str] | Literal["auto"] | None = None
     """Per-layer precision: a map from module-name glob patterns to fp32, bf16 or fp16 (later
     entries win; e.g. {"*.layers.*": bf16, "*norm*": fp32}), applied to the weights and the

@@ -26,6 +26,8 @@ from ecoadapt.core.processes import run_child
 from ecoadapt.core.progress import say
 from ecoadapt.forecast import costs
 from ecoadapt.measure.environment import package_version
+from ecoadapt.model import precision_choice
+from ecoadapt.model.parallel import pick_device
 from ecoadapt.task import base_cache
 
 GIB = 2**30
@@ -66,8 +68,6 @@ def _key(cfg: RunConfig, sizes: list[int], device: str) -> str:
 
 def _device_name(cfg: RunConfig) -> str:
     import torch
-
-    from ecoadapt.model.parallel import pick_device
 
     device = pick_device(cfg.train.device)
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -189,6 +189,9 @@ def run(
 ) -> list[dict[str, Any]]:
     """Forecast each recipe (see :func:`recipes`) for ``steps`` steps; mark what fits."""
     rows = []
+    choice = precision_choice.resolve(cfg, pick_device(cfg.train.device))
+    if choice is not None and log is not None:
+        log(f"precision.mode auto: {choice['mode']} ({choice['why']})")
     candidates = recipes(cfg, grid, _device_name(cfg))
     for i, (name, point) in enumerate(candidates, 1):
         if log is not None:

@@ -27,7 +27,7 @@ from ecoadapt.model import parallel
 from ecoadapt.model.losses import as_loss_module
 from ecoadapt.model.precision import Policy
 from ecoadapt.train.micro_batch import is_out_of_memory, split_micro_batches
-from ecoadapt.train.param_groups import parameter_groups
+from ecoadapt.train.param_groups import adamw, parameter_groups
 
 
 class MemoryLimitExceeded(torch.OutOfMemoryError):
@@ -242,8 +242,7 @@ class Loop:
         model = as_loss_module(model, objective)
         params = [p for p in model.parameters() if p.requires_grad]
         groups = policy.optimizer_params(parameter_groups(model, cfg.weight_decay, cfg.lr, new, cfg.body_lr_scale))
-        # foreach kernels batch the per-parameter updates: fewer, larger ops on CPU and GPU.
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, foreach=True)
+        optimizer = adamw(groups, cfg.lr)
         scheduler = get_scheduler(
             cfg.schedule if cfg.schedule != "constant" else "constant_with_warmup",
             optimizer,

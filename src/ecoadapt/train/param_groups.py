@@ -25,3 +25,13 @@ def parameter_groups(
         {"params": params, "weight_decay": weight_decay if decays else 0.0, "lr": lr if fresh else lr * body_lr_scale}
         for (decays, fresh), params in sorted(groups.items(), reverse=True)
     ]
+
+
+def adamw(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
+    """AdamW with its fused kernel (one launch for every parameter's update on a GPU; 3.6x
+    faster than the foreach kernels on this CPU for 20M parameters, BENCHMARKS.md), or the
+    foreach kernels where the parameters' device or dtype has no fused kernel."""
+    try:
+        return torch.optim.AdamW(groups, lr=lr, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(groups, lr=lr, foreach=True)
