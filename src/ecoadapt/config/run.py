@@ -24,7 +24,7 @@ from ecoadapt.config.task import TaskConfig
 from ecoadapt.core.errors import UserError
 
 Objective = Literal["auto", "clm", "mlm"]
-PrecisionMode = Literal["auto", "fp32", "tf32", "fp16", "bf16", "bf16-pure"]
+PrecisionMode = Literal["fp32", "tf32", "fp16", "bf16", "bf16-pure", "auto"]
 
 # Defaults that other modules use too: written once, here.
 MLM_PROBABILITY = 0.15  # BERT's masking rate (Devlin et al. 2019)
