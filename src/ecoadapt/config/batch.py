@@ -60,7 +60,7 @@ def resolve(cfg: Any, need: Callable[[bool, str, str], None]) -> None:
         t.tokens_per_step >= unit and t.tokens_per_step % unit == 0,
         "train.tokens_per_step",
         f"must be a multiple of data.max_seq_len x parallel.nproc = {unit} (each process draws whole "
-        f"blocks), for example {max(1, round(t.tokens_per_step / unit)) * unit}",
+        f"blocks), for example {max(1, (t.tokens_per_step + unit // 2) // unit) * unit}",
     )
     blocks = t.tokens_per_step // unit  # per process and step
     if t.fill_micro_batch:
