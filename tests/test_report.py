@@ -149,7 +149,9 @@ def test_a_report_without_a_detectable_gain_says_so_and_ranks_by_held_out_loss(t
     )
     built = builder.build(tmp_path, tolerance=0.05)
     assert built["metric"] == "eval_loss"
-    assert built["recommendation"]["name"] == "lora"  # cheapest within 0.05 nats of the best loss
+    # No detectable gain: the base model (0 J) is the recommendation; the recipe whose interval
+    # reaches highest is only the next thing to try (issue 26).
+    assert built["recommendation"]["name"] == "base model" and built["recommendation"]["next"] == "bf16"
     assert "No recipe's adaptation changed the task" in built["verdict"][0]
     assert "ranked by held-out domain loss" in built["verdict"][0]
     assert all("no detectable effect" in line for line in built["verdict"][1:4])
@@ -223,6 +225,57 @@ def test_a_report_where_adaptation_hurt_says_so_and_ranks_by_held_out_loss(tmp_p
         ],
     )
     built = builder.build(tmp_path, tolerance=0.05)
-    assert built["metric"] == "eval_loss" and built["recommendation"]["name"] == "lora"
+    # Not adapting is a recipe too: it costs 0 J and beats both here (issue 26).
+    assert built["metric"] == "eval_loss" and built["recommendation"]["name"] == "base model"
+    text = built["recommendation"]["text"]
+    assert text.startswith("the base model, not adapted (0 J of adaptation): no recipe's adaptation helped")
+    assert "Next to try, if any: lora, whose gain interval reaches highest" in text and "400 J of training" in text
     assert "No recipe's adaptation helped the task (macro_f1); 2 of 2 hurt it" in built["verdict"][0]
     assert built["verdict"][1].startswith("fp32: hurt: -0.0460 (95% CI")
+
+
+def test_no_detectable_gain_recommends_the_base_model_and_names_what_to_try_next(tmp_path):
+    """Issue 26's hidden task: three recipes, all "no detectable effect"; the report used to
+    recommend the fp32 baseline itself, the most expensive recipe."""
+    write_points(
+        tmp_path,
+        [
+            ("fp32", 1000.0, 2.00, task(BASE, [b - 0.010 + 0.004 * (i % 2) for i, b in enumerate(BASE)])),
+            ("lora", 300.0, 2.10, task(BASE, [b + 0.010 - 0.012 * (i % 2) for i, b in enumerate(BASE)])),
+            ("top2", 200.0, 2.20, task(BASE, [b + 0.008 - 0.011 * (i % 2) for i, b in enumerate(BASE)])),
+        ],
+    )
+    rows = {r["name"]: r for r in builder.load_rows(tmp_path)[0]}
+    assert all(r["verdict"] != "helped" for r in rows.values())
+    built = builder.build(tmp_path)
+    rec = built["recommendation"]
+    likeliest = max(rows.values(), key=lambda r: r["gain_high"])["name"]
+    assert rec["name"] == "base model" and rec["next"] == likeliest != "fp32"
+    assert (
+        "adapting did not pay here" in rec["text"]
+        and "**Recommendation:** the base model" in (tmp_path / "report.md").read_text()
+    )
+
+
+def target(loss, reached, step=None, joules=None, best=None, steps=40):
+    return {"loss": loss, "reached": reached, "step": step, "tokens": None, "train_joules": joules,
+            "eval_loss": None, "best_eval_loss": best, "steps_run": steps}  # fmt: skip
+
+
+def test_an_equal_quality_sweep_ranks_by_joules_to_the_baselines_loss(tmp_path):
+    records = [
+        {**summary("fp32", 1000.0, 2.00, 800 * 2**20, baseline=True), "steps": 40},
+        {**summary("bf16", 450.0, 1.99, 600 * 2**20), "steps": 44, "target": target(2.0, True, 44, 450.0, 1.99)},
+        # Cheapest at equal steps, but slower to learn: 2.3x the baseline's joules to get there.
+        {**summary("lora", 2300.0, 2.00, 300 * 2**20), "steps": 120, "target": target(2.0, True, 120, 2300.0, 2.0)},
+        {**summary("top2", 900.0, 2.40, 200 * 2**20), "steps": 160, "target": target(2.0, False, best=2.4, steps=160)},
+    ]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    built = builder.build(tmp_path, tolerance=0.05)
+    assert built["recommendation"]["name"] == "bf16"  # top2 never got there: not a candidate
+    md = (tmp_path / "report.md").read_text()
+    section = md[md.index("**Equal quality**") : md.index("| point |")]
+    assert "held-out loss 2.0000, the baseline's" in section
+    assert section.index("- bf16: 450 J in 44 steps, 0.45x") < section.index("- fp32: 1,000 J in 40 steps, 1.00x")
+    assert section.index("- fp32") < section.index("- lora: 2,300 J in 120 steps, 2.30x")
+    assert "- top2: never reached it within its cap (160 steps; best 2.4000)" in section

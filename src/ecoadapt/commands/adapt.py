@@ -45,7 +45,7 @@ from ecoadapt.results import rundir
 from ecoadapt.results.summary import EvalSummary, ModelSummary, ParallelSummary, ReliabilitySummary, RunSummary
 from ecoadapt.task import base_cache, downstream
 from ecoadapt.train import checkpoint, micro_batch
-from ecoadapt.train.early_stop import EarlyStop
+from ecoadapt.train.early_stop import EarlyStop, TargetLoss
 from ecoadapt.train.heldout import heldout
 from ecoadapt.train.interrupt import Interrupts
 from ecoadapt.train.loop import Hooks, Loop, StepLog, TrainResult, each, fit, total_steps
@@ -105,6 +105,7 @@ class Training:
     interrupts: Interrupts
     checkpoints: checkpoint.RunCheckpoints | None
     head_first: dict[str, Any] | None = None
+    target: TargetLoss | None = None
 
 
 class AdaptRun:
@@ -266,6 +267,7 @@ class AdaptRun:
         loader = BlockLoader(p.blocks.train, rows, objective, r.mask, cfg.train.seed, world.rank, world.size)
         loop = Loop.create(r.model, self.steps, cfg.train, r.policy, objective, self.device, world.size, p.loaded.fresh)
         stopper = EarlyStop(cfg.train.early_stop, cfg.train.early_stop_delta)
+        target = TargetLoss(cfg.train.target_loss) if cfg.train.target_loss is not None else None
         checkpoints = None
         if world.strategy != "fsdp":  # FSDP shards would need a distributed checkpoint format
             checkpoints = checkpoint.RunCheckpoints(
@@ -290,7 +292,7 @@ class AdaptRun:
         budget = Budget(cfg.budget, self._job_training_joules, self.steps, self.log, tokens_scale=world.size)
         progress = Progress(self.steps) if world.is_main else None
         with Interrupts() as interrupts:
-            rule = StopRule(world, interrupts, budget, self._periodic_eval, cfg.train.eval_every, stopper)
+            rule = StopRule(world, interrupts, budget, self._periodic_eval, cfg.train.eval_every, stopper, target)
             watch = self._watch_first_steps()
             hooks = Hooks(lambda record: self._on_log(record, progress), rule, checkpoints)
             hooks.after_step = each(*(w.after_step for w in (watch, self.batch_choice) if w is not None))
@@ -303,7 +305,7 @@ class AdaptRun:
             finally:
                 if progress is not None:
                     progress.close()
-        return Training(result, loader, budget, stopper, interrupts, checkpoints, head)
+        return Training(result, loader, budget, stopper, interrupts, checkpoints, head, target)
 
     def _watch_first_steps(self) -> FirstSteps | None:
         """The in-run forecast's watcher of the first steps (measure.forecast, one process)."""
@@ -434,6 +436,7 @@ class AdaptRun:
         s.stopped_by = result.stopped_by
         s.budget = training.budget.summary(result)
         s.early_stop = training.stopper.summary()
+        s.target = training.target.summary(result.steps) if training.target is not None else None
         s.objective = p.loaded.objective
         plan = p.recipe.plan
         s.model = ModelSummary(

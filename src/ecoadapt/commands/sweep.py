@@ -24,10 +24,11 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -68,6 +69,14 @@ class SweepFile:
     """How the report chooses its recommendation."""
     output: SweepOutput = field(default_factory=SweepOutput)
     """Where results go."""
+    compare: Literal["equal_steps", "equal_loss"] = "equal_steps"
+    """equal_steps: every point trains as its config says. equal_loss: the baseline runs first
+    and its final held-out loss becomes every other point's train.target_loss (evaluated every
+    train.eval_every steps, by default a tenth of the baseline's steps), each point capped at
+    ``cap`` x the baseline's steps; the report ranks recipes by training joules to that loss
+    and names those that never reached it."""
+    cap: float = 4.0
+    """With compare: equal_loss, the most steps a point may take, as a multiple of the baseline's."""
 
 
 @dataclass
@@ -96,6 +105,8 @@ class Sweep:
     points: list[Point]
     out: Path
     report: ReportSettings = field(default_factory=ReportSettings)
+    compare: str = "equal_steps"
+    cap: float = 4.0
 
 
 def _set_dotted(raw: dict[str, Any], dotted: str, value: Any, where: str) -> None:
@@ -165,7 +176,9 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Sweep
             same.baseline = same.baseline or is_baseline
             continue
         points.append(Point(name, point_overrides, cfg, key, is_baseline))
-    return Sweep(points, out, parsed.report)
+    if parsed.compare == "equal_loss" and parsed.cap < 1:
+        raise UserError(f"{path}: cap = {parsed.cap}: with compare: equal_loss it must be at least 1")
+    return Sweep(points, out, parsed.report, parsed.compare, parsed.cap)
 
 
 def _base_config(base: str | dict[str, Any], path: Path) -> dict[str, Any]:
@@ -209,6 +222,8 @@ def run(sweep: Sweep, timeout_s: float | None = None) -> list[dict[str, Any]]:
     storage.write_json(sweep.out / "sweep.json", manifest)
     done = {r["key"] for r in storage.read_jsonl(results_path) if r.get("status") in FINISHED}
     todo = [p for p in sweep.points if p.key not in done]
+    if sweep.compare == "equal_loss":  # the baseline sets the target: it runs first
+        todo.sort(key=lambda p: not p.baseline)
     if len(todo) < len(sweep.points):
         say(f"[sweep] {len(sweep.points) - len(todo)} of {len(sweep.points)} points already done: skipped")
     durations: list[float] = []
@@ -218,9 +233,11 @@ def run(sweep: Sweep, timeout_s: float | None = None) -> list[dict[str, Any]]:
         run_dir = sweep.out / "points" / f"{slug(point.name)}-{point.key[:6]}"
         # A retried point resumes what its earlier attempt finished (the trained model, the task
         # seeds, a checkpoint), or starts again where nothing was: its run folder decides.
-        cfg = point.config.to_dict()
+        cfg: dict[str, Any] | None = point.config.to_dict()
         start = time.perf_counter()
-        summary = run_adapt(cfg, run_dir, timeout_s=timeout_s, stream_output=True)
+        if sweep.compare == "equal_loss" and not point.baseline:
+            cfg = _at_equal_loss(point.config.to_dict(), sweep, results_path)
+        summary = run_adapt(cfg, run_dir, timeout_s=timeout_s, stream_output=True) if cfg else _no_target()
         durations.append(time.perf_counter() - start)
         record = {
             "name": point.name,
@@ -242,3 +259,24 @@ def run(sweep: Sweep, timeout_s: float | None = None) -> list[dict[str, Any]]:
             say(f"[sweep] point {point.name} failed: {record.get('error')}; going on")
     latest = latest_results(sweep.out, {p.key for p in sweep.points})
     return [latest[p.key] for p in sweep.points if p.key in latest]
+
+
+def _at_equal_loss(cfg: dict[str, Any], sweep: Sweep, results_path: Path) -> dict[str, Any] | None:
+    """A point's config for an equal-quality comparison: trained until the baseline's final
+    held-out loss, evaluated every train.eval_every steps, capped at ``sweep.cap`` x the
+    baseline's steps; None when the baseline has no finished result to take the target from."""
+    keys = {p.key for p in sweep.points if p.baseline}
+    base = next((r for r in reversed(storage.read_jsonl(results_path)) if r.get("key") in keys), None)
+    if base is None or base.get("status") not in FINISHED or not (base.get("eval") or {}).get("loss"):
+        return None
+    steps = int(base["steps"])
+    train = cfg["train"]
+    train["target_loss"] = float(base["eval"]["loss"])
+    train["max_steps"] = math.ceil(sweep.cap * steps)
+    train["eval_every"] = train.get("eval_every") or max(1, steps // 10)
+    train["epochs"] = None
+    return cfg
+
+
+def _no_target() -> dict[str, Any]:
+    return {"status": "failed", "error": "compare: equal_loss: the baseline has no finished result to set the target"}

@@ -7,6 +7,7 @@ RunConfig, load``. No torch.
 """
 
 from ecoadapt.config.measure import BudgetConfig, MeasureConfig
+from ecoadapt.config.overrides import apply_overrides, parse_override
 from ecoadapt.config.run import (
     MLM_PROBABILITY,
     WORLD_GRID_G_CO2_PER_KWH,
@@ -20,12 +21,10 @@ from ecoadapt.config.run import (
     RunConfig,
     TrainConfig,
     all_keys,
-    apply_overrides,
     check,
     dump,
     from_dict,
     load,
-    parse_override,
 )
 from ecoadapt.config.task import TaskConfig
 

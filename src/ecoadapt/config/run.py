@@ -20,6 +20,7 @@ import yaml
 
 from ecoadapt.config import batch, schema
 from ecoadapt.config.measure import BudgetConfig, MeasureConfig
+from ecoadapt.config.overrides import apply_overrides
 from ecoadapt.config.task import TaskConfig
 from ecoadapt.core.errors import UserError
 
@@ -194,6 +195,11 @@ class TrainConfig:
     evaluations in a row (needs train.eval_every): the cheapest joule is the one not spent."""
     early_stop_delta: float = 0.0
     """Smallest drop of the held-out loss that counts as an improvement."""
+    target_loss: float | None = None
+    """Stop at the first evaluation (every train.eval_every steps) whose held-out loss is at or
+    below this: the quality an equal-quality comparison asks for. train.max_steps and budget.*
+    still cap the run; the summary's target says whether and when it was reached (steps,
+    tokens, training joules)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train: auto picks cuda when a GPU is visible, else cpu."""
     save_every: int | None = None
@@ -390,6 +396,8 @@ def _check_train(cfg: RunConfig, need: Need) -> None:
     need(t.early_stop is None or t.early_stop >= 1, "train.early_stop", "must be at least 1 (or null)")
     need(t.early_stop is None or t.eval_every is not None, "train.early_stop", "needs train.eval_every")
     need(t.early_stop_delta >= 0, "train.early_stop_delta", "must not be negative")
+    need(t.target_loss is None or t.target_loss > 0, "train.target_loss", "must be positive (or null)")
+    need(t.target_loss is None or t.eval_every is not None, "train.target_loss", "needs train.eval_every")
     need(t.save_every is None or t.save_every >= 1, "train.save_every", "must be at least 1 (or null)")
     need(t.nonfinite_patience >= 1, "train.nonfinite_patience", "must be at least 1")
     need(0 < t.rollback_lr_factor <= 1, "train.rollback_lr_factor", "must be in (0, 1]")
@@ -437,21 +445,6 @@ def _check_measure_task_budget(cfg: RunConfig, need: Need) -> None:
     need(b.energy_j is None or cfg.measure.energy != "off", "budget.energy_j", "needs measure.energy other than off")
 
 
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """Split ``section.key=value``; the value is read as YAML (numbers, lists, null, true)."""
-    if "=" not in item:
-        raise UserError(f"--set {item}: expected section.key=value")
-    key, text = item.split("=", 1)
-    parts = key.strip().split(".")
-    if len(parts) != 2 or not all(parts):
-        raise UserError(f"--set {item}: the key must be section.key (for example train.lr)")
-    try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError as e:
-        raise UserError(f"--set {item}: the value is not valid YAML ({e})") from None
-    return parts, value
-
-
 def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read a YAML config (or start from defaults), apply ``--set`` overrides, and check it once."""
     raw: dict[str, Any] = {}
@@ -480,19 +473,6 @@ def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -
     apply_overrides(raw, overrides, source)
     label = source if not overrides or path is None else f"{source} with --set"
     return from_dict(raw, label)
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...], source: str) -> dict[str, Any]:
-    """Set each ``section.key=value`` of ``overrides`` in the plain config ``raw`` (in place, and returned)."""
-    for item in overrides:
-        (section, key), value = parse_override(item)
-        existing = raw.setdefault(section, {})
-        if existing is None:
-            existing = raw[section] = {}
-        if not isinstance(existing, dict):
-            raise UserError(f"{source}: section '{section}' must be a mapping of keys")
-        existing[key] = value
-    return raw
 
 
 def dump(cfg: RunConfig) -> str:

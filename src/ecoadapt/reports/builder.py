@@ -29,7 +29,7 @@ from ecoadapt.config.report import OBJECTIVES, ReportSettings
 from ecoadapt.core.errors import UserError
 from ecoadapt.core.storage import atomic_write, atomic_write_text, read_json
 from ecoadapt.measure import carbon
-from ecoadapt.reports import compute_statement, verdicts
+from ecoadapt.reports import compute_statement, equal_quality, verdicts
 from ecoadapt.results.summary import RunSummary
 from ecoadapt.results.sweep_records import latest_results, split_record
 
@@ -75,6 +75,8 @@ def row(meta: dict[str, Any], summary: RunSummary) -> dict[str, Any]:
             "tokens_per_s": summary.tokens_per_s,
             "mfu": summary.mfu,
             "eval_loss": summary.eval.loss if summary.eval else None,
+            "steps": summary.steps,
+            **equal_quality.target_fields(summary.target),
             "perplexity": summary.eval.perplexity if summary.eval else None,
             **verdicts.task_fields(summary.task or {}),
             **_compute_fields(summary),
@@ -163,14 +165,16 @@ def pareto_front(points: list[tuple[float, float]], higher_is_better: bool) -> l
 
 
 def recommend(
-    rows: list[dict[str, Any]], metric: Metric, tolerance: float, objective: str = "energy"
+    rows: list[dict[str, Any]], metric: Metric, tolerance: float, objective: str = "energy", equal: bool = False
 ) -> dict[str, Any] | None:
-    """The cheapest point whose metric is within ``tolerance`` of the best, with ratios.
+    """The cheapest point whose metric is within ``tolerance`` of the best, with ratios; with
+    ``equal`` (an equal-quality sweep) energy is the joules to the baseline's held-out loss, and
+    a recipe that never reached it is not a candidate.
 
     Returns:
         {"name", "row", "ratios": {...}, "text"} or None when no point completed.
     """
-    cost_key = OBJECTIVES[objective]
+    cost_key = "joules_to_target" if equal and objective == "energy" else OBJECTIVES[objective]
     usable = [r for r in rows if r.get(metric.name) is not None and r.get(cost_key) is not None]
     if not usable:
         return None
@@ -345,7 +349,8 @@ def build(
     usable = [r for r in rows if r.get(metric.name) is not None and r.get("train_joules") is not None]
     front = pareto_front([(r["train_joules"], r[metric.name]) for r in usable], metric.higher_is_better)
     front_names = {usable[i]["name"] for i in front}
-    rec = recommend(rows, metric, tolerance, objective)
+    equal = equal_quality.prepare(rows)
+    rec = verdicts.base_model_recommendation(rows) or recommend(rows, metric, tolerance, objective, equal)
     table = markdown_table(rows, front_names)
     images = plots(rows, metric, front, usable) if usable else {}
     _write_csv(folder / "results.csv", rows, front_names)
@@ -362,6 +367,7 @@ def build(
             "# ecoadapt report",
             "**Verdict:** " + verdict[0] + "".join(f"\n- {line}" for line in verdict[1:]),
             f"**Recommendation:** {rec_text}",
+            *([equal_quality.section(rows)] if equal else []),
             table,
             "\n".join(f"- {n}" for n in notes),
             "\n".join(f"![{n}]({n})" for n in images),

@@ -124,3 +124,22 @@ def energy_line(rows: list[dict[str, Any]]) -> str | None:
         f"Energy in all: adaptation {train:,.0f} J + evaluation {evaluation:,.0f} J = {train + evaluation:,.0f} J "
         "(the base model's task results are computed once and reused: their joules count where they were computed)."
     )
+
+
+def base_model_recommendation(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Not adapting is a recipe too: when recipes were judged on the task and none helped it
+    beyond seed noise, the base model (0 J of adaptation) is the recommendation, and the recipe
+    whose gain interval reaches highest is named only as the next thing to try, with its cost.
+    None when some recipe helped, or nothing was judged."""
+    judged = [r for r in rows if r.get("verdict") and r.get("gain_high") is not None]
+    if not judged or any_helped(rows):
+        return None
+    likeliest = max(judged, key=lambda r: (r["gain_high"], r.get("gain_low") or float("-inf")))
+    cost = f", at {likeliest['train_joules']:,.0f} J of training" if likeliest.get("train_joules") else ""
+    text = (
+        f"the base model, not adapted (0 J of adaptation): no recipe's adaptation helped the task beyond seed "
+        f"noise ({len(judged)} judged), so adapting did not pay here. Next to try, if any: {likeliest['name']}, whose "
+        f"gain interval reaches highest ({likeliest['task_delta']:+.4f}, 95% CI {likeliest['gain_low']:+.4f} to "
+        f"{likeliest['gain_high']:+.4f}){cost}."
+    )
+    return {"name": "base model", "row": None, "ratios": {}, "text": text, "best": None, "next": likeliest["name"]}

@@ -117,6 +117,9 @@ class RunSummary:
     """limits, used (the job's), fraction_used, stopped_by, forecast."""
     early_stop: dict[str, Any] | None = None
     """history ([step, held-out loss] pairs) and best, when train.eval_every is set."""
+    target: dict[str, Any] | None = None
+    """train.target_loss: loss, reached, and where it was reached (step, tokens, train_joules,
+    eval_loss), best_eval_loss, steps_run."""
     objective: str | None = None
     """mlm or clm."""
     model: ModelSummary | None = None

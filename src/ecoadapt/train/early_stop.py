@@ -1,4 +1,5 @@
-"""Early stopping on the held-out loss, evaluated every ``train.eval_every`` steps."""
+"""Stopping on the held-out loss, evaluated every ``train.eval_every`` steps: early stopping
+when it stops improving, and the target loss of an equal-quality comparison."""
 
 from __future__ import annotations
 
@@ -45,3 +46,39 @@ class EarlyStop:
     def summary(self) -> dict[str, Any] | None:
         """The early_stop part of summary.json (None when nothing was evaluated)."""
         return {"history": self.history, "best": self.best} if self.history else None
+
+
+@dataclass
+class TargetLoss:
+    """train.target_loss: training ends at the first evaluation whose held-out loss is at or
+    below ``loss``; what it took to get there is recorded (the joules to the target are what
+    an equal-quality comparison ranks recipes by).
+
+    Attributes:
+        loss: the target held-out loss.
+        reached: step, tokens (all processes), training joules (the job's) and held-out loss
+            of the evaluation that reached it; None until then.
+        best: the lowest held-out loss evaluated so far (how close a run that never got there came).
+    """
+
+    loss: float
+    reached: dict[str, Any] | None = None
+    best: float = float("inf")
+
+    def check(self, step: int, loss: float, tokens: int, joules: float | None) -> bool:
+        """Record an evaluation; True the first time it reaches the target."""
+        self.best = min(self.best, loss)
+        if self.reached is None and loss <= self.loss:
+            self.reached = {"step": step, "tokens": tokens, "train_joules": joules, "eval_loss": loss}
+            return True
+        return False
+
+    def summary(self, steps: int) -> dict[str, Any]:
+        """The target part of summary.json: whether and when it was reached, in ``steps`` steps."""
+        return {
+            "loss": self.loss,
+            "reached": self.reached is not None,
+            **(self.reached or {}),
+            "best_eval_loss": self.best if self.best < float("inf") else None,
+            "steps_run": steps,
+        }

@@ -15,7 +15,7 @@ from typing import Protocol
 
 from ecoadapt.measure.budget import Budget, Progressed
 from ecoadapt.model import parallel
-from ecoadapt.train.early_stop import EarlyStop
+from ecoadapt.train.early_stop import EarlyStop, TargetLoss
 
 
 class Interruptions(Protocol):
@@ -36,6 +36,7 @@ class StopRule:
             pass); called every ``eval_every`` steps.
         eval_every: train.eval_every (None: no periodic evaluation).
         stopper: early stopping on those losses.
+        target: train.target_loss on those losses (None: no target).
     """
 
     def __init__(
@@ -46,8 +47,10 @@ class StopRule:
         evaluate: Callable[[Progressed], float] | None,
         eval_every: int | None,
         stopper: EarlyStop,
+        target: TargetLoss | None = None,
     ) -> None:
         self.world = world
+        self.target = target
         self.interrupts = interrupts
         self.budget = budget
         self.evaluate = evaluate
@@ -63,5 +66,10 @@ class StopRule:
             return reason
         if self.evaluate is None or self.eval_every is None or result.steps % self.eval_every:
             return None
-        stop = self.stopper.update(result.steps, self.evaluate(result))
+        loss = self.evaluate(result)
+        if self.target is not None:  # the job's joules: a collective, at the same step on every rank
+            tokens, joules = result.tokens * self.world.size, self.budget.spent_joules()
+            if self.target.check(result.steps, loss, tokens, joules):
+                return parallel.broadcast("target_loss", self.world)
+        stop = self.stopper.update(result.steps, loss)
         return parallel.broadcast("early_stop" if stop else None, self.world)
