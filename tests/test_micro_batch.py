@@ -131,13 +131,14 @@ def test_the_cpu_search_is_skipped_where_it_would_cost_more_than_it_saves():
     assert MicroBatchChoice.on_cpu(3, 100, False, 1).how.startswith("3 blocks: the step holds no more")
 
 
-def test_an_adapt_run_says_what_it_chose_and_why(tmp_path, tiny_llama, corpus_jsonl):
+def test_an_adapt_run_says_what_it_chose_and_why(tmp_path, tiny_llama, corpus_jsonl, capsys):
     sets = {
         "model.name_or_path": tiny_llama, "data.train": corpus_jsonl, "data.text_field": "caption",
         "data.max_seq_len": 16, "train.max_steps": 9, "train.tokens_per_step": 16 * 16,
         "train.micro_batch_size": "auto", "train.compile": False, "output.dir": tmp_path / "run",
     }  # fmt: skip
     summary = adapt_summary(tmp_path, sets)
+    assert "micro-batch: " in capsys.readouterr().out  # the CLI's last lines say it too
     batch = summary["batch"]
     assert batch["tokens_per_step"] == 256 and batch["blocks_per_step"] == 16
     assert batch["micro_batch_size"] * batch["micro_batches"] == 16

@@ -111,3 +111,13 @@ def test_hub_id_loads_from_the_local_cache_only(tiny_llama, tmp_path, monkeypatc
     assert loaded.source == "tiny-org/tiny-llama"
     with pytest.raises(UserError, match="not in the local Hugging Face cache"):
         pretrained.load(ModelConfig("tiny-org/other-model"), 32)
+
+
+def test_models_load_with_sdpa_attention(tiny_llama, tiny_bert):
+    """Fused attention kernels (flash or memory-efficient on GPUs): no (sequence x sequence)
+    matrix kept, which the micro-batch choice's memory model counts on."""
+    from ecoadapt.config import ModelConfig
+    from ecoadapt.model import pretrained
+
+    for folder in (tiny_llama, tiny_bert):
+        assert pretrained.load(ModelConfig(str(folder)), 16, seed=0).model.config._attn_implementation == "sdpa"

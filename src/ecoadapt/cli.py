@@ -68,9 +68,25 @@ def _print_run(summary: Any, run_dir: str) -> None:
             f"peak memory ({mem['device']}, measured): training {mem['train_peak_bytes'] / 2**20:,.0f} MiB, "
             f"evaluation {mem.get('eval_peak_bytes', 0) / 2**20:,.0f} MiB"
         )
-    for line in _compile_and_forecast_lines(summary):
+    for line in [*_choice_lines(summary), *_compile_and_forecast_lines(summary)]:
         print(line)
     print(f"run directory: {run_dir}")
+
+
+def _choice_lines(summary: Any) -> list[str]:
+    """What the run chose for itself (precision and micro-batch auto) and whether it reached a target."""
+    lines = []
+    auto = (summary.precision or {}).get("auto")
+    if auto:
+        lines.append(f"precision auto: {auto['mode']} ({auto['why']})")
+    b = summary.batch
+    if b and summary.config.get("train", {}).get("fill_micro_batch"):  # micro_batch_size: auto
+        lines.append(f"micro-batch: {b['how']}; {b['tokens_per_step']:,} tokens per step")
+    t = summary.target
+    if t:
+        got = f"reached at step {t['step']}, {t['train_joules'] or 0:,.0f} J" if t["reached"] else "not reached"
+        lines.append(f"target held-out loss {t['loss']:.4f}: {got}")
+    return lines
 
 
 def _compile_and_forecast_lines(summary: Any) -> list[str]:

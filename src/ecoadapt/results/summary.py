@@ -112,7 +112,7 @@ class RunSummary:
     checkpoint: str | None = None
     """The checkpoint an interrupted run left to resume from."""
     stopped_by: str | None = None
-    """The budget (energy_j, time_s, tokens) or early_stop that ended training early."""
+    """The budget (energy_j, time_s, tokens), early_stop or target_loss that ended training early."""
     budget: dict[str, Any] | None = None
     """limits, used (the job's), fraction_used, stopped_by, forecast."""
     early_stop: dict[str, Any] | None = None
