@@ -32,7 +32,7 @@ def test_a_gpu_gets_bf16_where_it_is_native_else_fp16(monkeypatch, native, mode)
 
 
 @pytest.mark.parametrize(("bf16", "mode"), [(300e9, "bf16"), (16e9, "fp32")])
-def test_an_auto_run_stores_the_mode_it_chose_and_why(monkeypatch, capsys, tmp_path, tiny_llama, corpus_jsonl, bf16, mode):
+def test_an_auto_run_stores_its_mode_and_why(monkeypatch, capsys, tmp_path, tiny_llama, corpus_jsonl, bf16, mode):
     fake_peaks(monkeypatch, 118e9, bf16)
     sets = {
         "model.name_or_path": tiny_llama, "data.train": corpus_jsonl, "data.text_field": "caption",
