@@ -21,7 +21,7 @@ import copy
 import gc
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +40,11 @@ from ecoadapt.measure.budget import BUDGETS, Budget
 from ecoadapt.measure.phases import Phases
 from ecoadapt.model import export, parallel, pretrained
 from ecoadapt.model import precision_choice as precision_choice_module
-from ecoadapt.model.adapters import is_new
 from ecoadapt.results import rundir
 from ecoadapt.results.summary import EvalSummary, ModelSummary, ParallelSummary, ReliabilitySummary, RunSummary
+from ecoadapt.results.trackers import Trackers
 from ecoadapt.task import base_cache, downstream
-from ecoadapt.train import checkpoint, micro_batch
+from ecoadapt.train import checkpoint, head_first, micro_batch
 from ecoadapt.train.early_stop import EarlyStop, TargetLoss
 from ecoadapt.train.heldout import heldout
 from ecoadapt.train.interrupt import Interrupts
@@ -52,8 +52,6 @@ from ecoadapt.train.loop import Hooks, Loop, StepLog, TrainResult, each, fit, to
 from ecoadapt.train.micro_batch import MicroBatchChoice
 from ecoadapt.train.prepare import mfu, prepare
 from ecoadapt.train.stopping import StopRule
-
-HEAD_SEED_OFFSET = 7919  # the head-first steps draw their own block order and masks
 
 
 def run(cfg: RunConfig, base: Path | None = None) -> RunSummary:
@@ -69,7 +67,7 @@ def run(cfg: RunConfig, base: Path | None = None) -> RunSummary:
     out = Path(cfg.output.dir)
     # Cheap checks first: a typo in a path fails in milliseconds, not after loading a model.
     rank = int(os.environ.get("RANK", "0"))  # torchrun's; the process group starts later
-    precision_choice = precision_choice_module.resolve(cfg, parallel.pick_device(cfg.train.device))
+    precision_choice = _auto_precision(cfg)
     resume = rundir.resume_point(out, cfg.to_dict(), cfg.output.overwrite, cfg.output.resume, rank == 0)
     if resume.finished:  # the same command again: nothing left to do
         say(f"{out}: this run has finished; its summary is kept (--set output.overwrite=true runs it again)")
@@ -92,6 +90,20 @@ def run(cfg: RunConfig, base: Path | None = None) -> RunSummary:
     finally:
         adapt_run.release_wrapper()
         parallel.teardown(barrier=False)  # after an error a peer may never reach a barrier
+
+
+def _auto_precision(cfg: RunConfig) -> dict[str, Any] | None:
+    """precision.mode: auto resolved in ``cfg`` before anything compares configs; its matmul
+    probe (a CPU's, measured once and cached) metered in the window of the same benchmark MFU
+    uses, ``peak_flops``, whose joules the run then reports as its own overhead."""
+    if cfg.precision.mode != "auto":
+        return None
+    device = parallel.pick_device(cfg.train.device)
+    tracker = energy.EnergyTracker.for_config(cfg.measure, device.type, device.index, 0, say)
+    with Phases(tracker).window("peak_flops", memory=None):
+        choice = precision_choice_module.resolve(cfg, device)
+    assert choice is not None
+    return {**choice, "energy_windows": tracker.snapshot()}
 
 
 @dataclass
@@ -122,7 +134,10 @@ class AdaptRun:
         self.phases = Phases(self.tracker, self.memory)
         self.first_steps: FirstSteps | None = None  # the in-run forecast's watcher, once training starts
         self.batch_choice: MicroBatchChoice | None = None  # train.micro_batch_size: auto's choice
+        self.trackers = Trackers([], Path(), "", "", {})  # log.to, opened with the run directory
         self.precision_choice = precision  # precision.mode: auto's choice
+        if precision is not None:  # its matmul probe's joules: the tool's own, in the run's account
+            self.tracker.carry(precision.pop("energy_windows", {}))
         self._input_ids: dict[str, str] | None = None  # what _inputs() found, once
         self._hold = contextlib.ExitStack()  # the run folder's lock, held by rank 0 while the run uses it
         self.summary = RunSummary(status="failed", config=cfg.to_dict(), rank=world.rank)
@@ -158,6 +173,7 @@ class AdaptRun:
                 self.summary.status, self.summary.error = "failed", f"{type(e).__name__}: {e}"
                 self.summary.environment = environment.describe(self.device)
                 self.summary.save(self.run_dir / "summary.json")
+                self.trackers.finish(self.summary)
             raise
         finally:
             self.p.recipe.policy.restore()  # process-wide TF32 settings as they were
@@ -202,6 +218,9 @@ class AdaptRun:
             rundir.create(out, resume.restart)
             storage.atomic_write_text(out / "config.yaml", dump(self.cfg))
         self.run_dir = out
+        if self.world.is_main:
+            log = self.cfg.log
+            self.trackers = Trackers(log.to, out, out.name, log.project, self.cfg.to_dict())
 
     def _recipe(self, resumed: dict[str, Any] | None) -> RunSummary:
         before = resumed["extra"]["before"] if resumed is not None else self.evaluate("eval")
@@ -239,7 +258,7 @@ class AdaptRun:
                 task_inputs = (self.p.loaded.tokenizer, get, self.device, self.tracker)
         finish.record_trained(self.run_dir, self.summary, job_energy)
         (self.run_dir / rundir.CHECKPOINT_FILE).unlink(missing_ok=True)  # phases.json resumes from here on
-        return finish.finish(self.cfg, self.run_dir, self.summary, job_energy, task_inputs)
+        return finish.finish(self.cfg, self.run_dir, self.summary, job_energy, task_inputs, self.trackers)
 
     # -- the steps --------------------------------------------------------------------------
 
@@ -261,7 +280,7 @@ class AdaptRun:
 
     def _train_in_window(self, before: dict[str, Any], resumed: dict[str, Any] | None) -> Training:
         cfg, p, r, world = self.cfg, self.p, self.p.recipe, self.world
-        head = self._head_first() if resumed is None else None
+        head = head_first.train_head(cfg, self.p, self.device, self.log) if resumed is None else None
         torch.manual_seed(cfg.train.seed)  # dropout masks depend on the seed alone
         objective, rows = p.loaded.objective, cfg.train.micro_batch_size
         loader = BlockLoader(p.blocks.train, rows, objective, r.mask, cfg.train.seed, world.rank, world.size)
@@ -318,34 +337,6 @@ class AdaptRun:
         )  # fmt: skip
         return self.first_steps
 
-    def _head_first(self) -> dict[str, Any] | None:
-        """train.head_first_steps on the newly initialised parameters alone (the rest frozen,
-        so the backward pass stops at them); None when there is nothing to do."""
-        cfg, p = self.cfg, self.p
-        steps, new = cfg.train.head_first_steps, p.loaded.fresh
-        if not steps or not new:
-            return None
-        frozen = [q for name, q in p.recipe.model.named_parameters() if q.requires_grad and not is_new(name, new)]
-        self.log(
-            f"head first: {steps} steps on the new head alone ({', '.join(sorted({n.rsplit('.', 1)[0] for n in new}))})"
-        )
-        for q in frozen:
-            q.requires_grad_(False)
-        try:
-            torch.manual_seed(cfg.train.seed + HEAD_SEED_OFFSET)
-            loader = BlockLoader(
-                p.blocks.train, cfg.train.micro_batch_size, p.loaded.objective, p.recipe.mask,
-                cfg.train.seed + HEAD_SEED_OFFSET, 0, 1,
-            )  # fmt: skip
-            head_cfg = replace(cfg.train, max_steps=steps, body_lr_scale=1.0, log_every=steps)
-            loop = Loop.create(p.recipe.model, steps, head_cfg, p.recipe.policy, p.loaded.objective, self.device)
-            result = fit(loop, loader)
-        finally:
-            for q in frozen:
-                q.requires_grad_(True)
-        self.log(f"head first: loss {result.train_loss:.4f} after {steps} steps, {result.time_s:.1f} s")
-        return {"steps": steps, "tokens": result.tokens, "time_s": result.time_s, "train_loss": result.train_loss}
-
     def _job_training_joules(self) -> float:
         """Training joules so far, summed over every rank (a collective under parallelism)."""
         return parallel.all_sum(self.tracker.running("train"), self.world, self.device)
@@ -359,6 +350,7 @@ class AdaptRun:
             line["energy_method"] = self.tracker.method
         if progress is not None:
             storage.append_jsonl(self.run_dir / "metrics.jsonl", line)
+            self.trackers.log(line, record.step)
             progress.update(record.step, record.loss, record.tokens_per_s)
 
     def _periodic_eval(self, result: Any) -> float:
@@ -367,6 +359,7 @@ class AdaptRun:
         result.excluded_s += time.perf_counter() - t0  # evaluation is not training time
         if self.world.is_main:
             storage.append_jsonl(self.run_dir / "metrics.jsonl", {"step": result.steps, "eval_loss": scores["loss"]})
+            self.trackers.log({"eval_loss": scores["loss"]}, result.steps)
         self.log(f"[eval] step {result.steps}: held-out loss {scores['loss']:.4f}")
         return float(scores["loss"])
 

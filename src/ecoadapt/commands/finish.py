@@ -26,6 +26,7 @@ from ecoadapt.model.parallel import pick_device
 from ecoadapt.reports import model_card
 from ecoadapt.results import rundir
 from ecoadapt.results.summary import RunSummary
+from ecoadapt.results.trackers import Trackers
 from ecoadapt.task import downstream
 from ecoadapt.train.prepare import Prepared
 
@@ -55,6 +56,7 @@ def finish(
     summary: RunSummary,
     job_energy: dict[str, Any] | None,
     task_inputs: tuple[Any, Backbone, Any, EnergyTracker] | None,
+    trackers: Trackers | None = None,
 ) -> RunSummary:
     """Run the task (if the config names one), then write model cards and the final summary.
 
@@ -62,6 +64,7 @@ def finish(
         summary: the summary filled with everything but the task.
         job_energy: the job's energy section before the task (every rank's, summed).
         task_inputs: (tokenizer, the adapted backbone's weights on demand, device, energy tracker).
+        trackers: log.to, open since training (None: opened here for the headline).
     """
     if cfg.task.train and task_inputs is not None:
         task = _task_or_failure(cfg, run_dir, summary, *task_inputs)
@@ -70,6 +73,9 @@ def finish(
         summary.energy = energy_summary(job_energy, task, summary.tokens or 0, gain)
     model_card.write(run_dir, summary)  # with the task's result: it ran first
     summary.save(run_dir / "summary.json")
+    if trackers is None:  # the task resumed in a new process: the headline goes to a new tracker run
+        trackers = Trackers(cfg.log.to, run_dir, run_dir.name, cfg.log.project, cfg.to_dict())
+    trackers.finish(summary)
     # Finished: what resuming needed is no longer needed (the model is saved).
     for name in (rundir.CHECKPOINT_FILE, PHASES_FILE, SEEDS_FILE):
         (run_dir / name).unlink(missing_ok=True)

@@ -19,7 +19,7 @@ from typing import Any
 
 # Blocks per optimizer step and process when micro_batch_size is auto and tokens_per_step is
 # not set: the default run's step (micro-batch 8, no accumulation), so "auto" alone changes how
-# the step is computed, never what it computes.
+# the step is computed, never which rows it holds.
 DEFAULT_BLOCKS_PER_STEP = 8
 
 

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from ecoadapt.config import batch, schema
+from ecoadapt.config.log import LogConfig
 from ecoadapt.config.measure import BudgetConfig, MeasureConfig
 from ecoadapt.config.overrides import apply_overrides
 from ecoadapt.config.task import TaskConfig
@@ -274,6 +275,7 @@ class RunConfig:
     measure: MeasureConfig = field(default_factory=MeasureConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved configuration as plain data (what config.yaml and summary.json hold)."""

@@ -9,8 +9,9 @@ changes how the step is computed, never which rows it holds.
 - On a CPU, where throughput peaks at moderate sizes (caches: MiniLM took 0.051 s per row
   from 4 to 8 rows and 0.076 from 8 to 16), the size the run's own first steps measure
   fastest: after one warm-up step, one step at each candidate; those steps are training steps
-  like any other (the same rows, the same update), so the search costs nothing but the time
-  the slower candidates took.
+  like any other (the same rows, the same update up to rounding; a model with dropout draws
+  its masks per micro-batch, so those differ, as between any two micro-batch sizes), so the
+  search costs nothing but the time the slower candidates took.
 """
 
 from __future__ import annotations

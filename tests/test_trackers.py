@@ -1,0 +1,75 @@
+"""log.to (issue 28): the records of metrics.jsonl and the summary's headline reach the
+dashboards users watch, read back from the real libraries' local stores."""
+
+import json
+
+import pytest
+
+from ecoadapt.core.errors import UserError
+from ecoadapt.results.trackers import Trackers, numbers
+from helpers.runs import adapt_summary
+
+
+def run_sets(tmp_path, model, corpus, trackers):
+    return {
+        "model.name_or_path": model, "data.train": corpus, "data.text_field": "caption", "data.max_seq_len": 16,
+        "train.max_steps": 4, "train.micro_batch_size": 4, "train.log_every": 2, "train.eval_every": 2,
+        "measure.energy": "estimate", "measure.forecast": False, "output.save_model": False,
+        "output.dir": tmp_path / "run", "log.to": json.dumps(trackers), "log.project": "eco-test",
+    }  # fmt: skip
+
+
+def test_numbers_flatten_records_and_leave_out_labels():
+    assert numbers({"loss": 1.5, "step": 2, "energy_method": "estimated", "ok": True, "m": {"a": 1}}) == {
+        "loss": 1.5, "step": 2.0, "m/a": 1.0,
+    }  # fmt: skip
+
+
+def test_a_tracker_whose_library_is_missing_says_how_to_install_it(tmp_path, monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_wandb(name, *args, **kwargs):
+        if name == "wandb":
+            raise ImportError(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_wandb)
+    with pytest.raises(UserError, match=r"log.to: wandb needs its library: pip install wandb"):
+        Trackers(["wandb"], tmp_path, "run", "p", {})
+
+
+def test_tensorboard_gets_every_record_and_the_headline(tmp_path, tiny_llama, corpus_jsonl):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    summary = adapt_summary(tmp_path, run_sets(tmp_path, tiny_llama, corpus_jsonl, ["tensorboard"]))
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    assert {"loss", "lr", "tokens_per_s", "energy_j", "eval_loss"} <= set(scalars)
+    assert [e.step for e in events.Scalars("loss")] == [2, 4] and [e.step for e in events.Scalars("eval_loss")] == [
+        2,
+        4,
+    ]
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r["loss"] for r in records if "loss" in r]
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx(logged, rel=1e-6)
+    train_joules = events.Scalars("summary/train_joules")[0].value
+    assert train_joules == pytest.approx(summary["energy"]["train_joules"], rel=1e-6)
+    assert "summary/energy_method" in events.Tags()["tensors"]  # the label beside the joules
+
+
+def test_mlflow_gets_every_record_and_the_headline(tmp_path, tiny_llama, corpus_jsonl, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    store = tmp_path / "mlruns"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.as_uri())
+    summary = adapt_summary(tmp_path, run_sets(tmp_path, tiny_llama, corpus_jsonl, ["mlflow"]))
+    client = mlflow.tracking.MlflowClient(tracking_uri=store.as_uri())
+    experiment = client.get_experiment_by_name("eco-test")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.run_name == "run" and run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [2, 4]
+    assert run.data.metrics["summary/mj_per_token"] == pytest.approx(summary["energy"]["mj_per_token"], rel=1e-6)
+    assert run.data.tags["energy_method"] == "estimated" and run.data.params["train/max_steps"] == "4"
