@@ -4,9 +4,9 @@ Every record ecoadapt writes to ``metrics.jsonl`` (training loss, learning rate,
 cumulative training joules, periodic held-out loss) goes to each tracker at its step, and the
 summary's headline (energy with how it was obtained, mJ per token, peak memory, held-out loss,
 the task's verdict) at the end. Each library is an optional extra, imported only when named;
-all of them work offline: TensorBoard event files in the run directory, MLflow's local store
-(``MLFLOW_TRACKING_URI``, default ``./mlruns``), W&B with ``WANDB_MODE=offline``, trackio's
-local database. Only rank 0 logs (the records are the job's).
+all of them work offline: TensorBoard event files in the run directory, MLflow's tracking URI
+(``MLFLOW_TRACKING_URI``: a local sqlite database, or plain files with
+``MLFLOW_ALLOW_FILE_STORE=true``), W&B with ``WANDB_MODE=offline``, trackio's local database. Only rank 0 logs (the records are the job's).
 """
 
 from __future__ import annotations
