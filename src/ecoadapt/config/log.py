@@ -15,7 +15,8 @@ class LogConfig:
     to: list[Tracker] = field(default_factory=list)
     """Trackers: tensorboard (event files in the run directory's tensorboard/), mlflow (its
     MLFLOW_TRACKING_URI: a local sqlite or file store works offline), wandb (WANDB_MODE=offline
-    works), trackio (its local store). Every metrics.jsonl record at its step, and the summary's headline (energy and how
-    it was obtained, mJ per token, peak memory, held-out loss, the task's verdict) at the end."""
+    works), trackio (its local store). Every metrics.jsonl record at its step, and the
+    summary's headline (energy and how it was obtained, mJ per token, peak memory, held-out
+    loss, the task's verdict) at the end."""
     project: str = "ecoadapt"
     """The MLflow experiment, W&B or trackio project the run goes to."""

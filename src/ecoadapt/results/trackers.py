@@ -6,7 +6,8 @@ summary's headline (energy with how it was obtained, mJ per token, peak memory, 
 the task's verdict) at the end. Each library is an optional extra, imported only when named;
 all of them work offline: TensorBoard event files in the run directory, MLflow's tracking URI
 (``MLFLOW_TRACKING_URI``: a local sqlite database, or plain files with
-``MLFLOW_ALLOW_FILE_STORE=true``), W&B with ``WANDB_MODE=offline``, trackio's local database. Only rank 0 logs (the records are the job's).
+``MLFLOW_ALLOW_FILE_STORE=true``), W&B with ``WANDB_MODE=offline``, trackio's local database.
+Only rank 0 logs (the records are the job's).
 """
 
 from __future__ import annotations
