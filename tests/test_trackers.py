@@ -2,6 +2,9 @@
 dashboards users watch, read back from the real libraries' local stores."""
 
 import json
+import sqlite3
+import struct
+import sys
 
 import pytest
 
@@ -26,16 +29,7 @@ def test_numbers_flatten_records_and_leave_out_labels():
 
 
 def test_a_tracker_whose_library_is_missing_says_how_to_install_it(tmp_path, monkeypatch):
-    import builtins
-
-    real = builtins.__import__
-
-    def no_wandb(name, *args, **kwargs):
-        if name == "wandb":
-            raise ImportError(name)
-        return real(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_wandb)
+    monkeypatch.setitem(sys.modules, "wandb", None)  # what Python does for a package that is not there
     with pytest.raises(UserError, match=r"log.to: wandb needs its library: pip install wandb"):
         Trackers(["wandb"], tmp_path, "run", "p", {})
 
@@ -74,3 +68,68 @@ def test_mlflow_gets_every_record_and_the_headline(tmp_path, tiny_llama, corpus_
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [2, 4]
     assert run.data.metrics["summary/mj_per_token"] == pytest.approx(summary["energy"]["mj_per_token"], rel=1e-6)
     assert run.data.tags["energy_method"] == "estimated" and run.data.params["train/max_steps"] == "4"
+
+
+def wandb_records(path):
+    """The history rows and summary updates of an offline W&B run file (a LevelDB-style log of
+    the Record protobufs W&B syncs later; no reader ships with the library)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, pos, block, chunks, records = path.read_bytes(), 7, 32768, b"", []  # 7: W&B's header
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunks, pos = chunks + data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):  # a whole record, or the last piece of one
+            record = pb.Record()
+            record.ParseFromString(chunks)
+            records.append(record)
+            chunks = b""
+        elif kind == 0:
+            break
+
+    def items(entries):
+        return {e.key or "/".join(e.nested_key): json.loads(e.value_json) for e in entries}
+
+    history = [items(r.history.item) for r in records if r.WhichOneof("record_type") == "history"]
+    summary = [items(r.summary.update) for r in records if r.WhichOneof("record_type") == "summary"]
+    return history, summary
+
+
+def test_wandb_offline_gets_every_record_and_the_headline(tmp_path, tiny_llama, corpus_jsonl, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    summary = adapt_summary(tmp_path, run_sets(tmp_path, tiny_llama, corpus_jsonl, ["wandb"]))
+    (run_file,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
+    history, updates = wandb_records(run_file)
+    losses = {row["_step"]: row["loss"] for row in history if "loss" in row}
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert losses == pytest.approx({r["step"]: r["loss"] for r in records if "loss" in r})
+    headline = next(u for u in updates if "mj_per_token" in u)
+    assert headline["mj_per_token"] == pytest.approx(summary["energy"]["mj_per_token"])
+    assert headline["energy_method"] == "estimated"
+
+
+def test_trackio_gets_every_record_and_the_headline(tmp_path, tiny_llama, corpus_jsonl, monkeypatch):
+    store = tmp_path / "trackio"
+    monkeypatch.setenv("TRACKIO_DIR", str(store))  # read when trackio is first imported
+    pytest.importorskip("trackio")
+    import trackio.sqlite_storage
+    import trackio.utils
+
+    for module in (trackio.utils, trackio.sqlite_storage):  # and if it was imported before
+        monkeypatch.setattr(module, "TRACKIO_DIR", store)
+    summary = adapt_summary(tmp_path, run_sets(tmp_path, tiny_llama, corpus_jsonl, ["trackio"]))
+    with sqlite3.connect(store / "eco-test.db") as db:
+        rows = db.execute("select step, metrics from metrics where run_name = 'run' order by step").fetchall()
+    logged = [(step, json.loads(metrics)) for step, metrics in rows]
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(s, m["loss"]) for s, m in logged if "loss" in m] == [
+        (r["step"], r["loss"]) for r in records if "loss" in r
+    ]
+    assert [s for s, m in logged if "eval_loss" in m] == [2, 4]
+    headline = next(m for _, m in logged if "summary/mj_per_token" in m)
+    assert headline["summary/mj_per_token"] == pytest.approx(summary["energy"]["mj_per_token"])
