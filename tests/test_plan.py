@@ -10,6 +10,7 @@ import torch
 
 from ecoadapt.cli import main
 from ecoadapt.config import RunConfig, from_dict
+from ecoadapt.core.errors import UserError
 from ecoadapt.forecast import costs, planner
 
 PROBE = {
@@ -204,3 +205,48 @@ def test_the_probe_trains_as_the_run_does_checkpointing_included(tmp_path: Path,
     # Measured 0.42-0.49 here (0.55 with 4 blocks, 0.75 once on a busy CI machine); no
     # checkpointing at all would read about 1.
     assert activations[1] < 0.75 * activations[0], activations
+
+
+def test_a_projection_onto_a_gpu_adds_shapes_activations_and_the_cuda_context():
+    from ecoadapt.forecast import devices
+
+    probe = {
+        "static_bytes": {"weights": 2**30, "gradients": 2**29, "optimizer": 2**29},  # 2 GiB
+        "sizes": [{"micro_batch": 1, "peak_bytes": 100 * 2**20}, {"micro_batch": 2, "peak_bytes": 150 * 2**20}],
+        "flops_per_token": 6e8,
+    }
+    a10 = devices.device("a10")  # any case
+    row = devices.project(probe, a10, "bf16", micro_batch=8, tokens_per_step=8192, steps=100, mfu=0.3)
+    assert row["peak_bytes"] == 2 * 2**30 + 8 * 50 * 2**20 + devices.CUDA_OVERHEAD_BYTES and row["fits"]
+    assert row["step_s"] == pytest.approx(8192 * 6e8 / (125e12 * 0.3))  # the A10's dense bf16 peak
+    assert row["joules"] == pytest.approx(100 * row["step_s"] * 150)  # at its rated 150 W
+    assert row["mj_per_token"] == pytest.approx(1000 * row["joules"] / (100 * 8192))
+    t4 = devices.project(probe, devices.device("T4"), "bf16-pure", 8, 8192, 100, 0.3)
+    assert t4["compute_dtype"] == "fp32" and "no native bf16" in t4["notes"][0]  # no bf16 tensor cores
+    assert t4["step_s"] == pytest.approx(8192 * 6e8 / (8.1e12 * 0.3))
+    huge = devices.project({**probe, "static_bytes": {"weights": 30 * 10**9}}, a10, "bf16", 8, 8192, 100, 0.3)
+    assert not huge["fits"]  # 30 GB of weights on a 24 GB card
+    with pytest.raises(UserError, match="unknown device; known: T4, A10, L4, A100-40GB"):
+        devices.device("V100")
+
+
+def test_plan_projects_a_recipe_onto_a_gpu_from_this_machines_trial_steps(tmp_path, tiny_llama, corpus_jsonl, capsys):
+    config = tmp_path / "plan.yaml"
+    config.write_text(json.dumps(_config(tiny_llama, corpus_jsonl, tmp_path / "run").to_dict()))
+    out_json = tmp_path / "projection.json"
+    assert main(["plan", str(config), "--device", "H100", "--mfu", "0.2", "--json", str(out_json)]) == 0
+    printed = capsys.readouterr().out
+    assert "projection for NVIDIA H100 SXM 80GB (80 GB, 700 W) at MFU 0.2: not a measurement" in printed
+    (row,) = json.loads(out_json.read_text())["recipes"]
+    assert row["fits"] and row["compute_dtype"] == "fp32" and row["steps"] == 12
+    # The tiny model's FLOPs per token (counted as MFU counts them) over the H100's fp32 peak at 20%.
+    from ecoadapt.config import ModelConfig
+    from ecoadapt.measure import flops
+    from ecoadapt.model import pretrained
+
+    model = pretrained.load(ModelConfig(str(tiny_llama)), 32, seed=0).model
+    per_token = flops.training_flops(model, pretrained.transformer_blocks(model)[1], 32, model.config.hidden_size)
+    assert row["step_s"] == pytest.approx(8 * 32 * per_token.per_token / (67e12 * 0.2))
+    assert row["parts_bytes"]["cuda_context"] == 2**29 and row["parts_bytes"]["weights"] > 0
+    with pytest.raises(UserError, match=r"plan --mfu 2.0: a fraction of the peak"):
+        planner.on_device(RunConfig.from_yaml(config), 12, "H100", 2.0)

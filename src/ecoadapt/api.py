@@ -224,18 +224,27 @@ def plan(
     energy_j: float | None = None,
     grid: bool = False,
     fresh: bool = False,
+    device: str | None = None,
+    mfu: float | None = None,
 ) -> Plan:
     """Forecast peak memory, time and energy of a recipe (or a grid of them) on this device.
 
     Each recipe is measured for a few trial steps in a child process; the forecasts are
     labelled as such. Given ``memory_gb`` or ``energy_j``, the grid is forecast and each recipe
-    is marked as fitting or not.
+    is marked as fitting or not. Given ``device`` (a GPU of
+    :data:`ecoadapt.forecast.devices.DEVICES`), a projection onto it instead, at ``mfu``
+    (default :data:`ecoadapt.forecast.devices.DEFAULT_MFU`), labelled as a projection.
     """
     from ecoadapt.core.progress import say
     from ecoadapt.forecast import planner
 
     resolved = resolve(config, overrides)
     steps, source = planner.planned_steps(resolved.cfg, resolved.base)
+    if device is not None:
+        from ecoadapt.forecast import devices
+
+        rows, text = planner.on_device(resolved.cfg, steps, device, mfu or devices.DEFAULT_MFU, grid, fresh, say)
+        return Plan(steps, source, rows, text, resolved.cfg)
     grid = grid or memory_gb is not None or energy_j is not None  # "which recipes fit"
     rows = planner.run(resolved.cfg, steps, memory_gb, energy_j, grid, fresh, say)
     return Plan(steps, source, rows, planner.table(rows, memory_gb, energy_j), resolved.cfg)

@@ -133,10 +133,11 @@ def task_line(task: dict[str, Any]) -> str:
 def _cmd_plan(args: argparse.Namespace) -> int:
     import json
 
-    plan = api.plan(args.config, args.set, args.memory_gb, args.energy_j, args.grid, args.fresh)
+    plan = api.plan(args.config, args.set, args.memory_gb, args.energy_j, args.grid, args.fresh, args.device, args.mfu)
     cfg = plan.config
+    what = f"projection onto {args.device}" if args.device else "forecast"
     print(
-        f"forecast for {plan.steps} steps ({plan.source}) of {cfg.model.name_or_path}, {cfg.data.max_seq_len} tokens "
+        f"{what} for {plan.steps} steps ({plan.source}) of {cfg.model.name_or_path}, {cfg.data.max_seq_len} tokens "
         f"x {cfg.train.micro_batch_size} x {cfg.train.grad_accum}, from trial steps of each recipe:"
     )
     print(plan.table)
@@ -268,6 +269,12 @@ def _add_run_commands(sub: Any) -> None:
         "--grid", action="store_true", help="forecast precision x LoRA x checkpointing, not only the config's recipe"
     )
     plan_cmd.add_argument("--fresh", action="store_true", help="probe again rather than read cached probes")
+    plan_cmd.add_argument(
+        "--device",
+        default=None,
+        help="project onto a GPU you do not have: T4, A10, L4, A100-40GB, A100-80GB, H100, H200",
+    )
+    plan_cmd.add_argument("--mfu", type=float, default=None, help="with --device: the MFU to assume (default 0.3)")
     plan_cmd.add_argument("--json", default=None, help="also write the forecast to this JSON file")
     plan_cmd.set_defaults(func=_cmd_plan)
 

@@ -24,11 +24,12 @@ from ecoadapt.core import storage
 from ecoadapt.core.errors import UserError
 from ecoadapt.core.processes import run_child
 from ecoadapt.core.progress import say
-from ecoadapt.forecast import costs
+from ecoadapt.forecast import costs, devices
 from ecoadapt.measure.environment import package_version
 from ecoadapt.model import precision_choice
 from ecoadapt.model.parallel import pick_device
 from ecoadapt.task import base_cache
+from ecoadapt.train import micro_batch
 
 GIB = 2**30
 # In the cache key: a changed probe is measured afresh (2: one process per size; 3: the run's
@@ -269,3 +270,56 @@ def beside_measured(cfg: RunConfig, planned: int, probed: dict[str, Any] | None,
         "train_joules": energy.get("train_joules"),
     }
     return {**f, "versus_measured": costs.compare(f, measured)}
+
+
+def on_device(
+    cfg: RunConfig, steps: int, name: str, mfu: float, grid: bool = False, fresh: bool = False, log: Any = None
+) -> tuple[list[dict[str, Any]], str]:
+    """:func:`ecoadapt.forecast.devices.project` of each recipe (the grid a GPU runs, with
+    ``grid``) on the GPU called ``name``, from trial steps on this machine at micro-batches of
+    1 and 2 blocks; the rows and their table."""
+    gpu = devices.device(name)
+    if not 0 < mfu <= 1:
+        raise UserError(f"plan --mfu {mfu}: a fraction of the peak, in (0, 1]")
+    if cfg.precision.mode == "auto":  # what auto picks on that GPU
+        cfg = dataclasses.replace(
+            cfg, precision=dataclasses.replace(cfg.precision, mode="bf16" if "bf16" in gpu.peaks else "fp16")
+        )
+    rows = []
+    for i, (recipe, point) in enumerate(recipes(cfg, grid, gpu.name), 1):
+        if log is not None:
+            log(f"trial steps of {recipe} on this machine ({i}/{len(recipes(cfg, grid, gpu.name))}) ...")
+        small = dataclasses.replace(
+            point,
+            train=dataclasses.replace(
+                point.train,
+                micro_batch_size=2,
+                grad_accum=1,
+                fill_micro_batch=False,
+                tokens_per_step=None,
+                device="cpu",
+                compile=False,
+            ),
+        )
+        probe = measured_trials(small, steps, fresh)
+        if "flops_per_token" not in probe:  # cached by a version that did not count them
+            probe = measured_trials(small, steps, fresh=True)
+        if "out_of_memory" in probe:
+            raise UserError(
+                f"plan --device: {recipe} does not fit this machine even at 1 block ({probe['out_of_memory']})"
+            )
+        micro = _micro_batch_on(point, probe, gpu)
+        row = devices.project(probe, gpu, point.precision.mode, micro, tokens_per_step(point), steps, mfu)
+        rows.append({"recipe": recipe, "micro_batch": micro, **row})
+    return rows, devices.table(rows, gpu, mfu)
+
+
+def _micro_batch_on(cfg: RunConfig, probe: dict[str, Any], gpu: devices.Device) -> int:
+    """The run's micro-batch, or with train.micro_batch_size: auto the largest that would fit."""
+    if not cfg.train.fill_micro_batch:
+        return cfg.train.micro_batch_size
+    blocks = cfg.train.micro_batch_size
+    static = sum(int(v) for v in probe["static_bytes"].values())
+    room = micro_batch.GPU_HEADROOM * gpu.memory_gb * 1e9 - static - devices.CUDA_OVERHEAD_BYTES
+    rows = int(room // max(1.0, devices.activation_bytes_per_row(probe)))
+    return micro_batch.part_size(blocks, micro_batch.splits_for(blocks, max(1, rows)))

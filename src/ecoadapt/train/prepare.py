@@ -281,17 +281,21 @@ def _note_slow_16_bit(
         )
 
 
+def flop_count(model: torch.nn.Module, loaded: Any, cfg: RunConfig) -> flops.FlopCount:
+    """Model FLOPs per training token of the recipe's ``model`` (unwrapped) as it trains."""
+    _, blocks = pretrained.transformer_blocks(model)
+    head_fraction = 1.0
+    if loaded.objective == "mlm" and encoder_and_head(model) is not None:
+        head_fraction = cfg.data.mlm_probability  # only masked positions reach the head, on every rank
+    return flops.training_flops(model, blocks, cfg.data.max_seq_len, loaded.model.config.hidden_size, head_fraction)
+
+
 def mfu(p: Prepared, cfg: RunConfig, device: torch.device, tokens_per_s: float) -> dict[str, Any]:
     """MFU of the training loop: model FLOPs per token x tokens/s over the device's peak."""
     model = parallel.unwrap(p.recipe.model)
-    _, blocks = pretrained.transformer_blocks(model)
-    head_fraction = 1.0
-    if p.loaded.objective == "mlm" and encoder_and_head(model) is not None:
-        head_fraction = cfg.data.mlm_probability  # only masked positions reach the head, on every rank
-    hidden = p.loaded.model.config.hidden_size
+    count = flop_count(model, p.loaded, cfg)
     # The peak of the dtype the blocks (nearly all FLOPs) compute in: a layer map can lower them.
     lowered = {v for v in p.recipe.precision_report.get("layers", {}).values() if v != "fp32"}
     dtype = DTYPES[lowered.pop()] if len(lowered) == 1 else p.recipe.policy.compute_dtype
-    return flops.model_mfu(
-        model, blocks, cfg.data.max_seq_len, hidden, tokens_per_s, device, dtype, cfg.measure.peak_flops, head_fraction
-    )
+    peak, source = flops.peak_flops(device, dtype, cfg.measure.peak_flops, at_least=count.per_token * tokens_per_s)
+    return flops.mfu_report(count, tokens_per_s, peak, source)
