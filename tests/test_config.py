@@ -111,12 +111,12 @@ def test_every_shipped_preset_loads():
 
 
 def test_every_yaml_under_bench_fits_the_schema():
-    """The benchmark configs and sweeps are checked like the presets (paths need not exist)."""
+    """The benchmark configs and sweeps, and the examples' sweeps, are checked like the presets."""
     from ecoadapt.commands import sweep
 
     bench = Path(__file__).parent.parent / "bench"
     configs = sorted((bench / "configs").glob("*.yaml"))
-    sweeps = sorted((bench / "sweeps").glob("*.yaml"))
+    sweeps = sorted((bench / "sweeps").glob("*.yaml")) + sorted((bench.parent / "examples").glob("*.yaml"))
     assert configs and sweeps
     for path in configs:
         cfg = config.load(path)
