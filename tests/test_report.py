@@ -267,12 +267,16 @@ def test_an_equal_quality_sweep_ranks_by_joules_to_the_baselines_loss(tmp_path):
         {**summary("fp32", 1000.0, 2.00, 800 * 2**20, baseline=True), "steps": 40},
         {**summary("bf16", 450.0, 1.99, 600 * 2**20), "steps": 44, "target": target(2.0, True, 44, 450.0, 1.99)},
         # Cheapest at equal steps, but slower to learn: 2.3x the baseline's joules to get there.
-        {**summary("lora", 2300.0, 2.00, 300 * 2**20), "steps": 120, "target": target(2.0, True, 120, 2300.0, 2.0)},
+        # Its final loss is the lowest (it went past the target within its last evaluations), but
+        # every point that reached the target is of the baseline's quality: it is not "better".
+        {**summary("lora", 2300.0, 1.90, 300 * 2**20), "steps": 120, "target": target(2.0, True, 120, 2300.0, 1.9)},
         {**summary("top2", 900.0, 2.40, 200 * 2**20), "steps": 160, "target": target(2.0, False, best=2.4, steps=160)},
     ]
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     built = builder.build(tmp_path, tolerance=0.05)
-    assert built["recommendation"]["name"] == "bf16"  # top2 never got there: not a candidate
+    rec = built["recommendation"]
+    assert rec["name"] == "bf16"  # the fewest joules to the target; top2 never got there: not a candidate
+    assert "energy -55%" in rec["text"]  # 450 J against the baseline's 1,000 J to the same loss
     md = (tmp_path / "report.md").read_text()
     section = md[md.index("**Equal quality**") : md.index("| point |")]
     assert "held-out loss 2.0000, the baseline's" in section

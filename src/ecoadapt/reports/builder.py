@@ -180,6 +180,8 @@ def recommend(
         return None
     best = max(usable, key=lambda r: r[metric.name] if metric.higher_is_better else -r[metric.name])
     within = [r for r in usable if metric.gap(r[metric.name], best[metric.name]) <= tolerance + 1e-12]
+    if equal and metric.name == "eval_loss":  # every point that reached the target has the baseline's loss
+        within = usable
     # Cheapest first; ties broken by memory, then time, then the better metric.
     chosen = min(
         within,
@@ -194,7 +196,8 @@ def recommend(
     ratios: dict[str, float | None] = {}
     parts = []
     if base is not None:
-        for key, label in (("train_joules", "energy"), ("peak_bytes", "peak memory"), ("time_s", "time")):
+        energy_key = "joules_to_target" if equal else "train_joules"
+        for key, label in ((energy_key, "energy"), ("peak_bytes", "peak memory"), ("time_s", "time")):
             if chosen.get(key) and base.get(key):
                 ratios[label] = chosen[key] / base[key] - 1
                 parts.append(f"{label} {ratios[label]:+.0%}")
