@@ -229,7 +229,9 @@ def test_a_report_where_adaptation_hurt_says_so_and_ranks_by_held_out_loss(tmp_p
     assert built["metric"] == "eval_loss" and built["recommendation"]["name"] == "base model"
     text = built["recommendation"]["text"]
     assert text.startswith("the base model, not adapted (0 J of adaptation): no recipe's adaptation helped")
-    assert "Next to try, if any: lora, whose gain interval reaches highest" in text and "400 J of training" in text
+    # Both intervals lie below zero: no recipe of this setup is offered as the next try.
+    assert "Every recipe hurt it (the closest, lora: -0.0080, 95% CI" in text
+    assert built["recommendation"]["next"] is None
     assert "No recipe's adaptation helped the task (macro_f1); 2 of 2 hurt it" in built["verdict"][0]
     assert built["verdict"][1].startswith("fp32: hurt: -0.0460 (95% CI")
 

@@ -135,11 +135,17 @@ def base_model_recommendation(rows: list[dict[str, Any]]) -> dict[str, Any] | No
     if not judged or any_helped(rows):
         return None
     likeliest = max(judged, key=lambda r: (r["gain_high"], r.get("gain_low") or float("-inf")))
-    cost = f", at {likeliest['train_joules']:,.0f} J of training" if likeliest.get("train_joules") else ""
+    interval = f"{likeliest['task_delta']:+.4f}, 95% CI {likeliest['gain_low']:+.4f} to {likeliest['gain_high']:+.4f}"
     text = (
         f"the base model, not adapted (0 J of adaptation): no recipe's adaptation helped the task beyond seed "
-        f"noise ({len(judged)} judged), so adapting did not pay here. Next to try, if any: {likeliest['name']}, whose "
-        f"gain interval reaches highest ({likeliest['task_delta']:+.4f}, 95% CI {likeliest['gain_low']:+.4f} to "
-        f"{likeliest['gain_high']:+.4f}){cost}."
+        f"noise ({len(judged)} judged), so adapting did not pay here. "
     )
+    if likeliest["gain_high"] < 0:  # every interval lies below zero: no recipe of this setup is worth a retry
+        text += (
+            f"Every recipe hurt it (the closest, {likeliest['name']}: {interval}): another base model, corpus or "
+            "task is the next thing to try, not another recipe of this one."
+        )
+        return {"name": "base model", "row": None, "ratios": {}, "text": text, "best": None, "next": None}
+    cost = f", at {likeliest['train_joules']:,.0f} J of training" if likeliest.get("train_joules") else ""
+    text += f"Next to try, if any: {likeliest['name']}, whose gain interval reaches highest ({interval}){cost}."
     return {"name": "base model", "row": None, "ratios": {}, "text": text, "best": None, "next": likeliest["name"]}
