@@ -94,7 +94,10 @@ RECIPES: dict[str, dict[str, Any]] = {
         "train.trainable_layers": 3,
         "train.lr": 1e-3,
     },
+    "bf16-full": {"precision.mode": "bf16"},
+    "bf16-lora": {"precision.mode": "bf16", "lora.enabled": True, "train.lr": 1e-3},
 }
+EQUAL_LOSS_RECIPES = ["fp32-full", "bf16-full", "bf16-lora", "frugal"]  # --compare equal_loss
 
 
 QUICK_TASK = {"max_train_examples": 240, "epochs": 2}  # --quick: a budget that runs in seconds
@@ -108,8 +111,10 @@ def sweep_spec(
     steps: int,
     quick: bool = False,
     mode: str = "finetune",
+    compare: str = "equal_steps",
 ) -> dict[str, Any]:
-    """The sweep of one task: the shared job, one point per recipe, fp32-full the baseline."""
+    """The sweep of one task: the shared job, one point per recipe, fp32-full the baseline;
+    ``compare``: equal_steps, or equal_loss (every recipe trained to the baseline's held-out loss)."""
     task_section = {**task["task"], **(QUICK_TASK if quick else {}), "seeds": list(range(seeds)), "mode": mode}
     if mode == "probe":  # one forward pass per example: every training example
         task_section["max_train_examples"] = None
@@ -126,6 +131,7 @@ def sweep_spec(
         "baseline": RECIPES["fp32-full"],
         "report": {"tolerance": 0.01, "objective": "energy"},
         "output": {"dir": str(out)},
+        "compare": compare,
     }
 
 
@@ -149,6 +155,8 @@ def point_result(record: dict[str, Any], probe: dict[str, Any] | None) -> dict[s
     return {
         "name": record["name"],
         "train_joules": energy.get("train_joules"),
+        "target": record.get("target"),
+        "steps": record.get("steps"),
         "energy_method": energy.get("method"),
         "heldout_loss": (record.get("eval") or {}).get("loss"),
         "heldout_loss_before": (record.get("eval") or {}).get("loss_before"),
@@ -158,14 +166,15 @@ def point_result(record: dict[str, Any], probe: dict[str, Any] | None) -> dict[s
 
 
 def run_task(
-    name: str, recipes: list[str], out: Path, seeds: int, steps: int, quick: bool = False
+    name: str, recipes: list[str], out: Path, seeds: int, steps: int, quick: bool = False, compare: str = "equal_steps"
 ) -> list[dict[str, Any]]:
     """The task's sweep, then the probe on every point's saved model."""
-    folder = out / name
+    folder = out / name if compare == "equal_steps" else out / f"{name}-{compare}"
     folder.mkdir(parents=True, exist_ok=True)
     spec_path = folder / "sweep.yaml"
-    finetune = quick or name in FINETUNE_ON
-    spec = sweep_spec(TASKS[name], recipes, folder / "sweep", seeds, steps, quick, "finetune" if finetune else "probe")
+    finetune = (quick or name in FINETUNE_ON) and compare == "equal_steps"
+    mode = "finetune" if finetune else "probe"
+    spec = sweep_spec(TASKS[name], recipes, folder / "sweep", seeds, steps, quick, mode, compare)
     spec_path.write_text(yaml.safe_dump(spec))
     ecoadapt("sweep", str(spec_path))
     results = folder / "sweep" / "results.jsonl"
@@ -193,15 +202,23 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=80, help="adaptation steps (16 blocks of 128 tokens each)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-tasks"))
-    parser.add_argument("--results", type=Path, default=HERE / "results" / "tasks.json")
+    parser.add_argument("--results", type=Path, default=None, help="default: bench/results/tasks[-COMPARE].json")
+    parser.add_argument(
+        "--compare", choices=["equal_steps", "equal_loss"], default="equal_steps",
+        help="equal_loss: fp32, bf16, bf16 + LoRA and the frugal recipe, each trained to the baseline's held-out loss",
+    )  # fmt: skip
     args = parser.parse_args()
+    suffix = "" if args.compare == "equal_steps" else f"-{args.compare.replace('_', '-')}"
+    args.results = args.results or HERE / "results" / f"tasks{suffix}.json"
     names = args.tasks or (["citation_intent"] if args.quick else list(TASKS))
     seeds, steps = (3, 30) if args.quick else (args.seeds, args.steps)
     done: dict[str, Any] = json.loads(args.results.read_text()) if args.results.exists() and not args.quick else {}
     for name in names:
-        recipes = ["fp32-full", "frugal"] if args.quick or name not in PROTECTED_ON else list(RECIPES)
-        points = run_task(name, recipes, args.out, seeds, steps, args.quick)
-        done[name] = {"seeds": seeds, "steps": steps, "points": points}
+        recipes = ["fp32-full", "frugal"] if args.quick or name not in PROTECTED_ON else list(RECIPES)[:3]
+        if args.compare == "equal_loss":
+            recipes = EQUAL_LOSS_RECIPES
+        points = run_task(name, recipes, args.out, seeds, steps, args.quick, args.compare)
+        done[name] = {"seeds": seeds, "steps": steps, "compare": args.compare, "points": points}
         if not args.quick:
             args.results.write_text(json.dumps(done, indent=2) + "\n")  # after each task: nothing lost
         print(json.dumps({name: done[name]}, indent=2))

@@ -91,3 +91,29 @@ def test_an_equal_loss_sweep_trains_each_point_to_the_baselines_loss(tmp_path, t
     md = (tmp_path / "sweep" / "report.md").read_text()
     assert f"**Equal quality** (held-out loss {goal:.4f}, the baseline's)" in md
     assert "- frozen-but-top: never reached it within its cap (12 steps" in md
+
+
+def test_an_equal_loss_sweep_whose_baseline_failed_records_why_the_others_did_not_run(
+    tmp_path, tiny_llama, corpus_jsonl
+):
+    spec = {
+        "base": {
+            "model": {"name_or_path": str(tiny_llama)},
+            "data": {"train": [str(corpus_jsonl)], "text_field": "caption", "max_seq_len": 16},
+            "train": {"max_steps": 2, "micro_batch_size": 4},
+            "measure": {"energy": "estimate", "forecast": False},
+            "output": {"save_model": False},
+        },
+        "points": [{"name": "lora", "set": {"lora.enabled": True}}],
+        "baseline": {"train.trainable_layers": 5},  # the tiny model has 2 blocks: it fails
+        "compare": "equal_loss",
+        "output": {"dir": str(tmp_path / "sweep")},
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["sweep", str(path)]) == 1  # nothing completed
+    records = [json.loads(x) for x in (tmp_path / "sweep" / "results.jsonl").read_text().splitlines()]
+    assert [(r["name"], r["status"]) for r in records] == [("baseline", "failed"), ("lora", "failed")]
+    assert "only 2 blocks" in records[0]["error"]
+    assert records[1]["error"] == "compare: equal_loss: the baseline has no finished result to set the target"
+    assert "lora" in (tmp_path / "sweep" / "report.md").read_text()  # the report still says what happened

@@ -38,7 +38,7 @@ from ecoadapt.config.report import ReportSettings
 from ecoadapt.core import storage
 from ecoadapt.core.errors import Interrupted, UserError
 from ecoadapt.core.progress import fmt_duration, say
-from ecoadapt.results.summary import FINISHED
+from ecoadapt.results.summary import FINISHED, RunSummary
 from ecoadapt.results.sweep_records import latest_results
 
 DEFAULT_BASELINE = {"precision.mode": "fp32", "precision.layers": None, "lora.enabled": False}
@@ -237,7 +237,11 @@ def run(sweep: Sweep, timeout_s: float | None = None) -> list[dict[str, Any]]:
         start = time.perf_counter()
         if sweep.compare == "equal_loss" and not point.baseline:
             cfg = _at_equal_loss(point.config.to_dict(), sweep, results_path)
-        summary = run_adapt(cfg, run_dir, timeout_s=timeout_s, stream_output=True) if cfg else _no_target()
+        if cfg is None:  # no target to train to: recorded as a failed point, as run_adapt records one
+            error = "compare: equal_loss: the baseline has no finished result to set the target"
+            summary = RunSummary(status="failed", config=point.config.to_dict(), error=error).to_dict()
+        else:
+            summary = run_adapt(cfg, run_dir, timeout_s=timeout_s, stream_output=True)
         durations.append(time.perf_counter() - start)
         record = {
             "name": point.name,
@@ -276,7 +280,3 @@ def _at_equal_loss(cfg: dict[str, Any], sweep: Sweep, results_path: Path) -> dic
     train["eval_every"] = train.get("eval_every") or max(1, steps // 10)
     train["epochs"] = None
     return cfg
-
-
-def _no_target() -> dict[str, Any]:
-    return {"status": "failed", "error": "compare: equal_loss: the baseline has no finished result to set the target"}
