@@ -250,3 +250,21 @@ def test_plan_projects_a_recipe_onto_a_gpu_from_this_machines_trial_steps(tmp_pa
     assert row["parts_bytes"]["cuda_context"] == 2**29 and row["parts_bytes"]["weights"] > 0
     with pytest.raises(UserError, match=r"plan --mfu 2.0: a fraction of the peak"):
         planner.on_device(RunConfig.from_yaml(config), 12, "H100", 2.0)
+
+
+def test_a_projected_auto_micro_batch_is_what_the_run_would_choose_on_that_gpu():
+    from ecoadapt.forecast import devices
+
+    probe = {
+        "static_bytes": {"weights": 10**9, "gradients": 10**9, "optimizer": 2 * 10**9},
+        "sizes": [{"micro_batch": 1, "peak_bytes": 10**8}, {"micro_batch": 2, "peak_bytes": 2 * 10**8}],  # 100 MB a row
+    }
+    raw = {"model": {"name_or_path": "m"}, "data": {"train": ["c.txt"], "max_seq_len": 128},
+           "train": {"tokens_per_step": 256 * 128, "micro_batch_size": "auto"}}  # fmt: skip
+    cfg = from_dict(raw)
+    # A10: 0.85 x (24 GB - 1 GB of weights - the CUDA context) - 3 GB to come = 161 rows: 2 x 128.
+    assert planner._micro_batch_on(cfg, probe, devices.device("A10")) == 128
+    # T4: 0.85 x (16 GB - 1 GB - the context) - 3 GB = 92 rows: 4 x 64.
+    assert planner._micro_batch_on(cfg, probe, devices.device("T4")) == 64
+    fixed = from_dict({**raw, "train": {"micro_batch_size": 8}})
+    assert planner._micro_batch_on(fixed, probe, devices.device("T4")) == 8  # the user's own: kept

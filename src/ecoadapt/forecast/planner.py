@@ -286,9 +286,10 @@ def on_device(
             cfg, precision=dataclasses.replace(cfg.precision, mode="bf16" if "bf16" in gpu.peaks else "fp16")
         )
     rows = []
-    for i, (recipe, point) in enumerate(recipes(cfg, grid, gpu.name), 1):
+    candidates = recipes(cfg, grid, gpu.name)
+    for i, (recipe, point) in enumerate(candidates, 1):
         if log is not None:
-            log(f"trial steps of {recipe} on this machine ({i}/{len(recipes(cfg, grid, gpu.name))}) ...")
+            log(f"trial steps of {recipe} on this machine ({i}/{len(candidates)}) ...")
         small = dataclasses.replace(
             point,
             train=dataclasses.replace(
@@ -315,11 +316,14 @@ def on_device(
 
 
 def _micro_batch_on(cfg: RunConfig, probe: dict[str, Any], gpu: devices.Device) -> int:
-    """The run's micro-batch, or with train.micro_batch_size: auto the largest that would fit."""
+    """The run's micro-batch, or with train.micro_batch_size: auto what the run would choose on
+    ``gpu`` (:func:`ecoadapt.train.micro_batch.fitting_splits`, as on a real GPU: the memory
+    left after the weights and the CUDA context)."""
     if not cfg.train.fill_micro_batch:
         return cfg.train.micro_batch_size
-    blocks = cfg.train.micro_batch_size
-    static = sum(int(v) for v in probe["static_bytes"].values())
-    room = micro_batch.GPU_HEADROOM * gpu.memory_gb * 1e9 - static - devices.CUDA_OVERHEAD_BYTES
-    rows = int(room // max(1.0, devices.activation_bytes_per_row(probe)))
-    return micro_batch.part_size(blocks, micro_batch.splits_for(blocks, max(1, rows)))
+    blocks, parts = cfg.train.micro_batch_size, probe["static_bytes"]
+    free = int(gpu.memory_gb * 1e9) - int(parts.get("weights", 0)) - devices.CUDA_OVERHEAD_BYTES
+    later = int(parts.get("gradients", 0)) + int(parts.get("optimizer", 0))
+    per_row = int(devices.activation_bytes_per_row(probe))
+    splits, _ = micro_batch.fitting_splits(blocks, max(0, free), later, per_row)
+    return micro_batch.part_size(blocks, splits)
