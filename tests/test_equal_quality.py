@@ -3,6 +3,7 @@ until they reach the baseline's held-out loss, ranked by the joules it took."""
 
 import json
 
+import pytest
 import yaml
 
 from ecoadapt.cli import main
@@ -117,3 +118,25 @@ def test_an_equal_loss_sweep_whose_baseline_failed_records_why_the_others_did_no
     assert "only 2 blocks" in records[0]["error"]
     assert records[1]["error"] == "compare: equal_loss: the baseline has no finished result to set the target"
     assert "lora" in (tmp_path / "sweep" / "report.md").read_text()  # the report still says what happened
+
+
+def test_bad_equal_quality_and_tracker_settings_name_their_key(tmp_path):
+    from ecoadapt.commands import sweep
+    from ecoadapt.config import RunConfig
+    from ecoadapt.core.errors import UserError
+
+    raw = {"model": {"name_or_path": "m"}, "data": {"train": ["c.txt"]}}
+    with pytest.raises(UserError, match="train.target_loss = 2.0 is not valid: needs train.eval_every"):
+        RunConfig.from_mapping({**raw, "train": {"target_loss": 2.0}})
+    with pytest.raises(UserError, match=r"train.target_loss = -1.0 is not valid: must be positive"):
+        RunConfig.from_mapping({**raw, "train": {"target_loss": -1.0, "eval_every": 5}})
+    with pytest.raises(UserError, match=r"log.to"):
+        RunConfig.from_mapping({**raw, "log": {"to": ["tensorbord"]}})
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"base": raw, "points": [{"name": "a", "set": {"train.lr": 1e-3}}],
+                                    "compare": "equal_loss", "cap": 0.5}))  # fmt: skip
+    with pytest.raises(UserError, match=r"cap = 0.5: with compare: equal_loss it must be at least 1"):
+        sweep.load(path)
+    path.write_text(yaml.safe_dump({"base": raw, "points": [{"name": "a", "set": {}}], "compare": "equal_quality"}))
+    with pytest.raises(UserError, match=r"compare"):
+        sweep.load(path)
