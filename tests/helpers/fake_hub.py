@@ -14,11 +14,13 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 class FakeHub:
-    """``with FakeHub(folder, "org/name") as hub:`` then ``hub.endpoint``, ``hub.requests``."""
+    """``with FakeHub(folder, "org/name") as hub:`` then ``hub.endpoint``, ``hub.requests``;
+    ``repo_type="dataset"`` serves the folder as a dataset repository instead."""
 
-    def __init__(self, folder: Path, repo_id: str) -> None:
+    def __init__(self, folder: Path, repo_id: str, repo_type: str = "model") -> None:
         self.files = {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
         self.repo_id = repo_id
+        self.repo_type = repo_type
         self.requests: list[tuple[str, str]] = []
         hub = self
 
@@ -46,14 +48,14 @@ class FakeHub:
     def answer(self, request: http.server.BaseHTTPRequestHandler, head: bool) -> None:
         self.requests.append((request.command, request.path))
         path = request.path.split("?")[0]
-        api = f"/api/models/{self.repo_id}"
+        api = f"/api/{self.repo_type}s/{self.repo_id}"
         if path.startswith(f"{api}/tree/"):
             listing = [{"type": "file", "path": n, "size": len(b), "oid": _sha1(b)} for n, b in self.files.items()]
             return _send(request, json.dumps(listing).encode(), head, {"Content-Type": "application/json"})
         if path == api or path.startswith(f"{api}/revision/"):
             info = {"id": self.repo_id, "sha": COMMIT, "siblings": [{"rfilename": n} for n in self.files]}
             return _send(request, json.dumps(info).encode(), head, {"Content-Type": "application/json"})
-        prefix = f"/{self.repo_id}/resolve/"
+        prefix = f"/{self.repo_id}/resolve/" if self.repo_type == "model" else f"/datasets/{self.repo_id}/resolve/"
         name = path.rsplit("/", 1)[-1]
         if path.startswith(prefix) and name in self.files:
             body = self.files[name]

@@ -87,15 +87,16 @@ def build_tiny_bert(folder: Path) -> Path:
     return folder
 
 
-def build_tiny_llama(folder: Path) -> Path:
-    """A 2-block Llama causal LM with a word-level tokenizer, saved like a hub model."""
+def build_tiny_llama(folder: Path, hidden: int = 32) -> Path:
+    """A 2-block Llama causal LM with a word-level tokenizer, saved like a hub model (``hidden``:
+    its width; 4-bit quantization needs at least 64, bitsandbytes' block of values per scale)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = _word_tokenizer({"unk_token": "<unk>", "eos_token": "</s>", "pad_token": "<pad>"}, template=False)
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-        intermediate_size=64, max_position_embeddings=64, eos_token_id=tok.eos_token_id, bos_token_id=None,
+        vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+        intermediate_size=2 * hidden, max_position_embeddings=64, eos_token_id=tok.eos_token_id, bos_token_id=None,
         pad_token_id=tok.pad_token_id, tie_word_embeddings=True,
     )  # fmt: skip
     LlamaForCausalLM(cfg).save_pretrained(folder)

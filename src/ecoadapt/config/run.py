@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from ecoadapt.config import batch, schema
+from ecoadapt.config import batch, quantized, schema
 from ecoadapt.config.log import LogConfig
 from ecoadapt.config.measure import BudgetConfig, MeasureConfig
 from ecoadapt.config.overrides import apply_overrides
@@ -134,6 +134,10 @@ class LoraConfig:
     """Module names to adapt; default: PEFT's choice for the architecture."""
     merge: bool = False
     """Also save the base model with the adapter merged in (model/ beside adapter/)."""
+    quantize: Literal["nf4", "int8"] | None = None
+    """QLoRA: store the frozen base's block Linears in 4-bit NF4 (with double-quantized scales)
+    or 8 bits (LLM.int8()), through bitsandbytes (pip install 'ecoadapt[qlora]'); the adapters
+    train in the run's precision, and the saved adapter loads on the full-precision base."""
 
 
 @dataclass
@@ -160,6 +164,11 @@ class TrainConfig:
     """Passes over the training blocks, used when train.max_steps is null."""
     lr: float = 5e-5
     """Peak learning rate (AdamW)."""
+    optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = "adamw"
+    """adamw (fused where the device has the kernel); adamw8bit: bitsandbytes' AdamW with its two
+    moments stored in 8 bits (block-wise scales): 2 bytes per trained value instead of 8, fp32
+    masters kept where precision.mode stores weights in 16 bits; paged_adamw8bit (CUDA): its
+    states in paged memory that spills to the host instead of running out."""
     weight_decay: float = 0.01
     """AdamW weight decay (not applied to biases and norms)."""
     warmup_ratio: float = 0.06
@@ -350,6 +359,7 @@ def check(cfg: RunConfig, source: str = "config") -> None:
     _check_model_data_precision(cfg, need)
     _check_train(cfg, need)
     _check_measure_task_budget(cfg, need)
+    quantized.check(cfg, need)
 
 
 def _check_model_data_precision(cfg: RunConfig, need: Need) -> None:

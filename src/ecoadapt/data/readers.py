@@ -25,7 +25,7 @@ from typing import IO, Any, cast
 import psutil
 
 from ecoadapt.core.errors import UserError
-from ecoadapt.data import builtin
+from ecoadapt.data import builtin, hub_datasets
 
 SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".tsv", ".parquet")
 COMPRESSED = (".gz", ".zst")  # for the line- and row-based formats
@@ -79,7 +79,8 @@ class Document:
 def resolve(patterns: list[str], base: Path | None = None) -> list[str]:
     """Expand files and globs into a sorted, de-duplicated list of sources.
 
-    ``builtin:NAME`` entries pass through. Relative paths are read from ``base`` (the config
+    ``builtin:NAME`` and ``hf:ORG/NAME`` (a hub dataset, see :mod:`ecoadapt.data.hub_datasets`)
+    entries pass through. Relative paths are read from ``base`` (the config
     file's folder) when given and present there, else from the working directory.
 
     Raises:
@@ -89,6 +90,10 @@ def resolve(patterns: list[str], base: Path | None = None) -> list[str]:
     for pattern in patterns:
         if pattern.startswith(builtin.PREFIX):
             builtin.check_name(pattern, {**builtin.CORPORA, **builtin.TASKS})
+            out.append(pattern)
+            continue
+        if hub_datasets.is_hub(pattern):
+            hub_datasets.parse(pattern)  # loaded (from the cache, or downloaded) when it is read
             out.append(pattern)
             continue
         candidates = [pattern]
@@ -162,6 +167,9 @@ def records(
     if source.startswith(builtin.PREFIX):
         yield from builtin.task_records(source)
         return
+    if hub_datasets.is_hub(source):
+        yield from hub_datasets.records(source, text_field)
+        return
     path = Path(source)
     suffix, _ = file_format(path)
     if suffix == ".jsonl":
@@ -196,7 +204,7 @@ def read(
             yield Document(text, source)
         return
     path = Path(source)
-    if file_format(path)[0] == ".txt":
+    if not hub_datasets.is_hub(source) and file_format(path)[0] == ".txt":
         yield from _txt_documents(path)
         return
     for where, record in records(source, text_field, json_key, bad):

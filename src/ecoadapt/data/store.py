@@ -38,7 +38,7 @@ import torch
 from ecoadapt.core import locks
 from ecoadapt.core.errors import UserError
 from ecoadapt.core.storage import atomic_write_text, fsync
-from ecoadapt.data import builtin, readers
+from ecoadapt.data import builtin, hub_datasets, readers
 from ecoadapt.data.tokenize_worker import init_worker, tokenize_chunk, worker_tokenizer
 
 STORE_FORMAT = (
@@ -69,6 +69,8 @@ def source_digest(source: str) -> str:
     """What identifies a source's contents: a hash of its bytes (every file of a folder)."""
     if source.startswith(builtin.PREFIX):
         return f"{source}@python{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
+    if hub_datasets.is_hub(source):
+        return hub_datasets.digest(source)
     path = Path(source)
     h = hashlib.sha256()
     for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
@@ -248,7 +250,7 @@ def _check_room(root: Path, sources: list[str], dtype: np.dtype[Any]) -> None:
     text (four for compressed files), ``dtype.itemsize`` bytes a token, plus the document index."""
     text_bytes = 0
     for s in sources:
-        if s.startswith(builtin.PREFIX):
+        if s.startswith(builtin.PREFIX) or hub_datasets.is_hub(s):  # no file here to size (hub: cached already)
             continue
         path = Path(s)
         files = [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else [path]
@@ -426,7 +428,7 @@ def _text_bytes_hint(sources: list[str]) -> int | None:
     total = 0
     for s in sources:
         path = Path(s)
-        if s.startswith(builtin.PREFIX) or path.is_dir() or readers.file_format(path)[1]:
+        if s.startswith(builtin.PREFIX) or hub_datasets.is_hub(s) or path.is_dir() or readers.file_format(path)[1]:
             return None
         total += path.stat().st_size
     return total

@@ -129,7 +129,7 @@ class FirstSteps:
         return {
             "device": str(self.device),
             "sizes": [size],
-            "static_bytes": static_bytes(self.model, self.policy),
+            "static_bytes": static_bytes(self.model, self.policy, self.cfg.train.optimizer),
             "compile_s": self.compile_s(),
             "energy_method": self.tracker.method,
             "meter": self.tracker.meter_name,

@@ -55,14 +55,15 @@ def _key(cfg: RunConfig, sizes: list[int], device: str) -> str:
         "precision": dataclasses.asdict(cfg.precision),
         "lora": dataclasses.asdict(cfg.lora),
         "train": {
-            k: train[k] for k in ("gradient_checkpointing", "trainable_layers", "compile", "device", "max_memory_gb")
+            k: train[k]
+            for k in ("gradient_checkpointing", "trainable_layers", "compile", "device", "max_memory_gb", "optimizer")
         },
         "measure": [cfg.measure.energy, cfg.measure.cpu_watts_per_core, cfg.measure.memory_watts_per_gib],
         "sizes": sizes,
         "auto_compile_long_run": long_run if cfg.train.compile == "auto" else None,
         "probe_version": PROBE_VERSION,
         "device": device if device != "cpu" else f"cpu|{cpu_name()}",
-        "versions": [package_version(p) for p in ("ecoadapt", "torch", "transformers", "peft")],
+        "versions": [package_version(p) for p in ("ecoadapt", "torch", "transformers", "peft", "bitsandbytes")],
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
@@ -165,6 +166,7 @@ def recipes(cfg: RunConfig, grid: bool, device: str) -> list[tuple[str, RunConfi
                 variant = json.loads(json.dumps(raw))
                 variant["precision"].update(mode=mode, layers=None)
                 variant["lora"]["enabled"] = lora
+                variant["lora"]["quantize"] = variant["lora"]["quantize"] if lora else None  # a frozen base needs LoRA
                 variant["train"]["gradient_checkpointing"] = ckpt
                 point = from_dict(variant, "plan grid")
                 out.append((_name(point), point))
@@ -174,8 +176,9 @@ def recipes(cfg: RunConfig, grid: bool, device: str) -> list[tuple[str, RunConfi
 
 def _name(cfg: RunConfig) -> str:
     parts = [cfg.precision.mode + ("+layers" if cfg.precision.layers else "")]
-    parts += ["lora"] if cfg.lora.enabled else ["full"]
+    parts += [f"qlora-{cfg.lora.quantize}" if cfg.lora.quantize else "lora"] if cfg.lora.enabled else ["full"]
     parts += ["ckpt"] if cfg.train.gradient_checkpointing else []
+    parts += [cfg.train.optimizer] if cfg.train.optimizer != "adamw" else []
     return " ".join(parts)
 
 

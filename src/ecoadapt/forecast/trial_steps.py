@@ -139,7 +139,7 @@ def measure_trial_steps(cfg: RunConfig, sizes: list[int]) -> dict[str, Any]:
     limit = cfg.train.max_memory_gb
     memory_limit = int(limit * 2**30) if limit is not None and device.type == "cpu" else None
     out: dict[str, Any] = {"device": str(device), "counts": built.counts}
-    out["static_bytes"] = static_bytes(parallel.unwrap(built.model), built.policy)
+    out["static_bytes"] = static_bytes(parallel.unwrap(built.model), built.policy, cfg.train.optimizer)
     out["flops_per_token"] = prepare.flop_count(parallel.unwrap(built.model), loaded, cfg).per_token
     trial = _Trial(loop, loaded.objective, built.mask, blocks, tracker, windows, rss_before_load, memory_limit)
     out["sizes"] = [_time_size(trial, size, cfg.train.seed) for size in sizes]

@@ -55,9 +55,9 @@ def _linear_weights(module: nn.Module) -> tuple[int, int]:
     """(all, trainable) weight elements of the Linear layers in ``module`` (LoRA's included)."""
     total = trainable = 0
     for m in module.modules():
-        if isinstance(m, nn.Linear):
-            total += m.weight.numel()
-            trainable += m.weight.numel() if m.weight.requires_grad else 0
+        if isinstance(m, nn.Linear):  # by its shape: a 4-bit weight stores two values a byte
+            total += m.in_features * m.out_features
+            trainable += m.in_features * m.out_features if m.weight.requires_grad else 0
     return total, trainable
 
 
@@ -79,8 +79,8 @@ def training_flops(
     head_total = head_trainable = 0
     for m in model.modules():
         if isinstance(m, nn.Linear) and id(m) not in in_blocks:
-            head_total += m.weight.numel()
-            head_trainable += m.weight.numel() if m.weight.requires_grad else 0
+            head_total += m.in_features * m.out_features
+            head_trainable += m.in_features * m.out_features if m.weight.requires_grad else 0
     trained = [i for i, (_, t) in enumerate(per_block) if t > 0]
     lowest = trained[0] if trained else None
     attention = 4.0 * seq_len * d_model

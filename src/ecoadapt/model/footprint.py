@@ -21,8 +21,18 @@ KEPT_PER_HIDDEN = 10
 KEPT_PER_INTERMEDIATE = 4
 
 
-def static_bytes(model: torch.nn.Module, policy: Any) -> dict[str, int]:
-    """Weights, gradients and AdamW state (bytes) of the model as the recipe stores it."""
+# bitsandbytes keeps 32-bit states for tensors smaller than this (its min_8bit_size).
+MIN_8BIT_VALUES = 4096
+
+
+def static_bytes(model: torch.nn.Module, policy: Any, optimizer: str = "adamw") -> dict[str, int]:
+    """Weights, gradients and AdamW state (bytes) of the model as the recipe stores it.
+
+    Weights count as stored: a quantized base's packed codes at their own size (4-bit NF4 is
+    half a byte per value), fp32 masters beside 16-bit weights. ``optimizer``: train.optimizer;
+    the 8-bit kinds keep two 1-byte moments per value (plus one fp32 scale per 256) in tensors
+    of 4,096 values or more.
+    """
     params = list(model.parameters())
     masters = {id(p): m for p, m in getattr(policy, "masters", [])}
     weights = sum(p.numel() * p.element_size() for p in params) + sum(m.numel() * 4 for m in masters.values())
@@ -31,8 +41,14 @@ def static_bytes(model: torch.nn.Module, policy: Any) -> dict[str, int]:
     gradients += sum(masters[id(p)].numel() * 4 for p in trainable if id(p) in masters)
     # Two moments per trained value, in the dtype of what the optimizer updates (the fp32 master
     # where there is one).
-    optimizer = sum(2 * p.numel() * (4 if id(p) in masters else p.element_size()) for p in trainable)
-    return {"weights": weights, "gradients": gradients, "optimizer": optimizer}
+    states = sum(_moments_bytes(p, 4 if id(p) in masters else p.element_size(), optimizer) for p in trainable)
+    return {"weights": weights, "gradients": gradients, "optimizer": states}
+
+
+def _moments_bytes(p: torch.Tensor, value_bytes: int, optimizer: str) -> int:
+    if optimizer == "adamw" or p.numel() < MIN_8BIT_VALUES:
+        return 2 * p.numel() * value_bytes
+    return 2 * (p.numel() + 4 * -(-p.numel() // 256))
 
 
 def activation_bytes_per_row(config: Any, seq_len: int, bytes_per_value: int, checkpointing: bool) -> int:

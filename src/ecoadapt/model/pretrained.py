@@ -214,6 +214,13 @@ def transformer_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:
-    """Total and trainable parameters (shared tensors counted once)."""
+    """Total and trainable parameters (shared tensors counted once; a 4-bit quantized weight by
+    the values it holds, not the bytes it packs them in)."""
     params = list(model.parameters())  # parameters() already yields each tensor once
-    return {"total": sum(p.numel() for p in params), "trainable": sum(p.numel() for p in params if p.requires_grad)}
+    return {"total": sum(values(p) for p in params), "trainable": sum(p.numel() for p in params if p.requires_grad)}
+
+
+def values(p: torch.Tensor) -> int:
+    """How many values ``p`` holds: bitsandbytes' 4-bit weights keep their shape in their quant_state."""
+    state = getattr(p, "quant_state", None)
+    return int(torch.Size(state.shape).numel()) if state is not None else p.numel()

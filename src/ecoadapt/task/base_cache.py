@@ -78,8 +78,8 @@ def _roles(run: RunConfig) -> dict[str, list[str]]:
 
 
 def _file_id(source: str) -> str:
-    """A task file's contents (a builtin task: its name and Python's version, as the store keys it)."""
-    return source_digest(source) if source.startswith("builtin:") else _digest(Path(source))
+    """A task file's contents (a builtin task or a hub dataset: as the store keys it)."""
+    return source_digest(source) if source.startswith(("builtin:", "hf:")) else _digest(Path(source))
 
 
 def _path(cache_key: str, seed: int) -> Path:

@@ -242,7 +242,7 @@ class Loop:
         model = as_loss_module(model, objective)
         params = [p for p in model.parameters() if p.requires_grad]
         groups = policy.optimizer_params(parameter_groups(model, cfg.weight_decay, cfg.lr, new, cfg.body_lr_scale))
-        optimizer = adamw(groups, cfg.lr)
+        optimizer = adamw(groups, cfg.lr, cfg.optimizer)
         scheduler = get_scheduler(
             cfg.schedule if cfg.schedule != "constant" else "constant_with_warmup",
             optimizer,

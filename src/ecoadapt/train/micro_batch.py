@@ -184,7 +184,7 @@ def choose(
     blocks = cfg.train.micro_batch_size
     if device.type != "cuda":
         return MicroBatchChoice.on_cpu(blocks, steps_left, compiled, processes)
-    parts = footprint.static_bytes(model, policy)
+    parts = footprint.static_bytes(model, policy, cfg.train.optimizer)
     sixteen_bit = policy.mode in ("fp16", "bf16", "bf16-pure")
     per_row = footprint.activation_bytes_per_row(
         getattr(model, "config", None), cfg.data.max_seq_len, 2 if sixteen_bit else 4, cfg.train.gradient_checkpointing

@@ -27,10 +27,21 @@ def parameter_groups(
     ]
 
 
-def adamw(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
-    """AdamW with its fused kernel (one launch for every parameter's update on a GPU; 3.6x
-    faster than the foreach kernels on this CPU for 20M parameters, BENCHMARKS.md), or the
-    foreach kernels where the parameters' device or dtype has no fused kernel."""
+def adamw(groups: list[dict[str, Any]], lr: float, kind: str = "adamw") -> torch.optim.Optimizer:
+    """The run's AdamW (train.optimizer).
+
+    ``adamw``: torch's, with its fused kernel (one launch for every parameter's update on a GPU;
+    3.6x faster than the foreach kernels on this CPU for 20M parameters, BENCHMARKS.md), or the
+    foreach kernels where the parameters' device or dtype has no fused kernel. ``adamw8bit`` and
+    ``paged_adamw8bit``: bitsandbytes', whose two moments are stored in 8 bits with block-wise
+    scales (tensors under 4,096 values keep 32-bit states, as bitsandbytes decides).
+    """
+    if kind != "adamw":
+        from ecoadapt.model.quantize import bitsandbytes
+
+        bnb = bitsandbytes()
+        eight_bit = bnb.optim.PagedAdamW8bit if kind == "paged_adamw8bit" else bnb.optim.AdamW8bit
+        return eight_bit(groups, lr=lr)
     try:
         return torch.optim.AdamW(groups, lr=lr, fused=True)
     except (RuntimeError, ValueError):

@@ -15,13 +15,14 @@ from typing import Any
 import torch
 
 from ecoadapt.config import RunConfig
+from ecoadapt.core.errors import UserError
 from ecoadapt.core.progress import say
 from ecoadapt.data import corpus
 from ecoadapt.data.batches import Blocks, MaskSpec
 from ecoadapt.measure import flops, memory
 from ecoadapt.measure.energy import EnergyTracker
 from ecoadapt.measure.phases import Phases
-from ecoadapt.model import adapters, compiling, layerwise, parallel, pretrained
+from ecoadapt.model import adapters, compiling, layerwise, parallel, pretrained, quantize
 from ecoadapt.model.losses import LossModule, encoder_and_head
 from ecoadapt.model.precision import AUTOCAST_DTYPES, DTYPES, Policy
 from ecoadapt.train.heldout import heldout
@@ -113,18 +114,21 @@ def build(
     (train.compile's auto depends on it); default: train.max_steps or train.epochs over
     ``train_blocks``. ``phases``: where the precision checks (the layer-wise search's
     calibration, the 16-bit speed check) are measured, as the tool's own overhead."""
-    model, plan = adapters.prepare(loaded, cfg.train, cfg.lora)
     # FSDP shards the model while it is still in host memory and moves only each rank's shard to
     # its GPU: the whole model never has to fit one GPU.
     setup_device = torch.device("cpu") if world.strategy == "fsdp" else device
-    model.to(setup_device)
     policy = Policy(cfg.precision.mode, device.type)
+    quantized_base = _quantize_base(cfg, loaded, policy, device, log)
+    model, plan = adapters.prepare(loaded, cfg.train, cfg.lora)
+    model.to(setup_device)
     mask = mask_spec(loaded.tokenizer, cfg.data.mlm_probability) if loaded.objective == "mlm" else None
     checks = phases.window("precision_checks", memory=None) if phases else contextlib.nullcontext()
     with checks:
         precision_report = apply_precision(
             model, policy, cfg, train_blocks, loaded.objective, mask, setup_device, device
         )
+    if quantized_base is not None:
+        precision_report["quantized_base"] = quantized_base.as_dict()
     for note in policy.notes:
         log(f"note: {note}")
     counts = pretrained.parameter_counts(model)
@@ -133,12 +137,36 @@ def build(
         parallel.check_fsdp_units(model, block_list)
     loss_module = LossModule(model, loaded.objective)
     steps = steps or total_steps(cfg.train, max(1, len(train_blocks) // world.size))
-    compiled = compiling.apply(loss_module, block_list, cfg.train.compile, device.type, steps)
+    # bitsandbytes' quantized matmuls are not compiled (the config refuses an explicit setting).
+    compile_setting = False if quantized_base is not None else cfg.train.compile
+    compiled = compiling.apply(loss_module, block_list, compile_setting, device.type, steps)
     if compiled.what != "off":
         log(f"compiling: {compiled.what} (train.compile={cfg.train.compile}; in the first steps, counted as training)")
     wrapped = parallel.wrap(loss_module, world, device, block_list)
     log(_what_trains(cfg, loaded.objective, device, counts, plan, world))
     return Built(wrapped, plan, policy, mask, precision_report, counts, compiled)
+
+
+def _quantize_base(
+    cfg: RunConfig, loaded: pretrained.LoadedModel, policy: Policy, device: torch.device, log: Callable[[str], None]
+) -> quantize.QuantizedBase | None:
+    """lora.quantize: the frozen base's block Linears stored in 4 or 8 bits on ``device``; and
+    whether train.optimizer's backend can run here."""
+    if cfg.train.optimizer != "adamw":
+        quantize.bitsandbytes()  # installed, or a UserError now rather than after setup
+    if cfg.train.optimizer == "paged_adamw8bit" and device.type != "cuda":
+        raise UserError(
+            f"train.optimizer: paged_adamw8bit needs CUDA (this run trains on {device.type}); use adamw8bit"
+        )
+    if cfg.lora.quantize is None:
+        return None
+    _, blocks = pretrained.transformer_blocks(loaded.model)
+    done = quantize.frozen_base(loaded.model, blocks, cfg.lora.quantize, policy.compute_dtype, device)
+    log(
+        f"frozen base: {done.modules} Linear layers in {done.kind} ({done.backend}), "
+        f"{done.bytes_before / 2**20:,.1f} -> {done.bytes_after / 2**20:,.1f} MiB"
+    )
+    return done
 
 
 def _describe_corpus(

@@ -1,0 +1,165 @@
+"""QLoRA's frozen base: the transformer blocks' Linear weights stored in 4-bit NF4 or 8 bits.
+
+The backend is bitsandbytes (the one PEFT's LoRA layers know): on CUDA, and on CPUs through its
+CPU backend (checked on this project's CI machine with bitsandbytes 0.50 and torch 2.13:
+NF4 with double quantization, int8, and the 8-bit AdamW all run there). torchao's NF4 is the
+route torchtune takes where bitsandbytes cannot run; PEFT does not wrap it with LoRA, so it is
+not offered here.
+
+Only the Linears inside the stack of transformer blocks are quantized: the embeddings and the
+LM head keep the precision they were loaded in, as transformers' own bitsandbytes loading
+keeps its head (``llm_int8_skip_modules``). The weights are quantized from the loaded
+full-precision copy, so every source (a saved folder, GGUF, a hub id) works the same way.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ecoadapt.core.errors import UserError
+
+KINDS = ("nf4", "int8")
+INSTALL = "pip install 'ecoadapt[qlora]' (bitsandbytes)"
+# Blocks of NF4 values that share one absmax scale: bitsandbytes' default.
+NF4_BLOCK = 64
+
+
+@dataclass
+class QuantizedBase:
+    """What :func:`frozen_base` did, for the summary.
+
+    Attributes:
+        kind: ``nf4`` or ``int8``.
+        backend: the library and version that stores and multiplies the weights.
+        modules: Linear modules quantized.
+        bytes_before: their weight bytes as loaded.
+        bytes_after: their weight bytes quantized (codes and scales).
+        compute_dtype: what the quantized matmuls compute in.
+    """
+
+    kind: str
+    backend: str
+    modules: int
+    bytes_before: int
+    bytes_after: int
+    compute_dtype: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "backend": self.backend,
+            "modules": self.modules,
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.bytes_after,
+            "compute_dtype": self.compute_dtype,
+        }
+
+
+def bitsandbytes() -> Any:
+    """The bitsandbytes module, or a UserError that says how to install it."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(f"lora.quantize and train.optimizer: adamw8bit need bitsandbytes: {INSTALL}")
+    import bitsandbytes as bnb
+
+    return bnb
+
+
+def frozen_base(
+    model: nn.Module, blocks: nn.ModuleList, kind: str, compute_dtype: torch.dtype, device: torch.device
+) -> QuantizedBase:
+    """Replace every ``nn.Linear`` in ``blocks`` by its frozen ``kind`` copy on ``device``.
+
+    Args:
+        model: the whole model; marked as quantized so that PEFT puts its bitsandbytes LoRA
+            layers on the quantized Linears.
+        blocks: the model's transformer blocks.
+        kind: ``nf4`` (4-bit NormalFloat with double quantization of the scales) or ``int8``
+            (LLM.int8(), outlier columns above 6.0 kept in 16 bits).
+        compute_dtype: the dtype the 4-bit matmuls dequantize to (the run's compute precision).
+        device: where the weights are quantized and stay (the training device).
+
+    Returns:
+        What was quantized and the bytes it saved.
+    """
+    bnb = bitsandbytes()
+    found = [(block, name, m) for block in blocks for name, m in block.named_modules() if type(m) is nn.Linear]
+    if not found:
+        raise UserError("lora.quantize: this model's blocks have no nn.Linear layers to quantize")
+    before = after = 0
+    with warnings.catch_warnings():
+        # bitsandbytes' int8 path on CPU casts fp32 inputs to fp16 and warns at every call.
+        warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+        for block, name, linear in found:
+            before += linear.weight.numel() * linear.weight.element_size()
+            quantized = _nf4(bnb, linear, compute_dtype) if kind == "nf4" else _int8(bnb, linear)
+            quantized = quantized.to(device)  # bitsandbytes quantizes when the weight moves
+            after += _stored_bytes(quantized)
+            block.set_submodule(name, quantized)
+    # PEFT reads these flags (set by transformers' own quantized loading) to pick its LoRA layers.
+    model.is_loaded_in_4bit = kind == "nf4"  # type: ignore[assignment]
+    model.is_loaded_in_8bit = kind == "int8"  # type: ignore[assignment]
+    return QuantizedBase(
+        kind, f"bitsandbytes {bnb.__version__}", len(found), before, after, str(compute_dtype).replace("torch.", "")
+    )
+
+
+def _nf4(bnb: Any, linear: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
+    q = bnb.nn.Linear4bit(
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        compute_dtype=compute_dtype,
+        compress_statistics=True,  # double quantization: the absmax scales stored in 8 bits
+        quant_type="nf4",
+        device="meta",
+    )
+    q.weight = bnb.nn.Params4bit(
+        linear.weight.detach().to("cpu"), requires_grad=False, compress_statistics=True, quant_type="nf4"
+    )
+    if linear.bias is not None:
+        q.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    # On CPUs with AVX512-BF16, bitsandbytes repacks the weight for its inference kernel at the
+    # first forward pass without gradients (the held-out evaluation), and the training passes
+    # after it then left every LoRA B at zero (measured: bitsandbytes 0.50.2, torch 2.13).
+    q.support_avx512bf16_for_cpu = False
+    return q
+
+
+def _int8(bnb: Any, linear: nn.Linear) -> nn.Module:
+    q = bnb.nn.Linear8bitLt(
+        linear.in_features, linear.out_features, bias=linear.bias is not None, has_fp16_weights=False, threshold=6.0
+    )
+    q.weight = bnb.nn.Int8Params(linear.weight.detach().to("cpu"), requires_grad=False, has_fp16_weights=False)
+    if linear.bias is not None:
+        q.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    return q
+
+
+def _stored_bytes(module: nn.Module) -> int:
+    """Bytes of a quantized Linear's weight: its codes, plus its scales."""
+    weight: Any = module.weight
+    total = weight.numel() * weight.element_size()
+    state = getattr(weight, "quant_state", None)  # 4-bit: absmax (8-bit codes + their own scales)
+    if state is not None:
+        total += state.absmax.numel() * state.absmax.element_size()
+        nested = getattr(state, "state2", None)
+        if nested is not None:
+            total += nested.absmax.numel() * nested.absmax.element_size()
+    scales = getattr(weight, "SCB", None)  # int8: one fp32 scale per output row
+    if scales is not None:
+        total += scales.numel() * scales.element_size()
+    return total
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """Whether ``module`` is a bitsandbytes quantized Linear (4- or 8-bit)."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return False
+    bnb = bitsandbytes()
+    return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
