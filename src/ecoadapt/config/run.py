@@ -65,7 +65,8 @@ class DataConfig:
     .json (a list of records, or an object holding them under data.json_key), .csv, .tsv,
     .parquet, a folder written by datasets' save_to_disk; .txt/.jsonl/.csv/.tsv may be .gz or
     .zst compressed. Also builtin:NAME for a corpus that ships with Python
-    (builtin:python-docstrings)."""
+    (builtin:python-docstrings), and hf:ORG/NAME for a hub dataset read through datasets'
+    cache (?config=NAME&split=SPLIT&revision=REV; nothing fetched under HF_HUB_OFFLINE=1)."""
     text_field: str = "text"
     """Record field (or CSV/TSV column) that holds the text; ignored for .txt."""
     json_key: str | None = None
