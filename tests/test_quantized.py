@@ -199,3 +199,40 @@ def test_plan_for_another_gpu_counts_the_quantized_base_and_8_bit_states_as_stor
     full = _projected_parts(tmp_path, "full", llama64, corpus_jsonl)
     eight = _projected_parts(tmp_path, "eight", llama64, corpus_jsonl, train={"optimizer": "adamw8bit"})
     assert 3 < full["optimizer"] / eight["optimizer"] < 4  # small tensors keep 32-bit states
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_the_task_judges_a_qlora_model_as_it_trained_in_memory_and_from_disk(tmp_path, llama64, corpus_jsonl, kind):
+    """The backbone the task reads is the dequantized base plus the adapter, with the plain
+    model's keys: the same from the run's memory and from its saved adapter (not the packed
+    codes, which once reached the classifier as numbers)."""
+    from ecoadapt.config import RunConfig
+    from ecoadapt.model import parallel
+    from ecoadapt.task import downstream
+    from ecoadapt.train import prepare
+
+    run, _ = qlora_run(tmp_path, llama64, corpus_jsonl, kind)
+    cfg = RunConfig.from_yaml(run / "config.yaml")
+    from_disk = downstream.adapted_backbone(cfg)
+    plain = pretrained.load(ModelConfig(str(llama64)), 16).model.base_model.state_dict()
+    assert set(from_disk) == set(plain)
+    for name, value in plain.items():
+        assert from_disk[name].shape == value.shape, name
+    # A quantized weight without an adapter (LoRA's default targets are q and v): dequantized,
+    # close to the original and not equal to it.
+    up = "layers.0.mlp.up_proj.weight"
+    error = (from_disk[up] - plain[up]).norm() / plain[up].norm()
+    assert 0 < error < (0.15 if kind == "nf4" else 0.02)
+    # In memory, after training, the same weights the saved adapter gives.
+    loaded = pretrained.load(cfg.model, 16)
+    built = prepare.build(
+        cfg, loaded, torch.zeros((4, 16), dtype=torch.long), torch.device("cpu"), parallel.World(), print
+    )
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    peft_model = parallel.unwrap(built.model).model
+    set_peft_model_state_dict(peft_model, load_file(run / "adapter" / "adapter_model.safetensors"))
+    in_memory = downstream.backbone_state(peft_model)
+    for name in plain:
+        torch.testing.assert_close(in_memory[name], from_disk[name], rtol=1e-4, atol=1e-5, msg=name)

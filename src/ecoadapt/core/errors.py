@@ -26,3 +26,10 @@ class Interrupted(Exception):
         import signal
 
         return 128 + int(signal.Signals[self.signal_name])
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (200 characters at most), or its type's name: what
+    a one-line message quotes from a library's error."""
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__

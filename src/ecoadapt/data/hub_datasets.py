@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
-from ecoadapt.core.errors import UserError
+from ecoadapt.core.errors import UserError, first_line
 
 PREFIX = "hf:"
 KEYS = ("config", "split", "revision")
@@ -92,10 +92,10 @@ def load(source: str) -> Any:
     except ConnectionError as e:  # offline (HF_HUB_OFFLINE=1) or unreachable, and not cached
         raise UserError(
             f"data.train: {source} is not in the local datasets cache and the hub could not be used "
-            f"({_first_line(e)}). Fetch it beforehand: {ref.how_to_fetch()}"
+            f"({first_line(e)}). Fetch it beforehand: {ref.how_to_fetch()}"
         ) from None
     except (FileNotFoundError, ValueError) as e:  # no such dataset, configuration or split
-        raise UserError(f"data.train: {source} cannot be loaded: {_first_line(e)}") from None
+        raise UserError(f"data.train: {source} cannot be loaded: {first_line(e)}") from None
 
 
 def records(source: str, text_field: str) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -121,8 +121,3 @@ def digest(source: str) -> str:
     """What identifies the set's contents: its source and the fingerprint ``datasets`` gives
     the cached files (a new revision or other files give another)."""
     return hashlib.sha256(f"{source}|{load(source)._fingerprint}".encode()).hexdigest()
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__

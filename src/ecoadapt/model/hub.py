@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ecoadapt.core.errors import UserError
+from ecoadapt.core.errors import UserError, first_line
 from ecoadapt.core.progress import say
 
 TIMEOUT_S = 10.0  # one request's connect/read limit: a blackholed network fails in seconds
@@ -80,7 +80,7 @@ def _download(repo_id: str, revision: str | None) -> Path:
         say(f"downloading {repo_id} from the hub (once; later runs read the cache) ...")
         folder = snapshot_download(repo_id, revision=revision, allow_patterns=ALWAYS + weights, etag_timeout=TIMEOUT_S)
     except (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError) as e:
-        raise UserError(f"model.name_or_path: '{repo_id}' cannot be downloaded: {_first_line(e)}") from None
+        raise UserError(f"model.name_or_path: '{repo_id}' cannot be downloaded: {first_line(e)}") from None
     except (HfHubHTTPError, OSError, ValueError) as e:  # unreachable, refused, timed out, DNS
         raise _unreachable(repo_id, revision, e) from None
     except Exception as e:
@@ -96,10 +96,5 @@ TRANSPORTS = ("httpx", "httpx2", "httpcore", "requests", "urllib3")
 def _unreachable(repo_id: str, revision: str | None, error: BaseException) -> UserError:
     return UserError(
         f"model.name_or_path: '{repo_id}' is not in the local cache and the hub could not be reached "
-        f"({type(error).__name__}: {_first_line(error)}). Fetch it beforehand: {how_to_fetch(repo_id, revision)}"
+        f"({type(error).__name__}: {first_line(error)}). Fetch it beforehand: {how_to_fetch(repo_id, revision)}"
     )
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__

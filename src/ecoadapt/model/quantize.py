@@ -158,8 +158,54 @@ def _stored_bytes(module: nn.Module) -> int:
 
 
 def is_quantized(module: nn.Module) -> bool:
-    """Whether ``module`` is a bitsandbytes quantized Linear (4- or 8-bit)."""
+    """Whether ``module`` is a bitsandbytes 4- or 8-bit Linear."""
     if importlib.util.find_spec("bitsandbytes") is None:
         return False
     bnb = bitsandbytes()
     return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+
+
+def has_quantized(model: nn.Module) -> bool:
+    return any(is_quantized(m) for m in model.modules())
+
+
+def full_precision_state(body: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict ``body`` would have as a plain fp32 model: each quantized Linear's weight
+    dequantized (the values the run trained on), with its LoRA update added where an adapter
+    sits on it. PEFT's own merge would requantize the sum, rounding the adapter away.
+
+    Args:
+        body: the transformer (no LM head), with bitsandbytes Linears and PEFT LoRA layers.
+    """
+    from peft.utils.integrations import dequantize_bnb_weight
+
+    def dequantized(layer: Any) -> torch.Tensor:
+        return dequantize_bnb_weight(layer.weight, state=getattr(layer, "state", None)).float()
+
+    out: dict[str, torch.Tensor] = {}
+
+    def visit(prefix: str, module: Any) -> None:
+        base = getattr(module, "base_layer", None)
+        if base is not None and hasattr(module, "lora_A") and is_quantized(base):
+            weight = dequantized(base)
+            for name in module.active_adapters:
+                if name in module.lora_A:
+                    weight = weight + module.get_delta_weight(name).float()
+            out[prefix + "weight"], layer = weight.cpu(), base
+        elif is_quantized(module):
+            out[prefix + "weight"], layer = dequantized(module).cpu(), module
+        else:
+            skip: set[str] = getattr(module, "_non_persistent_buffers_set", set())
+            for name, p in module.named_parameters(recurse=False):
+                out[prefix + name] = p.detach().float().cpu()
+            for name, b in module.named_buffers(recurse=False):
+                if name not in skip and b is not None:
+                    out[prefix + name] = b.detach().float().cpu()
+            for name, child in module.named_children():
+                visit(f"{prefix}{name}.", child)
+            return
+        if layer.bias is not None:
+            out[prefix + "bias"] = layer.bias.detach().float().cpu()
+
+    visit("", body)
+    return out

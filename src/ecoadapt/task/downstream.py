@@ -102,7 +102,13 @@ def prepare(cfg: TaskConfig, tokenizer: Any) -> TaskData:
 
 
 def backbone_state(model: Any) -> dict[str, torch.Tensor]:
-    """The adapted transformer's weights (LoRA merged), without any LM head."""
+    """The adapted transformer's weights (LoRA merged), without any LM head; a quantized base
+    (lora.quantize) dequantized, as it trained, with the adapter added in full precision."""
+    from ecoadapt.model import quantize
+
+    if quantize.has_quantized(model):
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        return quantize.full_precision_state(inner.base_model)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     return {k: v.detach().float().cpu() for k, v in model.base_model.state_dict().items()}
@@ -310,6 +316,11 @@ def adapted_backbone(run: RunConfig) -> dict[str, torch.Tensor]:
         from peft import PeftModel
 
         loaded = pretrained.load(run.model, 8, run.train.seed)
+        if run.lora.quantize:  # judge the model as it trained: on the quantized base
+            from ecoadapt.model import quantize
+
+            _, blocks = pretrained.transformer_blocks(loaded.model)
+            quantize.frozen_base(loaded.model, blocks, run.lora.quantize, torch.float32, torch.device("cpu"))
         with pretrained.offline():
             merged = PeftModel.from_pretrained(loaded.model, folder / "adapter")
         return backbone_state(merged)
