@@ -14,8 +14,8 @@ full-precision copy, so every source (a saved folder, GGUF, a hub id) works the 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,10 +24,7 @@ from torch import nn
 
 from ecoadapt.core.errors import UserError
 
-KINDS = ("nf4", "int8")
 INSTALL = "pip install 'ecoadapt[qlora]' (bitsandbytes)"
-# Blocks of NF4 values that share one absmax scale: bitsandbytes' default.
-NF4_BLOCK = 64
 
 
 @dataclass
@@ -51,14 +48,7 @@ class QuantizedBase:
     compute_dtype: str
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "backend": self.backend,
-            "modules": self.modules,
-            "bytes_before": self.bytes_before,
-            "bytes_after": self.bytes_after,
-            "compute_dtype": self.compute_dtype,
-        }
+        return dataclasses.asdict(self)
 
 
 def bitsandbytes() -> Any:
@@ -92,15 +82,12 @@ def frozen_base(
     if not found:
         raise UserError("lora.quantize: this model's blocks have no nn.Linear layers to quantize")
     before = after = 0
-    with warnings.catch_warnings():
-        # bitsandbytes' int8 path on CPU casts fp32 inputs to fp16 and warns at every call.
-        warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
-        for block, name, linear in found:
-            before += linear.weight.numel() * linear.weight.element_size()
-            quantized = _nf4(bnb, linear, compute_dtype) if kind == "nf4" else _int8(bnb, linear)
-            quantized = quantized.to(device)  # bitsandbytes quantizes when the weight moves
-            after += _stored_bytes(quantized)
-            block.set_submodule(name, quantized)
+    for block, name, linear in found:
+        before += linear.weight.numel() * linear.weight.element_size()
+        quantized = _nf4(bnb, linear, compute_dtype) if kind == "nf4" else _int8(bnb, linear)
+        quantized = quantized.to(device)  # bitsandbytes quantizes when the weight moves
+        after += _stored_bytes(quantized)
+        block.set_submodule(name, quantized)
     # PEFT reads these flags (set by transformers' own quantized loading) to pick its LoRA layers.
     model.is_loaded_in_4bit = kind == "nf4"  # type: ignore[assignment]
     model.is_loaded_in_8bit = kind == "int8"  # type: ignore[assignment]
