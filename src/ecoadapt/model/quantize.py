@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,11 +146,10 @@ def _stored_bytes(module: nn.Module) -> int:
 
 
 def is_quantized(module: nn.Module) -> bool:
-    """Whether ``module`` is a bitsandbytes 4- or 8-bit Linear."""
-    if importlib.util.find_spec("bitsandbytes") is None:
-        return False
-    bnb = bitsandbytes()
-    return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+    """Whether ``module`` is a bitsandbytes 4- or 8-bit Linear. Never imports bitsandbytes (a
+    second of start-up, every run with a task): no module is quantized unless it was imported."""
+    bnb = sys.modules.get("bitsandbytes")
+    return bnb is not None and isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
 
 
 def has_quantized(model: nn.Module) -> bool:
