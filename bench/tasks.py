@@ -19,6 +19,8 @@ baseline, adaptation and evaluation joules.
     python bench/tasks.py                    # 4 tasks, 2-3 recipes, 5 seeds (about an hour here)
     python bench/tasks.py --quick            # 1 task, 2 recipes, 3 seeds, small budgets (minutes)
     python bench/tasks.py --tasks chemprot   # some of them
+    python bench/tasks.py --compare equal_loss             # 5 recipes to the baseline's loss, probe
+    python bench/tasks.py --compare equal_loss --finetune  # SciCite fine-tuned at equal loss
 
 Corpus: the task's own training text (task-adaptive pre-training, Gururangan et al. 2020) for
 the three science tasks; for VizWiz, the captions of the photos (its domain corpus; the task's
@@ -42,7 +44,7 @@ DATA = HERE.parent.parent / "shared" / "data"
 SCI = DATA / "scibert-cls"
 
 
-def _science(name: str, metric: str, max_train: int, epochs: float = 2) -> dict[str, Any]:
+def _science(name: str, metric: str, max_train: int, epochs: float = 2, lr: float = 3e-4) -> dict[str, Any]:
     folder = SCI / name
     return {
         "corpus": {"train": [str(folder / "train.jsonl")], "text_field": "text"},
@@ -53,7 +55,7 @@ def _science(name: str, metric: str, max_train: int, epochs: float = 2) -> dict[
             "max_train_examples": max_train,
             "max_test_examples": 1000,
             "epochs": epochs,
-            "lr": 3e-4,
+            "lr": lr,
             "max_seq_len": 64,
         },
     }
@@ -99,6 +101,16 @@ RECIPES: dict[str, dict[str, Any]] = {
     "bf16-lora": {"precision.mode": "bf16", "lora.enabled": True, "train.lr": 1e-3},
 }
 EQUAL_LOSS_RECIPES = ["fp32-full", "bf16-full", "bf16-pure-full", "bf16-lora", "frugal"]  # --compare equal_loss
+
+# --compare equal_loss --finetune: the fine-tune at a budget where it learns: 1000 examples x 2
+# epochs at lr 1e-4 lift the base's SciCite macro-F1 to about 0.6, well off the floor (about 0.24
+# for 3 classes); 2000 x 3 reach 0.8, at 3x the time (measured here before choosing).
+# Three seeds and the three full recipes keep it near 30 minutes on a 2-core EPYC; the probe, on every
+# saved model, keeps 5 seeds.
+FINETUNE_EQUAL_LOSS = {"sci-cite": _science("sci-cite", "macro_f1", 1000, epochs=2, lr=1e-4)}
+FINETUNE_EQUAL_LOSS_RECIPES = ["fp32-full", "bf16-full", "bf16-pure-full"]
+FINETUNE_SEEDS = 3
+PROBE_SEEDS = 5
 
 
 QUICK_TASK = {"max_train_examples": 240, "epochs": 2}  # --quick: a budget that runs in seconds
@@ -167,15 +179,26 @@ def point_result(record: dict[str, Any], probe: dict[str, Any] | None) -> dict[s
 
 
 def run_task(
-    name: str, recipes: list[str], out: Path, seeds: int, steps: int, quick: bool = False, compare: str = "equal_steps"
+    name: str,
+    recipes: list[str],
+    out: Path,
+    seeds: int,
+    steps: int,
+    quick: bool = False,
+    compare: str = "equal_steps",
+    finetune_budget: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """The task's sweep, then the probe on every point's saved model."""
-    folder = out / name if compare == "equal_steps" else out / f"{name}-{compare}"
+    """The task's sweep, then (when the sweep fine-tuned) the probe on every point's saved model.
+
+    ``finetune_budget``: the task's fine-tune budget for an equal-loss run (FINETUNE_EQUAL_LOSS).
+    """
+    suffix = "" if compare == "equal_steps" else f"-{compare}" + ("-finetune" if finetune_budget else "")
+    folder = out / f"{name}{suffix}"
     folder.mkdir(parents=True, exist_ok=True)
     spec_path = folder / "sweep.yaml"
-    finetune = (quick or name in FINETUNE_ON) and compare == "equal_steps"
+    finetune = finetune_budget is not None or ((quick or name in FINETUNE_ON) and compare == "equal_steps")
     mode = "finetune" if finetune else "probe"
-    spec = sweep_spec(TASKS[name], recipes, folder / "sweep", seeds, steps, quick, mode, compare)
+    spec = sweep_spec(finetune_budget or TASKS[name], recipes, folder / "sweep", seeds, steps, quick, mode, compare)
     spec_path.write_text(yaml.safe_dump(spec))
     ecoadapt("sweep", str(spec_path))
     results = folder / "sweep" / "results.jsonl"
@@ -187,8 +210,11 @@ def run_task(
         if not finetune:  # the sweep's task was the probe
             rows.append(point_result({**record, "task": None}, record.get("task")))
             continue
-        # The probe costs one forward pass per example: it gets every training example.
+        # The probe costs one forward pass per example: it gets every training example, and
+        # PROBE_SEEDS seeds however few the fine-tune had.
         probe_sets = ["--set", "task.mode=probe", "--set", "task.max_train_examples=null"]
+        if finetune_budget:
+            probe_sets += ["--set", f"task.seeds={list(range(max(seeds, PROBE_SEEDS)))}"]
         ecoadapt("evaluate", str(run_dir / "config.yaml"), *probe_sets)
         probe = json.loads((run_dir / "task.json").read_text())
         rows.append(point_result(record, probe))
@@ -209,18 +235,32 @@ def main() -> None:
         help="equal_loss: fp32, bf16, bf16-pure, bf16 + LoRA and the frugal recipe, each trained to the baseline's "
         "held-out loss",
     )  # fmt: skip
+    parser.add_argument(
+        "--finetune", action="store_true",
+        help=f"with --compare equal_loss: fine-tune ({', '.join(FINETUNE_EQUAL_LOSS)}, {FINETUNE_SEEDS} seeds, "
+        f"{', '.join(FINETUNE_EQUAL_LOSS_RECIPES)}) and probe every saved model",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.finetune and args.compare != "equal_loss":
+        parser.error("--finetune goes with --compare equal_loss (equal_steps fine-tunes citation_intent and chemprot)")
+    unknown = [name for name in args.tasks or [] if args.finetune and name not in FINETUNE_EQUAL_LOSS]
+    if unknown:
+        parser.error(f"--finetune has a budget for {', '.join(FINETUNE_EQUAL_LOSS)} only, not {', '.join(unknown)}")
     suffix = "" if args.compare == "equal_steps" else f"-{args.compare.replace('_', '-')}"
+    suffix += "-finetune" if args.finetune else ""
     args.results = args.results or HERE / "results" / f"tasks{suffix}.json"
-    names = args.tasks or (["citation_intent"] if args.quick else list(TASKS))
-    seeds, steps = (3, 30) if args.quick else (args.seeds, args.steps)
+    default_tasks = list(FINETUNE_EQUAL_LOSS) if args.finetune else list(TASKS)
+    names = args.tasks or (["citation_intent"] if args.quick else default_tasks)
+    seeds, steps = (3, 30) if args.quick else (FINETUNE_SEEDS if args.finetune else args.seeds, args.steps)
     done: dict[str, Any] = json.loads(args.results.read_text()) if args.results.exists() and not args.quick else {}
     for name in names:
         recipes = ["fp32-full", "frugal"] if args.quick or name not in PROTECTED_ON else list(RECIPES)[:3]
         if args.compare == "equal_loss":
-            recipes = EQUAL_LOSS_RECIPES
-        points = run_task(name, recipes, args.out, seeds, steps, args.quick, args.compare)
-        done[name] = {"seeds": seeds, "steps": steps, "compare": args.compare, "points": points}
+            recipes = FINETUNE_EQUAL_LOSS_RECIPES if args.finetune else EQUAL_LOSS_RECIPES
+        budget = FINETUNE_EQUAL_LOSS[name] if args.finetune else None
+        points = run_task(name, recipes, args.out, seeds, steps, args.quick, args.compare, budget)
+        mode = {"compare": args.compare, "finetune": args.finetune}
+        done[name] = {"seeds": seeds, "steps": steps, **mode, "points": points}
         if not args.quick:
             args.results.write_text(json.dumps(done, indent=2) + "\n")  # after each task: nothing lost
         print(json.dumps({name: done[name]}, indent=2))
