@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
-from transformers import get_scheduler
 
 from ecoadapt.config import TrainConfig
 from ecoadapt.core.errors import UserError
@@ -28,6 +27,7 @@ from ecoadapt.model.losses import as_loss_module
 from ecoadapt.model.precision import Policy
 from ecoadapt.train.micro_batch import is_out_of_memory, split_micro_batches
 from ecoadapt.train.param_groups import adamw, parameter_groups
+from ecoadapt.train.schedule import scheduler as lr_schedule
 
 
 class MemoryLimitExceeded(torch.OutOfMemoryError):
@@ -243,12 +243,7 @@ class Loop:
         params = [p for p in model.parameters() if p.requires_grad]
         groups = policy.optimizer_params(parameter_groups(model, cfg.weight_decay, cfg.lr, new, cfg.body_lr_scale))
         optimizer = adamw(groups, cfg.lr, cfg.optimizer)
-        scheduler = get_scheduler(
-            cfg.schedule if cfg.schedule != "constant" else "constant_with_warmup",
-            optimizer,
-            num_warmup_steps=int(cfg.warmup_ratio * steps),
-            num_training_steps=steps,
-        )
+        scheduler = lr_schedule(cfg.schedule, optimizer, int(cfg.warmup_ratio * steps), steps)
         return cls(model, params, optimizer, scheduler, policy, steps, cfg, objective, device, world_size)
 
     def scale_lr(self, factor: float) -> None:
