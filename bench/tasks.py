@@ -259,8 +259,8 @@ def main() -> None:
             recipes = FINETUNE_EQUAL_LOSS_RECIPES if args.finetune else EQUAL_LOSS_RECIPES
         budget = FINETUNE_EQUAL_LOSS[name] if args.finetune else None
         points = run_task(name, recipes, args.out, seeds, steps, args.quick, args.compare, budget)
-        mode = {"compare": args.compare, "finetune": args.finetune}
-        done[name] = {"seeds": seeds, "steps": steps, **mode, "points": points}
+        done[name] = {"seeds": seeds, "steps": steps, "compare": args.compare, "finetune": args.finetune}
+        done[name]["points"] = points
         if not args.quick:
             args.results.write_text(json.dumps(done, indent=2) + "\n")  # after each task: nothing lost
         print(json.dumps({name: done[name]}, indent=2))

@@ -49,6 +49,19 @@ def test_a_restored_schedule_continues_where_it_stopped():
     assert restored.get_last_lr() == pytest.approx(sched.get_last_lr())
 
 
+def test_a_checkpoint_of_transformers_schedule_resumes_in_ours():
+    """Checkpoints written before this module held transformers' LambdaLR: they still resume."""
+    param = torch.nn.Parameter(torch.zeros(1))
+    theirs = torch.optim.SGD([param], lr=0.1)
+    old = get_scheduler("linear", theirs, num_warmup_steps=2, num_training_steps=10)
+    rates(old, theirs, 5)
+    ours = scheduler("linear", torch.optim.SGD([param], lr=0.1), 2, 10)
+    ours.load_state_dict(old.state_dict())
+    assert ours.last_epoch == 5
+    assert ours.get_last_lr() == pytest.approx(old.get_last_lr())
+    assert ours.get_last_lr()[0] == pytest.approx(0.1 * 5 / 8)
+
+
 def test_an_unknown_schedule_is_named():
     with pytest.raises(ValueError, match="'step'"):
         scheduler("step", torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1), 0, 5)

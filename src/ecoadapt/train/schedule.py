@@ -4,8 +4,8 @@ or constant.
 The multipliers are transformers' (``get_scheduler``'s ``linear``, ``cosine`` and
 ``constant_with_warmup``), step for step; ``tests/test_schedule.py`` holds them equal. They are
 written here because importing ``transformers.get_scheduler`` imports the Trainer's utilities,
-which import peft and, where it is installed, bitsandbytes: 3.3 s of start-up measured on a
-2-core EPYC, paid by every run in every sweep point's process, LoRA or not.
+which import peft and, where it is installed, bitsandbytes: about 4.5 s of start-up on a 2-core
+EPYC (BENCHMARKS.md, "Optimisations made in the code"), paid by every run, LoRA or not.
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ import math
 from functools import partial
 
 import torch
-
-SCHEDULES = ("linear", "cosine", "constant")
 
 
 def _warmup(step: int, warmup: int) -> float:
@@ -41,6 +39,9 @@ def _constant(step: int, *, warmup: int, total: int) -> float:
     return _warmup(step, warmup) if step < warmup else 1.0
 
 
+RULES = {"linear": _linear, "cosine": _cosine, "constant": _constant}  # train.schedule's values
+
+
 def scheduler(
     name: str, optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
@@ -50,7 +51,6 @@ def scheduler(
     optimizer steps (linear and cosine reach 0 there). A partial of a module-level function
     keeps the scheduler's ``state_dict`` free of closures, as transformers' own is.
     """
-    rules = {"linear": _linear, "cosine": _cosine, "constant": _constant}
-    if name not in rules:
-        raise ValueError(f"unknown schedule {name!r}; one of {', '.join(SCHEDULES)}")
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(rules[name], warmup=warmup_steps, total=total_steps))
+    if name not in RULES:
+        raise ValueError(f"unknown schedule {name!r}; one of {', '.join(RULES)}")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(RULES[name], warmup=warmup_steps, total=total_steps))
