@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -82,10 +83,13 @@ def test_compare_spreads_the_one_off_cost_over_the_steps_taken():
 def test_the_grid_is_precision_by_lora_by_checkpointing(tiny_llama: Path, corpus_jsonl: Path):
     cfg = _config(tiny_llama, corpus_jsonl, Path("unused"))
     names = [name for name, _ in planner.recipes(cfg, grid=True, device="cpu")]
-    assert len(names) == 12 and len(set(names)) == 12
+    # QLoRA (with checkpointing) beside each precision's LoRA, where bitsandbytes is installed
+    qlora = importlib.util.find_spec("bitsandbytes") is not None
+    assert len(names) == (15 if qlora else 12) and len(set(names)) == len(names)
     assert "fp32 full" in names and "bf16-pure lora ckpt" in names
+    assert ("bf16 qlora-nf4 ckpt" in names) == qlora
     gpu = [name for name, _ in planner.recipes(cfg, grid=True, device="NVIDIA H200")]
-    assert len(gpu) == 20 and "tf32 full ckpt" in gpu and "fp16 lora" in gpu
+    assert len(gpu) == (25 if qlora else 20) and "tf32 full ckpt" in gpu and "fp16 lora" in gpu
     assert [name for name, _ in planner.recipes(cfg, grid=False, device="cpu")] == ["fp32 full"]
 
 

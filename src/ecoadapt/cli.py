@@ -67,6 +67,7 @@ def _print_run(summary: Any, run_dir: str) -> None:
         print(
             f"peak memory ({mem['device']}, measured): training {mem['train_peak_bytes'] / 2**20:,.0f} MiB, "
             f"evaluation {mem.get('eval_peak_bytes', 0) / 2**20:,.0f} MiB"
+            + (f", loading {mem['load_peak_bytes'] / 2**20:,.0f} MiB" if mem.get("load_peak_bytes") else "")
         )
     for line in [*_choice_lines(summary), *_compile_and_forecast_lines(summary)]:
         print(line)
@@ -138,7 +139,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     what = f"projection onto {args.device}" if args.device else "forecast"
     print(
         f"{what} for {plan.steps} steps ({plan.source}) of {cfg.model.name_or_path}, {cfg.data.max_seq_len} tokens "
-        f"x {cfg.train.micro_batch_size} x {cfg.train.grad_accum}, from trial steps of each recipe:"
+        f"x {cfg.train.micro_batch_size} x {cfg.train.grad_accum}:"
     )
     print(plan.table)
     if args.json:

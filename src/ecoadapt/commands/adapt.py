@@ -156,7 +156,7 @@ class AdaptRun:
         if self.cfg.measure.idle_s > 0:
             self.log(f"measuring idle power for {self.cfg.measure.idle_s:g} s ...")
             self.log(f"idle power: {self.tracker.measure_idle(self.cfg.measure.idle_s):.1f} W")
-        self.p = prepare(self.cfg, base, self.device, self.world, self.tracker, self.log)
+        self.p = prepare(self.cfg, base, self.device, self.world, self.tracker, self.log, self.memory)
         if resumed is not None:
             self._check_inputs(resumed["extra"].get("inputs"))
         self.eval_blocks = self.p.blocks.eval[: self.cfg.data.eval_max_blocks]

@@ -69,7 +69,10 @@ def device(name: str) -> Device:
 
 
 def activation_bytes_per_row(probe: dict[str, Any]) -> float:
-    """Activations one block row keeps, from the trial steps' peaks at two micro-batch sizes."""
+    """Activations one block row keeps: the probe's own estimate (a plan from the shapes), or from
+    the trial steps' peaks at two micro-batch sizes."""
+    if "activation_bytes_per_row" in probe:
+        return float(probe["activation_bytes_per_row"])
     sizes = probe["sizes"]
     if len(sizes) < 2 or sizes[-1]["micro_batch"] == sizes[0]["micro_batch"]:
         return float(sizes[-1]["peak_bytes"]) / max(1, int(sizes[-1]["micro_batch"]))  # all of it: errs high
@@ -127,4 +130,15 @@ def table(rows: list[dict[str, Any]], gpu: Device, mfu: float) -> str:
             f"{r['tokens_per_s']:>10,.0f} {r['time_s']:>9.1f} {r['joules']:>10,.0f} {r['mj_per_token']:>7.3f}"
             + "".join(f"  ({n})" for n in r["notes"])
         )
+    sources = sorted({r["source"] for r in rows if r.get("source")})
+    lines += [f"from {source}" for source in sources]
+    fitting = [r for r in rows if r["fits"]]
+    if fitting:
+        best = min(fitting, key=lambda r: (r["joules"], r["peak_bytes"]))
+        lines.append(
+            f"recommended on {gpu.name}: {best['recipe']} (fits in {best['peak_bytes'] / GIB:.1f} GiB, the fewest "
+            "joules of those that fit, then the least memory; a projection says nothing of accuracy)"
+        )
+    else:
+        lines.append(f"no recipe fits {gpu.name}: try lora.quantize: nf4, gradient checkpointing, a shorter sequence")
     return "\n".join(lines)

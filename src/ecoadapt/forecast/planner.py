@@ -24,7 +24,7 @@ from ecoadapt.core import storage
 from ecoadapt.core.errors import UserError
 from ecoadapt.core.processes import run_child
 from ecoadapt.core.progress import say
-from ecoadapt.forecast import costs, devices
+from ecoadapt.forecast import costs, devices, from_shapes
 from ecoadapt.measure.environment import package_version
 from ecoadapt.model import precision_choice
 from ecoadapt.model.parallel import pick_device
@@ -33,8 +33,8 @@ from ecoadapt.train import micro_batch
 
 GIB = 2**30
 # In the cache key: a changed probe is measured afresh (2: one process per size; 3: the run's
-# held-out pass before the timed steps).
-PROBE_VERSION = 3
+# held-out pass before the timed steps; 4: weights read in the recipe's storage dtype).
+PROBE_VERSION = 4
 
 
 TRIAL_TIMEOUT_S = 1800.0  # one size's trial steps (a few steps and a model load): hung past this
@@ -170,8 +170,26 @@ def recipes(cfg: RunConfig, grid: bool, device: str) -> list[tuple[str, RunConfi
                 variant["train"]["gradient_checkpointing"] = ckpt
                 point = from_dict(variant, "plan grid")
                 out.append((_name(point), point))
+                if lora and ckpt and not variant["lora"]["quantize"] and _quantizable(variant):
+                    variant["lora"]["quantize"] = "nf4"  # QLoRA: the lightest recipe there is
+                    point = from_dict(variant, "plan grid")
+                    out.append((_name(point), point))
     names = {name for name, _ in out}
     return out if own[0][0] in names else own + out
+
+
+def _quantizable(variant: dict[str, Any]) -> bool:
+    """Whether QLoRA can be a point of the grid: bitsandbytes is here, and nothing the config
+    sets refuses a quantized base (merging, an explicit compile, FSDP, the 8-bit optimizer's limits)."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return False
+    try:
+        from_dict({**variant, "lora": {**variant["lora"], "quantize": "nf4"}}, "plan grid")
+    except UserError:
+        return False
+    return True
 
 
 def _name(cfg: RunConfig) -> str:
@@ -192,6 +210,11 @@ def run(
     log: Any = None,
 ) -> list[dict[str, Any]]:
     """Forecast each recipe (see :func:`recipes`) for ``steps`` steps; mark what fits."""
+    if from_shapes.weights_missing(cfg):
+        raise UserError(
+            f"plan: {cfg.model.name_or_path} holds a config.json and no weights, so no trial steps can run here; "
+            "plan --device NAME (a10, t4, l4, ...) projects it from its shapes"
+        )
     rows = []
     choice = precision_choice.resolve(cfg, pick_device(cfg.train.device))
     if choice is not None and log is not None:
@@ -290,32 +313,51 @@ def on_device(
         )
     rows = []
     candidates = recipes(cfg, grid, gpu.name)
+    shapes_only = from_shapes.weights_missing(cfg) or not _loads_here(cfg)
     for i, (recipe, point) in enumerate(candidates, 1):
         if log is not None:
-            log(f"trial steps of {recipe} on this machine ({i}/{len(candidates)}) ...")
-        small = dataclasses.replace(
-            point,
-            train=dataclasses.replace(
-                point.train,
-                micro_batch_size=2,
-                grad_accum=1,
-                fill_micro_batch=False,
-                tokens_per_step=None,
-                device="cpu",
-                compile=False,
-            ),
-        )
-        probe = measured_trials(small, steps, fresh)
-        if "flops_per_token" not in probe:  # cached by a version that did not count them
-            probe = measured_trials(small, steps, fresh=True)
-        if "out_of_memory" in probe:
-            raise UserError(
-                f"plan --device: {recipe} does not fit this machine even at 1 block ({probe['out_of_memory']})"
-            )
+            how = "from its shapes" if shapes_only else "trial steps on this machine"
+            log(f"{recipe}: {how} ({i}/{len(candidates)}) ...")
+        probe = from_shapes.probe(point) if shapes_only else _small_trials(point, recipe, steps, fresh)
         micro = _micro_batch_on(point, probe, gpu)
         row = devices.project(probe, gpu, point.precision.mode, micro, tokens_per_step(point), steps, mfu)
-        rows.append({"recipe": recipe, "micro_batch": micro, **row})
+        rows.append({"recipe": recipe, "micro_batch": micro, "source": probe.get("source"), **row})
     return rows, devices.table(rows, gpu, mfu)
+
+
+TRIALS_SOURCE = "trial steps on this machine at micro-batches of 1 and 2 blocks, scaled to the device's"
+
+
+def _small_trials(point: RunConfig, recipe: str, steps: int, fresh: bool) -> dict[str, Any]:
+    """The recipe's trial steps on this CPU at micro-batches 1 and 2 (for a projection)."""
+    small = dataclasses.replace(
+        point,
+        train=dataclasses.replace(
+            point.train,
+            micro_batch_size=2,
+            grad_accum=1,
+            fill_micro_batch=False,
+            tokens_per_step=None,
+            device="cpu",
+            compile=False,
+        ),
+    )
+    probe = measured_trials(small, steps, fresh)
+    if "flops_per_token" not in probe:  # cached by a version that did not count them
+        probe = measured_trials(small, steps, fresh=True)
+    if "out_of_memory" in probe:
+        raise UserError(f"plan --device: {recipe} does not fit this machine even at 1 block ({probe['out_of_memory']})")
+    return {**probe, "source": TRIALS_SOURCE}
+
+
+def _loads_here(cfg: RunConfig) -> bool:
+    """Whether this machine can hold the recipe's weights, states and more for trial steps (else:
+    the recipe is planned from its shapes)."""
+    from ecoadapt.model import load_spec
+
+    probe = from_shapes.probe(cfg)
+    needed = sum(int(v) for v in probe["static_bytes"].values())
+    return needed * 1.2 < load_spec.available_bytes(pick_device("cpu"))
 
 
 def _micro_batch_on(cfg: RunConfig, probe: dict[str, Any], gpu: devices.Device) -> int:

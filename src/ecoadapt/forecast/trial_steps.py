@@ -32,7 +32,7 @@ from ecoadapt.core.progress import say
 from ecoadapt.data.batches import BlockLoader
 from ecoadapt.measure import energy, memory
 from ecoadapt.measure.phases import Phases
-from ecoadapt.model import parallel, pretrained
+from ecoadapt.model import parallel
 from ecoadapt.model.footprint import static_bytes
 from ecoadapt.train import prepare
 from ecoadapt.train.heldout import heldout
@@ -120,7 +120,7 @@ def measure_trial_steps(cfg: RunConfig, sizes: list[int]) -> dict[str, Any]:
     world = parallel.World()
     rss_before_load = memory.rss_bytes()
     tracker = energy.EnergyTracker.for_config(cfg.measure, device.type, device.index, 0, lambda _: None)
-    loaded = pretrained.load(cfg.model, cfg.data.max_seq_len, cfg.train.seed)
+    loaded = prepare.load_model(cfg, device, world, guard=False)
     vocab = len(loaded.tokenizer)
     n = max(sizes) * (WARMUP_STEPS + TIMED_STEPS)
     generator = torch.Generator().manual_seed(cfg.train.seed)

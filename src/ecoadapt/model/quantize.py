@@ -8,8 +8,12 @@ not offered here.
 
 Only the Linears inside the stack of transformer blocks are quantized: the embeddings and the
 LM head keep the precision they were loaded in, as transformers' own bitsandbytes loading
-keeps its head (``llm_int8_skip_modules``). The weights are quantized from the loaded
-full-precision copy, so every source (a saved folder, GGUF, a hub id) works the same way.
+keeps its head (``llm_int8_skip_modules``).
+
+Folders and hub ids are quantized while they load (:func:`load_config`: transformers'
+``BitsAndBytesConfig``, each weight quantized as its shard is read, on the training device), so
+the load never holds the base at full precision. A GGUF file (transformers dequantizes its own
+format tensor by tensor) is quantized after loading by :func:`frozen_base`, from the load dtype.
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ import torch
 from torch import nn
 
 from ecoadapt.core.errors import UserError
+from ecoadapt.model.load_spec import LoadSpec
 
-INSTALL = "pip install 'ecoadapt[qlora]' (bitsandbytes)"
+INSTALL = "pip install 'ecoadapt[qlora]' (bitsandbytes, and accelerate for transformers' quantized loading)"
 
 
 @dataclass
@@ -59,6 +64,56 @@ def bitsandbytes() -> Any:
     import bitsandbytes as bnb
 
     return bnb
+
+
+def load_config(kind: str, compute_dtype: torch.dtype, keep: list[str]) -> Any:
+    """transformers' quantization config for a base quantized while it loads.
+
+    Args:
+        kind: ``nf4`` or ``int8`` (the same settings :func:`frozen_base` uses).
+        compute_dtype: what the 4-bit matmuls dequantize to.
+        keep: names of Linear modules left unquantized (those outside the blocks).
+    """
+    bitsandbytes()
+    if importlib.util.find_spec("accelerate") is None:
+        raise UserError(f"lora.quantize: transformers' quantized loading needs accelerate: {INSTALL}")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=kind == "nf4",
+        load_in_8bit=kind == "int8",
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+        llm_int8_threshold=6.0,
+        llm_int8_skip_modules=keep,
+    )
+
+
+def describe_loaded(model: nn.Module, spec: LoadSpec) -> QuantizedBase:
+    """What quantizing while loading did, as :func:`frozen_base` reports it (``bytes_before``:
+    the quantized weights' bytes in the dtype the rest of the model was read in)."""
+    assert spec.quantize is not None
+    kind, compute_dtype, loaded_dtype = spec.quantize, spec.compute_dtype, spec.dtype
+    bnb = bitsandbytes()
+    found: list[Any] = [m for m in model.modules() if is_quantized(m)]
+    before = after = 0
+    for module in found:
+        values = int(module.in_features) * int(module.out_features)
+        before += values * (torch.finfo(loaded_dtype).bits // 8)
+        after += _stored_bytes(module)
+        if isinstance(module, bnb.nn.Linear4bit):
+            _no_cpu_repack(module)
+    return QuantizedBase(
+        kind, f"bitsandbytes {bnb.__version__}", len(found), before, after, str(compute_dtype).replace("torch.", "")
+    )
+
+
+def _no_cpu_repack(module: nn.Module) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight for its inference kernel at
+    the first forward pass without gradients (the held-out evaluation), and the training passes
+    after it then left every LoRA B at zero (measured: bitsandbytes 0.50.2, torch 2.13)."""
+    module.support_avx512bf16_for_cpu = False  # type: ignore[assignment]
 
 
 def frozen_base(
@@ -112,10 +167,7 @@ def _nf4(bnb: Any, linear: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
     )
     if linear.bias is not None:
         q.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-    # On CPUs with AVX512-BF16, bitsandbytes repacks the weight for its inference kernel at the
-    # first forward pass without gradients (the held-out evaluation), and the training passes
-    # after it then left every LoRA B at zero (measured: bitsandbytes 0.50.2, torch 2.13).
-    q.support_avx512bf16_for_cpu = False
+    _no_cpu_repack(q)
     return q
 
 

@@ -315,8 +315,14 @@ def adapted_backbone(run: RunConfig) -> dict[str, torch.Tensor]:
     if (folder / "adapter").is_dir():
         from peft import PeftModel
 
-        loaded = pretrained.load(run.model, 8, run.train.seed)
-        if run.lora.quantize:  # judge the model as it trained: on the quantized base
+        from ecoadapt.model.load_spec import Recipe
+
+        # Judge the model as it trained: a quantized base read and quantized as the run's was
+        # (the same codes), then dequantized with the adapter added in fp32 (backbone_state);
+        # a full-precision base in fp32, so that merging keeps the adapter's small update.
+        recipe = Recipe.of(run) if run.lora.quantize else None
+        loaded = pretrained.load(run.model, 8, run.train.seed, recipe)
+        if run.lora.quantize and loaded.quantized is None:  # a GGUF base: quantized after loading, as in the run
             from ecoadapt.model import quantize
 
             _, blocks = pretrained.transformer_blocks(loaded.model)

@@ -21,8 +21,10 @@ from ecoadapt.data import corpus
 from ecoadapt.data.batches import Blocks, MaskSpec
 from ecoadapt.measure import flops, memory
 from ecoadapt.measure.energy import EnergyTracker
+from ecoadapt.measure.memory import MemoryWindows
 from ecoadapt.measure.phases import Phases
 from ecoadapt.model import adapters, compiling, layerwise, parallel, pretrained, quantize
+from ecoadapt.model.load_spec import Recipe
 from ecoadapt.model.losses import LossModule, encoder_and_head
 from ecoadapt.model.precision import AUTOCAST_DTYPES, DTYPES, Policy
 from ecoadapt.train.heldout import heldout
@@ -46,24 +48,51 @@ def prepare(
     world: parallel.World,
     tracker: EnergyTracker,
     log: Callable[[str], None],
+    windows: MemoryWindows | None = None,
 ) -> Prepared:
-    """Load the model, tokenize the corpus, choose what trains and in which precision, wrap."""
+    """Load the model, tokenize the corpus, choose what trains and in which precision, wrap.
+
+    ``windows``: where the load's peak memory is measured (its window, ``load``, spans reading
+    the weights, tokenizing and making the recipe's model: everything before the first step).
+    """
     rss_before_load = memory.rss_bytes()
     phases: dict[str, float] = {}
     t = time.perf_counter()
     log(f"loading {cfg.model.name_or_path} ...")
-    with Phases(tracker).window("load"):  # loading the model and tokenizing the corpus
-        loaded = pretrained.load(cfg.model, cfg.data.max_seq_len, cfg.train.seed)
-        phases["load_s"] = time.perf_counter() - t
-        if loaded.fresh:
-            log(f"newly initialised (trained from scratch): {', '.join(loaded.fresh)}")
-        t = time.perf_counter()
-        blocks = corpus.build(cfg.data, loaded.tokenizer, loaded.objective, base)
-        phases["tokenize_s"] = time.perf_counter() - t
+    # The memory window spans everything before the first step (its peak is reported beside
+    # training's); the energy window, loading and tokenizing (the precision checks inside build
+    # are windows of their own: the tool's overhead).
+    with Phases(tracker, windows).window("load", energy=False):
+        with Phases(tracker).window("load"):
+            loaded = load_model(cfg, device, world)
+            phases["load_s"] = time.perf_counter() - t
+            if loaded.fresh:
+                log(f"newly initialised (trained from scratch): {', '.join(loaded.fresh)}")
+            t = time.perf_counter()
+            blocks = corpus.build(cfg.data, loaded.tokenizer, loaded.objective, base)
+            phases["tokenize_s"] = time.perf_counter() - t
+        built = build(cfg, loaded, blocks.train, device, world, log, phases=Phases(tracker))
     _describe_corpus(blocks, cfg, world, log)
-
-    built = build(cfg, loaded, blocks.train, device, world, log, phases=Phases(tracker))
+    log(_what_trains(cfg, loaded.objective, device, built.counts, built.plan, world))
     return Prepared(built, loaded=loaded, blocks=blocks, rss_before_load=rss_before_load, phases=phases)
+
+
+def load_model(
+    cfg: RunConfig, device: torch.device, world: parallel.World | None = None, guard: bool = True
+) -> pretrained.LoadedModel:
+    """The run's model, read as its recipe says (:mod:`ecoadapt.model.load_spec`): in the storage
+    dtype, a QLoRA base quantized as it loads onto ``device``; refused before reading when its
+    weights cannot fit the memory free there, or train.max_memory_gb (``guard``; `plan`'s trial
+    steps turn it off: their own out-of-memory guard reports a recipe that does not fit)."""
+    # FSDP shards the model in host memory: it loads there.
+    load_device = torch.device("cpu") if world is not None and world.strategy == "fsdp" else device
+    limit = None
+    if cfg.train.max_memory_gb is not None and guard:
+        held = torch.cuda.memory_allocated(load_device) if load_device.type == "cuda" else memory.rss_bytes()
+        limit = int(cfg.train.max_memory_gb * 2**30) - held
+    return pretrained.load(
+        cfg.model, cfg.data.max_seq_len, cfg.train.seed, Recipe.of(cfg), load_device, memory_limit_bytes=limit
+    )
 
 
 @dataclass
@@ -119,7 +148,11 @@ def build(
     setup_device = torch.device("cpu") if world.strategy == "fsdp" else device
     policy = Policy(cfg.precision.mode, device.type)
     quantized_base = _quantize_base(cfg, loaded, policy, device, log)
+    # A base read in 16 bits under autocast: the residual stream stays fp32, as it is when the
+    # embeddings are stored in fp32 (before any PEFT wrapping, which adds hooks of its own).
+    policy.keep_residual_fp32(loaded.model)
     model, plan = adapters.prepare(loaded, cfg.train, cfg.lora)
+    policy.keep_trained_fp32(model)
     model.to(setup_device)
     mask = mask_spec(loaded.tokenizer, cfg.data.mlm_probability) if loaded.objective == "mlm" else None
     checks = phases.window("precision_checks", memory=None) if phases else contextlib.nullcontext()
@@ -129,6 +162,7 @@ def build(
         )
     if quantized_base is not None:
         precision_report["quantized_base"] = quantized_base.as_dict()
+    precision_report["load"] = loaded.spec.as_dict()
     for note in policy.notes:
         log(f"note: {note}")
     counts = pretrained.parameter_counts(model)
@@ -143,7 +177,6 @@ def build(
     if compiled.what != "off":
         log(f"compiling: {compiled.what} (train.compile={cfg.train.compile}; in the first steps, counted as training)")
     wrapped = parallel.wrap(loss_module, world, device, block_list)
-    log(_what_trains(cfg, loaded.objective, device, counts, plan, world))
     return Built(wrapped, plan, policy, mask, precision_report, counts, compiled)
 
 
@@ -160,6 +193,13 @@ def _quantize_base(
         )
     if cfg.lora.quantize is None:
         return None
+    if loaded.quantized is not None:  # quantized while it loaded
+        done = loaded.quantized
+        log(
+            f"frozen base: {done.modules} Linear layers quantized to {done.kind} while loading ({done.backend}), "
+            f"{done.bytes_before / 2**20:,.1f} -> {done.bytes_after / 2**20:,.1f} MiB"
+        )
+        return done
     _, blocks = pretrained.transformer_blocks(loaded.model)
     done = quantize.frozen_base(loaded.model, blocks, cfg.lora.quantize, policy.compute_dtype, device)
     log(

@@ -1,0 +1,121 @@
+"""`plan --device` for a model this machine cannot load, or whose weights are not here: from its
+``config.json`` alone.
+
+The recipe is built on the meta device (shapes, no memory): the model from its config, in the
+dtype the run would read it in (:mod:`ecoadapt.model.load_spec`), with what trains set as the run
+sets it (:func:`ecoadapt.model.adapters.prepare`: LoRA adapters, trainable blocks). Then:
+
+- weights: as the recipe stores them (NF4 or int8 blocks at their packed size);
+- gradients and optimizer state: of what trains, in the dtype it trains in (fp32 under autocast,
+  fp32 masters under bf16-pure, 8-bit moments for adamw8bit), by the same
+  :func:`ecoadapt.model.footprint.static_bytes` a real run's forecast uses;
+- activations per block row: :func:`ecoadapt.model.footprint.activation_bytes_per_row` (an
+  estimate that errs high), plus one chunk of logits and its gradient (the chunked head);
+- FLOPs per token: :func:`ecoadapt.measure.flops.training_flops` on the same meta model.
+
+So an 8B model is planned here in seconds, on a machine that could not hold it. The figures are
+a projection, labelled so by the table that shows them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from ecoadapt.config import RunConfig
+from ecoadapt.core.errors import UserError
+from ecoadapt.model import adapters, footprint, load_spec, pretrained
+from ecoadapt.model.load_spec import Recipe
+from ecoadapt.model.losses import chunk_rows
+from ecoadapt.model.precision import Policy
+
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.gguf")
+
+
+def weights_missing(cfg: RunConfig) -> bool:
+    """Whether the model is a local folder with a config.json and no weight files."""
+    folder = Path(cfg.model.name_or_path).expanduser()
+    return (
+        folder.is_dir()
+        and (folder / "config.json").is_file()
+        and not any(any(folder.glob(pattern)) for pattern in WEIGHT_FILES)
+    )
+
+
+def model_config(cfg: RunConfig) -> Any:
+    """The model's transformers config: a local folder's config.json, or a hub id's (cache first)."""
+    from transformers import AutoConfig
+
+    folder = Path(cfg.model.name_or_path).expanduser()
+    where = str(folder) if folder.is_dir() else cfg.model.name_or_path
+    try:
+        with pretrained.offline() if cfg.model.offline or folder.is_dir() else contextlib.nullcontext():
+            return AutoConfig.from_pretrained(where, revision=cfg.model.revision)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model.name_or_path: cannot read a config.json for {cfg.model.name_or_path} ({e})") from None
+
+
+def probe(cfg: RunConfig) -> dict[str, Any]:
+    """What :func:`ecoadapt.forecast.devices.project` needs of ``cfg``'s recipe, from its shapes.
+
+    Returns:
+        ``static_bytes`` (weights, gradients, optimizer, logits chunk), ``activation_bytes_per_row``,
+        ``flops_per_token``, ``counts`` and ``source``.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    from ecoadapt.measure import flops
+
+    config = model_config(cfg)
+    objective = pretrained.detect_objective(config) if cfg.model.objective == "auto" else cfg.model.objective
+    auto = AutoModelForMaskedLM if objective == "mlm" else AutoModelForCausalLM
+    spec = Recipe.of(cfg).spec(load_spec.checkpoint_dtype(config))
+    meta = pretrained.meta_model(auto, config).to(spec.dtype)
+    blocks_name, _ = pretrained.transformer_blocks(meta)
+    shapes = load_spec.Shapes.of(meta, blocks_name)
+    # No newly initialised head is known from a config alone (an encoder's MLM head, say): it
+    # would train in full, a few MB more than counted here.
+    loaded = pretrained.LoadedModel(meta, None, objective, cfg.model.name_or_path, [], spec)
+    with torch.device("meta"):
+        model, _ = adapters.prepare(loaded, cfg.train, cfg.lora)
+    policy = Policy(spec_mode(cfg), "cpu")
+    policy.apply(model)  # bf16-pure: every weight (adapters too) in bf16, as the run stores them
+    policy.keep_trained_fp32(model)
+    static = footprint.static_bytes(model, _masters(model, spec_mode(cfg)), cfg.train.optimizer)
+    if spec.quantize is not None:  # the blocks' Linears at their packed size, not as built here
+        stored = shapes.weight_bytes(dataclasses.replace(spec, quantize=None))
+        static["weights"] += shapes.weight_bytes(spec) - stored
+    value_bytes = 4 if spec.compute_dtype == torch.float32 else 2
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
+    static["logits_chunk"] = 2 * chunk_rows(vocab, "cuda") * vocab * 4 if vocab else 0  # fp32 logits + gradient
+    _, blocks = pretrained.transformer_blocks(model)
+    head_fraction = cfg.data.mlm_probability if objective == "mlm" else 1.0
+    count = flops.training_flops(model, blocks, cfg.data.max_seq_len, int(config.hidden_size), head_fraction)
+    per_row = footprint.activation_bytes_per_row(
+        config, cfg.data.max_seq_len, value_bytes, cfg.train.gradient_checkpointing
+    )
+    return {
+        "static_bytes": static,
+        "activation_bytes_per_row": per_row,
+        "flops_per_token": count.per_token,
+        "counts": pretrained.parameter_counts(model),
+        "source": "the model's shapes on the meta device (config.json alone; activations estimated)",
+    }
+
+
+def spec_mode(cfg: RunConfig) -> str:
+    """The precision mode the plan assumes: the config's, and bf16 for auto (what auto picks on
+    GPUs with native bfloat16; `plan --device` resolves auto for the device first)."""
+    return cfg.precision.mode if cfg.precision.mode != "auto" else "bf16"
+
+
+def _masters(model: torch.nn.Module, mode: str) -> SimpleNamespace:
+    """bf16-pure's fp32 masters of the trainable weights, as shapes (what the optimizer updates)."""
+    trainable = [p for p in model.parameters() if p.requires_grad and p.dtype != torch.float32]
+    masters = [(p, torch.empty(p.shape, dtype=torch.float32, device="meta")) for p in trainable]
+    return SimpleNamespace(masters=masters if mode == "bf16-pure" else [])

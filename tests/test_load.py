@@ -1,0 +1,141 @@
+"""Loading lean: weights read straight into the recipe's storage dtype, a QLoRA base quantized as
+it loads, the load's peak reported, and a model too large for the memory refused before reading."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from ecoadapt.cli import main
+from ecoadapt.config import ModelConfig
+from ecoadapt.core.errors import UserError
+from ecoadapt.model import load_spec, pretrained
+from ecoadapt.model.load_spec import LoadSpec, Recipe, Shapes
+from helpers.runs import write_config
+from helpers.tiny_models import build_tiny_llama
+
+BF16, FP32 = torch.bfloat16, torch.float32
+
+
+@pytest.mark.parametrize(
+    ("recipe", "stored", "dtype"),
+    [
+        (Recipe("fp32", frozen_base=True), BF16, FP32),  # fp32 computes in fp32, whatever is stored
+        (Recipe("tf32"), BF16, FP32),
+        (Recipe("bf16-pure"), FP32, BF16),  # bf16-pure stores every weight in bf16
+        (Recipe("bf16-pure", frozen_base=True, quantize="nf4"), FP32, BF16),
+        (Recipe("bf16", frozen_base=True), FP32, BF16),  # a frozen base in the autocast dtype
+        (Recipe("fp16", frozen_base=True), BF16, torch.float16),
+        (Recipe("bf16", frozen_base=True, merge=True), BF16, FP32),  # the merged model keeps fp32 weights
+        (Recipe("bf16", frozen_base=True, fsdp=True), BF16, FP32),  # one dtype per FSDP shard unit
+        (Recipe("bf16-pure", fsdp=True), FP32, BF16),
+        (Recipe("bf16"), FP32, FP32),  # full training under autocast: fp32 weights from an fp32 checkpoint
+        (Recipe("bf16"), BF16, BF16),  # ... but a bf16 checkpoint loses nothing read in bf16
+        (Recipe("bf16"), None, FP32),  # unknown storage: the safe side
+    ],
+)
+def test_each_recipe_reads_its_weights_in_the_dtype_it_stores_them_in(recipe, stored, dtype):
+    spec = recipe.spec(stored)
+    assert spec.dtype == dtype
+    assert spec.quantize == recipe.quantize
+    assert spec.why  # says why, for the summary
+
+
+def _bytes(model):
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def test_a_frozen_base_under_autocast_is_read_in_bf16_and_the_shapes_count_its_bytes(tiny_llama):
+    full = pretrained.load(ModelConfig(str(tiny_llama)), 16)
+    lean = pretrained.load(ModelConfig(str(tiny_llama)), 16, recipe=Recipe("bf16", frozen_base=True))
+    assert {p.dtype for p in full.model.parameters()} == {FP32}
+    assert {p.dtype for p in lean.model.parameters()} == {BF16}
+    assert lean.spec.dtype == BF16 and lean.quantized is None
+    # The same values, rounded to bf16: nothing was re-initialised.
+    for (name, a), (_, b) in zip(full.model.named_parameters(), lean.model.named_parameters(), strict=True):
+        assert torch.equal(a.to(BF16), b), name
+    shapes = Shapes.of(pretrained.meta_model(AutoModelForCausalLM, full.model.config), "model.layers")
+    assert shapes.weight_bytes(LoadSpec(FP32)) == _bytes(full.model)
+    assert shapes.weight_bytes(LoadSpec(BF16)) == _bytes(lean.model)
+    assert shapes.outside_blocks == ["lm_head"]
+
+
+@pytest.fixture(scope="module")
+def llama64(tmp_path_factory):
+    return build_tiny_llama(tmp_path_factory.mktemp("llama64"), hidden=64)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_a_qlora_base_is_quantized_while_it_loads_and_the_shapes_predict_its_bytes(llama64, kind):
+    bnb = pytest.importorskip("bitsandbytes")
+    loaded = pretrained.load(ModelConfig(str(llama64)), 16, recipe=Recipe("bf16", frozen_base=True, quantize=kind))
+    kind_class = bnb.nn.Linear4bit if kind == "nf4" else bnb.nn.Linear8bitLt
+    quantized = [n for n, m in loaded.model.named_modules() if isinstance(m, kind_class)]
+    assert len(quantized) == 2 * 7 and all(n.startswith("model.layers.") for n in quantized)
+    assert type(loaded.model.lm_head) is torch.nn.Linear  # the head kept as loaded, in bf16
+    assert loaded.model.lm_head.weight.dtype == BF16
+    q = loaded.quantized
+    assert q is not None and q.kind == kind and q.modules == 14 and q.compute_dtype == "bfloat16"
+    assert q.bytes_after < q.bytes_before / (3.0 if kind == "nf4" else 1.8)
+    # The shapes' forecast of the blocks' bytes matches what bitsandbytes stores, within 2%.
+    shapes = Shapes.of(pretrained.meta_model(AutoModelForCausalLM, loaded.model.config), "model.layers")
+    predicted = shapes.weight_bytes(LoadSpec(BF16, kind)) - shapes.other_values * 2
+    assert predicted == pytest.approx(q.bytes_after, rel=0.02)
+
+
+def test_a_model_whose_weights_cannot_fit_is_refused_before_reading_naming_a_recipe_that_fits(tiny_llama, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("the weights were read")
+
+    meta = pretrained.meta_model(
+        AutoModelForCausalLM, pretrained._read_config(ModelConfig(str(tiny_llama)), str(tiny_llama), {})
+    )
+    shapes = Shapes.of(meta, "model.layers")
+    fp32, bf16 = shapes.weight_bytes(LoadSpec(FP32)), shapes.weight_bytes(LoadSpec(BF16))
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", never)
+    with pytest.raises(UserError, match=r"model\.name_or_path: .* weights need .* GiB .*bf16 base under LoRA"):
+        pretrained.load(ModelConfig(str(tiny_llama)), 16, memory_limit_bytes=(fp32 + bf16) // 2)
+    with pytest.raises(UserError, match="no recipe's weights fit: use a smaller model"):
+        pretrained.load(ModelConfig(str(tiny_llama)), 16, memory_limit_bytes=100)
+
+
+def test_the_free_memory_of_the_device_is_checked_without_a_limit(tiny_llama, monkeypatch):
+    monkeypatch.setattr(load_spec, "available_bytes", lambda device: 1000)
+    with pytest.raises(UserError, match="free on cpu"):
+        pretrained.load(ModelConfig(str(tiny_llama)), 16)
+
+
+def test_a_bf16_lora_run_reads_its_base_in_bf16_trains_fp32_adapters_and_reports_the_load_peak(
+    tmp_path, tiny_llama, corpus_jsonl
+):
+    config = write_config(
+        tmp_path, tiny_llama, corpus_jsonl, lora={"enabled": True, "r": 4}, precision={"mode": "bf16"}
+    )
+    assert main(["adapt", str(config)]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["precision"]["load"]["dtype"] == "bf16"
+    memory = summary["memory"]
+    assert memory["load_peak_bytes"] > 0 and memory["load_peak_above_baseline_bytes"] >= 0
+    assert summary["eval"]["loss"] < summary["eval"]["loss_before"]  # it learnt on the bf16 base
+    from safetensors.torch import load_file
+
+    adapter = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    assert adapter and {t.dtype for t in adapter.values()} == {FP32}
+
+
+def test_under_autocast_a_16_bit_base_hands_the_blocks_fp32_activations(tiny_llama):
+    from ecoadapt.model.precision import Policy
+
+    loaded = pretrained.load(ModelConfig(str(tiny_llama)), 16, recipe=Recipe("bf16", frozen_base=True))
+    seen = []
+    loaded.model.model.layers[0].register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(args[0].dtype) if args else seen.append(kwargs["hidden_states"].dtype),
+        with_kwargs=True,
+    )
+    policy = Policy("bf16", "cpu")
+    assert policy.keep_residual_fp32(loaded.model)
+    with policy.autocast(), torch.no_grad():
+        loaded.model(input_ids=torch.tensor([[1, 2, 3]]))
+    assert seen == [FP32]
+    assert not Policy("bf16-pure", "cpu").keep_residual_fp32(loaded.model)  # pure bf16 keeps bf16 activations
