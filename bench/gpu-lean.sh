@@ -12,10 +12,7 @@
 # Results: runs/gpu-lean/lean_load.json, and $OUT/lean_load.json when the device tool sets $OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-[ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ] && PY=.venv/bin/python
-$PY -c "import ecoadapt" 2>/dev/null || export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
-$PY -c "import bitsandbytes" || { echo "bitsandbytes is missing: pip install 'ecoadapt[qlora]'"; exit 2; }
+source bench/gpu_prelude.sh
 mkdir -p runs/gpu-lean
 if [ -n "${GPU_SMOKE_CPU:-}" ]; then
   MODEL=runs/gpu-lean/llama-smoke

@@ -11,10 +11,7 @@
 # Results: runs/gpu-qlora/qlora.json, and $OUT/qlora.json when the device tool sets $OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-[ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ] && PY=.venv/bin/python
-$PY -c "import ecoadapt" 2>/dev/null || export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
-$PY -c "import bitsandbytes" || { echo "bitsandbytes is missing: pip install 'ecoadapt[qlora]'"; exit 2; }
+source bench/gpu_prelude.sh
 mkdir -p runs/gpu-qlora
 if [ -n "${GPU_SMOKE_CPU:-}" ]; then
   MODEL=runs/gpu-qlora/llama-smoke

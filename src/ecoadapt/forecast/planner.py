@@ -170,26 +170,25 @@ def recipes(cfg: RunConfig, grid: bool, device: str) -> list[tuple[str, RunConfi
                 variant["train"]["gradient_checkpointing"] = ckpt
                 point = from_dict(variant, "plan grid")
                 out.append((_name(point), point))
-                if lora and ckpt and not variant["lora"]["quantize"] and _quantizable(variant):
-                    variant["lora"]["quantize"] = "nf4"  # QLoRA: the lightest recipe there is
-                    point = from_dict(variant, "plan grid")
-                    out.append((_name(point), point))
+                if lora and ckpt and not variant["lora"]["quantize"]:
+                    qlora = _qlora_point(variant)  # QLoRA: the lightest recipe there is
+                    out += [(_name(qlora), qlora)] if qlora is not None else []
     names = {name for name, _ in out}
     return out if own[0][0] in names else own + out
 
 
-def _quantizable(variant: dict[str, Any]) -> bool:
-    """Whether QLoRA can be a point of the grid: bitsandbytes is here, and nothing the config
-    sets refuses a quantized base (merging, an explicit compile, FSDP, the 8-bit optimizer's limits)."""
+def _qlora_point(variant: dict[str, Any]) -> RunConfig | None:
+    """``variant`` with an NF4 base, where QLoRA can be a point of the grid: bitsandbytes is
+    here, and nothing the config sets refuses a quantized base (merging, an explicit compile,
+    FSDP, the 8-bit optimizer's limits: the config's own checks say so)."""
     import importlib.util
 
     if importlib.util.find_spec("bitsandbytes") is None:
-        return False
+        return None
     try:
-        from_dict({**variant, "lora": {**variant["lora"], "quantize": "nf4"}}, "plan grid")
+        return from_dict({**variant, "lora": {**variant["lora"], "quantize": "nf4"}}, "plan grid")
     except UserError:
-        return False
-    return True
+        return None
 
 
 def _name(cfg: RunConfig) -> str:

@@ -175,7 +175,8 @@ def load(
     config = _read_config(cfg, where, kwargs)
     objective = _objective(cfg, config, seq_len)
     auto = AutoModelForMaskedLM if objective == "mlm" else AutoModelForCausalLM
-    spec = (recipe or Recipe()).spec(load_spec.checkpoint_dtype(config))
+    stored = load_spec.checkpoint_dtype(config)
+    spec = (recipe or Recipe()).spec(stored)
     meta = meta_model(auto, config)
     shapes = load_spec.Shapes.of(meta, transformer_blocks(meta)[0])
     load_spec.check_room(shapes, spec, device, memory_limit_bytes, cfg.name_or_path)
@@ -184,7 +185,7 @@ def load(
     quantize_now = spec.quantize is not None and gguf_file is None
     weights_kwargs = _quantizing(spec, shapes, device) if quantize_now else {}
     torch.manual_seed(seed)  # newly initialised heads start the same in every run of a seed
-    copies = quantize_now or load_spec.checkpoint_dtype(config) != spec.dtype
+    copies = quantize_now or stored != spec.dtype
     try:
         with offline(), read_into_memory(copies):
             model, info = auto.from_pretrained(  # type: ignore[misc]
