@@ -77,8 +77,11 @@ def test_empty_split_is_an_error(tiny_llama, tmp_path):
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     p = tmp_path / "one.txt"
     p.write_text("the photo\n")
-    with pytest.raises(UserError, match="no document of 1 was held out"):
-        corpus.build(DataConfig(train=[str(p)], eval_fraction=0.01), tok, "clm")
+    with pytest.raises(UserError, match=r"the corpus is one document \(1\).*split it into documents"):
+        corpus.build(DataConfig(train=[str(p)], eval_fraction=0.5), tok, "clm")  # no fraction can help
+    p.write_text("the photo\nthe cat\nthe dog\n")
+    with pytest.raises(UserError, match="no document of 3 was held out"):
+        corpus.build(DataConfig(train=[str(p)], eval_fraction=0.001), tok, "clm")
 
 
 def test_mlm_masking_rates_and_specials():

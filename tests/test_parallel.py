@@ -1,7 +1,6 @@
 """Data parallelism on CPU with gloo: exact equivalence, FSDP, failures. Each job is 2 processes."""
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -9,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from ecoadapt.data.batches import BlockLoader, MaskSpec
+from helpers.parallel_runs import config, losses, run
 from helpers.runs import heldout_loss_of
 
 HERE = Path(__file__).parent
@@ -30,33 +29,6 @@ def test_rank_shards_are_disjoint_slices_of_the_single_process_batch():
         assert torch.equal(torch.cat([p["labels"] for p in parts]), whole["labels"])  # the same masks
         n = int((whole["labels"] != -100).sum())
         assert all(int(p["global_targets"]) == n for p in parts)
-
-
-def config(tmp_path, name, model, corpus, **train):
-    cfg = {
-        "model": {"name_or_path": str(model)},
-        "data": {"train": [str(corpus)], "text_field": "caption", "max_seq_len": 16, "eval_fraction": 0.1},
-        "train": {"max_steps": 5, "lr": 3e-3, "log_every": 1, "warmup_ratio": 0, "seed": 3, **train},
-        "measure": {"energy": "estimate"},
-        "output": {"dir": str(tmp_path / name)},
-    }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def run(path, nproc=1, *sets):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "ecoadapt", "adapt", str(path), *(f"--set={s}" for s in sets)]
-    if nproc > 1:
-        cmd += [f"--set=parallel.nproc={nproc}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
-
-def losses(folder):
-    return [json.loads(x)["loss"] for x in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.slow

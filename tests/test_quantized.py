@@ -155,7 +155,7 @@ def test_qlora_under_ddp_matches_one_process(tmp_path, llama64, corpus_jsonl):
     """Two gloo ranks of 2 blocks each train the same adapters as one process of 4."""
     from safetensors.torch import load_file
 
-    from test_parallel import config, losses, run
+    from helpers.parallel_runs import config, losses, run
 
     sets = ("lora.enabled=true", "lora.quantize=nf4", "lora.dropout=0")  # dropout draws per-rank masks
     run(config(tmp_path, "one", llama64, corpus_jsonl, micro_batch_size=4, grad_accum=1), 1, *sets)

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from ecoadapt.cli import main
 from ecoadapt.config import TrainConfig
+from ecoadapt.core import ownership
 from ecoadapt.core.errors import UserError
 from ecoadapt.model import parallel
 from ecoadapt.results import rundir
@@ -109,18 +110,19 @@ def test_sigkill_then_rerun_resumes_to_the_same_weights(tmp_path, tiny_bert, ref
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_and_exits_interrupted_then_resumes(tmp_path, tiny_bert, reference):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])  # SIGHUP: a closed terminal or ssh session
+def test_a_stop_signal_checkpoints_and_exits_interrupted_then_resumes(tmp_path, tiny_bert, reference, sig):
     corpus, expected, _ = reference
     config = resumable_config(tmp_path, tiny_bert, corpus, "run")  # no periodic checkpoints
     run = tmp_path / "run"
     proc = start(config)
     wait_for(lambda: (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").stat().st_size > 0, proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert proc.returncode == 128 + sig, err
     assert "Traceback" not in err
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["status"] == "interrupted" and summary["signal"] == "SIGTERM"
+    assert summary["status"] == "interrupted" and summary["signal"] == signal.Signals(sig).name
     assert 0 < summary["steps"] < 300 and summary["checkpoint"] == rundir.CHECKPOINT_FILE
     assert not (run / "model").exists()
 
@@ -246,7 +248,7 @@ def test_resume_point_decisions(tmp_path):
     assert rundir.resume_point(run, cfg, False, False) == rundir.ResumePoint()
     with pytest.raises(UserError, match="holds no checkpoint"):
         rundir.resume_point(run, cfg, False, True)
-    run.mkdir()
+    ownership.Folder(run).claim(*rundir.RUN_ENTRIES)  # as a run claims them, before it writes them
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     (run / "metrics.jsonl").write_text("")
     assert rundir.resume_point(run, cfg, False, False).restart  # killed before a checkpoint
@@ -262,6 +264,10 @@ def test_resume_point_decisions(tmp_path):
         rundir.resume_point(run, {**cfg, "train": {"lr": 0.2}}, False, False)
     # output.overwrite on a run of ecoadapt's: start again, removing what ecoadapt wrote there.
     assert rundir.resume_point(run, cfg, True, False) == rundir.ResumePoint(restart=True)
+    # The same files without the record of them are nobody's to remove: refused.
+    (run / ownership.MANIFEST).unlink()
+    with pytest.raises(UserError, match="holds files ecoadapt did not write"):
+        rundir.resume_point(run, cfg, True, False)
 
 
 def test_not_enough_disk_is_reported_before_training(tmp_path):

@@ -74,7 +74,8 @@ def test_three_point_sweep_runs_resumes_and_records_failures(tmp_path, tiny_llam
     # A failing point (2 blocks only) is recorded, and the others still run.
     points = [{"name": "too-many", "set": {"train.trainable_layers": 5}}, {"name": "more", "set": {"train.lr": 1e-3}}]
     path = write_sweep(tmp_path, tiny_llama, corpus_jsonl, points=points)
-    assert main(["sweep", str(path)]) == 0
+    assert main(["sweep", str(path)]) == 1  # the report is written, but not every point finished
+    assert "not every point finished (too-many)" in capsys.readouterr().err
     records = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     by_name = {r["name"]: r for r in records}
     assert by_name["too-many"]["status"] == "failed"

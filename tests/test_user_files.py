@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from ecoadapt.cli import main
-from ecoadapt.core import storage
+from ecoadapt.core import ownership, storage
 from ecoadapt.model.export import replace_folder
 from ecoadapt.results import rundir
 from helpers.runs import write_config
@@ -49,7 +49,8 @@ def test_overwriting_a_run_removes_ecoadapts_files_and_keeps_the_users(tmp_path,
     path = write_config(tmp_path, tiny_bert, corpus_jsonl, output={"save_model": True})
     assert main(["adapt", str(path)]) == 0
     run = tmp_path / "run"
-    assert (run / rundir.MARKER).is_file() and (run / "model").is_dir()
+    assert (run / ownership.MANIFEST).is_file() and (run / "model").is_dir()
+    assert {"model", "summary.json", "config.yaml"} <= set(ownership.Folder(run).survey().own)
     (run / "notes.md").write_text("my notes on this run")  # the user's, added afterwards
     for lookalike in ("thesis.old", ".notes.tmp"):  # named like what ecoadapt sets aside, but the user's
         (run / lookalike).write_text("mine")

@@ -26,7 +26,7 @@ from typing import Any
 from ecoadapt.config import RunConfig, dump
 from ecoadapt.config.presets import resolve_config
 from ecoadapt.core.errors import UserError
-from ecoadapt.results.summary import RunSummary
+from ecoadapt.results.summary import FINISHED, RunSummary
 
 ConfigLike = RunConfig | Mapping[str, Any] | str | os.PathLike[str]
 """What the API takes as a config: an object, a mapping of sections, a YAML path or a preset's name."""
@@ -51,10 +51,16 @@ class ResolvedConfig:
     """The checked configuration, overrides applied."""
     path: Path | None = None
     """The YAML file it was read from (None for an object or a mapping)."""
+    paths_from: Path | None = None
+    """Where relative paths are looked up first, when not in the YAML's folder (a sweep point's
+    config is a temp file: its paths are the sweep's)."""
 
     @property
     def base(self) -> Path | None:
-        """The folder relative corpus and task paths are looked up in first (the YAML's)."""
+        """The folder relative corpus and task paths are looked up in first: ``paths_from``,
+        else the YAML's."""
+        if self.paths_from is not None:
+            return self.paths_from
         return self.path.parent if self.path is not None and self.path.exists() else None
 
 
@@ -119,6 +125,11 @@ class SweepResult:
         """Whether at least one point did not fail."""
         return any(r.get("status") != "failed" for r in self.results)
 
+    @property
+    def all_finished(self) -> bool:
+        """Whether every point finished (completed, or stopped by its budget): the sweep's exit 0."""
+        return bool(self.results) and all(r.get("status") in FINISHED for r in self.results)
+
 
 def resolve(config: ConfigLike, overrides: Overrides = ()) -> ResolvedConfig:
     """Any config form as a checked :class:`RunConfig` (with where it came from).
@@ -137,7 +148,9 @@ def resolve(config: ConfigLike, overrides: Overrides = ()) -> ResolvedConfig:
     raise UserError(f"a config is a RunConfig, a mapping, a YAML path or a preset name, not {type(config).__name__}")
 
 
-def adapt(config: ConfigLike, overrides: Overrides = (), resume: bool = False) -> RunSummary:
+def adapt(
+    config: ConfigLike, overrides: Overrides = (), resume: bool = False, paths_from: str | Path | None = None
+) -> RunSummary:
     """Continued pre-training as the config says, then the downstream task if it names one.
 
     With ``parallel.nproc`` above 1 (and not already under torchrun) the same run is relaunched
@@ -147,6 +160,8 @@ def adapt(config: ConfigLike, overrides: Overrides = (), resume: bool = False) -
         config: the run's config (object, mapping, YAML path or preset name).
         overrides: ``section.key=value`` overrides.
         resume: require a checkpoint in ``output.dir`` to resume from.
+        paths_from: the folder relative corpus paths are looked up in first (default: the
+            config file's folder, or none for an object or a mapping).
 
     Returns:
         The run's summary (also in ``output.dir``/summary.json).
@@ -159,6 +174,8 @@ def adapt(config: ConfigLike, overrides: Overrides = (), resume: bool = False) -
 
     overrides = (*overrides, *(("output.resume=true",) if resume else ()))
     resolved = resolve(config, overrides)
+    if paths_from is not None:
+        resolved.paths_from = Path(paths_from).expanduser().resolve()
     if resolved.cfg.parallel.nproc > 1 and not parallel.under_torchrun():
         return _launch_adapt(resolved, overrides)
     return adapt_command.run(resolved.cfg, base=resolved.base)
@@ -179,6 +196,9 @@ def _launch_adapt(resolved: ResolvedConfig, overrides: tuple[str, ...]) -> RunSu
             written = Path(tmp) / "config.yaml"
             written.write_text(dump(cfg), encoding="utf-8")
             argv = ["adapt", str(written)]
+        base = resolved.base
+        # The ranks look relative paths up where this process would (never in the temp folder).
+        argv += ["--paths-from", str(base.resolve() if base is not None else Path.cwd())]
         code = parallel.launch(cfg.parallel.nproc, argv)
     summary_path = Path(cfg.output.dir) / "summary.json"
     if not summary_path.is_file() or summary_path.stat().st_mtime < started:

@@ -13,7 +13,8 @@ from typing import Any
 from ecoadapt import __version__, api
 from ecoadapt.config import all_keys
 from ecoadapt.config.presets import preset_names
-from ecoadapt.core.errors import Interrupted, UserError
+from ecoadapt.core.errors import Interrupted, UserError, disk_full
+from ecoadapt.results.summary import FINISHED
 
 
 def keys_help(rows: list[tuple[str, str, Any, str]] | None = None, defaults: bool = True) -> str:
@@ -29,7 +30,7 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
     from ecoadapt.model import parallel
 
     try:
-        summary = api.adapt(args.config, args.set, resume=args.resume)
+        summary = api.adapt(args.config, args.set, resume=args.resume, paths_from=args.paths_from)
     except api.JobFailed as e:  # its ranks printed why
         return e.exit_code
     code = summary.exit_status
@@ -159,7 +160,13 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     result = api.sweep(args.sweep, args.set)
     _print_report(result.report)
     print(f"report: {result.report.folder / 'report.html'}")
-    return 0 if result.any_completed else 1
+    if not result.all_finished:
+        unfinished = [str(r.get("name")) for r in result.results if r.get("status") not in FINISHED]
+        print(
+            f"ecoadapt: not every point finished ({', '.join(unfinished)}); rerun the sweep to retry them",
+            file=sys.stderr,
+        )
+    return 0 if result.all_finished else 1
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -181,6 +188,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"- {demo.SOURCE.format(version=platform.python_version())}")
     print(f"report: {report.folder / 'report.html'}")
     return 0 if report.recommendation else 1
+
+
+def _cmd_adopt(args: argparse.Namespace) -> int:
+    from ecoadapt.commands.adopt import adopt
+
+    for folder in adopt(Path(args.dir).expanduser()):
+        print(f"adopted {folder}: its files are now on ecoadapt's record (it may replace them on overwrite)")
+    return 0
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
@@ -246,6 +261,12 @@ def _add_run_commands(sub: Any) -> None:
         action="store_true",
         help="resume from the checkpoint in output.dir (an interrupted run with the same config resumes anyway)",
     )
+    adapt.add_argument(
+        "--paths-from",
+        default=None,
+        metavar="DIR",
+        help="look relative corpus paths up in DIR first (default: the config file's folder)",
+    )
     adapt.set_defaults(func=_cmd_adapt)
 
     evaluate = sub.add_parser(
@@ -304,6 +325,12 @@ def _add_result_commands(sub: Any) -> None:
 
 def _add_info_commands(sub: Any) -> None:
     """keys, presets and meters: what the tool knows, and what this machine can measure."""
+    adopt = sub.add_parser(
+        "adopt", help="take over a run or sweep folder an older ecoadapt wrote (it kept no record of its files)"
+    )
+    adopt.add_argument("dir", help="the run or sweep folder")
+    adopt.set_defaults(func=_cmd_adopt)
+
     keys = sub.add_parser("keys", help="list every config key with its default and help")
     keys.add_argument("--summary", action="store_true", help="list the fields of summary.json instead")
     keys.set_defaults(func=_cmd_keys)
@@ -334,3 +361,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ecoadapt: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a full disk anywhere is one line, as bad input is; anything else is a bug
+        where = disk_full(e)
+        if where is None or args.debug:
+            raise
+        print(
+            f"ecoadapt: error: the disk is full (or a file-size limit or quota was reached) writing {where}: "
+            "free some space and rerun the same command; every file was written atomically, so what was "
+            "done before is whole and resumes",
+            file=sys.stderr,
+        )
+        return 2

@@ -21,13 +21,13 @@ import copy
 import gc
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ecoadapt.commands import finish
+from ecoadapt.commands import finish, run_summary
+from ecoadapt.commands.run_summary import Training
 from ecoadapt.config import RunConfig, dump
 from ecoadapt.core import storage
 from ecoadapt.core.errors import UserError
@@ -36,12 +36,12 @@ from ecoadapt.data import readers
 from ecoadapt.data.batches import BlockLoader
 from ecoadapt.forecast.first_steps import FirstSteps
 from ecoadapt.measure import energy, environment, memory
-from ecoadapt.measure.budget import BUDGETS, Budget
+from ecoadapt.measure.budget import Budget
 from ecoadapt.measure.phases import Phases
 from ecoadapt.model import export, parallel, pretrained
 from ecoadapt.model import precision_choice as precision_choice_module
 from ecoadapt.results import rundir
-from ecoadapt.results.summary import EvalSummary, ModelSummary, ParallelSummary, ReliabilitySummary, RunSummary
+from ecoadapt.results.summary import RunSummary
 from ecoadapt.results.trackers import Trackers
 from ecoadapt.task import base_cache, downstream
 from ecoadapt.train import checkpoint, head_first, micro_batch
@@ -68,15 +68,37 @@ def run(cfg: RunConfig, base: Path | None = None) -> RunSummary:
     # Cheap checks first: a typo in a path fails in milliseconds, not after loading a model.
     rank = int(os.environ.get("RANK", "0"))  # torchrun's; the process group starts later
     precision_choice = _auto_precision(cfg)
-    resume = rundir.resume_point(out, cfg.to_dict(), cfg.output.overwrite, cfg.output.resume, rank == 0)
+    hold = contextlib.ExitStack()  # rank 0's lock on the run folder, from the resume decision on
+    try:
+        return _decide_and_run(cfg, base, out, rank, precision_choice, hold)
+    finally:
+        hold.close()
+
+
+def _decide_and_run(
+    cfg: RunConfig,
+    base: Path | None,
+    out: Path,
+    rank: int,
+    precision_choice: dict[str, Any] | None,
+    hold: contextlib.ExitStack,
+) -> RunSummary:
+    """The resume decision, taken under the folder's lock where there is a folder (two runs
+    started together on it cannot both resume it), then the run."""
+    locked = rank == 0 and out.is_dir()
+    if locked:
+        hold.enter_context(rundir.locked(out))
+    unlocked_main = rank == 0 and not locked
+    resume = rundir.resume_point(out, cfg.to_dict(), cfg.output.overwrite, cfg.output.resume, unlocked_main)
     if resume.finished:  # the same command again: nothing left to do
+        if locked:
+            finish.clean_up(out)
         say(f"{out}: this run has finished; its summary is kept (--set output.overwrite=true runs it again)")
         return RunSummary.from_dir(out)
     if resume.after_training:
         if rank != 0:  # the task and the summary are rank 0's
             return RunSummary(status="completed", config=cfg.to_dict(), rank=rank)
-        with rundir.locked(out):
-            return finish.resume_after_training(cfg, out)
+        return finish.resume_after_training(cfg, out)
     readers.resolve(cfg.data.train, base)
     pretrained.resolve_model(cfg.model)  # a hub id is fetched here, once, before anything else
     if cfg.task.train:  # every record, before an adaptation that a bad task file would waste
@@ -84,7 +106,7 @@ def run(cfg: RunConfig, base: Path | None = None) -> RunSummary:
     world, device = parallel.setup(cfg.parallel.strategy, cfg.train.device, cfg.parallel.timeout_s)
     if world.strategy == "fsdp" and cfg.lora.merge:
         raise UserError("lora.merge is not available with parallel.strategy = fsdp; merge the saved adapter afterwards")
-    adapt_run = AdaptRun(cfg, world, device, precision_choice)
+    adapt_run = AdaptRun(cfg, world, device, precision_choice, hold if locked else None)
     try:
         return adapt_run.execute(base, out, resume)
     finally:
@@ -106,25 +128,16 @@ def _auto_precision(cfg: RunConfig) -> dict[str, Any] | None:
     return {**choice, "energy_windows": tracker.snapshot()}
 
 
-@dataclass
-class Training:
-    """What the train step leaves: the loop's result and what produced it."""
-
-    result: TrainResult
-    loader: BlockLoader
-    budget: Budget
-    stopper: EarlyStop
-    interrupts: Interrupts
-    checkpoints: checkpoint.RunCheckpoints | None
-    head_first: dict[str, Any] | None = None
-    target: TargetLoss | None = None
-
-
 class AdaptRun:
     """One adapt run on one rank: the steps of the recipe, and the state they share."""
 
     def __init__(
-        self, cfg: RunConfig, world: parallel.World, device: torch.device, precision: dict[str, Any] | None = None
+        self,
+        cfg: RunConfig,
+        world: parallel.World,
+        device: torch.device,
+        precision: dict[str, Any] | None = None,
+        hold: contextlib.ExitStack | None = None,
     ) -> None:
         self.cfg, self.world, self.device = cfg, world, device
         self.tracker = energy.EnergyTracker.for_config(
@@ -139,7 +152,10 @@ class AdaptRun:
         if precision is not None:  # its matmul probe's joules: the tool's own, in the run's account
             self.tracker.carry(precision.pop("energy_windows", {}))
         self._input_ids: dict[str, str] | None = None  # what _inputs() found, once
-        self._hold = contextlib.ExitStack()  # the run folder's lock, held by rank 0 while the run uses it
+        # The run folder's lock, held by rank 0 while the run uses it (taken for the resume
+        # decision where the folder existed, else when it is created).
+        self._locked = hold is not None
+        self._hold = hold if hold is not None else contextlib.ExitStack()
         self.summary = RunSummary(status="failed", config=cfg.to_dict(), rank=world.rank)
         self.run_dir = Path(cfg.output.dir)
 
@@ -203,8 +219,8 @@ class AdaptRun:
             )
 
     def _open_run_dir(self, out: Path, resume: rundir.ResumePoint, resumed: dict[str, Any] | None) -> None:
-        if self.world.is_main and resumed is not None:
-            self._hold.enter_context(rundir.locked(out))
+        if self.world.is_main and not self._locked and resumed is not None:
+            self._hold.enter_context(rundir.locked(out))  # before anything in it is removed
         if resumed is not None:
             at = int(resumed["loop"]["steps"])
             self.log(f"resuming from the checkpoint at step {at} of {self.steps}")
@@ -214,7 +230,14 @@ class AdaptRun:
             self.tracker.carry(resumed["extra"]["energy_windows"])
             self.summary.resumed_from_step = at
         elif self.world.is_main:
-            self._hold.enter_context(rundir.locked(out))  # before anything in it is removed
+            if not self._locked:  # the folder was made while this run prepared: is the decision still true?
+                self._hold.enter_context(rundir.locked(out))
+                again = rundir.resume_point(out, self.cfg.to_dict(), self.cfg.output.overwrite, False, False)
+                if again != resume:
+                    raise UserError(
+                        f"output.dir: {out} was taken by another run started at the same time; "
+                        "rerun the same command once it has ended"
+                    )
             rundir.create(out, resume.restart)
             storage.atomic_write_text(out / "config.yaml", dump(self.cfg))
         self.run_dir = out
@@ -233,32 +256,48 @@ class AdaptRun:
             self.log(
                 f"stopped by {result.stopped_by} after {result.steps} of {self.steps} steps; evaluating and saving"
             )
-        after = self.evaluate("eval_after")
-        self.log(f"held-out loss after: {after['loss']:.4f} (before {before['loss']:.4f})")
-        saved = self.save()
-        measured = self.measure(result)
-        # All ranks leave the process group together, here: rank 0 may go on alone for a long
-        # time (the task), and a worker that exits while its peer still holds the group can
-        # abort in gloo's threads.
-        self.release_wrapper()
-        parallel.teardown(barrier=True)
-        if not self.world.is_main:
-            return RunSummary(status="completed", config=self.summary.config, rank=self.world.rank)
-        job_energy = copy.deepcopy(measured["energy"])  # before the task joins it
-        self._fill(training, before, after, saved, measured)
-        if self.first_steps is not None:
-            self.summary.forecast = self.first_steps.beside_measured(self.summary)
-        task_inputs = None
-        if self.cfg.task.train:
-            backbone = self._backbone(saved)
-            if backbone is not None and not saved:  # a resumed task needs it, and nothing else holds it
-                finish.keep_backbone(self.run_dir, backbone)
-            get = (lambda: backbone) if backbone is not None else (lambda: downstream.adapted_backbone(self.cfg))
-            if backbone is not None or saved:
-                task_inputs = (self.p.loaded.tokenizer, get, self.device, self.tracker)
-        finish.record_trained(self.run_dir, self.summary, job_energy)
-        (self.run_dir / rundir.CHECKPOINT_FILE).unlink(missing_ok=True)  # phases.json resumes from here on
+        # A signal from here to the record that training is done lets each phase finish (they
+        # take seconds): the model is saved, and the rerun goes on with the task.
+        with Interrupts() as late:
+            after = self.evaluate("eval_after")
+            self.log(f"held-out loss after: {after['loss']:.4f} (before {before['loss']:.4f})")
+            saved = self.save()
+            measured = self.measure(result)
+            # All ranks leave the process group together, here: rank 0 may go on alone for a long
+            # time (the task), and a worker that exits while its peer still holds the group can
+            # abort in gloo's threads.
+            self.release_wrapper()
+            parallel.teardown(barrier=True)
+            if not self.world.is_main:
+                return RunSummary(status="completed", config=self.summary.config, rank=self.world.rank)
+            job_energy = copy.deepcopy(measured["energy"])  # before the task joins it
+            run_summary.fill(self, training, before, after, saved, measured)
+            if self.first_steps is not None:
+                self.summary.forecast = self.first_steps.beside_measured(self.summary)
+            task_inputs = self._task_inputs(saved)
+            finish.record_trained(self.run_dir, self.summary, job_energy)
+            (self.run_dir / rundir.CHECKPOINT_FILE).unlink(missing_ok=True)  # phases.json resumes from here on
+        if late.received is not None and self.cfg.task.train:
+            return self._interrupted_after_training(late.name or "SIGTERM")
         return finish.finish(self.cfg, self.run_dir, self.summary, job_energy, task_inputs, self.trackers)
+
+    def _task_inputs(self, saved: list[str]) -> tuple[Any, Any, torch.device, energy.EnergyTracker] | None:
+        """What the task needs: the tokenizer, the adapted backbone on demand, the device, the meter."""
+        if not self.cfg.task.train:
+            return None
+        backbone = self._backbone(saved)
+        if backbone is not None and not saved:  # a resumed task needs it, and nothing else holds it
+            finish.keep_backbone(self.run_dir, backbone)
+        get = (lambda: backbone) if backbone is not None else (lambda: downstream.adapted_backbone(self.cfg))
+        return (self.p.loaded.tokenizer, get, self.device, self.tracker) if backbone is not None or saved else None
+
+    def _interrupted_after_training(self, signal_name: str) -> RunSummary:
+        """A signal arrived after training: everything up to the task is done and recorded."""
+        s = self.summary
+        s.status, s.signal = "interrupted", signal_name
+        s.save(self.run_dir / "summary.json")
+        self.log(f"{signal_name}: stopped after training (the model is saved); rerun the same command to run the task")
+        return s
 
     # -- the steps --------------------------------------------------------------------------
 
@@ -409,60 +448,6 @@ class AdaptRun:
                 "note: with FSDP the task reads the saved model; output.save_model is off: run `ecoadapt evaluate`"
             )
         return None
-
-    # -- the summary ------------------------------------------------------------------------
-
-    def _fill(
-        self,
-        training: Training,
-        before: dict[str, Any],
-        after: dict[str, Any],
-        saved: list[str],
-        measured: dict[str, Any],
-    ) -> None:
-        """Everything of the summary but the task (see :mod:`ecoadapt.commands.finish`)."""
-        cfg, p, world, s = self.cfg, self.p, self.world, self.summary
-        result = training.result
-        p.phases["train_s"] = result.time_s
-        p.phases["eval_s"] = before["time_s"] + after["time_s"]
-        s.status = "stopped_by_budget" if result.stopped_by in BUDGETS else "completed"
-        s.stopped_by = result.stopped_by
-        s.budget = training.budget.summary(result)
-        s.early_stop = training.stopper.summary()
-        s.target = training.target.summary(result.steps) if training.target is not None else None
-        s.objective = p.loaded.objective
-        plan = p.recipe.plan
-        s.model = ModelSummary(
-            p.loaded.source, p.recipe.counts, plan.blocks, plan.n_blocks, plan.lora, p.loaded.fresh, saved
-        )
-        s.data = p.blocks.stats
-        s.steps, s.epochs = result.steps, training.loader.epochs_done
-        s.tokens = result.tokens * world.size  # every rank processes the same number of tokens
-        s.target_tokens, s.time_s = result.target_tokens, result.time_s
-        s.tokens_per_s, s.train_loss = measured["tokens_per_s"], result.train_loss
-        s.reliability = ReliabilitySummary(
-            result.nonfinite_steps,
-            result.rollbacks,
-            result.lr_scale,
-            result.memory_events,
-            -(-cfg.train.micro_batch_size // result.micro_batch_splits),
-            cfg.train.grad_accum * result.micro_batch_splits,
-        )
-        s.batch = micro_batch.summary(cfg, self.batch_choice, result.micro_batch_splits)
-        s.eval = EvalSummary(
-            before["loss"], after["loss"], before["perplexity"], after["perplexity"],
-            before["accuracy"], after["accuracy"], after["target_tokens"], len(self.eval_blocks),
-        )  # fmt: skip
-        s.precision = {**p.recipe.policy.summary(), **p.recipe.precision_report, "auto": self.precision_choice}
-        s.energy = finish.energy_summary(measured["energy"], None, s.tokens, before["loss"] - after["loss"])
-        s.memory, s.flops = measured["memory"], measured["flops"]
-        s.mfu = measured["flops"]["mfu"]
-        s.head_first = training.head_first
-        s.notes = finish.notes(cfg, p)
-        s.compile = p.recipe.compiled.report()
-        s.parallel = ParallelSummary(world.size, world.strategy)
-        s.phases_s = p.phases
-        s.environment = environment.describe(self.device)
 
     def _interrupted(self, training: Training) -> RunSummary:
         """A signal stopped training: the checkpoint is written; say so, and how to go on."""

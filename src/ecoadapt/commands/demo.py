@@ -36,7 +36,7 @@ def run(out: Path, quick: bool = False) -> dict[str, Any]:
 
     preset = Path(str(resources.files("ecoadapt") / "presets" / "sweeps" / "demo.yaml"))
     spec = sweep.load(preset, QUICK if quick else [])
-    spec.out = out
+    spec.out, spec.key = out, "--out"
     if quick:  # three recipes: the baseline, one in between, the most frugal
         spec.points = [p for p in spec.points if p.name != "auto-full"]
     say(SOURCE.format(version=platform.python_version()))

@@ -76,11 +76,16 @@ def finish(
     if trackers is None:  # the task resumed in a new process: the headline goes to a new tracker run
         trackers = Trackers(cfg.log.to, run_dir, run_dir.name, cfg.log.project, cfg.to_dict())
     trackers.finish(summary)
-    # Finished: what resuming needed is no longer needed (the model is saved).
+    clean_up(run_dir)
+    return summary
+
+
+def clean_up(run_dir: Path) -> None:
+    """Finished: what resuming needed is no longer needed (the model is saved). Also called
+    when a finished run is found again, for a kill between its summary and this clean-up."""
     for name in (rundir.CHECKPOINT_FILE, PHASES_FILE, SEEDS_FILE):
         (run_dir / name).unlink(missing_ok=True)
     shutil.rmtree(run_dir / BACKBONE_DIR, ignore_errors=True)
-    return summary
 
 
 def resume_after_training(cfg: RunConfig, run_dir: Path) -> RunSummary:

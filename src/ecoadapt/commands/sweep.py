@@ -35,9 +35,10 @@ import yaml
 from ecoadapt.commands.isolated import run_adapt
 from ecoadapt.config import RunConfig, from_dict, parse_override, schema
 from ecoadapt.config.report import ReportSettings
-from ecoadapt.core import storage
+from ecoadapt.core import locks, ownership, storage
 from ecoadapt.core.errors import Interrupted, UserError
 from ecoadapt.core.progress import fmt_duration, say
+from ecoadapt.results import rundir
 from ecoadapt.results.summary import FINISHED, RunSummary
 from ecoadapt.results.sweep_records import latest_results
 
@@ -107,6 +108,16 @@ class Sweep:
     report: ReportSettings = field(default_factory=ReportSettings)
     compare: str = "equal_steps"
     cap: float = 4.0
+    paths_from: Path | None = None
+    """Where the points look relative corpus paths up: the base config file's folder, or the
+    sweep file's when the base is inline (never the temp folder of a point's config)."""
+    key: str = "output.dir"
+    """What chose ``out``, for messages (the demo's --out)."""
+
+
+SWEEP_LOCK = ".ecoadapt-sweep.lock"  # held (flock) while a sweep runs: a second one on the folder is refused
+SWEEP_ENTRIES = ("sweep.json", "results.jsonl")  # what a sweep writes in its folder, beside points/ and the report
+POINTS = "points"  # one run folder per point, each with a manifest of its own
 
 
 def _set_dotted(raw: dict[str, Any], dotted: str, value: Any, where: str) -> None:
@@ -159,11 +170,12 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Sweep
         raise UserError(f"{path}: expected a mapping with base, grid and/or points")
     parsed = schema.build(SweepFile, spec, str(path))
     base = _base_config(parsed.base, path)
+    paths_from = (_base_path(parsed.base, path) if isinstance(parsed.base, str) else path).parent.resolve()
     for item in overrides:
         (section, key), value = parse_override(item)
         _set_dotted(base, f"{section}.{key}", value, "--set")
     wanted = _wanted_points(parsed, path)
-    out = Path(parsed.output.dir)
+    out = Path(parsed.output.dir).expanduser()
     points: list[Point] = []
     for name, point_overrides, is_baseline in wanted:
         raw = copy.deepcopy(base)
@@ -178,12 +190,18 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Sweep
         points.append(Point(name, point_overrides, cfg, key, is_baseline))
     if parsed.compare == "equal_loss" and parsed.cap < 1:
         raise UserError(f"{path}: cap = {parsed.cap}: with compare: equal_loss it must be at least 1")
-    return Sweep(points, out, parsed.report, parsed.compare, parsed.cap)
+    return Sweep(points, out, parsed.report, parsed.compare, parsed.cap, paths_from)
+
+
+def _base_path(base: str, path: Path) -> Path:
+    """The base config file a sweep file names (relative to the sweep file)."""
+    named = Path(base).expanduser()
+    return named if named.is_absolute() else path.parent / named
 
 
 def _base_config(base: str | dict[str, Any], path: Path) -> dict[str, Any]:
     if isinstance(base, str):
-        base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
+        base_path = _base_path(base, path)
         loaded = yaml.safe_load(base_path.read_text(encoding="utf-8")) if base_path.exists() else None
         if not isinstance(loaded, dict):
             raise UserError(f"{path}: base config '{base}' not found (or not a mapping of sections)")
@@ -212,8 +230,25 @@ def _wanted_points(spec: SweepFile, path: Path) -> list[tuple[str, dict[str, Any
 
 
 def run(sweep: Sweep, timeout_s: float | None = None) -> list[dict[str, Any]]:
-    """Run every point not already completed, one fresh process each; return all results."""
-    sweep.out.mkdir(parents=True, exist_ok=True)
+    """Run every point not already completed, one fresh process each; return all results.
+
+    Raises:
+        UserError: the sweep folder is one no sweep may own, or holds files ecoadapt did not
+            write (nothing is written then).
+    """
+    rundir.check_location(sweep.out, sweep.key)
+    folder = ownership.Folder(sweep.out, sweep.key)
+    folder.check_ours()
+    folder.claim(SWEEP_LOCK, *SWEEP_ENTRIES, nested=(POINTS,))
+    fix = "wait for it to end, or choose another folder"
+    with locks.held(sweep.out / SWEEP_LOCK, f"{sweep.key}: {sweep.out}", fix=fix):
+        try:
+            return _run_points(sweep, timeout_s)
+        finally:
+            folder.seal()
+
+
+def _run_points(sweep: Sweep, timeout_s: float | None) -> list[dict[str, Any]]:
     results_path = sweep.out / "results.jsonl"
     manifest = {
         "report": dataclasses.asdict(sweep.report),
@@ -230,7 +265,7 @@ def run(sweep: Sweep, timeout_s: float | None = None) -> list[dict[str, Any]]:
     for i, point in enumerate(todo, 1):
         eta = f", about {fmt_duration(sum(durations) / len(durations) * (len(todo) - i + 1))} left" if durations else ""
         say(f"[sweep] point {i}/{len(todo)}: {point.name}{eta}")
-        run_dir = sweep.out / "points" / f"{slug(point.name)}-{point.key[:6]}"
+        run_dir = sweep.out / POINTS / f"{slug(point.name)}-{point.key[:6]}"
         # A retried point resumes what its earlier attempt finished (the trained model, the task
         # seeds, a checkpoint), or starts again where nothing was: its run folder decides.
         cfg: dict[str, Any] | None = point.config.to_dict()
@@ -241,7 +276,7 @@ def run(sweep: Sweep, timeout_s: float | None = None) -> list[dict[str, Any]]:
             error = "compare: equal_loss: the baseline has no finished result to set the target"
             summary = RunSummary(status="failed", config=point.config.to_dict(), error=error).to_dict()
         else:
-            summary = run_adapt(cfg, run_dir, timeout_s=timeout_s, stream_output=True)
+            summary = run_adapt(cfg, run_dir, timeout_s=timeout_s, stream_output=True, paths_from=sweep.paths_from)
         durations.append(time.perf_counter() - start)
         record = {
             "name": point.name,

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from ecoadapt.config import batch, quantized, schema
+from ecoadapt.config import batch, paths, quantized, schema
 from ecoadapt.config.log import LogConfig
 from ecoadapt.config.measure import BudgetConfig, MeasureConfig
 from ecoadapt.config.overrides import apply_overrides
@@ -336,6 +336,7 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
         values = batch.read_auto(values) if section == "train" and isinstance(values, dict) else values
         built[section] = schema.build(sections[section], values, source, f"{section}.")
     cfg = RunConfig(**built)
+    paths.expand_home(cfg)
     check(cfg, source)
     return cfg
 
@@ -444,6 +445,7 @@ def _check_measure_task_budget(cfg: RunConfig, need: Need) -> None:
     k = cfg.task
     need(0 < k.test_fraction < 1, "task.test_fraction", "must be between 0 and 1")
     need(bool(k.seeds), "task.seeds", "give at least one seed")
+    need(len(set(k.seeds)) == len(k.seeds), "task.seeds", "must not repeat a seed (a repeat adds no evidence)")
     need(k.epochs > 0, "task.epochs", "must be positive")
     need(k.lr > 0, "task.lr", "must be positive")
     need(k.micro_batch_size >= 1, "task.micro_batch_size", "must be at least 1")

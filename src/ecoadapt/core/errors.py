@@ -33,3 +33,24 @@ def first_line(error: BaseException) -> str:
     a one-line message quotes from a library's error."""
     text = str(error).strip()
     return text.splitlines()[0][:200] if text else type(error).__name__
+
+
+DISK_FULL_ERRNOS = frozenset({28, 27, 122})  # ENOSPC, EFBIG (a file-size limit), EDQUOT (a quota)
+DISK_FULL_TEXT = ("No space left on device", "File too large", "Disk quota exceeded", "os error 28", "os error 27")
+
+
+def disk_full(error: BaseException) -> str | None:
+    """What ran out when ``error`` (or an error it was raised from) is a full disk, a file-size
+    limit or a quota: the file it names where it names one; None for any other error. Libraries
+    wrap the OSError (torch.save in a RuntimeError, safetensors in its own error), so their
+    messages are read too."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in DISK_FULL_ERRNOS:
+            return str(current.filename) if current.filename else "a file"
+        if any(text in str(current) for text in DISK_FULL_TEXT):
+            return "a file"
+        current = current.__cause__ or current.__context__
+    return None

@@ -7,6 +7,7 @@ never blocks anyone; a live one is named to whoever waits (or is refused).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import socket
@@ -20,11 +21,27 @@ from ecoadapt.core.errors import UserError
 POLL_S = 0.2  # how often a waiter tries again
 
 
+def open_no_follow(path: Path) -> int:
+    """Open (creating) a lock or guard file without following a symbolic link.
+
+    Raises:
+        UserError: the path is a symbolic link (it could point at any file of the user's).
+    """
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UserError(
+                f"{path} is a symbolic link; ecoadapt never writes through one: remove the link and run again"
+            ) from None
+        raise
+
+
 def holder(path: Path) -> str | None:
     """Who holds the lock at ``path`` now (None: nobody); the lock is not taken."""
-    if not path.is_file():
+    if not path.is_file() or path.is_symlink():
         return None
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -52,7 +69,7 @@ def held(
         UserError: still held by another live process after ``wait_s`` (naming it).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    fd = open_no_follow(path)
     try:
         deadline, told = time.monotonic() + wait_s, False
         while True:

@@ -1,7 +1,7 @@
 """Child processes that signals and timeouts reach whole.
 
 Every process ecoadapt starts (a sweep point, torchrun and its workers, the plan's trial steps)
-runs in a process group of its own. A SIGTERM or SIGINT sent to ecoadapt is passed on to the
+runs in a process group of its own. A SIGTERM, SIGINT or SIGHUP sent to ecoadapt is passed on to the
 whole group (each adapt process then checkpoints and exits as interrupted), and a timeout stops
 the whole group: SIGTERM first, SIGKILL after a grace period. A child's grandchildren are never
 left running behind it.
@@ -20,7 +20,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-FORWARDED = (signal.SIGTERM, signal.SIGINT)
+# The signals that ask a run to stop: each adapt process checkpoints and exits as interrupted on
+# them, and a parent passes them on to its children's groups. SIGHUP is a closed terminal or ssh
+# session: the run goes on to its checkpoint without the terminal (see detach_from_terminal).
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
+READER_JOIN_S = 5.0  # after the child has gone, how long its output is still read
 GRACE_S = 30.0  # between the SIGTERM of a timeout and the SIGKILL: time to write a checkpoint
 
 
@@ -116,14 +121,14 @@ def run_child(
     if timer:
         timer.daemon = True
         timer.start()
+    reader = _read_lines(proc, tail, on_line) if proc.stderr is not None else None
     try:
-        if proc.stderr is not None:
-            for line in proc.stderr:
-                tail.append(line)
-                if on_line is not None:
-                    on_line(line)
         code = proc.wait()
+        # Whatever of its group is left (a tokenizer worker of a child killed with SIGKILL)
+        # goes too: it would hold the pipe open, and this read, forever.
         _kill_stragglers(proc)
+        if reader is not None:
+            reader.join(READER_JOIN_S)
     except BaseException:
         stop_group(proc, grace_s)  # never leave the group running behind an error here
         raise
@@ -135,6 +140,50 @@ def run_child(
     return ChildResult(code, forwarded[0] if forwarded else None, timed_out.is_set(), list(tail))
 
 
+def _read_lines(
+    proc: subprocess.Popen[Any], tail: collections.deque[str], on_line: Callable[[str], None] | None
+) -> threading.Thread:
+    """Read the child's standard error in a thread, keeping its last lines, until the pipe closes."""
+
+    def read() -> None:
+        assert proc.stderr is not None
+        with contextlib.suppress(ValueError, OSError):  # the pipe closed under the read
+            for line in proc.stderr:
+                tail.append(line)
+                if on_line is not None:
+                    with contextlib.suppress(OSError):  # our own terminal gone (SIGHUP): keep reading
+                        on_line(line)
+
+    thread = threading.Thread(target=read, name="ecoadapt-child-stderr", daemon=True)
+    thread.start()
+    return thread
+
+
+def die_with_parent(signum: int = signal.SIGKILL) -> None:
+    """Have the kernel send this process ``signum`` when its parent dies (Linux; elsewhere a
+    no-op): a worker never outlives the run that started it, however the run ends."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0)
+
+
+def detach_from_terminal() -> None:
+    """After SIGHUP: point standard output and error that went to the (now closed) terminal at
+    /dev/null, so that the run's last messages cannot end it with a broken pipe or an I/O
+    error before its checkpoint is written. Pipes and files stay as they are."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in (1, 2):
+            with contextlib.suppress(OSError):
+                if os.isatty(fd):
+                    os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
 def _forward_signals(proc: subprocess.Popen[Any], forwarded: list[int]) -> dict[int, Any]:
     """Pass SIGTERM and SIGINT on to the child's group (noting each in ``forwarded``); returns the
     handlers to put back. Only the main thread may set handlers: elsewhere nothing is forwarded."""
@@ -143,6 +192,8 @@ def _forward_signals(proc: subprocess.Popen[Any], forwarded: list[int]) -> dict[
 
     def forward(signum: int, frame: object) -> None:
         forwarded.append(signum)
+        if signum == signal.SIGHUP:
+            detach_from_terminal()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signum)
 

@@ -39,7 +39,13 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
         # create: readable by their group (a shared cache, a teammate's summary) as umask says.
         os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            recorded = _RecordingWriter(f)
+            try:
+                write(recorded)  # type: ignore[arg-type]  # a file object in all but name
+            except Exception as e:
+                if recorded.error is not None and recorded.error is not e:
+                    raise recorded.error from e  # the library wrapped the OSError: the OSError it was
+                raise
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -48,6 +54,25 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
         raise
     fsync(path.parent)  # the rename itself survives a power cut
     remove_stale_temps(path)
+
+
+class _RecordingWriter:
+    """A binary file that remembers the OSError a write raised (a full disk), for the writers
+    that turn it into an error of their own (torch.save's RuntimeError names no cause)."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
 
 
 def fsync(path: Path) -> None:
@@ -114,12 +139,21 @@ def read_cache(path: Path, warn: Callable[[str], None]) -> Any:
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    """Append one record as a single ``write`` and fsync it: a line is there whole or not at all."""
+    """Append one record and fsync it: a line is there whole or not at all. A short write (a
+    signal, a full disk) is finished, or, when the rest cannot be written, cut back off so that
+    the next record does not join a torn line."""
     data = (json.dumps(record, default=str) + "\n").encode("utf-8")
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, data)
-        os.fsync(fd)
+        start = os.fstat(fd).st_size
+        written = 0
+        try:
+            while written < len(data):
+                written += os.write(fd, data[written:])
+            os.fsync(fd)
+        except OSError:
+            os.ftruncate(fd, start)
+            raise
     finally:
         os.close(fd)
 

@@ -84,13 +84,7 @@ def build(cfg: DataConfig, tokenizer: Any, objective: str, base: Path | None = N
     )
     tokens = store.open_or_prepare(cache_dir(cfg), key_parts, prep, say)
     meta = tokens.meta
-    if not meta["eval_documents"]:
-        raise UserError(
-            f"data.eval_fraction = {cfg.eval_fraction}: no document of {meta['documents']} was held out; "
-            "raise data.eval_fraction or add documents"
-        )
-    if not meta["train_documents"]:
-        raise UserError(f"data.eval_fraction = {cfg.eval_fraction}: every document was held out; lower it")
+    _check_split(meta, cfg.eval_fraction)
     train, held = tokens.blocks("train", cfg.max_seq_len), tokens.blocks("eval", cfg.max_seq_len)
     stats = {
         "sources": sources,
@@ -109,3 +103,23 @@ def build(cfg: DataConfig, tokenizer: Any, objective: str, base: Path | None = N
         "bad_records": meta.get("bad_records", {"policy": cfg.bad_records, "skipped": 0, "examples": []}),
     }
     return TokenBlocks(train, held, stats)
+
+
+def _check_split(meta: dict[str, Any], eval_fraction: float) -> None:
+    """Both splits hold documents.
+
+    Raises:
+        UserError: one of them is empty, saying what helps (a one-document corpus: splitting it).
+    """
+    if meta["documents"] <= 1:
+        raise UserError(
+            f"data.train: the corpus is one document ({meta['documents']}), which is either trained on or held "
+            "out, never both: split it into documents (one per line of a .txt, one record per line of a .jsonl)"
+        )
+    if not meta["eval_documents"]:
+        raise UserError(
+            f"data.eval_fraction = {eval_fraction}: no document of {meta['documents']} was held out; "
+            "raise data.eval_fraction or add documents"
+        )
+    if not meta["train_documents"]:
+        raise UserError(f"data.eval_fraction = {eval_fraction}: every document was held out; lower it")

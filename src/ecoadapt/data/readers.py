@@ -393,11 +393,18 @@ def _json_records(path: Path, text_field: str, json_key: str | None) -> list[Any
     raise UserError(f"{path}: several lists hold '{text_field}' ({', '.join(with_field)}); set data.json_key")
 
 
+# The longest field a .csv/.tsv row may hold, in characters: a long document fits (16 M characters
+# is a 2,500-page book), and an unbalanced quote, which makes the rest of the file one field, is
+# an error naming its line in bounded memory instead of millions of rows read as one document.
+CSV_FIELD_LIMIT = 16 * 2**20
+
+
 def _table(path: Path, text_field: str, delimiter: str) -> Iterator[tuple[str, dict[str, Any]]]:
     # newline="" lets the csv module see quoted line breaks inside fields, as it expects.
     text = io.TextIOWrapper(open_binary(path), encoding="utf-8-sig", newline="")
     rows = csv.reader(text, delimiter=delimiter)
-    csv.field_size_limit(2**31 - 1)  # the default 128 KiB refuses long documents
+    csv.field_size_limit(CSV_FIELD_LIMIT)
+    start = 1  # the line the row being read starts on
     try:
         header = next(rows, None)
         if header is None:
@@ -405,13 +412,22 @@ def _table(path: Path, text_field: str, delimiter: str) -> Iterator[tuple[str, d
         header = [h.strip() for h in header]
         if text_field not in header:
             raise UserError(f"{path}:1: no column '{text_field}' (columns: {', '.join(header)}); set data.text_field")
-        for row in rows:
+        while True:
+            start = rows.line_num + 1
+            row = next(rows, None)
+            if row is None:
+                break
             if not row:
                 continue
             if len(row) < len(header):
                 raise UserError(f"{path}:{rows.line_num}: the row has {len(row)} columns, the header {len(header)}")
-            yield f"{path}:{rows.line_num}", dict(zip(header, row, strict=False))
+            yield f"{path}:{start}", dict(zip(header, row, strict=False))
     except csv.Error as e:
+        if "field larger than field limit" in str(e):
+            raise UserError(
+                f"{path}:{start}: a field runs on past {CSV_FIELD_LIMIT // 2**20} M characters: most likely a quote "
+                '(") opened on this line and never closed; close or double it ("")'
+            ) from None
         raise UserError(f"{path}:{rows.line_num}: not a valid {path.suffix[1:]} row ({e})") from None
     except UnicodeDecodeError as e:
         raise UserError(f"{path}:{rows.line_num + 1}: not UTF-8 text ({e.reason}); re-encode it as UTF-8") from None

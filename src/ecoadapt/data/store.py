@@ -364,7 +364,11 @@ def _tokenized_in_workers(
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
-    except BrokenProcessPool:
+    except (BrokenProcessPool, ValueError, OSError) as e:
+        # A submit racing the pool's breakage spawns a worker with pipes the pool has just
+        # closed ("bad value(s) in fds_to_keep"): the same death, seen from the other side.
+        if not isinstance(e, BrokenProcessPool) and not getattr(pool, "_broken", False):
+            raise
         seen.update(getattr(pool, "_processes", None) or {})
         how = _how_workers_died(seen.values())
         # A worker spawned while the pool broke escapes the pool's own SIGTERM, takes queued work

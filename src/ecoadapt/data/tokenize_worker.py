@@ -54,6 +54,9 @@ def init_worker(
     """Set up tokenization (in a worker process, or in this one for a small corpus)."""
     if not in_process:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
+        from ecoadapt.core.processes import die_with_parent
+
+        die_with_parent()  # a run killed with SIGKILL (the OOM killer's way) takes its workers along
     _WORKER.update(
         tokenizer=tokenizer, objective=objective, eval_fraction=eval_fraction, dtype=np.dtype(dtype), eos=eos
     )

@@ -16,8 +16,11 @@ fallback. Each meter says what it covers (``covers``): a GPU meter does not coun
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,46 +115,82 @@ class _RaplDomain:
     total_uj: int = 0
 
 
+# RAPL counters wrap at max_energy_range_uj; read at least four times per wrap at this power, a
+# wrap is never missed (a 32-bit counter of µJ wraps every 8.6 s at 500 W).
+RAPL_MAX_WATTS = 500.0
+RAPL_SAMPLE_S = (0.5, 60.0)  # the background reads' interval, bounded
+
+
 class RaplMeter:
     """CPU package and DRAM energy from the powercap counters (Intel RAPL, AMD RAPL), measured.
 
-    Reads the top-level ``intel-rapl:N`` (package) zones and their ``dram`` sub-zones; core and
-    uncore sub-zones are skipped because the package already contains them. Each counter wraps
-    at ``max_energy_range_uj``; a reading below the previous one adds the range back.
+    Counts each joule once, as Zeus and CodeCarbon do: the ``package-N`` zones and their
+    ``dram`` sub-zones; ``psys`` (the platform zone of laptops and desktops, which already holds
+    the package) only where it is the only zone; core and uncore sub-zones never (the package
+    holds them). Each counter wraps at ``max_energy_range_uj``: a reading below the previous one
+    adds the range back, and a background thread reads the counters often enough (see
+    RAPL_MAX_WATTS) that a long window cannot hide a wrap between two reads.
     """
 
     name = "rapl"
     method = "measured"
     covers = "CPU package and DRAM (every process on the package)"
 
-    def __init__(self, root: Path = POWERCAP_ROOT) -> None:
+    def __init__(self, root: Path = POWERCAP_ROOT, sample: bool = True) -> None:
         self.domains: list[_RaplDomain] = []
-        for zone in sorted(root.glob("intel-rapl:*")):
-            if zone.name.count(":") == 1 or _read(zone / "name", "").startswith("dram"):
-                energy = zone / "energy_uj"
-                try:
-                    first = int(energy.read_text())
-                    max_uj = int(_read(zone / "max_energy_range_uj", str(2**32)))
-                except (OSError, ValueError) as e:
-                    raise RuntimeError(f"cannot read {energy} ({e}); reading RAPL usually needs root") from e
-                self.domains.append(_RaplDomain(_read(zone / "name", zone.name), energy, max_uj, first))
+        self._lock = threading.Lock()
+        top = [z for z in sorted(root.glob("intel-rapl:*")) if z.name.count(":") == 1]
+        packages = [z for z in top if not _read(z / "name", "").startswith("psys")]
+        chosen = packages or top  # psys alone where nothing else is exposed
+        drams = [z for z in sorted(root.glob("intel-rapl:*:*")) if _read(z / "name", "").startswith("dram")]
+        for zone in [*chosen, *(d for d in drams if packages)]:
+            energy = zone / "energy_uj"
+            try:
+                first = int(energy.read_text())
+                max_uj = int(_read(zone / "max_energy_range_uj", str(2**32)))
+            except (OSError, ValueError) as e:
+                raise RuntimeError(f"cannot read {energy} ({e}); reading RAPL usually needs root") from e
+            self.domains.append(_RaplDomain(_read(zone / "name", zone.name), energy, max_uj, first))
         if not self.domains:
             raise RuntimeError(f"no RAPL zones under {root}")
+        wrap_s = min(d.max_uj for d in self.domains) / 1e6 / RAPL_MAX_WATTS
+        self.sample_s = min(max(wrap_s / 4, RAPL_SAMPLE_S[0]), RAPL_SAMPLE_S[1])
+        if sample:
+            _start_sampling(self)
 
     def total_joules(self) -> float:
-        """Measured joules since creation, summed over package and DRAM zones."""
-        for d in self.domains:
-            now = int(d.path.read_text())
-            delta = now - d.last_uj
-            if delta < 0:  # the counter wrapped around
-                delta += d.max_uj
-            d.total_uj += delta
-            d.last_uj = now
-        return sum(d.total_uj for d in self.domains) / 1e6
+        """Measured joules since creation, summed over the zones counted."""
+        with self._lock:
+            for d in self.domains:
+                now = int(d.path.read_text())
+                delta = now - d.last_uj
+                if delta < 0:  # the counter wrapped around
+                    delta += d.max_uj
+                d.total_uj += delta
+                d.last_uj = now
+            return sum(d.total_uj for d in self.domains) / 1e6
 
     def describe(self) -> dict[str, Any]:
-        """The zones read."""
-        return {"zones": [d.name for d in self.domains]}
+        """The zones read, and how often they are sampled in the background (s)."""
+        return {"zones": [d.name for d in self.domains], "sample_s": round(self.sample_s, 2)}
+
+
+def _start_sampling(meter: RaplMeter) -> None:
+    """Read ``meter`` every ``sample_s`` in a daemon thread, until the meter is gone."""
+    ref = weakref.ref(meter)
+    interval = meter.sample_s
+
+    def sample() -> None:
+        while True:
+            time.sleep(interval)
+            alive = ref()
+            if alive is None:
+                return
+            with contextlib.suppress(OSError, ValueError):  # a read that failed once: the next one counts it
+                alive.total_joules()
+            del alive
+
+    threading.Thread(target=sample, name="ecoadapt-rapl-sampler", daemon=True).start()
 
 
 class ZeusGpuMeter:

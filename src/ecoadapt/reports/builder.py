@@ -26,12 +26,17 @@ from typing import Any
 
 from ecoadapt.config import schema
 from ecoadapt.config.report import OBJECTIVES, ReportSettings
+from ecoadapt.core import ownership
 from ecoadapt.core.errors import UserError
 from ecoadapt.core.storage import atomic_write, atomic_write_text, read_json
 from ecoadapt.measure import carbon
 from ecoadapt.reports import compute_statement, equal_quality, verdicts
 from ecoadapt.results.summary import RunSummary
 from ecoadapt.results.sweep_records import latest_results, split_record
+
+PLOTS = ("energy_vs_metric.png", "memory.png", "throughput.png")
+# Every file a report writes into its folder, claimed in the folder's manifest before any is written.
+REPORT_FILES = ("results.csv", "report.md", "report.html", "compute.md", "compute.tex", *PLOTS)
 
 
 @dataclass
@@ -115,13 +120,18 @@ def load_rows(folder: Path, also: Sequence[Path] = ()) -> tuple[list[dict[str, A
     settings = ReportSettings()
     wanted: set[str] | None = None
     if (folder / "sweep.json").exists():
-        manifest = read_json(folder / "sweep.json")
+        try:
+            manifest = read_json(folder / "sweep.json")
+        except (OSError, ValueError) as e:
+            raise UserError(
+                f"{folder / 'sweep.json'}: cannot be read ({type(e).__name__}); rerun the sweep to write it again"
+            ) from None
         settings = schema.build(ReportSettings, manifest.get("report"), str(folder / "sweep.json"), "report.")
         wanted = {p["key"] for p in manifest.get("points", [])}  # the sweep as last defined
     if (folder / "results.jsonl").exists():
         records = [split_record(r) for r in latest_results(folder, wanted).values()]
     elif (folder / "summary.json").exists():
-        records = [({}, RunSummary.from_dict(read_json(folder / "summary.json"), str(folder / "summary.json")))]
+        records = [({}, RunSummary.read(folder / "summary.json"))]
     else:
         raise UserError(f"{folder}: no results.jsonl (a sweep) or summary.json (a run) here")
     if not records:
@@ -356,13 +366,50 @@ def build(
     rec = verdicts.base_model_recommendation(rows) or recommend(rows, metric, tolerance, objective, equal)
     table = markdown_table(rows, front_names)
     images = plots(rows, metric, front, usable) if usable else {}
-    _write_csv(folder / "results.csv", rows, front_names)
-    for name, data in images.items():
-        _write_bytes(folder / name, data)
+    out = ownership.Folder(folder, "report")
+    out.claim(*REPORT_FILES)  # refused, before anything is written, where one is the user's
+    try:
+        _write_files(folder, rows, metric, tolerance, objective, rec, front_names, equal, table, images)
+    finally:
+        out.seal()
+    return {
+        "recommendation": rec,
+        "verdict": verdicts.headline(rows),
+        "table": table,
+        "metric": metric.name,
+        "front": sorted(front_names),
+        "notes": _all_notes(rows, usable, metric, tolerance, objective),
+    }
+
+
+def _all_notes(
+    rows: list[dict[str, Any]], usable: list[dict[str, Any]], metric: Metric, tolerance: float, objective: str
+) -> list[str]:
     notes = _notes(usable, metric, tolerance, objective)
     energy = verdicts.energy_line(rows)
     if energy:
         notes.insert(1, energy)
+    return notes
+
+
+def _write_files(
+    folder: Path,
+    rows: list[dict[str, Any]],
+    metric: Metric,
+    tolerance: float,
+    objective: str,
+    rec: dict[str, Any] | None,
+    front_names: set[str],
+    equal: Any,
+    table: str,
+    images: dict[str, bytes],
+) -> None:
+    """results.csv, the plots, report.md, compute.md/.tex and report.html."""
+    usable = [r for r in rows if r.get(metric.name) is not None and r.get("train_joules") is not None]
+    _write_csv(folder / "results.csv", rows, front_names)
+    for name, data in images.items():
+        _write_bytes(folder / name, data)
+    notes = _all_notes(rows, usable, metric, tolerance, objective)
     verdict = verdicts.headline(rows)
     rec_text = rec["text"] if rec else "no point completed"
     md = "\n\n".join(
@@ -379,14 +426,6 @@ def build(
     atomic_write_text(folder / "report.md", md + "\n")
     compute_statement.write(folder, rows)
     atomic_write_text(folder / "report.html", _html_page(rows, front_names, [*verdict, rec_text], notes, images))
-    return {
-        "recommendation": rec,
-        "verdict": verdict,
-        "table": table,
-        "metric": metric.name,
-        "front": sorted(front_names),
-        "notes": notes,
-    }
 
 
 def _write_bytes(path: Path, data: bytes) -> None:

@@ -17,30 +17,37 @@ from typing import Any
 
 import yaml
 
-from ecoadapt.core import locks
+from ecoadapt.core import locks, ownership
 from ecoadapt.core.errors import UserError
-from ecoadapt.core.storage import atomic_write_text, read_json, read_jsonl, write_json
+from ecoadapt.core.storage import atomic_write_text, read_json, read_jsonl
 from ecoadapt.results.summary import FINISHED
 
-MARKER = ".ecoadapt-run"  # written first into every run folder: the proof that ecoadapt made it
 LOCK_FILE = ".ecoadapt-run.lock"  # held (flock) while a run uses the folder; names its process
-# Every entry a run (and `ecoadapt report` on a run) writes into its folder: overwriting removes
-# these, nothing else. A folder holding only these names is an ecoadapt run of an earlier
-# version, written before the marker existed.
-OWN_ENTRIES = frozenset(
+CHECKPOINT_FILE = "checkpoint.pt"  # a run's resumable checkpoint, inside its run directory
+EXPORTED = ("model", "adapter")  # saved through a temp folder (.model.tmp) and set aside as model.old
+# Every entry a run may write into its folder, claimed in its manifest (core/ownership.py) when it
+# takes the folder's lock, before any is created: what ecoadapt removes is what it recorded.
+RUN_ENTRIES = (
+    LOCK_FILE,
+    "config.yaml",
+    "summary.json",
+    "metrics.jsonl",
+    CHECKPOINT_FILE,
+    "phases.json",
+    "task.json",
+    "task_seeds.jsonl",
+    ".task-backbone",
+    "tensorboard",
+    *EXPORTED,
+    *(f"{name}.old" for name in EXPORTED),
+    *(f".{name}.tmp" for name in EXPORTED),
+)
+# What run folders of ecoadapt 0.3 and before held (they had a marker, no manifest): the one list
+# `ecoadapt adopt` accepts, when the user asks it to take such a folder over.
+LEGACY_ENTRIES = frozenset(
     {
-        MARKER,
-        LOCK_FILE,
-        "config.yaml",
-        "summary.json",
-        "metrics.jsonl",
-        "checkpoint.pt",
-        "phases.json",
-        "task.json",
-        "task_seeds.jsonl",
-        "model",
-        "adapter",
-        ".task-backbone",
+        ownership.LEGACY_MARKER,
+        *RUN_ENTRIES,
         "report.md",
         "report.html",
         "results.csv",
@@ -53,20 +60,7 @@ OWN_ENTRIES = frozenset(
 )
 
 
-def _is_own(name: str) -> bool:
-    """Whether a folder entry is one ecoadapt writes: one of OWN_ENTRIES, a temp file of one
-    (``.summary.json.<host>.<pid>.<x>.tmp``, ``.model.tmp``) or one set aside (``model.old``).
-    A user's ``thesis.old`` or ``.notes.tmp`` is not."""
-    if name in OWN_ENTRIES:
-        return True
-    if name.endswith(".old"):
-        return name[: -len(".old")] in OWN_ENTRIES
-    if name.startswith(".") and name.endswith(".tmp"):
-        return any(name == f".{own}.tmp" or name.startswith(f".{own}.") for own in OWN_ENTRIES)
-    return False
-
-
-def check_location(path: Path) -> None:
+def check_location(path: Path, key: str = "output.dir") -> None:
     """Refuse output folders that no run may own, whatever they hold: the file system's root,
     the home folder, the current folder and a repository's root (a run writes into a folder of
     its own, which overwriting may empty).
@@ -81,21 +75,9 @@ def check_location(path: Path) -> None:
     if what is None and (resolved / ".git").exists():
         what = "a repository's root"
     if what is not None:
-        raise UserError(f"output.dir: {path} is {what}; a run needs a folder of its own, e.g. runs/my-run")
+        raise UserError(f"{key}: {path} is {what}; ecoadapt writes into a folder of its own, e.g. runs/my-run")
     if path.exists() and not path.is_dir():
-        raise UserError(f"output.dir: {path} exists and is not a folder")
-
-
-def _refuse_foreign(path: Path) -> None:
-    """A non-empty folder ecoadapt did not write is refused, never cleared."""
-    entries = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
-    if not entries or MARKER in entries or all(_is_own(n) for n in entries):
-        return
-    shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
-    raise UserError(
-        f"output.dir: {path} holds files ecoadapt did not write ({shown}); ecoadapt never deletes or "
-        "overwrites them: choose a new or empty folder"
-    )
+        raise UserError(f"{key}: {path} exists and is not a folder")
 
 
 def check_writable(path: Path) -> None:
@@ -111,7 +93,6 @@ def check_writable(path: Path) -> None:
         raise UserError(f"output.dir: {parent} is not writable; choose another output.dir")
 
 
-CHECKPOINT_FILE = "checkpoint.pt"  # a run's resumable checkpoint, inside its run directory
 # Keys that may change between an interrupted run and its resumption.
 RESUMABLE_CHANGES = ("output.overwrite", "output.resume", "budget.", "parallel.timeout_s", "measure.idle_s")
 
@@ -155,31 +136,31 @@ def config_changes(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
 
 
 def resume_point(
-    path: Path, config_now: dict[str, Any], overwrite: bool, require: bool, main_rank: bool = True
+    path: Path, config_now: dict[str, Any], overwrite: bool, require: bool, check_lock: bool = True
 ) -> ResumePoint:
     """Decide, before anything is loaded, whether the run in ``path`` resumes, restarts or starts.
 
     Args:
         path: output.dir.
         config_now: this run's configuration (``RunConfig.to_dict()``).
-        overwrite: output.overwrite: start afresh whatever the folder holds.
+        overwrite: output.overwrite: start afresh whatever ecoadapt wrote there.
         require: output.resume (``--resume``): a checkpoint must be there.
-        main_rank: whether this process is rank 0 (the one that holds the folder's lock: the
-            other ranks of the same job find it held, by their own job).
+        check_lock: refuse a folder whose lock another process holds (False where this process
+            holds it already, as rank 0 does while it decides, or where the caller is a peer
+            rank of the job that holds it).
 
     Raises:
-        UserError: the folder is not writable; holds a finished run, files of something else,
-            or a run with another configuration (the keys are named); --resume without a
-            checkpoint.
+        UserError: the folder is not writable; holds a finished run, files ecoadapt did not
+            write (or changed since), a run with another configuration (the keys are named);
+            --resume without a checkpoint.
     """
     check_location(path)
     check_writable(path)
-    holder = in_use_by(path) if main_rank else None
+    holder = in_use_by(path) if check_lock else None
     if holder is not None:
         raise UserError(f"output.dir: {path} is in use by {holder}; wait for it, or choose another output.dir")
-    empty = not path.is_dir() or not any(path.iterdir())
-    if not empty:
-        _refuse_foreign(path)
+    survey = ownership.Folder(path).check_ours()
+    empty = not [name for name in survey.own if name != LOCK_FILE]
     if empty or overwrite:
         if require:
             raise UserError(f"output.resume: {path} holds no checkpoint to resume from")
@@ -254,28 +235,17 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
-def remove_own(path: Path) -> None:
-    """Remove what ecoadapt wrote in the run folder ``path``; anything else stays."""
-    for entry in path.iterdir():
-        if entry.name in (MARKER, LOCK_FILE) or not _is_own(entry.name):
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink(missing_ok=True)
-
-
 def create(path: Path, restart: bool) -> Path:
-    """Create the run folder with its marker first (or, with ``restart``, remove what an earlier
-    attempt of ecoadapt wrote there). Call only after every check has passed."""
+    """Create the run folder (or, with ``restart``, remove what an earlier attempt of ecoadapt
+    recorded writing there, the lock kept). Call only after every check has passed, holding the
+    folder's lock (:func:`locked`)."""
     check_location(path)
-    _refuse_foreign(path)
+    folder = ownership.Folder(path)
+    folder.check_ours()
     path.mkdir(parents=True, exist_ok=True)
     if restart:
-        remove_own(path)
-    marker = path / MARKER
-    if not marker.is_file():
-        write_json(marker, {"written_by": "ecoadapt", "note": "a run folder: ecoadapt may replace what it wrote here"})
+        folder.remove(keep=[LOCK_FILE])
+        folder.claim(*RUN_ENTRIES)  # claimed again: the restart writes them anew
     return path
 
 
@@ -286,10 +256,20 @@ def in_use_by(path: Path) -> str | None:
 
 @contextlib.contextmanager
 def locked(path: Path) -> Iterator[None]:
-    """Hold the run folder's lock while a run uses it.
+    """Hold the run folder's lock while a run uses it: what the run may write is claimed in the
+    folder's manifest first, and sealed (fingerprinted) when the lock is released.
 
     Raises:
-        UserError: another live process holds it (named, with since when).
+        UserError: the folder holds files ecoadapt did not write, or another live process holds
+            its lock (named, with since when).
     """
+    check_location(path)
+    folder = ownership.Folder(path)
+    folder.check_ours()
+    folder.claim(*RUN_ENTRIES)
     with locks.held(path / LOCK_FILE, f"output.dir: {path}", fix="wait for it, or choose another output.dir"):
-        yield
+        try:
+            yield
+        finally:  # sealed by the lock's holder only: a refused second run leaves the first's entries open
+            with contextlib.suppress(UserError, OSError):  # sealing must not hide the run's own error
+                folder.seal()

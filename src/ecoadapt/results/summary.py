@@ -10,6 +10,7 @@ machines without it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -258,8 +259,20 @@ def read(path: Path) -> RunSummary:
 
 
 def write(path: Path, summary: RunSummary) -> None:
-    """Write summary.json atomically."""
-    storage.write_json(path, summary.to_dict())
+    """Write summary.json atomically; a figure that is not a finite number (a NaN loss) is
+    written as null, which the schema reads back, never as JSON's non-standard NaN."""
+    storage.write_json(path, finite(summary.to_dict()))
+
+
+def finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite float inside it replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
 
 
 def reference() -> list[tuple[str, str, Any, str]]:

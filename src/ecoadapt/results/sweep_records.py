@@ -10,7 +10,8 @@ from typing import Any
 from ecoadapt.core import storage
 from ecoadapt.results.summary import RunSummary
 
-RECORD_KEYS = ("name", "key", "baseline", "overrides", "run_dir", "exit_code")  # results.jsonl beside the summary
+# results.jsonl's own fields beside the summary: the point, its folder, how its process ended
+RECORD_KEYS = ("name", "key", "baseline", "overrides", "run_dir", "exit_code", "interrupted_by")
 
 
 def latest_results(folder: Path, keys: set[str] | None = None) -> dict[str, dict[str, Any]]:

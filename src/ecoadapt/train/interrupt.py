@@ -1,7 +1,8 @@
-"""SIGTERM and SIGINT during training: finish the step, checkpoint, exit cleanly.
+"""SIGTERM, SIGINT and SIGHUP during training: finish the step, checkpoint, exit cleanly.
 
 Preemptible machines and batch schedulers (Slurm, Kubernetes) send SIGTERM and wait a grace
-period before SIGKILL; Ctrl-C sends SIGINT. Either sets a flag that the loop reads after its
+period before SIGKILL; Ctrl-C sends SIGINT; a closed terminal or ssh session sends SIGHUP (the
+run then goes on to its checkpoint without the terminal). Each sets a flag that the loop reads after its
 current optimizer step, so the checkpoint it writes is a consistent step boundary.
 
 Signals often arrive in pairs: Slurm's scancel and a terminal's Ctrl-C reach every process of
@@ -19,12 +20,14 @@ import time
 from types import FrameType, TracebackType
 from typing import Any
 
-SIGNALS = (signal.SIGTERM, signal.SIGINT)
+from ecoadapt.core import processes
+
+SIGNALS = processes.FORWARDED  # the one list of the signals that ask a run to stop
 COALESCE_S = 2.0  # seconds within which repeated signals are one request
 
 
 class Interrupts:
-    """Context manager that turns the first SIGTERM or SIGINT into a flag.
+    """Context manager that turns the first SIGTERM, SIGINT or SIGHUP into a flag.
 
     Attributes:
         received: the signal number received, or None.
@@ -42,6 +45,8 @@ class Interrupts:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         now = time.monotonic()
+        if signum == signal.SIGHUP:
+            processes.detach_from_terminal()
         if self.received is None:
             self.received, self._at = signum, now
             return

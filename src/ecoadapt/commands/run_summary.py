@@ -1,0 +1,99 @@
+"""The adapt run's summary, filled from what its steps left (training, the evaluations, the
+save and the measurements): one place that maps a run's state onto ``summary.json``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from ecoadapt.commands import finish
+from ecoadapt.data.batches import BlockLoader
+from ecoadapt.measure import environment
+from ecoadapt.measure.budget import BUDGETS, Budget
+from ecoadapt.results.summary import EvalSummary, ModelSummary, ParallelSummary, ReliabilitySummary
+from ecoadapt.train import checkpoint, micro_batch
+from ecoadapt.train.early_stop import EarlyStop, TargetLoss
+from ecoadapt.train.interrupt import Interrupts
+from ecoadapt.train.loop import TrainResult
+
+
+class RunState(Protocol):
+    """What the summary is filled from: the state an adapt run's steps leave (AdaptRun's)."""
+
+    cfg: Any
+    p: Any
+    world: Any
+    device: torch.device
+    summary: Any
+    batch_choice: Any
+    eval_blocks: Any
+    precision_choice: dict[str, Any] | None
+
+
+@dataclass
+class Training:
+    """What the train step leaves: the loop's result and what produced it."""
+
+    result: TrainResult
+    loader: BlockLoader
+    budget: Budget
+    stopper: EarlyStop
+    interrupts: Interrupts
+    checkpoints: checkpoint.RunCheckpoints | None
+    head_first: dict[str, Any] | None = None
+    target: TargetLoss | None = None
+
+
+def fill(
+    run: RunState,
+    training: Training,
+    before: dict[str, Any],
+    after: dict[str, Any],
+    saved: list[str],
+    measured: dict[str, Any],
+) -> None:
+    """Fill ``run.summary`` with everything but the task (see :mod:`ecoadapt.commands.finish`)."""
+    cfg, p, world, s = run.cfg, run.p, run.world, run.summary
+    result = training.result
+    p.phases["train_s"] = result.time_s
+    p.phases["eval_s"] = before["time_s"] + after["time_s"]
+    s.status = "stopped_by_budget" if result.stopped_by in BUDGETS else "completed"
+    s.stopped_by = result.stopped_by
+    s.budget = training.budget.summary(result)
+    s.early_stop = training.stopper.summary()
+    s.target = training.target.summary(result.steps) if training.target is not None else None
+    s.objective = p.loaded.objective
+    plan = p.recipe.plan
+    s.model = ModelSummary(
+        p.loaded.source, p.recipe.counts, plan.blocks, plan.n_blocks, plan.lora, p.loaded.fresh, saved
+    )
+    s.data = p.blocks.stats
+    s.steps, s.epochs = result.steps, training.loader.epochs_done
+    s.tokens = result.tokens * world.size  # every rank processes the same number of tokens
+    s.target_tokens, s.time_s = result.target_tokens, result.time_s
+    s.tokens_per_s, s.train_loss = measured["tokens_per_s"], result.train_loss
+    s.reliability = ReliabilitySummary(
+        result.nonfinite_steps,
+        result.rollbacks,
+        result.lr_scale,
+        result.memory_events,
+        -(-cfg.train.micro_batch_size // result.micro_batch_splits),
+        cfg.train.grad_accum * result.micro_batch_splits,
+    )
+    s.batch = micro_batch.summary(cfg, run.batch_choice, result.micro_batch_splits)
+    s.eval = EvalSummary(
+        before["loss"], after["loss"], before["perplexity"], after["perplexity"],
+        before["accuracy"], after["accuracy"], after["target_tokens"], len(run.eval_blocks),
+    )  # fmt: skip
+    s.precision = {**p.recipe.policy.summary(), **p.recipe.precision_report, "auto": run.precision_choice}
+    s.energy = finish.energy_summary(measured["energy"], None, s.tokens, before["loss"] - after["loss"])
+    s.memory, s.flops = measured["memory"], measured["flops"]
+    s.mfu = measured["flops"]["mfu"]
+    s.head_first = training.head_first
+    s.notes = finish.notes(cfg, p)
+    s.compile = p.recipe.compiled.report()
+    s.parallel = ParallelSummary(world.size, world.strategy)
+    s.phases_s = p.phases
+    s.environment = environment.describe(run.device)
