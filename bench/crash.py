@@ -19,7 +19,7 @@ left alive, a user's file (beside the output, or added inside it after the fault
 changed, or final results that differ from the reference (held-out loss, steps, every task
 score seed by seed). The phase each fault landed in is read from what the folder held then.
 
-    python bench/crash.py --runs 120 --sweeps 40 --special 40   # results in bench/results/crash.json
+    python bench/crash.py --jobs 2   # 200 faults; results in bench/results/crash.json
 
 Energy and times are not compared: a resumed run measures its own.
 """
@@ -58,6 +58,7 @@ USER_FILES = {"thesis.tex": "\\documentclass{article}\n", "data/raw.csv": "a,b\n
 INSIDE = {"run": "run/notes.md", "sweep": "sweep/notes.md"}
 SIGNALS = {"SIGKILL": signal.SIGKILL, "SIGTERM": signal.SIGTERM, "SIGHUP": signal.SIGHUP}
 HANG_S = 900
+ORPHAN_WAIT_S = 15.0  # how long a faulted command's descendants may take to exit after it
 
 
 def base_config(model: Path, out: Path) -> dict[str, Any]:
@@ -335,7 +336,13 @@ def _all_ended(
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, 0)  # the group still has a member: give it a moment, then look
             time.sleep(2.0)
-    orphans = [p.pid for p in tree or [] if p.pid not in {q.pid for q in procs} and _running(p, psutil)]
+    # A sweep's point runs in a group of its own and goes on SIGTERM when the sweep dies: give
+    # its exit (and its workers') up to ORPHAN_WAIT_S before calling anything an orphan.
+    mine = {q.pid for q in procs}
+    deadline = time.monotonic() + ORPHAN_WAIT_S
+    while time.monotonic() < deadline and any(p.pid not in mine and _running(p, psutil) for p in tree or []):
+        time.sleep(0.2)
+    orphans = [p.pid for p in tree or [] if p.pid not in mine and _running(p, psutil)]
     if alive := left_alive(project) + orphans:
         return f"processes outlived the faulted command: {alive}"
     add_inside(project, kind, files)
@@ -391,18 +398,19 @@ SPECIAL = ("disk-full", "two-at-once", "symlinked-lock")
 
 def plan(runs: int, sweeps: int, special: int, rng: random.Random) -> list[tuple[str, str]]:
     """(kind, fault) of every trial: signals drawn for the run and sweep trials, the special
-    faults in turn (a quarter of them on a sweep)."""
+    faults in turn (a quarter of them on a sweep), in a shuffled order."""
     trials = [("run", rng.choice(list(SIGNALS))) for _ in range(runs)]
     trials += [("sweep", rng.choice(list(SIGNALS))) for _ in range(sweeps)]
     trials += [("sweep" if i % 4 == 3 else "run", SPECIAL[i % len(SPECIAL)]) for i in range(special)]
+    rng.shuffle(trials)  # kinds interleaved: a harness cut short still has some of each
     return trials
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=120)
-    parser.add_argument("--sweeps", type=int, default=40)
-    parser.add_argument("--special", type=int, default=40)
+    parser.add_argument("--runs", type=int, default=110)
+    parser.add_argument("--sweeps", type=int, default=30)
+    parser.add_argument("--special", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=1, help="trials at once (each its own folder and cache)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "crash.json")

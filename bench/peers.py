@@ -200,7 +200,7 @@ def trainer_worker(spec_path: Path, result_path: Path) -> None:
                 "peak_bytes": windows.peaks["train"]["peak"] - rss_before_load,
                 "train_joules": train.joules if chosen.meter is not None else None,
                 "energy_method": train.method,
-                "eval_loss": after["loss"],
+                "eval_loss": after.loss,
                 "time_s": seconds,
                 "baseline_bytes": rss_before_load,
             }

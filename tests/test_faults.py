@@ -223,3 +223,68 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_the_rerun_finishes(tmp_
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert json.loads((run / "summary.json").read_text())["steps"] == 6
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_task_stops_between_seeds_and_the_rerun_finishes(tmp_path, tiny_bert, corpus_jsonl):
+    import json
+    import os
+
+    from ecoadapt.core import storage
+    from helpers.tiny_models import write_task
+
+    task = write_task(tmp_path / "task.jsonl", 200)
+    sections = {
+        "train": {"max_steps": 4},
+        "task": {"train": [str(task)], "seeds": [0, 1, 2], "epochs": 1, "cache": False},
+        "measure": {"energy": "estimate"},
+        "output": {"save_model": True},
+    }
+    path = write_config(tmp_path, tiny_bert, corpus_jsonl, **sections)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "ecoadapt", "adapt", str(path)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seeds = tmp_path / "run" / "task_seeds.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None and not storage.read_jsonl(seeds):
+        time.sleep(0.05)
+    proc.terminate()  # SIGTERM while the task scores its seeds
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out[-2000:]
+    assert "the task stopped between seeds" in out and "Traceback" not in out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["signal"] == "SIGTERM"
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    final = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert final["status"] == "completed" and len(final["task"]["per_seed"]) == 3
+
+
+def test_a_sweep_killed_outright_takes_its_running_point_with_it(tmp_path):
+    """The harness's finding: SIGKILL to a sweep left its point (its own process group) running."""
+    pid_file = tmp_path / "point.pid"
+    point = (
+        "import os, time\n"
+        "from ecoadapt.core.processes import PARENT_ENV, follow_parent\n"
+        "follow_parent()\n"
+        f"open({str(pid_file)!r}, 'w').write(str(os.getpid()) + ' ' + str(PARENT_ENV in os.environ))\n"
+        "time.sleep(600)\n"
+    )
+    sweep = (
+        "import sys\n"
+        "from ecoadapt.core.processes import run_child\n"
+        f"run_child([sys.executable, '-c', {point!r}], follow=True)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", sweep])
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline and parent.poll() is None
+        time.sleep(0.05)
+    pid, inherited = pid_file.read_text().split()
+    assert inherited == "False"  # not passed on to the point's own children (torchrun's ranks)
+    parent.kill()  # the OOM killer's way: no handler runs in the sweep
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _alive(int(pid)):
+        time.sleep(0.05)
+    assert not _alive(int(pid))

@@ -127,6 +127,16 @@ def test_report_refuses_to_overwrite_a_users_report_and_writes_its_own_on_record
     assert main(["report", str(run)]) == 0  # its own report, rewritten
 
 
+def test_a_report_refused_in_a_users_folder_leaves_nothing_there(tmp_path, capsys):
+    folder = tmp_path / "theirs"
+    folder.mkdir()
+    (folder / "summary.json").write_text(json.dumps(_summary()))
+    (folder / "report.md").write_text("# mine\n")
+    assert main(["report", str(folder)]) == 2
+    assert "report.md was not written by ecoadapt" in capsys.readouterr().err
+    assert sorted(p.name for p in folder.iterdir()) == ["report.md", "summary.json"]
+
+
 def test_defect_12_report_on_a_torn_summary_is_one_line(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()

@@ -12,6 +12,7 @@ from typing import Any
 
 from ecoadapt import __version__, api
 from ecoadapt.config import all_keys
+from ecoadapt.config.measure import MEASURED_METERS
 from ecoadapt.config.presets import preset_names
 from ecoadapt.core.errors import Interrupted, UserError, disk_full
 from ecoadapt.results.summary import FINISHED
@@ -24,6 +25,44 @@ def keys_help(rows: list[tuple[str, str, Any, str]] | None = None, defaults: boo
         lines.append(f"  {key}  ({type_name}" + (f", default {default!r})" if defaults else ")"))
         lines.extend(textwrap.wrap(doc, 92, initial_indent="      ", subsequent_indent="      "))
     return "\n".join(lines)
+
+
+def keys_markdown(rows: list[tuple[str, str, Any, str]], title: str, intro: str, defaults: bool = True) -> str:
+    """The same keys as a Markdown page, one table per section (docs/configuration.md and
+    docs/summary.md are this output, checked by a test so that they cannot drift)."""
+    out = [f"# {title}", "", intro]
+    section = None
+    for key, type_name, default, doc in rows:
+        if type_name == "section":
+            continue
+        prefix = key.split(".")[0] if "." in key else "(top level)"
+        if prefix != section:
+            section = prefix
+            out += ["", f"## {prefix}", ""]
+            out += (
+                ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+                if defaults
+                else [
+                    "| field | type | meaning |",
+                    "| --- | --- | --- |",
+                ]
+            )
+        cells = [f"`{key}`", f"`{type_name}`", *([f"`{default!r}`"] if defaults else []), " ".join(doc.split())]
+        out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+CONFIG_PAGE = (
+    "Configuration",
+    "Every key of a run's config, generated from the config dataclasses' docstrings "
+    "(`ecoadapt keys --markdown`; the same as `ecoadapt keys` and `ecoadapt adapt --help`). "
+    "Override any with `--set section.key=value` (values are read as YAML).",
+)
+SUMMARY_PAGE = (
+    "summary.json",
+    "Every field of a run's `summary.json`, generated from `RunSummary`'s docstrings "
+    "(`ecoadapt keys --summary --markdown`). Every figure says whether it is measured or estimated.",
+)
 
 
 def _cmd_adapt(args: argparse.Namespace) -> int:
@@ -202,9 +241,11 @@ def _cmd_keys(args: argparse.Namespace) -> int:
     if args.summary:
         from ecoadapt.results.summary import reference
 
-        print(keys_help(reference(), defaults=False))
+        rows = reference()
+        text = keys_markdown(rows, *SUMMARY_PAGE, defaults=False) if args.markdown else keys_help(rows, defaults=False)
     else:
-        print(keys_help())
+        text = keys_markdown(all_keys(), *CONFIG_PAGE) if args.markdown else keys_help()
+    print(text, end="" if args.markdown else "\n")  # a page ends with its own newline
     return 0
 
 
@@ -212,7 +253,7 @@ def _cmd_meters(args: argparse.Namespace) -> int:
     from ecoadapt.measure import meters
 
     failed = []
-    for kind in ("nvml", "rapl"):
+    for kind in MEASURED_METERS:
         why = meters.check(kind)
         print(f"{kind}: {'reads (measured)' if why is None else 'cannot read: ' + why}")
         if why is not None and kind in args.need:
@@ -333,15 +374,19 @@ def _add_info_commands(sub: Any) -> None:
 
     keys = sub.add_parser("keys", help="list every config key with its default and help")
     keys.add_argument("--summary", action="store_true", help="list the fields of summary.json instead")
+    keys.add_argument("--markdown", action="store_true", help="as a Markdown page (docs/configuration.md)")
     keys.set_defaults(func=_cmd_keys)
     sub.add_parser("presets", help="list the shipped presets").set_defaults(func=_cmd_presets)
     meters = sub.add_parser("meters", help="which energy meters can read on this machine (built and read, not assumed)")
-    meters.add_argument("--need", nargs="*", default=[], choices=["nvml", "rapl"], help="exit 1 unless these read")
+    meters.add_argument("--need", nargs="*", default=[], choices=MEASURED_METERS, help="exit 1 unless these read")
     meters.set_defaults(func=_cmd_meters)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `ecoadapt` console script; returns the exit status."""
+    from ecoadapt.core.processes import follow_parent
+
+    follow_parent()  # started by a sweep (or a benchmark): go when it goes
     args = build_parser().parse_args(argv)
     # Deprecation notices inside transformers are for its callers' developers, not our users.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")

@@ -76,7 +76,7 @@ def heldout_loss_of(model, run_dir: Path, objective: str) -> float:
     scores = heldout(
         model.eval(), evaluated, objective, mask, cfg.train.micro_batch_size, Policy("fp32", "cpu"), torch.device("cpu")
     )
-    return float(scores["loss"])
+    return scores.loss
 
 
 def run_command(verb: str, tmp_path: Path, sets: dict[str, Any]) -> int:

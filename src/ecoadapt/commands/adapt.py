@@ -46,7 +46,7 @@ from ecoadapt.results.trackers import Trackers
 from ecoadapt.task import base_cache, downstream
 from ecoadapt.train import checkpoint, head_first, micro_batch
 from ecoadapt.train.early_stop import EarlyStop, TargetLoss
-from ecoadapt.train.heldout import heldout
+from ecoadapt.train.heldout import HeldOut, heldout
 from ecoadapt.train.interrupt import Interrupts
 from ecoadapt.train.loop import Hooks, Loop, StepLog, TrainResult, each, fit, total_steps
 from ecoadapt.train.micro_batch import MicroBatchChoice
@@ -246,8 +246,8 @@ class AdaptRun:
             self.trackers = Trackers(log.to, out, out.name, log.project, self.cfg.to_dict())
 
     def _recipe(self, resumed: dict[str, Any] | None) -> RunSummary:
-        before = resumed["extra"]["before"] if resumed is not None else self.evaluate("eval")
-        self.log(f"held-out loss before: {before['loss']:.4f}")
+        before = HeldOut.from_dict(resumed["extra"]["before"]) if resumed is not None else self.evaluate("eval")
+        self.log(f"held-out loss before: {before.loss:.4f}")
         training = self.train(before, resumed)
         result = training.result
         if result.stopped_by == "interrupted":
@@ -260,7 +260,7 @@ class AdaptRun:
         # take seconds): the model is saved, and the rerun goes on with the task.
         with Interrupts() as late:
             after = self.evaluate("eval_after")
-            self.log(f"held-out loss after: {after['loss']:.4f} (before {before['loss']:.4f})")
+            self.log(f"held-out loss after: {after.loss:.4f} (before {before.loss:.4f})")
             saved = self.save()
             measured = self.measure(result)
             # All ranks leave the process group together, here: rank 0 may go on alone for a long
@@ -301,7 +301,7 @@ class AdaptRun:
 
     # -- the steps --------------------------------------------------------------------------
 
-    def evaluate(self, window: str, within: str | None = None) -> dict[str, Any]:
+    def evaluate(self, window: str, within: str | None = None) -> HeldOut:
         """Held-out loss now, in its own energy and memory windows.
 
         Every rank evaluates every held-out block: no communication, and the numbers are those
@@ -311,13 +311,13 @@ class AdaptRun:
         with self.phases.window(window, within=within, memory="eval"):
             return heldout(r.model, self.eval_blocks, objective, r.mask, rows, r.policy, self.device)
 
-    def train(self, before: dict[str, Any], resumed: dict[str, Any] | None) -> Training:
+    def train(self, before: HeldOut, resumed: dict[str, Any] | None) -> Training:
         """The training loop (after the head-first steps, if any) in its own energy and memory
         windows (closed however training ends)."""
         with self.phases.window("train", clock=self.p.recipe.compiled):
             return self._train_in_window(before, resumed)
 
-    def _train_in_window(self, before: dict[str, Any], resumed: dict[str, Any] | None) -> Training:
+    def _train_in_window(self, before: HeldOut, resumed: dict[str, Any] | None) -> Training:
         cfg, p, r, world = self.cfg, self.p, self.p.recipe, self.world
         head = head_first.train_head(cfg, self.p, self.device, self.log) if resumed is None else None
         torch.manual_seed(cfg.train.seed)  # dropout masks depend on the seed alone
@@ -333,7 +333,7 @@ class AdaptRun:
                 loader,
                 world.is_main,
                 lambda: {
-                    "before": before,
+                    "before": before.as_dict(),
                     "energy_windows": self.tracker.snapshot(),
                     "early_stop": stopper.state(),
                     "inputs": self._inputs(),
@@ -397,10 +397,10 @@ class AdaptRun:
         scores = self.evaluate("eval_periodic", within="train")
         result.excluded_s += time.perf_counter() - t0  # evaluation is not training time
         if self.world.is_main:
-            storage.append_jsonl(self.run_dir / "metrics.jsonl", {"step": result.steps, "eval_loss": scores["loss"]})
-            self.trackers.log({"eval_loss": scores["loss"]}, result.steps)
-        self.log(f"[eval] step {result.steps}: held-out loss {scores['loss']:.4f}")
-        return float(scores["loss"])
+            storage.append_jsonl(self.run_dir / "metrics.jsonl", {"step": result.steps, "eval_loss": scores.loss})
+            self.trackers.log({"eval_loss": scores.loss}, result.steps)
+        self.log(f"[eval] step {result.steps}: held-out loss {scores.loss:.4f}")
+        return scores.loss
 
     def save(self) -> list[str]:
         """The adapter or model into the run directory (gathered from the shards under FSDP)."""

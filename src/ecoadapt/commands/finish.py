@@ -28,6 +28,7 @@ from ecoadapt.results import rundir
 from ecoadapt.results.summary import RunSummary
 from ecoadapt.results.trackers import Trackers
 from ecoadapt.task import downstream
+from ecoadapt.train.interrupt import Interrupts
 from ecoadapt.train.prepare import Prepared
 
 PHASES_FILE = "phases.json"  # training and saving done: the summary so far
@@ -67,7 +68,14 @@ def finish(
         trackers: log.to, open since training (None: opened here for the headline).
     """
     if cfg.task.train and task_inputs is not None:
-        task = _task_or_failure(cfg, run_dir, summary, *task_inputs)
+        try:
+            with Interrupts() as interrupts:
+                task = _task_or_failure(cfg, run_dir, summary, *task_inputs, stop=interrupts.name_if_received)
+        except downstream.TaskStopped as e:  # phases.json and the scored seeds resume it
+            summary.status, summary.signal = "interrupted", e.signal_name
+            summary.save(run_dir / "summary.json")
+            say(f"{e.signal_name}: the task stopped between seeds; rerun the same command to finish it")
+            return summary
         summary.task = task
         gain = summary.eval.loss_before - summary.eval.loss if summary.eval else None
         summary.energy = energy_summary(job_energy, task, summary.tokens or 0, gain)
@@ -111,16 +119,21 @@ def _task_or_failure(
     backbone: Backbone,
     device: Any,
     tracker: EnergyTracker,
+    stop: Callable[[], str | None] | None = None,
 ) -> dict[str, Any]:
-    """The task, or what made it fail: the adaptation's measured sections are kept either way."""
+    """The task, or what made it fail: the adaptation's measured sections are kept either way
+    (a signal's stop, :class:`~ecoadapt.task.downstream.TaskStopped`, is not a failure: it
+    propagates)."""
     saved = bool(summary.model and summary.model.saved)
     window = None
     try:
         with Phases(tracker).window("task", memory=None) as window:
-            task = downstream.compare(cfg, tokenizer, backbone(), device, tracker, run_dir / SEEDS_FILE)
+            task = downstream.compare(cfg, tokenizer, backbone(), device, tracker, run_dir / SEEDS_FILE, stop)
         assert window.energy is not None
         task["energy"] = _with_earlier_seeds(window.energy.as_dict(), task)
         return task
+    except downstream.TaskStopped:
+        raise
     except Exception as e:  # any failure of the task must not lose the run
         error = f"{type(e).__name__}: {e}"
         say(f"task failed: {error}; the adaptation's results are kept. Retry: ecoadapt evaluate CONFIG")

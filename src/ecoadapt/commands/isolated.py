@@ -66,6 +66,7 @@ def run_adapt(
             capture_stderr=True,
             on_line=echo_to_stderr if stream_output else None,
             stdout=subprocess.DEVNULL,
+            follow=True,  # the point goes (checkpointing) when the sweep dies, however it dies
         )
     finally:
         Path(config_path).unlink(missing_ok=True)

@@ -15,6 +15,7 @@ from ecoadapt.measure.budget import BUDGETS, Budget
 from ecoadapt.results.summary import EvalSummary, ModelSummary, ParallelSummary, ReliabilitySummary
 from ecoadapt.train import checkpoint, micro_batch
 from ecoadapt.train.early_stop import EarlyStop, TargetLoss
+from ecoadapt.train.heldout import HeldOut
 from ecoadapt.train.interrupt import Interrupts
 from ecoadapt.train.loop import TrainResult
 
@@ -49,8 +50,8 @@ class Training:
 def fill(
     run: RunState,
     training: Training,
-    before: dict[str, Any],
-    after: dict[str, Any],
+    before: HeldOut,
+    after: HeldOut,
     saved: list[str],
     measured: dict[str, Any],
 ) -> None:
@@ -58,7 +59,7 @@ def fill(
     cfg, p, world, s = run.cfg, run.p, run.world, run.summary
     result = training.result
     p.phases["train_s"] = result.time_s
-    p.phases["eval_s"] = before["time_s"] + after["time_s"]
+    p.phases["eval_s"] = before.time_s + after.time_s
     s.status = "stopped_by_budget" if result.stopped_by in BUDGETS else "completed"
     s.stopped_by = result.stopped_by
     s.budget = training.budget.summary(result)
@@ -84,11 +85,11 @@ def fill(
     )
     s.batch = micro_batch.summary(cfg, run.batch_choice, result.micro_batch_splits)
     s.eval = EvalSummary(
-        before["loss"], after["loss"], before["perplexity"], after["perplexity"],
-        before["accuracy"], after["accuracy"], after["target_tokens"], len(run.eval_blocks),
+        before.loss, after.loss, before.perplexity, after.perplexity,
+        before.accuracy, after.accuracy, after.target_tokens, len(run.eval_blocks),
     )  # fmt: skip
     s.precision = {**p.recipe.policy.summary(), **p.recipe.precision_report, "auto": run.precision_choice}
-    s.energy = finish.energy_summary(measured["energy"], None, s.tokens, before["loss"] - after["loss"])
+    s.energy = finish.energy_summary(measured["energy"], None, s.tokens, before.loss - after.loss)
     s.memory, s.flops = measured["memory"], measured["flops"]
     s.mfu = measured["flops"]["mfu"]
     s.head_first = training.head_first

@@ -9,6 +9,10 @@ from typing import Literal
 
 CPU_WATTS_PER_CORE = 7.5  # a busy x86 server core with its share of uncore: TDP / cores of common parts
 MEMORY_WATTS_PER_GIB = 0.375  # DDR4/DDR5 DIMM power per GiB (about 3 W per 8 GiB module)
+# The meters that measure (measure/meters.py builds each from its one factory table), and every
+# value measure.energy takes (the Literal below is held to it by tests/test_docs.py).
+MEASURED_METERS = ("nvml", "rapl")
+ENERGY_CHOICES = ("auto", *MEASURED_METERS, "estimate", "off")
 
 
 @dataclass

@@ -179,6 +179,7 @@ class Folder:
     def _guarded(self) -> Iterator[dict[str, dict[str, Any]]]:
         """The entries, rewritten atomically when the body ends; one process at a time."""
         self.path.mkdir(parents=True, exist_ok=True)
+        fresh = not os.path.lexists(self.path / GUARD)
         fd = open_no_follow(self.path / GUARD)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)  # held for milliseconds: a rewrite of a small file
@@ -187,6 +188,10 @@ class Folder:
             yield entries
             if entries != before or not (self.path / MANIFEST).is_file():
                 write_json(self.path / MANIFEST, {"written_by": "ecoadapt", "version": 1, "entries": entries})
+        except BaseException:
+            if fresh and not (self.path / MANIFEST).is_file():  # refused in a folder of the user's: leave nothing
+                (self.path / GUARD).unlink(missing_ok=True)
+            raise
         finally:
             os.close(fd)
 

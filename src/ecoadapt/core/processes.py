@@ -26,6 +26,10 @@ from typing import Any
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 READER_JOIN_S = 5.0  # after the child has gone, how long its output is still read
+# Set by run_child in its child's environment: the pid of the ecoadapt process that started it.
+# An ecoadapt child reads it at start (follow_parent) and takes SIGTERM when that process dies,
+# however it dies: a sweep killed outright (the OOM killer) no longer leaves its point running.
+PARENT_ENV = "ECOADAPT_PARENT_PID"
 GRACE_S = 30.0  # between the SIGTERM of a timeout and the SIGKILL: time to write a checkpoint
 
 
@@ -90,6 +94,7 @@ def run_child(
     on_line: Callable[[str], None] | None = None,
     grace_s: float = GRACE_S,
     stdout: Any = None,
+    follow: bool = False,
 ) -> ChildResult:
     """Run ``cmd`` in a process group of its own until it ends; signals and the timeout reach all of it.
 
@@ -99,10 +104,13 @@ def run_child(
         timeout_s: stop the group after this many seconds (SIGTERM, then SIGKILL after ``grace_s``).
         capture_stderr: keep its last lines of standard error (``tail``), passing each to ``on_line``.
         stdout: where its standard output goes (default: this process's).
+        follow: ``cmd`` is an ecoadapt command: it takes SIGTERM when this process dies
+            (see :func:`follow_parent`).
     """
     tail: collections.deque[str] = collections.deque(maxlen=20)
     forwarded: list[int] = []
     timed_out = threading.Event()
+    env = _child_env(env, follow)
     proc = subprocess.Popen(
         cmd,
         env=env,
@@ -140,6 +148,15 @@ def run_child(
     return ChildResult(code, forwarded[0] if forwarded else None, timed_out.is_set(), list(tail))
 
 
+def _child_env(env: dict[str, str] | None, follow: bool) -> dict[str, str]:
+    """The child's environment; with ``follow`` (an ecoadapt command, whose start reads it; not
+    torchrun, whose ranks' parent is torchrun) this process's pid for :func:`follow_parent`."""
+    out = dict(env if env is not None else os.environ)
+    if follow:
+        out[PARENT_ENV] = str(os.getpid())
+    return out
+
+
 def _read_lines(
     proc: subprocess.Popen[Any], tail: collections.deque[str], on_line: Callable[[str], None] | None
 ) -> threading.Thread:
@@ -168,6 +185,18 @@ def die_with_parent(signum: int = signal.SIGKILL) -> None:
 
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0)
+
+
+def follow_parent() -> None:
+    """In a process run_child started: take SIGTERM (checkpoint, exit as interrupted) when the
+    process that started it dies, and stop at once if it died already. The variable is removed,
+    so that this process's own children (torchrun's ranks) do not take it for their parent."""
+    expected = os.environ.pop(PARENT_ENV, None)
+    if expected is None or not expected.isdigit():
+        return
+    die_with_parent(signal.SIGTERM)
+    if os.getppid() != int(expected):  # the parent died before the line above: nobody waits for us
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def detach_from_terminal() -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ecoadapt.config.precision_modes import MODES
 from ecoadapt.core.errors import UserError
 
 GIB = 2**30
@@ -28,8 +29,8 @@ DEFAULT_MFU = 0.3
 # The CUDA context, cuBLAS/cuDNN workspaces and the caching allocator's slack: what a process
 # holds on a GPU beyond its tensors (about 0.5 GiB on recent GPUs with lazy module loading).
 CUDA_OVERHEAD_BYTES = GIB // 2
-# The compute dtype of each precision mode (bf16-pure computes in bf16 too).
-COMPUTE = {"fp32": "fp32", "tf32": "tf32", "fp16": "fp16", "bf16": "bf16", "bf16-pure": "bf16"}
+# The compute dtype of each precision mode (bf16-pure computes in bf16 too), from the one table.
+COMPUTE = {name: mode.compute for name, mode in MODES.items()}
 
 
 @dataclass(frozen=True)

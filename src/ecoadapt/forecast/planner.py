@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ecoadapt.config import RunConfig, from_dict
+from ecoadapt.config.precision_modes import MODES
 from ecoadapt.core import storage
 from ecoadapt.core.errors import UserError
 from ecoadapt.core.processes import run_child
@@ -157,7 +158,7 @@ def recipes(cfg: RunConfig, grid: bool, device: str) -> list[tuple[str, RunConfi
     own = [(_name(cfg), cfg)]
     if not grid:
         return own
-    modes = ["fp32", "bf16", "bf16-pure"] if device == "cpu" else ["fp32", "tf32", "fp16", "bf16", "bf16-pure"]
+    modes = [name for name, mode in MODES.items() if mode.on_cpu or device != "cpu"]
     raw = cfg.to_dict()
     out = []
     for mode in modes:

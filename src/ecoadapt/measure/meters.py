@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 import psutil
 
-from ecoadapt.config.measure import CPU_WATTS_PER_CORE, MEMORY_WATTS_PER_GIB
+from ecoadapt.config.measure import CPU_WATTS_PER_CORE, MEASURED_METERS, MEMORY_WATTS_PER_GIB
 from ecoadapt.core.errors import UserError
 
 POWERCAP_ROOT = Path("/sys/class/powercap")
@@ -290,6 +290,16 @@ class MeterChoice:
     notes: list[str] = field(default_factory=list)
 
 
+def measured_meters(gpu_indices: list[int] | None, powercap_root: Path) -> dict[str, Callable[[], Meter]]:
+    """The one factory table of the meters that measure, by ``measure.energy`` name."""
+    builders: dict[str, Callable[[], Meter]] = {
+        "nvml": lambda: ZeusGpuMeter(gpu_indices or [0]),
+        "rapl": lambda: RaplMeter(powercap_root),
+    }
+    assert tuple(builders) == MEASURED_METERS  # the config's list of them
+    return builders
+
+
 def choose(
     kind: str,
     cpu_watts_per_core: float = CPU_WATTS_PER_CORE,
@@ -310,10 +320,7 @@ def choose(
         return MeterChoice(None, ["energy: off (measure.energy = off)"])
     if kind == "estimate":
         return MeterChoice(EstimateMeter(cpu_watts_per_core, memory_watts_per_gib))
-    builders: dict[str, Callable[[], Meter]] = {
-        "nvml": lambda: ZeusGpuMeter(gpu_indices or [0]),
-        "rapl": lambda: RaplMeter(powercap_root),
-    }
+    builders = measured_meters(gpu_indices, powercap_root)
     if kind in builders:
         try:
             return MeterChoice(builders[kind]())
@@ -338,12 +345,8 @@ def check(kind: str, gpu_indices: list[int] | None = None, powercap_root: Path =
     Builds the real meter and reads it twice, as a run would: importing its library is not
     enough (NVML access, MIG slices, powercap permissions).
     """
-    builders: dict[str, Callable[[], Meter]] = {
-        "nvml": lambda: ZeusGpuMeter(gpu_indices or [0]),
-        "rapl": lambda: RaplMeter(powercap_root),
-    }
     try:
-        meter = builders[kind]()
+        meter = measured_meters(gpu_indices, powercap_root)[kind]()
         meter.total_joules()
         meter.total_joules()
     except Exception as e:  # any failure means: this meter cannot be used here

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from ecoadapt.config.precision_modes import MODES
 from ecoadapt.model.precision import AUTOCAST_DTYPES
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -101,8 +102,9 @@ class Recipe:
             stored: the checkpoint's own dtype (:func:`checkpoint_dtype`); None where unknown.
         """
         mode, quantize = self.mode, self.quantize
-        compute = torch.bfloat16 if mode == "bf16-pure" else AUTOCAST_DTYPES.get(mode, torch.float32)
-        if mode == "bf16-pure":
+        pure = MODES[mode].storage == "bf16"  # bf16-pure: weights kept in bf16, fp32 masters updated
+        compute = torch.bfloat16 if pure else AUTOCAST_DTYPES.get(mode, torch.float32)
+        if pure:
             return LoadSpec(torch.bfloat16, quantize, compute, "bf16-pure stores every weight in bf16")
         if compute == torch.float32:
             return LoadSpec(torch.float32, quantize, compute, f"{mode} computes in fp32")

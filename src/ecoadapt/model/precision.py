@@ -30,8 +30,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ecoadapt.config.precision_modes import MODES
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# The modes that run under torch.autocast, and in which dtype (from the one table of modes).
+AUTOCAST_DTYPES = {name: DTYPES[mode.compute] for name, mode in MODES.items() if mode.autocast}
 
 
 @dataclass
@@ -62,7 +65,7 @@ class Policy:
         elif self.mode == "tf32":
             self.notes.append(f"tf32: this {self.device} has no TF32 matmuls; the run is plain fp32")
         if (
-            self.mode in ("bf16", "bf16-pure")
+            MODES[self.mode].compute == "bf16"
             and self.device == "cuda"
             and not torch.cuda.is_bf16_supported(including_emulation=False)
         ):

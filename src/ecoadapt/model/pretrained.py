@@ -25,7 +25,7 @@ from torch import nn
 
 from ecoadapt.config import ModelConfig
 from ecoadapt.core.errors import UserError
-from ecoadapt.model import load_spec, quantize
+from ecoadapt.model import load_spec, quantize, voice
 from ecoadapt.model.load_spec import LoadSpec, Recipe
 
 # Models that PyPI packages ship, so that presets and the demo need no hub:
@@ -187,7 +187,7 @@ def load(
     torch.manual_seed(seed)  # newly initialised heads start the same in every run of a seed
     copies = quantize_now or stored != spec.dtype
     try:
-        with offline(), read_into_memory(copies):
+        with offline(), read_into_memory(copies), voice.quiet_gguf_conversion():
             model, info = auto.from_pretrained(  # type: ignore[misc]
                 where, output_loading_info=True, dtype=spec.dtype, **kwargs, **weights_kwargs
             )

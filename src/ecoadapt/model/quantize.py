@@ -28,6 +28,8 @@ import torch
 from torch import nn
 
 from ecoadapt.core.errors import UserError
+from ecoadapt.core.progress import say
+from ecoadapt.model import voice
 from ecoadapt.model.load_spec import LoadSpec
 
 INSTALL = "pip install 'ecoadapt[qlora]' (bitsandbytes, and accelerate for transformers' quantized loading)"
@@ -75,6 +77,9 @@ def load_config(kind: str, compute_dtype: torch.dtype, keep: list[str]) -> Any:
         keep: names of Linear modules left unquantized (those outside the blocks).
     """
     bitsandbytes()
+    note = voice.kernels_note() if kind == "nf4" else None
+    if note is not None:
+        say(f"note: {note}")
     if importlib.util.find_spec("accelerate") is None:
         raise UserError(f"lora.quantize: transformers' quantized loading needs accelerate: {INSTALL}")
     from transformers import BitsAndBytesConfig

@@ -150,6 +150,14 @@ def _window(tracker: EnergyTracker | None) -> Callable[[], tuple[float, float]]:
     return lambda: ((tracker.total_joules() if tracker else 0.0) - j0, time.perf_counter() - t0)
 
 
+class TaskStopped(Exception):
+    """A signal asked the task to stop between two seeds; what was scored is recorded."""
+
+    def __init__(self, signal_name: str, scored: int) -> None:
+        super().__init__(f"{signal_name}: the task stopped after {scored} scored this time")
+        self.signal_name, self.scored = signal_name, scored
+
+
 def compare(
     run: RunConfig,
     tokenizer: Any,
@@ -157,6 +165,7 @@ def compare(
     device: Any,
     tracker: EnergyTracker | None = None,
     seeds_file: Path | None = None,
+    stop: Callable[[], str | None] | None = None,
 ) -> dict[str, Any]:
     """Score base and adapted model on every seed; the summary's ``task`` part.
 
@@ -169,6 +178,11 @@ def compare(
         seeds_file: a JSON-lines file where each scored (seed, model) is recorded as it ends;
             those already there are not scored again (a killed task resumes from the seed it
             was on). None: nothing recorded.
+        stop: asked before each (seed, model): the name of a signal that asks the task to stop
+            (the scored ones are recorded; the rerun goes on from there), or None.
+
+    Raises:
+        TaskStopped: ``stop`` named a signal.
     """
     start = time.perf_counter()
     data = prepare(run.task, tokenizer)
@@ -185,7 +199,7 @@ def compare(
     results = _cached_base_results(run, cache_key) if cache_key is not None else {}
     results.update(_recorded(seeds_file))
     todo = [j for j in jobs if (j[0], j[1]) not in results]
-    results.update(_score(judge, todo, run.task.metric, tracker, cache_key, seeds_file))
+    results.update(_score(judge, todo, run.task.metric, tracker, cache_key, seeds_file, stop))
     per_seed = [
         {"seed": s, **{n: results[(s, n)] for n in ("base", "adapted") if (s, n) in results}} for s in run.task.seeds
     ]
@@ -209,12 +223,16 @@ def _score(
     tracker: EnergyTracker | None,
     cache_key: str | None,
     seeds_file: Path | None,
+    stop: Callable[[], str | None] | None = None,
 ) -> dict[tuple[int, str], dict[str, Any]]:
     """Score each (seed, model, weights) of ``todo``, recording each as it ends (base results in
     the cache, every result in ``seeds_file``), with its joules and seconds."""
     results: dict[tuple[int, str], dict[str, Any]] = {}
     spent = 0.0
     for done, (seed, name, weights) in enumerate(todo):
+        signal_name = stop() if stop is not None else None
+        if signal_name is not None:
+            raise TaskStopped(signal_name, done)
         label = f"task {name} seed {seed} ({done + 1}/{len(todo)})"
         elapsed = _window(tracker)
         scores = judge.score(name, weights, seed, label)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,6 +18,36 @@ from ecoadapt.train.micro_batch import is_out_of_memory
 EVAL_MASK_SEED = 1234  # the same masks before and after training, so the losses compare
 
 
+@dataclass(frozen=True)
+class HeldOut:
+    """One held-out evaluation.
+
+    Attributes:
+        loss: mean loss per target token (nats).
+        perplexity: exp(loss); for masked LM the pseudo-perplexity of the masked tokens.
+        accuracy: share of target tokens whose arg-max prediction is right.
+        target_tokens: tokens scored.
+        time_s: seconds it took.
+        batch_size: blocks per forward pass that fit (halved on out of memory).
+    """
+
+    loss: float
+    perplexity: float
+    accuracy: float
+    target_tokens: int
+    time_s: float
+    batch_size: int
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data (what a checkpoint keeps)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> HeldOut:
+        """Read back what :meth:`as_dict` wrote (a checkpoint's ``before``)."""
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+
+
 @torch.no_grad()
 def heldout(
     model: torch.nn.Module,
@@ -25,7 +57,7 @@ def heldout(
     batch_size: int,
     policy: Policy,
     device: torch.device,
-) -> dict[str, Any]:
+) -> HeldOut:
     """Mean loss per target token on held-out blocks.
 
     Args:
@@ -38,9 +70,7 @@ def heldout(
         device: where the model lives.
 
     Returns:
-        {"loss", "perplexity", "accuracy" (of the arg-max prediction on target tokens),
-        "target_tokens", "time_s", "batch_size" (the one that fit)}. Perplexity is exp(loss);
-        for masked LM it is the pseudo-perplexity of the masked tokens.
+        The loss, perplexity, accuracy, target tokens, seconds and the batch size that fit.
     """
     module = as_loss_module(model, objective)
     was_training = module.training
@@ -60,14 +90,14 @@ def heldout(
     # .item() is a device-host sync: once per evaluation.
     n_targets = int(targets.item())
     mean = total.item() / max(n_targets, 1)
-    return {
-        "loss": mean,
-        "perplexity": math.exp(min(mean, 700.0)),
-        "accuracy": correct.item() / max(n_targets, 1),
-        "target_tokens": n_targets,
-        "time_s": time.perf_counter() - start,
-        "batch_size": batch_size,
-    }
+    return HeldOut(
+        loss=mean,
+        perplexity=math.exp(min(mean, 700.0)),
+        accuracy=correct.item() / max(n_targets, 1),
+        target_tokens=n_targets,
+        time_s=time.perf_counter() - start,
+        batch_size=batch_size,
+    )
 
 
 def _sums(

@@ -68,6 +68,10 @@ class Interrupts:
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
         self._restore()
 
+    def name_if_received(self) -> str | None:
+        """The received signal's name, or None: a ``stop`` callback between units of work."""
+        return self.name
+
     def check(self, _result: object = None) -> str | None:
         """A should_stop callback: "interrupted" once a signal has arrived."""
         return "interrupted" if self.received is not None else None

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ecoadapt.config.precision_modes import MODES
 from ecoadapt.model import footprint
 
 # Blocks per micro-batch tried on a CPU (each capped by the step's blocks).
@@ -185,7 +186,7 @@ def choose(
     if device.type != "cuda":
         return MicroBatchChoice.on_cpu(blocks, steps_left, compiled, processes)
     parts = footprint.static_bytes(model, policy, cfg.train.optimizer)
-    sixteen_bit = policy.mode in ("fp16", "bf16", "bf16-pure")
+    sixteen_bit = MODES[policy.mode].sixteen_bit
     per_row = footprint.activation_bytes_per_row(
         getattr(model, "config", None), cfg.data.max_seq_len, 2 if sixteen_bit else 4, cfg.train.gradient_checkpointing
     )

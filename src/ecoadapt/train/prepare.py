@@ -300,7 +300,7 @@ def _search_layers(
     here = policy if policy.device == device.type else Policy(policy.mode, device.type)  # FSDP: on the host
 
     def calibration_loss() -> float:
-        return heldout(model, calibration, objective, mask, cfg.train.micro_batch_size, here, device)["loss"]
+        return heldout(model, calibration, objective, mask, cfg.train.micro_batch_size, here, device).loss
 
     found = layerwise.search(
         model,
