@@ -106,12 +106,14 @@ def test_the_free_memory_of_the_device_is_checked_without_a_limit(tiny_llama, mo
         pretrained.load(ModelConfig(str(tiny_llama)), 16)
 
 
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_bert"])
 def test_a_bf16_lora_run_reads_its_base_in_bf16_trains_fp32_adapters_and_reports_the_load_peak(
-    tmp_path, tiny_llama, corpus_jsonl
+    tmp_path, model, corpus_jsonl, request
 ):
-    config = write_config(
-        tmp_path, tiny_llama, corpus_jsonl, lora={"enabled": True, "r": 4}, precision={"mode": "bf16"}
-    )
+    """An encoder too: its LayerNorms compute in fp32 under autocast, and a bf16 LayerNorm weight
+    met fp32 activations ("mixed dtype (CPU)": the demo's LoRA point on a CPU with fast bf16)."""
+    folder = request.getfixturevalue(model)
+    config = write_config(tmp_path, folder, corpus_jsonl, lora={"enabled": True, "r": 4}, precision={"mode": "bf16"})
     assert main(["adapt", str(config)]) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["precision"]["load"]["dtype"] == "bf16"
@@ -139,3 +141,19 @@ def test_under_autocast_a_16_bit_base_hands_the_blocks_fp32_activations(tiny_lla
         loaded.model(input_ids=torch.tensor([[1, 2, 3]]))
     assert seen == [FP32]
     assert not Policy("bf16-pure", "cpu").keep_residual_fp32(loaded.model)  # pure bf16 keeps bf16 activations
+
+
+def test_under_autocast_a_16_bit_base_keeps_its_matmul_weights_in_16_bits_and_its_norms_in_fp32(tiny_bert):
+    from ecoadapt.model.precision import Policy
+
+    loaded = pretrained.load(ModelConfig(str(tiny_bert)), 16, recipe=Recipe("bf16", frozen_base=True))
+    model = loaded.model.requires_grad_(False)  # frozen, as under LoRA
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    assert norms and linears and {p.dtype for p in model.parameters()} == {BF16}
+    cast = Policy("bf16", "cpu").keep_fp32_weights(model)
+    assert cast == sum(p.numel() for m in norms for p in m.parameters())
+    assert {p.dtype for m in norms for p in m.parameters()} == {FP32}
+    assert {m.weight.dtype for m in linears} == {BF16}
+    assert model.get_input_embeddings().weight.dtype == BF16
+    assert Policy("fp32", "cpu").keep_fp32_weights(model) == 0  # nothing to do outside autocast

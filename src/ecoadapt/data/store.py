@@ -383,13 +383,33 @@ def _tokenized_in_workers(
         pool.shutdown(wait=True, cancel_futures=True)  # an error downstream: no work left queued
 
 
+def _settled_exit_codes(processes: list[Any], within_s: float = 3.0) -> list[int | None]:
+    """The workers' exit codes once they have been reaped, waiting ``within_s`` at most.
+
+    The pool's manager thread joins its broken workers while this thread asks: both call
+    ``waitpid`` on the same child, and the one that loses reads None (seen here one time in
+    three) although the status arrives on the shared process object a moment later. A worker
+    that is still alive after the wait (one spawned as the pool broke) reads None.
+    """
+    deadline = time.monotonic() + within_s
+    for proc in processes:
+        join = getattr(proc, "join", None)
+        if join is not None:
+            join(timeout=max(0.0, deadline - time.monotonic()))
+    codes = [getattr(proc, "exitcode", None) for proc in processes]
+    while None in codes and time.monotonic() < deadline:
+        time.sleep(0.01)
+        codes = [getattr(proc, "exitcode", None) for proc in processes]
+    return codes
+
+
 def _how_workers_died(processes: Iterable[Any]) -> str:
     """A dead tokenization worker, in words: the signal that ended it and its likely cause.
 
     A SIGKILL is named before anything else: the pool answers one dead worker by sending SIGTERM
     to the others, which is the consequence, not the cause.
     """
-    codes = [getattr(proc, "exitcode", None) for proc in processes]
+    codes = _settled_exit_codes(list(processes))
     for code in sorted(codes, key=lambda c: c != -signal.SIGKILL):
         if code is not None and code < 0:
             name = signal.Signals(-code).name

@@ -85,7 +85,7 @@ def probe(cfg: RunConfig) -> dict[str, Any]:
         model, _ = adapters.prepare(loaded, cfg.train, cfg.lora)
     policy = Policy(spec_mode(cfg), "cpu")
     policy.apply(model)  # bf16-pure: every weight (adapters too) in bf16, as the run stores them
-    policy.keep_trained_fp32(model)
+    policy.keep_fp32_weights(model)
     static = footprint.static_bytes(model, _masters(model, spec_mode(cfg)), cfg.train.optimizer)
     if spec.quantize is not None:  # the blocks' Linears at their packed size, not as built here
         stored = shapes.weight_bytes(dataclasses.replace(spec, quantize=None))

@@ -137,12 +137,16 @@ class Policy:
                 p.data = p.data.to(dtype)
         return saved
 
-    def keep_trained_fp32(self, model: nn.Module) -> int:
-        """Under autocast, store every trainable weight that was read in 16 bits in fp32.
+    def keep_fp32_weights(self, model: nn.Module) -> int:
+        """Under autocast, store in fp32 every weight read in 16 bits that is not computed in 16 bits.
 
-        A frozen base is read in the autocast dtype (:mod:`ecoadapt.model.load_spec`); what
-        trains on it (a newly initialised head, trained blocks of a 16-bit checkpoint) is what
-        the optimizer updates, in fp32 as autocast's recipe has it. Tied weights stay tied (the
+        A frozen base is read in the autocast dtype (:mod:`ecoadapt.model.load_spec`), which is
+        what its matmuls compute in. Two kinds of weight are not: what trains on it (a newly
+        initialised head, trained blocks of a 16-bit checkpoint), which the optimizer updates in
+        fp32 as autocast's recipe has it; and the weights of everything that is neither a
+        ``Linear`` nor an ``Embedding`` (norms, mostly), which autocast computes in fp32: a
+        16-bit LayerNorm weight meeting fp32 activations is refused by the CPU kernels
+        ("mixed dtype (CPU)"). These are a few values per channel. Tied weights stay tied (the
         tensor is swapped inside its one Parameter).
 
         Returns:
@@ -150,9 +154,17 @@ class Policy:
         """
         if self.mode not in AUTOCAST_DTYPES:
             return 0
+        matmul = {
+            id(p)
+            for m in model.modules()
+            if isinstance(m, (nn.Linear, nn.Embedding))
+            for p in m.parameters(recurse=False)
+        }
         cast = 0
         for p in model.parameters():
-            if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            if not p.is_floating_point() or p.dtype == torch.float32:
+                continue
+            if p.requires_grad or id(p) not in matmul:
                 p.data = p.data.float()
                 cast += p.numel()
         return cast

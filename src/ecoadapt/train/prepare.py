@@ -152,7 +152,7 @@ def build(
     # embeddings are stored in fp32 (before any PEFT wrapping, which adds hooks of its own).
     policy.keep_residual_fp32(loaded.model)
     model, plan = adapters.prepare(loaded, cfg.train, cfg.lora)
-    policy.keep_trained_fp32(model)
+    policy.keep_fp32_weights(model)
     model.to(setup_device)
     mask = mask_spec(loaded.tokenizer, cfg.data.mlm_probability) if loaded.objective == "mlm" else None
     checks = phases.window("precision_checks", memory=None) if phases else contextlib.nullcontext()
