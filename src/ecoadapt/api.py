@@ -219,7 +219,8 @@ def evaluate(config: ConfigLike, overrides: Overrides = ()) -> dict[str, Any]:
     """
     from ecoadapt.commands import evaluate as evaluate_command
 
-    return evaluate_command.run(resolve(config, overrides).cfg)
+    resolved = resolve(config, overrides)
+    return evaluate_command.run(resolved.cfg, resolved.base)
 
 
 def sweep(spec: str | os.PathLike[str], overrides: Overrides = ()) -> SweepResult:

@@ -86,8 +86,13 @@ def _print_run(summary: Any, run_dir: str) -> None:
         f"{summary.status}: {summary.steps} steps, {summary.tokens:,} tokens in {summary.time_s:.1f} s "
         f"({summary.tokens_per_s:,.0f} tok/s, measured); held-out loss {ev.loss_before:.4f} -> {ev.loss:.4f}"
     )
+    if ev.general is not None:
+        print(general_line(ev.general))
     if summary.task is not None:
         print(task_line(summary.task))
+    if summary.harness is not None:
+        for line in harness_lines(summary.harness):
+            print(line)
     if summary.mfu is not None:
         f = summary.flops
         print(f"MFU: {summary.mfu:.1%} of a {f['peak_flops_per_s'] / 1e9:,.0f} GFLOP/s peak ({f['peak_source']})")
@@ -154,11 +159,45 @@ def _compile_and_forecast_lines(summary: Any) -> list[str]:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    task = api.evaluate(args.config, args.set)
-    print(task_line(task))
-    e = task["energy"]
-    print(f"evaluation: {e['seconds']:.1f} s, {e['joules']:,.0f} J ({e['method']}, {e['meter']})")
+    result = api.evaluate(args.config, args.set)
+    judged = [result] if "metric" in result else []
+    if "metric" in result:
+        print(task_line(result))
+    if "harness" in result:
+        judged.append(result["harness"])
+        for line in harness_lines(result["harness"]):
+            print(line)
+    for r in judged:
+        e = r["energy"]
+        print(f"evaluation: {e['seconds']:.1f} s, {e['joules']:,.0f} J ({e['method']}, {e['meter']})")
     return 0
+
+
+def harness_lines(harness: dict[str, Any]) -> list[str]:
+    """The harness's result, a line per task: each model's metric with its standard error, and
+    the verdict on the difference paired by item."""
+    if harness.get("status") == "failed":
+        return [f"harness failed: {harness['error']} (the adaptation's results are kept; retry: {harness['retry']})"]
+
+    def score(value: float | None, stderr: float | None) -> str:
+        if value is None:
+            return "-"
+        return f"{value:.4f}" + (f" (s.e. {stderr:.4f})" if stderr is not None else "")
+
+    lines = []
+    for t in harness["tasks"]:
+        line = (
+            f"harness {t['name']} {t['metric']} ({harness['fewshot']}-shot): base {score(t['base'], t['base_stderr'])}"
+        )
+        if t["adapted"] is not None:
+            line += f", adapted {score(t['adapted'], t['adapted_stderr'])}; {t['verdict_text'] or 'not paired'}"
+        lines.append(line)
+    return lines
+
+
+def general_line(general: Any) -> str:
+    """The general text's loss before and after, and the verdict on forgetting."""
+    return f"general-text loss {general.loss_before:.4f} -> {general.loss:.4f}: {general.verdict_text}"
 
 
 def task_line(task: dict[str, Any]) -> str:

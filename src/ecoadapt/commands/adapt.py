@@ -28,7 +28,7 @@ import torch
 
 from ecoadapt.commands import finish, run_summary
 from ecoadapt.commands.run_summary import Training
-from ecoadapt.config import RunConfig, dump
+from ecoadapt.config import RunConfig, dump, paths
 from ecoadapt.core import storage
 from ecoadapt.core.errors import UserError
 from ecoadapt.core.progress import Progress, say
@@ -43,7 +43,7 @@ from ecoadapt.model import precision_choice as precision_choice_module
 from ecoadapt.results import rundir
 from ecoadapt.results.summary import RunSummary
 from ecoadapt.results.trackers import Trackers
-from ecoadapt.task import base_cache, downstream
+from ecoadapt.task import base_cache, downstream, harness
 from ecoadapt.train import checkpoint, head_first, micro_batch
 from ecoadapt.train.early_stop import EarlyStop, TargetLoss
 from ecoadapt.train.heldout import HeldOut, heldout
@@ -52,6 +52,8 @@ from ecoadapt.train.loop import Hooks, Loop, StepLog, TrainResult, each, fit, to
 from ecoadapt.train.micro_batch import MicroBatchChoice
 from ecoadapt.train.prepare import mfu, prepare
 from ecoadapt.train.stopping import StopRule
+
+GENERAL_PAIRS = 16  # batches the general text is split into at least, for the paired interval
 
 
 def run(cfg: RunConfig, base: Path | None = None) -> RunSummary:
@@ -64,6 +66,7 @@ def run(cfg: RunConfig, base: Path | None = None) -> RunSummary:
     Raises:
         UserError: bad input found before the run directory is created.
     """
+    paths.anchor_task_files(cfg, base)  # before anything compares or records the config
     out = Path(cfg.output.dir)
     # Cheap checks first: a typo in a path fails in milliseconds, not after loading a model.
     rank = int(os.environ.get("RANK", "0"))  # torchrun's; the process group starts later
@@ -103,6 +106,8 @@ def _decide_and_run(
     pretrained.resolve_model(cfg.model)  # a hub id is fetched here, once, before anything else
     if cfg.task.train:  # every record, before an adaptation that a bad task file would waste
         downstream.check(cfg.task)
+    if cfg.task.harness:  # every task loads and its data reads, likewise
+        harness.check(cfg.task)
     world, device = parallel.setup(cfg.parallel.strategy, cfg.train.device, cfg.parallel.timeout_s)
     if world.strategy == "fsdp" and cfg.lora.merge:
         raise UserError("lora.merge is not available with parallel.strategy = fsdp; merge the saved adapter afterwards")
@@ -246,7 +251,11 @@ class AdaptRun:
             self.trackers = Trackers(log.to, out, out.name, log.project, self.cfg.to_dict())
 
     def _recipe(self, resumed: dict[str, Any] | None) -> RunSummary:
-        before = HeldOut.from_dict(resumed["extra"]["before"]) if resumed is not None else self.evaluate("eval")
+        before = (
+            HeldOut.from_dict(resumed["extra"]["before"])
+            if resumed is not None
+            else self.evaluate("eval", general=True)
+        )
         self.log(f"held-out loss before: {before.loss:.4f}")
         training = self.train(before, resumed)
         result = training.result
@@ -259,8 +268,10 @@ class AdaptRun:
         # A signal from here to the record that training is done lets each phase finish (they
         # take seconds): the model is saved, and the rerun goes on with the task.
         with Interrupts() as late:
-            after = self.evaluate("eval_after")
+            after = self.evaluate("eval_after", general=True)
             self.log(f"held-out loss after: {after.loss:.4f} (before {before.loss:.4f})")
+            if before.general is not None and after.general is not None:
+                self.log(f"general-text loss after: {after.general.loss:.4f} (before {before.general.loss:.4f})")
             saved = self.save()
             measured = self.measure(result)
             # All ranks leave the process group together, here: rank 0 may go on alone for a long
@@ -277,18 +288,20 @@ class AdaptRun:
             task_inputs = self._task_inputs(saved)
             finish.record_trained(self.run_dir, self.summary, job_energy)
             (self.run_dir / rundir.CHECKPOINT_FILE).unlink(missing_ok=True)  # phases.json resumes from here on
-        if late.received is not None and self.cfg.task.train:
+        if late.received is not None and self.cfg.task.judged:
             return self._interrupted_after_training(late.name or "SIGTERM")
         return finish.finish(self.cfg, self.run_dir, self.summary, job_energy, task_inputs, self.trackers)
 
     def _task_inputs(self, saved: list[str]) -> tuple[Any, Any, torch.device, energy.EnergyTracker] | None:
-        """What the task needs: the tokenizer, the adapted backbone on demand, the device, the meter."""
-        if not self.cfg.task.train:
+        """What the judges need: the tokenizer, the adapted weights on demand (the whole LM's
+        when the harness judges), the device, the meter."""
+        if not self.cfg.task.judged:
             return None
-        backbone = self._backbone(saved)
+        whole = bool(self.cfg.task.harness)
+        backbone = self._backbone(saved, whole)
         if backbone is not None and not saved:  # a resumed task needs it, and nothing else holds it
             finish.keep_backbone(self.run_dir, backbone)
-        get = (lambda: backbone) if backbone is not None else (lambda: downstream.adapted_backbone(self.cfg))
+        get = (lambda: backbone) if backbone is not None else (lambda: downstream.adapted_backbone(self.cfg, whole))
         return (self.p.loaded.tokenizer, get, self.device, self.tracker) if backbone is not None or saved else None
 
     def _interrupted_after_training(self, signal_name: str) -> RunSummary:
@@ -301,15 +314,22 @@ class AdaptRun:
 
     # -- the steps --------------------------------------------------------------------------
 
-    def evaluate(self, window: str, within: str | None = None) -> HeldOut:
-        """Held-out loss now, in its own energy and memory windows.
+    def evaluate(self, window: str, within: str | None = None, general: bool = False) -> HeldOut:
+        """Held-out loss now, in its own energy and memory windows; with ``general``, the general
+        text's too (data.general_eval), in the same window.
 
         Every rank evaluates every held-out block: no communication, and the numbers are those
         a single process gets (FSDP needs all ranks in each forward pass anyway).
         """
         r, objective, rows = self.p.recipe, self.p.loaded.objective, micro_batch.eval_rows(self.cfg, self.device)
         with self.phases.window(window, within=within, memory="eval"):
-            return heldout(r.model, self.eval_blocks, objective, r.mask, rows, r.policy, self.device)
+            domain = heldout(r.model, self.eval_blocks, objective, r.mask, rows, r.policy, self.device)
+            g = self.p.general
+            if not general or g is None:
+                return domain
+            # Smaller batches when there are few blocks: the change before/after pairs by batch.
+            rows = max(1, min(rows, len(g.blocks) // GENERAL_PAIRS))
+            return domain.with_general(heldout(r.model, g.blocks, objective, r.mask, rows, r.policy, self.device))
 
     def train(self, before: HeldOut, resumed: dict[str, Any] | None) -> Training:
         """The training loop (after the head-first steps, if any) in its own energy and memory
@@ -438,11 +458,11 @@ class AdaptRun:
             self.p.recipe.model = parallel.unwrap(self.p.recipe.model)
             gc.collect()
 
-    def _backbone(self, saved: list[str]) -> dict[str, Any] | None:
-        """The adapted backbone's weights for the task: from memory, or (FSDP, which holds it
-        in shards) as saved; None when FSDP saved nothing."""
+    def _backbone(self, saved: list[str], whole: bool) -> dict[str, Any] | None:
+        """The adapted weights for the judges (the backbone's, or ``whole`` the LM's): from
+        memory, or (FSDP, which holds them in shards) as saved; None when FSDP saved nothing."""
         if self.world.strategy != "fsdp":
-            return downstream.backbone_state(parallel.unwrap(self.p.recipe.model))
+            return downstream.backbone_state(parallel.unwrap(self.p.recipe.model), whole)
         if not saved:
             self.log(
                 "note: with FSDP the task reads the saved model; output.save_model is off: run `ecoadapt evaluate`"

@@ -1,8 +1,9 @@
-"""`ecoadapt evaluate`: the downstream task alone, on the base and on a run's adapted model.
+"""`ecoadapt evaluate`: the judges alone, on the base and on a run's adapted model.
 
 For a run whose task failed, or that had none, or to try other task settings on a saved model:
-the adapted backbone is read from the run directory, the task runs as :mod:`ecoadapt.task.downstream`
-does for ``adapt``, and the result goes to ``task.json`` and the run's ``summary.json``.
+the adapted weights are read from the run directory, the labelled task runs as
+:mod:`ecoadapt.task.downstream` does for ``adapt`` and the harness as :mod:`ecoadapt.task.harness`
+does, and the results go to ``task.json`` / ``harness.json`` and the run's ``summary.json``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from ecoadapt.config import RunConfig
+from ecoadapt.config import RunConfig, paths
 from ecoadapt.core import storage
 from ecoadapt.core.errors import UserError
 from ecoadapt.core.progress import say
@@ -22,37 +23,68 @@ from ecoadapt.model import pretrained
 from ecoadapt.model.parallel import pick_device
 from ecoadapt.results import rundir
 from ecoadapt.results.summary import RunSummary
-from ecoadapt.task import downstream
+from ecoadapt.task import downstream, harness
 
 
-def run(cfg: RunConfig) -> dict[str, Any]:
-    """The task on the base and on the adapted model of ``cfg``'s run directory.
+def run(cfg: RunConfig, base: Path | None = None) -> dict[str, Any]:
+    """The judges the config names (task.train, task.harness) on the base and on the adapted
+    model of ``cfg``'s run directory.
 
-    Writes ``task.json`` there and fills the ``task`` field of its summary.json.
+    Writes ``task.json`` and ``harness.json`` there and fills the ``task`` and ``harness``
+    fields of its summary.json.
+
+    Args:
+        cfg: the checked configuration.
+        base: the config file's folder (relative task files are looked up there first).
+
+    Returns:
+        The task's result (its ``harness`` key: the harness's, when it ran).
 
     Raises:
-        UserError: no task configured, or the run directory holds no adapted model.
+        UserError: no judge configured, or the run directory holds no adapted model.
     """
-    if not cfg.task.train:
-        raise UserError("task.train: name the labelled training files of the downstream task")
+    paths.anchor_task_files(cfg, base)
+    if not cfg.task.judged:
+        raise UserError(
+            "task.train: name the labelled training files of the downstream task (or task.harness: harness tasks)"
+        )
     device = pick_device(cfg.train.device)
     folder = Path(cfg.output.dir)
     if not folder.is_dir():
         raise UserError(f"output.dir: {folder} does not exist: run `ecoadapt adapt` with this config first")
     with rundir.locked(folder):  # a run still writing there, or a second evaluate, is refused
         _check_same_model(cfg, folder)
-        adapted = downstream.adapted_backbone(cfg)
+        if cfg.task.harness:
+            harness.load_tasks(cfg.task, harness.specs(cfg.task))  # a bad task file: refused before loading a model
+        adapted = downstream.adapted_backbone(cfg, whole=bool(cfg.task.harness))
+        tokenizer = pretrained.load_tokenizer(cfg.model)
         tracker = EnergyTracker.for_config(cfg.measure, device.type, device.index, 0, say)
-        with Phases(tracker).window("task") as window:
-            result = downstream.compare(cfg, pretrained.load_tokenizer(cfg.model), adapted, device, tracker)
-        assert window.energy is not None
-        result["energy"] = window.energy.as_dict()
-        storage.write_json(folder / "task.json", result)
+        results: dict[str, Any] = {}
+        if cfg.task.train:
+            results["task"] = _judged(
+                "task", tracker, lambda: downstream.compare(cfg, tokenizer, adapted, device, tracker)
+            )
+        if cfg.task.harness:
+            results["harness"] = _judged(
+                "harness", tracker, lambda: harness.compare(cfg, tokenizer, adapted, device, tracker)
+            )
+        for name, result in results.items():
+            storage.write_json(folder / f"{name}.json", result)
         summary_path = folder / "summary.json"
         if summary_path.exists():
             summary = RunSummary.read(summary_path)
-            summary.task = result
+            summary.task = results.get("task", summary.task)
+            summary.harness = results.get("harness", summary.harness)
             summary.save(summary_path)
+    return results.get("task", {}) | ({"harness": results["harness"]} if "harness" in results else {})
+
+
+def _judged(window_name: str, tracker: EnergyTracker, judge: Any) -> dict[str, Any]:
+    """A judge's result with the energy of its own window."""
+    with Phases(tracker).window(window_name) as window:
+        result: dict[str, Any] = judge()
+    assert window.energy is not None
+    result["energy"] = window.energy.as_dict()
     return result
 
 

@@ -27,12 +27,13 @@ from ecoadapt.reports import model_card
 from ecoadapt.results import rundir
 from ecoadapt.results.summary import RunSummary
 from ecoadapt.results.trackers import Trackers
-from ecoadapt.task import downstream
+from ecoadapt.task import downstream, harness
 from ecoadapt.train.interrupt import Interrupts
 from ecoadapt.train.prepare import Prepared
 
 PHASES_FILE = "phases.json"  # training and saving done: the summary so far
 SEEDS_FILE = "task_seeds.jsonl"  # each task seed scored so far
+HARNESS_FILE = "harness.jsonl"  # each model the harness scored so far
 BACKBONE_DIR = ".task-backbone"  # the adapted backbone, for a task that must resume, when nothing was saved
 
 Backbone = Callable[[], dict[str, Any]]
@@ -47,7 +48,13 @@ def keep_backbone(run_dir: Path, backbone: dict[str, Any]) -> None:
     """Write the adapted backbone where a resumed task finds it (when no model was saved)."""
     from safetensors.torch import save
 
-    data = save({k: v.contiguous() for k, v in backbone.items()})
+    seen: set[int] = set()
+    tensors = {}
+    for k, v in backbone.items():  # a tied head shares its embedding's storage, which safetensors refuses
+        v = v.contiguous()
+        tensors[k] = v.clone() if v.untyped_storage().data_ptr() in seen else v
+        seen.add(v.untyped_storage().data_ptr())
+    data = save(tensors)
     storage.atomic_write(run_dir / BACKBONE_DIR / "backbone.safetensors", lambda f: f.write(data))
 
 
@@ -59,27 +66,42 @@ def finish(
     task_inputs: tuple[Any, Backbone, Any, EnergyTracker] | None,
     trackers: Trackers | None = None,
 ) -> RunSummary:
-    """Run the task (if the config names one), then write model cards and the final summary.
+    """Run the judges the config names (the labelled task, the harness), then write model cards
+    and the final summary.
 
     Args:
-        summary: the summary filled with everything but the task.
-        job_energy: the job's energy section before the task (every rank's, summed).
-        task_inputs: (tokenizer, the adapted backbone's weights on demand, device, energy tracker).
+        summary: the summary filled with everything but the judges' results.
+        job_energy: the job's energy section before the judges (every rank's, summed).
+        task_inputs: (tokenizer, the adapted weights on demand, device, energy tracker).
         trackers: log.to, open since training (None: opened here for the headline).
     """
-    if cfg.task.train and task_inputs is not None:
+    if cfg.task.judged and task_inputs is not None:
+        tokenizer, backbone, device, tracker = task_inputs
+        weights = _once(backbone)  # read once (from disk, when resuming) for every judge
+        seeds_file, harness_file = run_dir / SEEDS_FILE, run_dir / HARNESS_FILE
         try:
             with Interrupts() as interrupts:
-                task = _task_or_failure(cfg, run_dir, summary, *task_inputs, stop=interrupts.name_if_received)
-        except downstream.TaskStopped as e:  # phases.json and the scored seeds resume it
+                stop = interrupts.name_if_received
+                if cfg.task.train:
+                    summary.task = _judge_or_failure(
+                        "task", summary, tracker,
+                        lambda: downstream.compare(cfg, tokenizer, weights(), device, tracker, seeds_file, stop),
+                    )  # fmt: skip
+                if cfg.task.harness:
+                    summary.harness = _judge_or_failure(
+                        "harness", summary, tracker,
+                        lambda: harness.compare(cfg, tokenizer, weights(), device, tracker, harness_file, stop),
+                    )  # fmt: skip
+        except (downstream.TaskStopped, harness.HarnessStopped) as e:  # phases.json and the records resume it
             summary.status, summary.signal = "interrupted", e.signal_name
             summary.save(run_dir / "summary.json")
-            say(f"{e.signal_name}: the task stopped between seeds; rerun the same command to finish it")
+            say(f"{e.signal_name}: the judging stopped; rerun the same command to finish it")
             return summary
-        summary.task = task
         gain = summary.eval.loss_before - summary.eval.loss if summary.eval else None
-        summary.energy = energy_summary(job_energy, task, summary.tokens or 0, gain)
-    model_card.write(run_dir, summary)  # with the task's result: it ran first
+        summary.energy = energy_summary(
+            job_energy, {"task": summary.task, "harness": summary.harness}, summary.tokens or 0, gain
+        )
+    model_card.write(run_dir, summary)  # with the judges' results: they ran first
     summary.save(run_dir / "summary.json")
     if trackers is None:  # the task resumed in a new process: the headline goes to a new tracker run
         trackers = Trackers(cfg.log.to, run_dir, run_dir.name, cfg.log.project, cfg.to_dict())
@@ -88,10 +110,22 @@ def finish(
     return summary
 
 
+def _once(get: Backbone) -> Backbone:
+    """``get``, called at most once (its value kept)."""
+    kept: list[dict[str, Any]] = []
+
+    def once() -> dict[str, Any]:
+        if not kept:
+            kept.append(get())
+        return kept[0]
+
+    return once
+
+
 def clean_up(run_dir: Path) -> None:
     """Finished: what resuming needed is no longer needed (the model is saved). Also called
     when a finished run is found again, for a kill between its summary and this clean-up."""
-    for name in (rundir.CHECKPOINT_FILE, PHASES_FILE, SEEDS_FILE):
+    for name in (rundir.CHECKPOINT_FILE, PHASES_FILE, SEEDS_FILE, HARNESS_FILE):
         (run_dir / name).unlink(missing_ok=True)
     shutil.rmtree(run_dir / BACKBONE_DIR, ignore_errors=True)
 
@@ -104,39 +138,38 @@ def resume_after_training(cfg: RunConfig, run_dir: Path) -> RunSummary:
     summary.resumed_from_step = summary.steps
     say(f"resuming after training: {summary.steps} steps trained and the model saved; the task goes on")
     task_inputs = None
-    if cfg.task.train:
+    if cfg.task.judged:
         device = pick_device(cfg.train.device)
         tracker = EnergyTracker.for_config(cfg.measure, device.type, device.index, 0, say)
-        task_inputs = (pretrained.load_tokenizer(cfg.model), lambda: downstream.adapted_backbone(cfg), device, tracker)
+        whole = bool(cfg.task.harness)
+        task_inputs = (
+            pretrained.load_tokenizer(cfg.model),
+            lambda: downstream.adapted_backbone(cfg, whole),
+            device,
+            tracker,
+        )
     return finish(cfg, run_dir, summary, recorded["job_energy"], task_inputs)
 
 
-def _task_or_failure(
-    cfg: RunConfig,
-    run_dir: Path,
-    summary: RunSummary,
-    tokenizer: Any,
-    backbone: Backbone,
-    device: Any,
-    tracker: EnergyTracker,
-    stop: Callable[[], str | None] | None = None,
+def _judge_or_failure(
+    window_name: str, summary: RunSummary, tracker: EnergyTracker, judge: Callable[[], dict[str, Any]]
 ) -> dict[str, Any]:
-    """The task, or what made it fail: the adaptation's measured sections are kept either way
-    (a signal's stop, :class:`~ecoadapt.task.downstream.TaskStopped`, is not a failure: it
-    propagates)."""
+    """A judge's result (the labelled task's, the harness's) measured in its own window, or what
+    made it fail: the adaptation's measured sections are kept either way (a signal's stop is not
+    a failure: it propagates)."""
     saved = bool(summary.model and summary.model.saved)
     window = None
     try:
-        with Phases(tracker).window("task", memory=None) as window:
-            task = downstream.compare(cfg, tokenizer, backbone(), device, tracker, run_dir / SEEDS_FILE, stop)
+        with Phases(tracker).window(window_name, memory=None) as window:
+            result = judge()
         assert window.energy is not None
-        task["energy"] = _with_earlier_seeds(window.energy.as_dict(), task)
-        return task
-    except downstream.TaskStopped:
+        result["energy"] = _with_earlier_seeds(window.energy.as_dict(), result)
+        return result
+    except (downstream.TaskStopped, harness.HarnessStopped):
         raise
-    except Exception as e:  # any failure of the task must not lose the run
+    except Exception as e:  # any failure of a judge must not lose the run
         error = f"{type(e).__name__}: {e}"
-        say(f"task failed: {error}; the adaptation's results are kept. Retry: ecoadapt evaluate CONFIG")
+        say(f"{window_name} failed: {error}; the adaptation's results are kept. Retry: ecoadapt evaluate CONFIG")
         measured = window.energy if window is not None else None
         return {
             "status": "failed",
@@ -147,13 +180,14 @@ def _task_or_failure(
 
 
 def _with_earlier_seeds(measured: dict[str, Any], task: dict[str, Any]) -> dict[str, Any]:
-    """The task window's energy plus that of the seeds an earlier, killed attempt scored."""
+    """A judge's window's energy plus that of what an earlier, killed attempt scored (the task's
+    seeds, the harness's models)."""
     earlier = [
         scores
         for row in task.get("per_seed", [])
         for name in ("base", "adapted")
         if (scores := row.get(name)) and scores.get("recorded")
-    ]
+    ] + task.get("resumed_records", [])
     if not earlier:
         return measured
     return {
@@ -165,13 +199,16 @@ def _with_earlier_seeds(measured: dict[str, Any], task: dict[str, Any]) -> dict[
 
 
 def energy_summary(
-    job: dict[str, Any] | None, task: dict[str, Any] | None, tokens: int, loss_gain: float | None
+    job: dict[str, Any] | None, judged: dict[str, dict[str, Any] | None], tokens: int, loss_gain: float | None
 ) -> dict[str, Any] | None:
-    """The job's energy with the task's window (run on rank 0 after the ranks were summed)."""
+    """The job's energy with the judges' windows (``judged``: window name -> that judge's result,
+    run on rank 0 after the ranks were summed)."""
     if job is None:
         return None
-    if task is not None and task.get("energy"):
-        job["phases"]["task"] = {k: task["energy"][k] for k in ("joules", "seconds")}
+    windows = {name: result["energy"] for name, result in judged.items() if result and result.get("energy")}
+    for name, measured in windows.items():
+        job["phases"][name] = {k: measured[k] for k in ("joules", "seconds")}
+    if windows:
         energy.with_totals(job)
     return energy.with_training_figures(job, tokens, loss_gain)
 

@@ -12,7 +12,14 @@ from ecoadapt.commands import finish
 from ecoadapt.data.batches import BlockLoader
 from ecoadapt.measure import environment
 from ecoadapt.measure.budget import BUDGETS, Budget
-from ecoadapt.results.summary import EvalSummary, ModelSummary, ParallelSummary, ReliabilitySummary
+from ecoadapt.results.summary import (
+    EvalSummary,
+    GeneralSummary,
+    ModelSummary,
+    ParallelSummary,
+    ReliabilitySummary,
+)
+from ecoadapt.task import stats
 from ecoadapt.train import checkpoint, micro_batch
 from ecoadapt.train.early_stop import EarlyStop, TargetLoss
 from ecoadapt.train.heldout import HeldOut
@@ -87,9 +94,10 @@ def fill(
     s.eval = EvalSummary(
         before.loss, after.loss, before.perplexity, after.perplexity,
         before.accuracy, after.accuracy, after.target_tokens, len(run.eval_blocks),
+        general_summary(before, after, p.general.stats if p.general is not None else None),
     )  # fmt: skip
     s.precision = {**p.recipe.policy.summary(), **p.recipe.precision_report, "auto": run.precision_choice}
-    s.energy = finish.energy_summary(measured["energy"], None, s.tokens, before.loss - after.loss)
+    s.energy = finish.energy_summary(measured["energy"], {}, s.tokens, before.loss - after.loss)
     s.memory, s.flops = measured["memory"], measured["flops"]
     s.mfu = measured["flops"]["mfu"]
     s.head_first = training.head_first
@@ -98,3 +106,32 @@ def fill(
     s.parallel = ParallelSummary(world.size, world.strategy)
     s.phases_s = p.phases
     s.environment = environment.describe(run.device)
+
+
+def general_summary(before: HeldOut, after: HeldOut, general: dict[str, Any] | None) -> GeneralSummary | None:
+    """The general text's change (after minus before), its interval paired batch by batch, and
+    the verdict; None when the run measured none.
+
+    Args:
+        general: the general text's statistics (sources, blocks).
+    """
+    b, a = before.general, after.general
+    if b is None or a is None or general is None:
+        return None
+    change = a.loss - b.loss
+    paired = b.batch_size == a.batch_size and len(b.batch_losses) == len(a.batch_losses)
+    diffs = [y - x for x, y in zip(b.batch_losses, a.batch_losses, strict=True)] if paired else []
+    spread = stats.mean_interval(diffs, "batch") if diffs else None
+    # Centred on the exact change (batches of masked LM hold different numbers of targets, so
+    # the mean of the batches' changes can differ from it in the fourth decimal), the width the
+    # batches' paired changes give.
+    half = spread.high - spread.mean if spread is not None and spread.high is not None else None
+    interval = stats.Interval(
+        change, change - half if half is not None else None, change + half if half is not None else None,
+        len(diffs), "batch",
+    )  # fmt: skip
+    verdict = stats.loss_change_verdict(interval)
+    return GeneralSummary(
+        general["sources"], general["blocks"], a.target_tokens, b.loss, a.loss, change,
+        interval.low, interval.high, interval.n, verdict.word, verdict.text,
+    )  # fmt: skip

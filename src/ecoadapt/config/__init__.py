@@ -1,18 +1,17 @@
 """The run configuration: typed dataclasses whose field docstrings are the help text.
 
 ``schema`` turns dataclasses into checked schemas; ``run`` holds the run's sections and their
-loading (YAML plus ``--set`` overrides); ``measure``, ``task`` and ``report`` hold the sections of
-those names. This package's names are the config's public face: ``from ecoadapt.config import
+loading (YAML plus ``--set`` overrides); ``data``, ``measure``, ``task`` and ``report`` hold the
+sections of those names. This package's names are the config's public face: ``from ecoadapt.config import
 RunConfig, load``. No torch.
 """
 
+from ecoadapt.config.data import MLM_PROBABILITY, DataConfig
 from ecoadapt.config.measure import BudgetConfig, MeasureConfig
 from ecoadapt.config.overrides import apply_overrides, parse_override
 from ecoadapt.config.run import (
-    MLM_PROBABILITY,
     WORLD_GRID_G_CO2_PER_KWH,
     WORLD_GRID_SOURCE,
-    DataConfig,
     LoraConfig,
     ModelConfig,
     OutputConfig,

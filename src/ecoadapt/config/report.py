@@ -18,3 +18,6 @@ class ReportSettings:
     objective: Literal["energy", "time", "memory"] = "energy"
     """What the recommendation minimises among the points within tolerance: training energy,
     training time or peak training memory."""
+    max_general_loss_increase: float | None = None
+    """The most forgetting a recommended recipe may show: a point whose general-text loss
+    (data.general_eval) rose by more than this many nats is not recommended (null: no bound)."""

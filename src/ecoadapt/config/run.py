@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from ecoadapt.config import batch, paths, quantized, schema
+from ecoadapt.config.data import DataConfig
 from ecoadapt.config.log import LogConfig
 from ecoadapt.config.measure import BudgetConfig, MeasureConfig
 from ecoadapt.config.overrides import apply_overrides
@@ -29,7 +30,6 @@ Objective = Literal["auto", "clm", "mlm"]
 PrecisionMode = Literal["fp32", "tf32", "fp16", "bf16", "bf16-pure", "auto"]
 
 # Defaults that other modules use too: written once, here.
-MLM_PROBABILITY = 0.15  # BERT's masking rate (Devlin et al. 2019)
 # The world's average carbon intensity of electricity generation in 2023 (Ember, Global
 # Electricity Review 2024): what a model card and a compute statement assume, saying so, when
 # measure.grid_g_co2_per_kwh is not set.
@@ -54,46 +54,6 @@ class ModelConfig:
     objective: Objective = "auto"
     """Training objective: mlm (masked LM, encoders), clm (causal LM, decoders), or auto to
     detect it from the architecture."""
-
-
-@dataclass
-class DataConfig:
-    """The domain corpus for continued pre-training."""
-
-    train: list[str] = field(default_factory=list)
-    """Files, globs or folders: .txt (one document per line; blank lines are skipped), .jsonl,
-    .json (a list of records, or an object holding them under data.json_key), .csv, .tsv,
-    .parquet, a folder written by datasets' save_to_disk; .txt/.jsonl/.csv/.tsv may be .gz or
-    .zst compressed. Also builtin:NAME for a corpus that ships with Python
-    (builtin:python-docstrings), and hf:ORG/NAME for a hub dataset read through datasets'
-    cache (?config=NAME&split=SPLIT&revision=REV; nothing fetched under HF_HUB_OFFLINE=1)."""
-    text_field: str = "text"
-    """Record field (or CSV/TSV column) that holds the text; ignored for .txt."""
-    json_key: str | None = None
-    """Key of the record list inside a .json object; detected when exactly one list of
-    records holds data.text_field (COCO-style caption files: annotations)."""
-    max_seq_len: int = 128
-    """Tokens per training block (documents are packed into blocks; no padding)."""
-    eval_fraction: float = 0.05
-    """Fraction of documents held out for evaluation, chosen by a hash of each document's
-    text: deterministic, and duplicates never straddle the split."""
-    eval_max_blocks: int = 64
-    """At most this many held-out blocks are evaluated (evaluation time grows with it)."""
-    bad_records: Literal["error", "skip"] = "error"
-    """A record without usable text (a .jsonl line that is not JSON, a missing or non-text
-    field): stop with an error naming it (error), or skip it and count it in the summary's
-    data.bad_records (skip)."""
-    mlm_probability: float = MLM_PROBABILITY
-    """Fraction of tokens masked for masked LM (80% [MASK], 10% random, 10% unchanged)."""
-    cache_dir: str | None = None
-    """Where token stores go (memory-mapped token files, keyed by the files' contents, the
-    tokenizer, the objective and the split; any sequence length reads the same store); default
-    the tokens/ folder of ecoadapt's cache ($ECOADAPT_CACHE, else ~/.cache/ecoadapt). Needs about
-    1-2 bytes per character of text."""
-    lock_timeout_s: float = 3600.0
-    """How long a run waits for another process that is preparing the same token store (s),
-    saying which process it waits for, before giving up with a message. A process that died
-    holds no lock."""
 
 
 @dataclass
@@ -370,6 +330,7 @@ def _check_model_data_precision(cfg: RunConfig, need: Need) -> None:
     need(cfg.data.max_seq_len >= 8, "data.max_seq_len", "must be at least 8")
     need(0 < cfg.data.eval_fraction < 1, "data.eval_fraction", "must be between 0 and 1")
     need(cfg.data.eval_max_blocks >= 1, "data.eval_max_blocks", "must be at least 1")
+    need(all(bool(s) for s in cfg.data.general_eval), "data.general_eval", "an entry is empty; name files, or []")
     need(0 < cfg.data.mlm_probability < 1, "data.mlm_probability", "must be between 0 and 1")
     p = cfg.precision
     need(0 < p.tolerance < 1, "precision.tolerance", "must be between 0 and 1")
@@ -453,6 +414,11 @@ def _check_measure_task_budget(cfg: RunConfig, need: Need) -> None:
     need(k.max_train_examples is None or k.max_train_examples >= 2, "task.max_train_examples", "at least 2")
     need(k.max_test_examples is None or k.max_test_examples >= 2, "task.max_test_examples", "at least 2")
     need(not k.test or bool(k.train), "task.test", "needs task.train too")
+    need(all(bool(h) for h in k.harness), "task.harness", "an entry is empty; name a task YAML file or task")
+    need(len(set(k.harness)) == len(k.harness), "task.harness", "names a task twice")
+    need(k.harness_fewshot >= 0, "task.harness_fewshot", "must not be negative")
+    need(k.harness_limit is None or k.harness_limit >= 2, "task.harness_limit", "at least 2 (or null)")
+    need(k.harness_batch_size >= 1, "task.harness_batch_size", "must be at least 1")
     b = cfg.budget
     need(b.energy_j is None or b.energy_j > 0, "budget.energy_j", "must be positive (or null)")
     need(b.time_s is None or b.time_s > 0, "budget.time_s", "must be positive (or null)")

@@ -62,3 +62,24 @@ class TaskConfig:
     lora: bool = False
     """Fine-tune LoRA adapters (lora.r, lora.alpha) and the classification head instead of all
     weights."""
+    harness: list[str] = field(default_factory=list)
+    """Evaluation-harness tasks (EleutherAI's lm-evaluation-harness; pip install
+    'ecoadapt[harness]'), judging a decoder as its users do, by log-likelihood: a task YAML
+    file (its dataset_path json/csv/text with data_files read from disk, relative paths from the
+    YAML's folder: offline), or a task name from the harness's registry (its data from the
+    datasets cache, downloaded when online). Each runs on the base and on the adapted model in
+    task.precision, base results cached; per task its metric with the standard error, and the
+    adapted-minus-base difference paired by item with its 95% interval and a verdict. Needs no
+    task.train."""
+    harness_fewshot: int = 0
+    """Solved examples put before each harness item (few-shot); drawn with the first of
+    task.seeds, the same for base and adapted."""
+    harness_limit: int | None = None
+    """Score at most this many items of each harness task (the first ones), to bound its cost."""
+    harness_batch_size: int = 16
+    """Requests per forward pass of the harness."""
+
+    @property
+    def judged(self) -> bool:
+        """Whether anything judges the adapted model: a labelled task or harness tasks."""
+        return bool(self.train or self.harness)

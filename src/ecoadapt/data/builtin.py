@@ -8,11 +8,19 @@ contents depend on the Python version, which the run's environment records.
 ``builtin:python-docstring-topics``: a labelled task in that domain: which of eight standard
 library packages a docstring comes from (asyncio, email, http, importlib, logging,
 multiprocessing, unittest, xml), records ``{"text", "label"}``.
+
+``builtin:general-english``: 103 short paragraphs of everyday English (weather, cooking, travel,
+history, science, sport, town life; about 22 KB, 4-5 thousand tokens), written for ecoadapt and
+shipped with it under its licence: the general text whose loss before and after training shows
+what adapting to a domain cost elsewhere (``data.general_eval``). A small sample, not a
+benchmark: for a standard one give a general corpus of your own, or ``hf:`` WikiText.
 """
 
 from __future__ import annotations
 
 import ast
+import hashlib
+import sys
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +30,10 @@ from ecoadapt.core.errors import UserError
 PREFIX = "builtin:"
 # Packages left out: tests (docstrings of test cases are noise) and vendored/IDE code.
 _SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "__pycache__", "turtledemo", "ensurepip"}
-CORPORA = {"python-docstrings": "docstrings of the Python standard library (read from its source)"}
+CORPORA = {
+    "python-docstrings": "docstrings of the Python standard library (read from its source)",
+    "general-english": "a small sample of everyday English written for ecoadapt (103 paragraphs)",
+}
 TASKS = {"python-docstring-topics": "which standard-library package a docstring comes from (8 labels)"}
 TOPICS = ("asyncio", "email", "http", "importlib", "logging", "multiprocessing", "unittest", "xml")
 
@@ -32,6 +43,23 @@ def check_name(source: str, kinds: dict[str, str] = CORPORA, key: str = "data.tr
     name = source[len(PREFIX) :]
     if name not in kinds:
         raise UserError(f"{key}: unknown builtin '{name}'; available: {', '.join(kinds)}")
+
+
+_SHIPPED = {"general-english": Path(__file__).parent / "text" / "general-english.txt"}  # one document a line
+
+
+def shipped_file(source: str) -> Path | None:
+    """The text file a builtin corpus is read from, when ecoadapt ships it (else None)."""
+    return _SHIPPED.get(source[len(PREFIX) :])
+
+
+def digest(source: str) -> str:
+    """What identifies a builtin corpus's contents: the Python version whose standard library it
+    reads, or the hash of the text file ecoadapt ships."""
+    name = source[len(PREFIX) :]
+    if name in _SHIPPED:
+        return f"{source}@sha256:{hashlib.sha256(_SHIPPED[name].read_bytes()).hexdigest()}"
+    return f"{source}@python{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
 
 
 def stdlib_files() -> list[Path]:
@@ -55,8 +83,14 @@ def _docstrings(paths: list[Path]) -> Iterator[tuple[Path, str]]:
 
 
 def documents(source: str) -> Iterator[str]:
-    """Yield the documents of a builtin corpus: one docstring each, whitespace normalised."""
+    """Yield the documents of a builtin corpus: one docstring (or shipped line) each, whitespace
+    normalised."""
     check_name(source)
+    name = source[len(PREFIX) :]
+    if name in _SHIPPED:
+        with open(_SHIPPED[name], encoding="utf-8") as f:
+            yield from (line.strip() for line in f if line.strip())
+        return
     for _, doc in _docstrings(stdlib_files()):
         yield doc
 

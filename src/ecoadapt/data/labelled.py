@@ -25,7 +25,9 @@ class Example:
     where: str
 
 
-def read(sources: list[str], cfg: TaskConfig, bad: readers.BadRecords | None = None) -> list[Example]:
+def read(
+    sources: list[str], cfg: TaskConfig, bad: readers.BadRecords | None = None, key: str = "task.train"
+) -> list[Example]:
     """Read labelled examples; an empty text or a missing field names the file and record and
     goes to ``bad`` (default: an error; task.bad_records: skip counts it instead).
 
@@ -34,7 +36,7 @@ def read(sources: list[str], cfg: TaskConfig, bad: readers.BadRecords | None = N
     """
     bad = bad or readers.BadRecords("error", "task.bad_records")
     out = []
-    for source in readers.resolve(sources):
+    for source in readers.resolve(sources, key=key):
         for where, record in readers.records(source, cfg.text_field, cfg.json_key, bad):
             try:
                 out.append(_example(record, cfg, where))

@@ -76,7 +76,7 @@ class Document:
         return self.split_key or self.text
 
 
-def resolve(patterns: list[str], base: Path | None = None) -> list[str]:
+def resolve(patterns: list[str], base: Path | None = None, key: str = "data.train") -> list[str]:
     """Expand files and globs into a sorted, de-duplicated list of sources.
 
     ``builtin:NAME`` and ``hf:ORG/NAME`` (a hub dataset, see :mod:`ecoadapt.data.hub_datasets`)
@@ -84,7 +84,7 @@ def resolve(patterns: list[str], base: Path | None = None) -> list[str]:
     file's folder) when given and present there, else from the working directory.
 
     Raises:
-        UserError: a pattern that matches no file, or a file of an unknown type.
+        UserError: a pattern that matches no file (naming ``key``), or a file of an unknown type.
     """
     out: list[str] = []
     for pattern in patterns:
@@ -105,7 +105,7 @@ def resolve(patterns: list[str], base: Path | None = None) -> list[str]:
             if matches:
                 break
         if not matches:
-            raise UserError(f"data.train: '{pattern}' matches no file (check the path; globs like data/*.txt work)")
+            raise UserError(f"{key}: '{pattern}' matches no file (check the path; globs like data/*.txt work)")
         for m in matches:
             _check_format(Path(m))
             if m not in out:

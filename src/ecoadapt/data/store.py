@@ -68,7 +68,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 def source_digest(source: str) -> str:
     """What identifies a source's contents: a hash of its bytes (every file of a folder)."""
     if source.startswith(builtin.PREFIX):
-        return f"{source}@python{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
+        return builtin.digest(source)
     if hub_datasets.is_hub(source):
         return hub_datasets.digest(source)
     path = Path(source)
@@ -451,8 +451,8 @@ def _text_bytes_hint(sources: list[str]) -> int | None:
     """The bytes of text to read, for the progress bar (None when a source cannot say)."""
     total = 0
     for s in sources:
-        path = Path(s)
-        if s.startswith(builtin.PREFIX) or hub_datasets.is_hub(s) or path.is_dir() or readers.file_format(path)[1]:
+        path = builtin.shipped_file(s) if s.startswith(builtin.PREFIX) else Path(s)
+        if path is None or hub_datasets.is_hub(s) or path.is_dir() or readers.file_format(path)[1]:
             return None
         total += path.stat().st_size
     return total

@@ -9,6 +9,8 @@ The CLI speaks in one voice: a library's warning or progress bar is filtered whe
   and only when it quantizes.
 - transformers' GGUF reader draws an unthrottled bar per tensor; the load's own line
   ("loading ...") says what happens.
+- the evaluation harness draws a bar per stage of every task and model; ecoadapt's own lines
+  say which task and model are being scored.
 """
 
 from __future__ import annotations
@@ -72,3 +74,31 @@ def quiet_gguf_conversion() -> Iterator[None]:
         yield
     finally:
         gguf_utils.tqdm = bar
+
+
+@contextlib.contextmanager
+def without_bars(*modules: str) -> Iterator[None]:
+    """The ``tqdm`` bars that ``modules`` draw (those that import the name ``tqdm``) switched off
+    for the body; a module that is not imported, or draws none, is left as it is."""
+    import importlib
+
+    patched: list[tuple[Any, Any]] = []
+    for name in modules:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        bar = getattr(module, "tqdm", None)
+        if bar is None:
+            continue
+
+        def plain(*args: Any, _bar: Any = bar, **kwargs: Any) -> Any:
+            return _bar(*args, **{**kwargs, "disable": True})
+
+        vars(module)["tqdm"] = plain
+        patched.append((module, bar))
+    try:
+        yield
+    finally:
+        for module, bar in patched:
+            vars(module)["tqdm"] = bar

@@ -30,13 +30,12 @@ from ecoadapt.core import ownership
 from ecoadapt.core.errors import UserError
 from ecoadapt.core.storage import atomic_write, atomic_write_text, read_json
 from ecoadapt.measure import carbon
-from ecoadapt.reports import compute_statement, equal_quality, verdicts
+from ecoadapt.reports import compute_statement, equal_quality, plots, verdicts
 from ecoadapt.results.summary import RunSummary
 from ecoadapt.results.sweep_records import latest_results, split_record
 
-PLOTS = ("energy_vs_metric.png", "memory.png", "throughput.png")
 # Every file a report writes into its folder, claimed in the folder's manifest before any is written.
-REPORT_FILES = ("results.csv", "report.md", "report.html", "compute.md", "compute.tex", *PLOTS)
+REPORT_FILES = ("results.csv", "report.md", "report.html", "compute.md", "compute.tex", *plots.FILES)
 
 
 @dataclass
@@ -69,6 +68,7 @@ def row(meta: dict[str, Any], summary: RunSummary) -> dict[str, Any]:
         return out
     energy = summary.energy or {}
     mem = summary.memory or {}
+    general = summary.eval.general if summary.eval else None
     out.update(
         {
             "train_joules": energy.get("train_joules"),
@@ -83,10 +83,17 @@ def row(meta: dict[str, Any], summary: RunSummary) -> dict[str, Any]:
             "steps": summary.steps,
             **equal_quality.target_fields(summary.target),
             "perplexity": summary.eval.perplexity if summary.eval else None,
-            **verdicts.task_fields(summary.task or {}),
+            "domain_gain": summary.eval.loss_before - summary.eval.loss if summary.eval else None,
+            "general_change": general.change if general else None,
+            "general_verdict": general.verdict if general else None,
+            # The labelled task judges; a decoder judged by the harness alone is ranked on it.
+            **verdicts.task_fields(summary.task or verdicts.harness_as_task(summary.harness)),
+            **verdicts.harness_fields(summary.harness),
             **_compute_fields(summary),
         }
     )
+    if summary.task and summary.harness and (summary.harness.get("energy") or {}).get("joules"):
+        out["eval_joules"] = (out["eval_joules"] or 0.0) + summary.harness["energy"]["joules"]
     if out["train_joules"] is not None:
         out["total_joules"] = out["train_joules"] + (out["eval_joules"] or 0.0)
     return out
@@ -175,17 +182,26 @@ def pareto_front(points: list[tuple[float, float]], higher_is_better: bool) -> l
 
 
 def recommend(
-    rows: list[dict[str, Any]], metric: Metric, tolerance: float, objective: str = "energy", equal: bool = False
+    rows: list[dict[str, Any]],
+    metric: Metric,
+    tolerance: float,
+    objective: str = "energy",
+    equal: bool = False,
+    max_forgetting: float | None = None,
 ) -> dict[str, Any] | None:
     """The cheapest point whose metric is within ``tolerance`` of the best, with ratios; with
     ``equal`` (an equal-quality sweep) energy is the joules to the baseline's held-out loss, and
-    a recipe that never reached it is not a candidate.
+    a recipe that never reached it is not a candidate; with ``max_forgetting``, nor is one whose
+    general-text loss rose by more than that (nats).
 
     Returns:
-        {"name", "row", "ratios": {...}, "text"} or None when no point completed.
+        {"name", "row", "ratios": {...}, "text"} or None when no point completed (or none
+        forgot little enough).
     """
     cost_key = "joules_to_target" if equal and objective == "energy" else OBJECTIVES[objective]
     usable = [r for r in rows if r.get(metric.name) is not None and r.get(cost_key) is not None]
+    if max_forgetting is not None:
+        usable = [r for r in usable if r.get("general_change") is None or r["general_change"] <= max_forgetting]
     if not usable:
         return None
     best = max(usable, key=lambda r: r[metric.name] if metric.higher_is_better else -r[metric.name])
@@ -250,12 +266,17 @@ COLUMNS = [  # (row key, heading, format: a format spec, "bytes" or "pct")
     ("mfu", "MFU", "pct"),
     ("eval_loss", "held-out loss", ".4f"),
     ("perplexity", "perplexity", ",.1f"),
+    ("domain_gain", "domain loss gain", "+.4f"),
+    ("general_change", "general loss change", "+.4f"),
     ("task_score", "downstream", ".4f"),
     ("task_delta", "gain vs base", "+.4f"),
     ("gain_low", "gain 95% CI low", "+.4f"),
     ("gain_high", "gain 95% CI high", "+.4f"),
     ("verdict", "verdict", ""),
     ("retained", "retained gain", "pct"),
+    ("harness_score", "harness", ".4f"),
+    ("harness_delta", "harness gain", "+.4f"),
+    ("harness_verdict", "harness verdict", ""),
     ("eval_joules", "evaluation energy (J)", ",.1f"),
     ("total_joules", "total energy (J)", ",.1f"),
 ]
@@ -278,66 +299,6 @@ def markdown_table(rows: list[dict[str, Any]], front: set[str]) -> str:
     lines = ["| " + " | ".join(c[1] for c in COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
     lines += ["| " + " | ".join(_cells(r, front)) + " |" for r in rows]
     return "\n".join(lines)
-
-
-def plots(
-    rows: list[dict[str, Any]], metric: Metric, front: list[int], usable: list[dict[str, Any]]
-) -> dict[str, bytes]:
-    """PNG plots: energy vs metric with the front, peak memory and throughput per point."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
-
-    out: dict[str, bytes] = {}
-    method = ", ".join(sorted({str(r.get("energy_method")) for r in usable})) or "n/a"
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    xs = [r["train_joules"] for r in usable]
-    ys = [r[metric.name] for r in usable]
-    errors = [r.get("task_std") or 0.0 for r in usable] if metric.name == "task_score" else None
-    ax.errorbar(xs, ys, yerr=errors, fmt="o", color="tab:blue", ecolor="0.6", capsize=3, label="recipes", zorder=3)
-    for r in usable:
-        ax.annotate(
-            r["name"], (r["train_joules"], r[metric.name]), fontsize=7, xytext=(4, 4), textcoords="offset points"
-        )
-    if front:
-        fx = [usable[i]["train_joules"] for i in front]
-        fy = [usable[i][metric.name] for i in front]
-        ax.step(fx, fy, where="post", color="tab:red", zorder=2)
-        ax.scatter(fx, fy, s=160, facecolors="none", edgecolors="tab:red", label="Pareto front", zorder=4)
-    ax.set_xlabel(f"training energy (J, {method})")
-    ax.set_ylabel(
-        _metric_label(metric)
-        + (" (higher: better" if metric.higher_is_better else " (lower: better")
-        + ("; mean, std)" if errors else ")")
-    )
-    ax.set_title("Energy vs accuracy")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    out["energy_vs_metric.png"] = _png(fig)
-    for key, label, fname, scale in (
-        ("peak_bytes", "peak memory (MiB)", "memory.png", 2**20),
-        ("tokens_per_s", "throughput (tokens/s)", "throughput.png", 1),
-    ):
-        fig, ax = plt.subplots(figsize=(7, max(2.5, 1.0 + 0.4 * len(usable))))
-        names = [r["name"] for r in usable]
-        ax.barh(names, [(r.get(key) or 0) / scale for r in usable], color="tab:green", label=label)
-        ax.set_xlabel(label)
-        ax.set_title(label.split(" (")[0].capitalize() + " per point")
-        ax.legend(loc="lower right")
-        ax.invert_yaxis()
-        out[fname] = _png(fig)
-    return out
-
-
-def _png(fig: Any) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
 
 
 def build(
@@ -363,9 +324,12 @@ def build(
     front = pareto_front([(r["train_joules"], r[metric.name]) for r in usable], metric.higher_is_better)
     front_names = {usable[i]["name"] for i in front}
     equal = equal_quality.prepare(rows)
-    rec = verdicts.base_model_recommendation(rows) or recommend(rows, metric, tolerance, objective, equal)
+    bound = settings.max_general_loss_increase
+    rec = verdicts.base_model_recommendation(rows) or recommend(rows, metric, tolerance, objective, equal, bound)
+    if rec is not None and bound is not None and rec["row"] is not None:
+        rec["text"] += f" (of the recipes whose general-text loss rose by at most {bound:g} nats)"
     table = markdown_table(rows, front_names)
-    images = plots(rows, metric, front, usable) if usable else {}
+    images = plots.draw(metric.name, metric.higher_is_better, _metric_label(metric), front, usable) if usable else {}
     out = ownership.Folder(folder, "report")
     out.claim(*REPORT_FILES)  # refused, before anything is written, where one is the user's
     try:
@@ -389,6 +353,9 @@ def _all_notes(
     energy = verdicts.energy_line(rows)
     if energy:
         notes.insert(1, energy)
+    forgetting = verdicts.forgetting_line(rows)
+    if forgetting:
+        notes.append(forgetting)
     return notes
 
 

@@ -47,6 +47,61 @@ def task_fields(task: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def harness_as_task(harness: dict[str, Any] | None) -> dict[str, Any]:
+    """The harness's first task in the shape of a task result, for a run judged by the harness
+    alone (a decoder without a labelled task): the report ranks and recommends on it as on a
+    task (its gain paired by item, not by seed: no retained share is computed from it)."""
+    if not harness:
+        return {}
+    if harness.get("status") == "failed":
+        return harness
+    first = (harness.get("tasks") or [{}])[0]
+    if first.get("base") is None:
+        return {}
+    gain = first.get("gain") or {}
+    return {
+        "metric": f"{first['name']} {first['metric']}",
+        "mode": f"harness {harness.get('fewshot', 0)}-shot",
+        "adapted": first.get("adapted"),
+        "base": first.get("base"),
+        "adapted_std": first.get("adapted_stderr"),
+        "delta": gain.get("mean"),
+        "gain": {"ci_low": gain.get("ci_low"), "ci_high": gain.get("ci_high")},
+        "verdict": first.get("verdict"),
+        "verdict_text": first.get("verdict_text"),
+        "energy": harness.get("energy"),
+    }
+
+
+def harness_fields(harness: dict[str, Any] | None) -> dict[str, Any]:
+    """The harness's first task for a report row's own columns (every key present)."""
+    out: dict[str, Any] = dict.fromkeys(("harness_task", "harness_score", "harness_delta", "harness_verdict"))
+    first = ((harness or {}).get("tasks") or [None])[0]
+    if not first:
+        return out
+    out.update(
+        harness_task=f"{first['name']} {first['metric']}",
+        harness_score=first.get("adapted"),
+        harness_delta=(first.get("gain") or {}).get("mean"),
+        harness_verdict=first.get("verdict"),
+    )
+    return out
+
+
+def forgetting_line(rows: list[dict[str, Any]]) -> str | None:
+    """Which recipe forgot least (the smallest rise of the general-text loss), and for how many
+    joules; None when no point measured general text."""
+    measured = [r for r in rows if r.get("general_change") is not None and r.get("train_joules")]
+    if not measured:
+        return None
+    least = min(measured, key=lambda r: (r["general_change"], r["train_joules"]))
+    parts = ", ".join(f"{r['name']} {r['general_change']:+.4f} ({r.get('general_verdict')})" for r in measured)
+    return (
+        f"General text (forgetting: its loss after minus before, nats; paired by batch): {parts}. Least: "
+        f"{least['name']}, {least['general_change']:+.4f} for {least['train_joules']:,.0f} J of training."
+    )
+
+
 def add_retained_gain(rows: list[dict[str, Any]]) -> None:
     """Each row's ``retained``: its gain over the baseline recipe's, with an interval, when the
     baseline's own gain is detectable (else None: a share of no effect means nothing)."""

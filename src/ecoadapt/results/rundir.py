@@ -36,6 +36,8 @@ RUN_ENTRIES = (
     "phases.json",
     "task.json",
     "task_seeds.jsonl",
+    "harness.json",
+    "harness.jsonl",
     ".task-backbone",
     "tensorboard",
     *EXPORTED,

@@ -24,6 +24,34 @@ FINISHED = ("completed", "stopped_by_budget")  # statuses whose results count (a
 
 
 @dataclass
+class GeneralSummary:
+    """The general text's loss before and after training (data.general_eval): forgetting."""
+
+    sources: list[str]
+    """Where the general text came from."""
+    blocks: int
+    """Blocks evaluated (data.eval_max_blocks at most)."""
+    target_tokens: int
+    """Tokens scored."""
+    loss_before: float
+    """Mean loss per target token before training (nats)."""
+    loss: float
+    """Mean loss per target token after training."""
+    change: float
+    """loss - loss_before: above 0 the model got worse at general text (forgot)."""
+    ci_low: float | None
+    """95% interval of the change, paired batch by batch (the same blocks and masks): low end."""
+    ci_high: float | None
+    """High end of that interval."""
+    batches: int
+    """Pairs the interval is over."""
+    verdict: str
+    """forgot, improved, no detectable change, or cannot tell."""
+    verdict_text: str
+    """The verdict in a sentence, with the figures."""
+
+
+@dataclass
 class EvalSummary:
     """Held-out language-modelling scores before and after training (the same blocks and masks)."""
 
@@ -44,6 +72,8 @@ class EvalSummary:
     """Tokens scored."""
     blocks: int | None
     """Held-out blocks evaluated (data.eval_max_blocks at most)."""
+    general: GeneralSummary | None = None
+    """The general text's loss before and after (data.general_eval; None: off)."""
 
 
 @dataclass
@@ -187,6 +217,11 @@ class RunSummary:
     with joules and seconds), means and stds, gain (adapted minus base, paired by seed: mean,
     ci_low, ci_high, n, per_seed), verdict and verdict_text, evaluation_joules (computed in this
     run), base_cached, bad_records, energy of its window."""
+    harness: dict[str, Any] | None = None
+    """task.harness, the evaluation harness on base and adapted model: harness_version, precision,
+    fewshot, limit, per task (tasks: name, metric, base, base_stderr, adapted, adapted_stderr,
+    items, gain {mean, ci_low, ci_high, n} paired by item, verdict, verdict_text, base_cached),
+    evaluation_joules (computed in this run), energy of its window; or status failed with error."""
     parallel: ParallelSummary | None = None
     """The processes that trained together."""
     phases_s: dict[str, float] | None = None

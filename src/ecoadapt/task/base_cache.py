@@ -42,6 +42,11 @@ def _digest(path: Path) -> str:
     return _digests[stamp]
 
 
+def file_digest(path: Path) -> str:
+    """A file's content digest (remembered for the process while the file is unchanged)."""
+    return _digest(path)
+
+
 def _file_contents(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -82,16 +87,26 @@ def _file_id(source: str) -> str:
     return source_digest(source) if source.startswith(("builtin:", "hf:")) else _digest(Path(source))
 
 
-def _path(cache_key: str, seed: int) -> Path:
-    return storage.cache_root() / "task-base" / f"{cache_key}-seed{seed}.json"
+def _path(name: str) -> Path:
+    return storage.cache_root() / "task-base" / f"{name}.json"
 
 
 def load(cache_key: str, seed: int) -> dict[str, Any] | None:
     """The cached base result for ``seed``, or None (missing or unreadable: computed again)."""
-    cached = storage.read_cache(_path(cache_key, seed), say)
-    return dict(cached) if isinstance(cached, dict) else None
+    return load_named(f"{cache_key}-seed{seed}")
 
 
 def store(cache_key: str, seed: int, result: dict[str, Any]) -> None:
     """Keep ``result`` (atomically: a reader never sees half a file)."""
-    storage.write_json(_path(cache_key, seed), result)
+    store_named(f"{cache_key}-seed{seed}", result)
+
+
+def load_named(name: str) -> dict[str, Any] | None:
+    """The cached base result called ``name`` (another judge's, such as the harness's), or None."""
+    cached = storage.read_cache(_path(name), say)
+    return dict(cached) if isinstance(cached, dict) else None
+
+
+def store_named(name: str, result: dict[str, Any]) -> None:
+    """Keep the base result called ``name``, atomically."""
+    storage.write_json(_path(name), result)

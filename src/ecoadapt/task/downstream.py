@@ -54,7 +54,7 @@ def read_examples(cfg: TaskConfig) -> tuple[list[labelled.Example], list[labelle
     bad = readers.BadRecords(cfg.bad_records, "task.bad_records")
     train = labelled.read(cfg.train, cfg, bad)
     if cfg.test:
-        test = labelled.read(cfg.test, cfg, bad)
+        test = labelled.read(cfg.test, cfg, bad, "task.test")
     else:
         train, test = labelled.stratified_split(train, cfg.test_fraction)
     if cfg.max_train_examples is not None:
@@ -101,17 +101,20 @@ def prepare(cfg: TaskConfig, tokenizer: Any) -> TaskData:
     )
 
 
-def backbone_state(model: Any) -> dict[str, torch.Tensor]:
-    """The adapted transformer's weights (LoRA merged), without any LM head; a quantized base
-    (lora.quantize) dequantized, as it trained, with the adapter added in full precision."""
+def backbone_state(model: Any, whole: bool = False) -> dict[str, torch.Tensor]:
+    """The adapted transformer's weights (LoRA merged), in fp32 on the CPU: without any LM head
+    (what a classifier's backbone takes), or with ``whole`` the whole language model's (what
+    the harness scores; a probe reads its backbone from it). A quantized base (lora.quantize)
+    dequantized, as it trained, with the adapter added in full precision."""
     from ecoadapt.model import quantize
 
     if quantize.has_quantized(model):
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-        return quantize.full_precision_state(inner.base_model)
+        return quantize.full_precision_state(inner if whole else inner.base_model)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    return {k: v.detach().float().cpu() for k, v in model.base_model.state_dict().items()}
+    part = model if whole else model.base_model
+    return {k: v.detach().float().cpu() for k, v in part.state_dict().items()}
 
 
 class _Judge:
@@ -317,15 +320,16 @@ def summarize(metric: str, per_seed: list[dict[str, Any]], classes: dict[str, An
     return out
 
 
-def adapted_backbone(run: RunConfig) -> dict[str, torch.Tensor]:
-    """The adapted backbone saved in the run directory (adapter merged into the base, or model).
+def adapted_backbone(run: RunConfig, whole: bool = False) -> dict[str, torch.Tensor]:
+    """The adapted backbone saved in the run directory (adapter merged into the base, or model);
+    with ``whole``, the whole language model's weights (see :func:`backbone_state`).
 
     Raises:
         UserError: the run directory holds neither (run ``ecoadapt adapt`` first).
     """
     from pathlib import Path
 
-    from transformers import AutoModel
+    from transformers import AutoModel, AutoModelForCausalLM
 
     from ecoadapt.model import pretrained
 
@@ -347,10 +351,11 @@ def adapted_backbone(run: RunConfig) -> dict[str, torch.Tensor]:
             quantize.frozen_base(loaded.model, blocks, run.lora.quantize, torch.float32, torch.device("cpu"))
         with pretrained.offline():
             merged = PeftModel.from_pretrained(loaded.model, folder / "adapter")
-        return backbone_state(merged)
+        return backbone_state(merged, whole)
     if (folder / "model").is_dir():
+        auto: Any = AutoModelForCausalLM if whole else AutoModel
         with pretrained.offline():
-            model, info = AutoModel.from_pretrained(
+            model, info = auto.from_pretrained(
                 folder / "model", local_files_only=True, dtype=torch.float32, output_loading_info=True
             )
         # Only what the checkpoint holds: AutoModel adds parts the LM never had (BERT's pooler),

@@ -53,6 +53,9 @@ def build_classifier(run: RunConfig, n_labels: int, pad_id: int, seed: int, back
             raise UserError(f"task: {run.model.name_or_path} has no sequence-classification form ({e})") from None
     clf.config.pad_token_id = pad_id  # decoders find the last real token by it
     if backbone is not None:
+        prefix = f"{clf.base_model_prefix}."
+        if any(k.startswith(prefix) for k in backbone):  # a whole LM's weights: its body is the backbone
+            backbone = {k[len(prefix) :]: v for k, v in backbone.items() if k.startswith(prefix)}
         result = clf.base_model.load_state_dict(backbone, strict=False)
         stray = [k for k in result.missing_keys if not k.startswith("pooler.")]
         if stray:

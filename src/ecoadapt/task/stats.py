@@ -79,14 +79,19 @@ def t_quantile(p: float, df: int) -> float:
     return (lo + hi) / 2
 
 
+PLURALS = {"batch": "batches"}  # of Interval.unit, where adding an s is wrong
+
+
 @dataclass
 class Interval:
-    """A mean with its two-sided confidence interval (None bounds: too few values)."""
+    """A mean with its two-sided confidence interval (None bounds: too few values), over ``n``
+    values of ``unit`` (seed, item, batch: what the values were paired by)."""
 
     mean: float
     low: float | None
     high: float | None
     n: int
+    unit: str = "seed"
 
     @property
     def known(self) -> bool:
@@ -95,7 +100,7 @@ class Interval:
 
     def text(self, fmt: str = "+.4f") -> str:
         """E.g. "+0.0440 (95% CI +0.0210 to +0.0670, 5 seeds)"."""
-        seeds = f"{self.n} seed{'s' if self.n != 1 else ''}"
+        seeds = f"{self.n} {self.unit if self.n == 1 else PLURALS.get(self.unit, self.unit + 's')}"
         if not self.known:
             return f"{self.mean:{fmt}} ({seeds}: no interval)"
         return f"{self.mean:{fmt}} ({CONFIDENCE:.0%} CI {self.low:{fmt}} to {self.high:{fmt}}, {seeds})"
@@ -105,16 +110,16 @@ class Interval:
         return {"mean": self.mean, "ci_low": self.low, "ci_high": self.high, "n": self.n}
 
 
-def mean_interval(values: list[float]) -> Interval:
-    """The mean of ``values`` with its Student-t interval over them."""
+def mean_interval(values: list[float], unit: str = "seed") -> Interval:
+    """The mean of ``values`` with its Student-t interval over them (one value per ``unit``)."""
     n = len(values)
     if n == 0:
         raise ValueError("mean_interval of no values")
     mean = statistics.fmean(values)
     if n < 2:
-        return Interval(mean, None, None, n)
+        return Interval(mean, None, None, n, unit)
     half = t_quantile(0.5 + CONFIDENCE / 2, n - 1) * statistics.stdev(values) / math.sqrt(n)
-    return Interval(mean, mean - half, mean + half, n)
+    return Interval(mean, mean - half, mean + half, n, unit)
 
 
 def paired_gain(base: Mapping[int, float], adapted: Mapping[int, float]) -> tuple[Interval, dict[int, float]]:
@@ -200,3 +205,20 @@ def retained_gain(recipe: Mapping[int, float], baseline: Mapping[int, float]) ->
     spread = math.sqrt(max(var_r - 2 * ratio * cov + ratio * ratio * var_b, 0.0)) / mean_b
     half = t_quantile(0.5 + CONFIDENCE / 2, n - 1) * spread
     return Interval(ratio, ratio - half, ratio + half, n)
+
+
+def loss_change_verdict(change: Interval, what: str = "general-text loss") -> Verdict:
+    """The verdict on a paired change of a loss (after minus before; a rise is forgetting).
+
+    Args:
+        change: the per-batch (or per-item) differences' mean with its interval.
+        what: the loss, for the sentence.
+    """
+    if not change.known:
+        return Verdict("cannot tell", f"{what} changed {change.text()}: too few batches for an interval")
+    assert change.low is not None and change.high is not None
+    if change.low > 0:
+        return Verdict("forgot", f"{what} rose {change.text()}: adapting cost the model there")
+    if change.high < 0:
+        return Verdict("improved", f"{what} fell {change.text()}: adapting helped there too")
+    return Verdict("no detectable change", f"{what} changed {change.text()}: no detectable forgetting")

@@ -29,6 +29,9 @@ class HeldOut:
         target_tokens: tokens scored.
         time_s: seconds it took.
         batch_size: blocks per forward pass that fit (halved on out of memory).
+        batch_losses: each batch's mean loss per target token, in order: two evaluations of the
+            same blocks at the same batch size pair batch by batch.
+        general: the general text's evaluation in the same window (data.general_eval), or None.
     """
 
     loss: float
@@ -37,6 +40,8 @@ class HeldOut:
     target_tokens: int
     time_s: float
     batch_size: int
+    batch_losses: tuple[float, ...] = ()
+    general: HeldOut | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data (what a checkpoint keeps)."""
@@ -44,8 +49,18 @@ class HeldOut:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> HeldOut:
-        """Read back what :meth:`as_dict` wrote (a checkpoint's ``before``)."""
-        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+        """Read back what :meth:`as_dict` wrote (a checkpoint's ``before``; one written before
+        batch losses and the general text has neither)."""
+        general = data.get("general")
+        return cls(
+            **{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name not in ("batch_losses", "general")},
+            batch_losses=tuple(data.get("batch_losses", ())),
+            general=cls.from_dict(general) if general is not None else None,
+        )
+
+    def with_general(self, general: HeldOut | None) -> HeldOut:
+        """This evaluation with the general text's beside it."""
+        return dataclasses.replace(self, general=general)
 
 
 @torch.no_grad()
@@ -70,7 +85,8 @@ def heldout(
         device: where the model lives.
 
     Returns:
-        The loss, perplexity, accuracy, target tokens, seconds and the batch size that fit.
+        The loss, perplexity, accuracy, target tokens, seconds, the batch size that fit and each
+        batch's loss.
     """
     module = as_loss_module(model, objective)
     was_training = module.training
@@ -78,7 +94,7 @@ def heldout(
     start = time.perf_counter()
     while True:
         try:
-            total, correct, targets = _sums(module, blocks, objective, mask, batch_size, policy, device)
+            losses, correct, targets = _sums(module, blocks, objective, mask, batch_size, policy, device)
             break
         except (torch.OutOfMemoryError, RuntimeError) as e:
             if not is_out_of_memory(e) or batch_size == 1:
@@ -87,9 +103,11 @@ def heldout(
             # result's batch_size says which were used).
             batch_size //= 2
     module.train(was_training)
-    # .item() is a device-host sync: once per evaluation.
-    n_targets = int(targets.item())
-    mean = total.item() / max(n_targets, 1)
+    # .tolist() and .item() are device-host syncs: once per evaluation.
+    per_batch = losses.cpu().tolist()
+    counts = targets.cpu().tolist()
+    n_targets = int(sum(counts))
+    mean = sum(per_batch) / max(n_targets, 1)
     return HeldOut(
         loss=mean,
         perplexity=math.exp(min(mean, 700.0)),
@@ -97,6 +115,7 @@ def heldout(
         target_tokens=n_targets,
         time_s=time.perf_counter() - start,
         batch_size=batch_size,
+        batch_losses=tuple(total / n for total, n in zip(per_batch, counts, strict=True) if n),
     )
 
 
@@ -109,16 +128,18 @@ def _sums(
     policy: Policy,
     device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Summed loss, correct predictions and target tokens over every block, on the device (no sync)."""
+    """Each batch's summed loss (float64) and target tokens, and the correct predictions over
+    every block, on the device (no sync)."""
     generator = torch.Generator().manual_seed(EVAL_MASK_SEED)
-    total = torch.zeros((), dtype=torch.float64, device=device)
+    totals, counts = [], []
     correct = torch.zeros((), dtype=torch.long, device=device)
-    targets = torch.zeros((), dtype=torch.long, device=device)
     for i in range(0, len(blocks), batch_size):
         batch = make_batch(blocks[i : i + batch_size], objective, mask, generator)
         with policy.autocast():
             loss, hits, n = module(batch["input_ids"].to(device), batch["labels"].to(device), scores=True)
-        total += loss.double()
+        totals.append(loss.double())
+        counts.append(n)
         correct += hits
-        targets += n
-    return total, correct, targets
+    if not totals:
+        return torch.zeros(0, dtype=torch.float64), correct, torch.zeros(0, dtype=torch.long)
+    return torch.stack(totals), correct, torch.stack(counts)

@@ -17,7 +17,7 @@ import torch
 from ecoadapt.config import RunConfig
 from ecoadapt.core.errors import UserError
 from ecoadapt.core.progress import say
-from ecoadapt.data import corpus
+from ecoadapt.data import corpus, general
 from ecoadapt.data.batches import Blocks, MaskSpec
 from ecoadapt.measure import flops, memory
 from ecoadapt.measure.energy import EnergyTracker
@@ -70,11 +70,19 @@ def prepare(
                 log(f"newly initialised (trained from scratch): {', '.join(loaded.fresh)}")
             t = time.perf_counter()
             blocks = corpus.build(cfg.data, loaded.tokenizer, loaded.objective, base)
+            general_blocks = general.build(cfg.data, loaded.tokenizer, loaded.objective, base, blocks.stats)
             phases["tokenize_s"] = time.perf_counter() - t
+        if cfg.task.harness and loaded.objective != "clm":
+            raise UserError(
+                "task.harness: the harness judges decoders by their log-likelihoods; this is a masked-LM "
+                "encoder: judge it with task.train (task.mode: probe or finetune)"
+            )
         built = build(cfg, loaded, blocks.train, device, world, log, phases=Phases(tracker))
-    _describe_corpus(blocks, cfg, world, log)
+    _describe_corpus(blocks, general_blocks, cfg, world, log)
     log(_what_trains(cfg, loaded.objective, device, built.counts, built.plan, world))
-    return Prepared(built, loaded=loaded, blocks=blocks, rss_before_load=rss_before_load, phases=phases)
+    return Prepared(
+        built, loaded=loaded, blocks=blocks, general=general_blocks, rss_before_load=rss_before_load, phases=phases
+    )
 
 
 def load_model(
@@ -117,6 +125,7 @@ class Prepared:
             precision report, parameter counts, what train.compile compiled (:class:`Built`).
         loaded: the model as loaded, its tokenizer and objective.
         blocks: the tokenized, split corpus.
+        general: the general text's blocks (data.general_eval), or None.
         rss_before_load: resident set (bytes) just before the model loaded.
         phases: seconds of loading and tokenizing.
     """
@@ -124,6 +133,7 @@ class Prepared:
     recipe: Built
     loaded: pretrained.LoadedModel
     blocks: corpus.TokenBlocks
+    general: general.GeneralBlocks | None
     rss_before_load: int
     phases: dict[str, float] = field(default_factory=dict)
 
@@ -210,13 +220,20 @@ def _quantize_base(
 
 
 def _describe_corpus(
-    blocks: corpus.TokenBlocks, cfg: RunConfig, world: parallel.World, log: Callable[[str], None]
+    blocks: corpus.TokenBlocks,
+    general_blocks: general.GeneralBlocks | None,
+    cfg: RunConfig,
+    world: parallel.World,
+    log: Callable[[str], None],
 ) -> None:
     stats = blocks.stats
     log(
         f"corpus: {stats['train_documents']} train / {stats['eval_documents']} held-out documents, "
         f"{stats['train_blocks']} blocks of {cfg.data.max_seq_len} tokens (cache {stats['cache']})"
     )
+    if general_blocks is not None:
+        g = general_blocks.stats
+        log(f"general text: {g['blocks']} blocks of {', '.join(g['sources'])}, evaluated before and after")
     if len(blocks.train) < cfg.train.micro_batch_size * world.size:
         log(f"note: only {len(blocks.train)} training blocks; micro-batches repeat blocks within an epoch")
 
