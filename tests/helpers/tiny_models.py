@@ -113,3 +113,77 @@ def write_task(path, n=240, seed=0, extra=()):
         lines.append(json.dumps({"text": f"{text} {label}", "label": label}))
     path.write_text("\n".join([*lines, *extra]) + "\n")
     return path
+
+
+def _byte_symbols() -> dict[int, str]:
+    """GPT-2's byte-to-symbol table (what byte-level BPE vocabularies are written in)."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs = bs[:]
+    extra = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + extra)
+            extra += 1
+    return dict(zip(bs, map(chr, cs), strict=True))
+
+
+def build_tiny_gguf(folder: Path, seed: int = 0) -> Path:
+    """A 2-block Llama as a GGUF file (fp32 tensors, a byte-level BPE tokenizer that knows
+    WORDS), as llama.cpp writes them; returns the file."""
+    import gguf
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    tokens = ["<|endoftext|>", *_byte_symbols().values()]
+    merges: list[str] = []
+    for word in WORDS:
+        piece = "Ġ" + word[0]
+        merges.append(f"Ġ {word[0]}")
+        tokens.append(piece) if piece not in tokens else None
+        for ch in word[1:]:
+            merges.append(f"{piece} {ch}")
+            piece += ch
+            tokens.append(piece) if piece not in tokens else None
+    merges = list(dict.fromkeys(merges))
+    vocab, dim, blocks, ff = len(tokens), 16, 2, 32
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "tiny.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(64)
+    w.add_embedding_length(dim)
+    w.add_block_count(blocks)
+    w.add_feed_forward_length(ff)
+    w.add_head_count(2)
+    w.add_head_count_kv(2)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_rope_dimension_count(dim // 2)
+    w.add_vocab_size(vocab)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.CONTROL] + [gguf.TokenType.NORMAL] * (vocab - 1))
+    w.add_token_merges(merges)
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(0)
+
+    def weight(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) * 0.1).astype(np.float32)
+
+    w.add_tensor("token_embd.weight", weight(vocab, dim))
+    for i in range(blocks):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(dim, np.float32))
+        for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            w.add_tensor(f"blk.{i}.{name}.weight", weight(dim, dim))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(dim, np.float32))
+        w.add_tensor(f"blk.{i}.ffn_gate.weight", weight(ff, dim))
+        w.add_tensor(f"blk.{i}.ffn_up.weight", weight(ff, dim))
+        w.add_tensor(f"blk.{i}.ffn_down.weight", weight(dim, ff))
+    w.add_tensor("output_norm.weight", np.ones(dim, np.float32))
+    w.add_tensor("output.weight", weight(vocab, dim))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -103,7 +103,8 @@ def _decide_and_run(
             return RunSummary(status="completed", config=cfg.to_dict(), rank=rank)
         return finish.resume_after_training(cfg, out)
     readers.resolve(cfg.data.train, base)
-    pretrained.resolve_model(cfg.model)  # a hub id is fetched here, once, before anything else
+    # A hub id is fetched here, once, before anything else (a GGUF file is converted in the load's window).
+    pretrained.resolve_model(cfg.model, lean=False)
     if cfg.task.train:  # every record, before an adaptation that a bad task file would waste
         downstream.check(cfg.task)
     if cfg.task.harness:  # every task loads and its data reads, likewise

@@ -25,7 +25,7 @@ from torch import nn
 
 from ecoadapt.config import ModelConfig
 from ecoadapt.core.errors import UserError
-from ecoadapt.model import load_spec, quantize, voice
+from ecoadapt.model import gguf_cache, load_spec, quantize, voice
 from ecoadapt.model.load_spec import LoadSpec, Recipe
 
 # Models that PyPI packages ship, so that presets and the demo need no hub:
@@ -98,9 +98,13 @@ def resolve(name_or_path: str, offline: bool = False, revision: str | None = Non
     return str(hub.snapshot(name_or_path, revision, offline)), None, False
 
 
-def resolve_model(cfg: ModelConfig) -> tuple[str, str | None, bool]:
-    """:func:`resolve` with the model section's hub settings."""
-    return resolve(cfg.name_or_path, cfg.offline, cfg.revision)
+def resolve_model(cfg: ModelConfig, lean: bool = True) -> tuple[str, str | None, bool]:
+    """:func:`resolve` with the model section's hub settings; with ``lean``, a GGUF file as its
+    converted folder (converted now if it never was: :mod:`ecoadapt.model.gguf_cache`)."""
+    where, gguf_file, local = resolve(cfg.name_or_path, cfg.offline, cfg.revision)
+    if lean:
+        where, gguf_file = gguf_cache.lean(where, gguf_file)
+    return where, gguf_file, local
 
 
 @contextlib.contextmanager
@@ -168,7 +172,7 @@ def load(
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
     device = device or torch.device("cpu")
-    where, gguf_file, local = resolve_model(cfg)
+    where, gguf_file, source = _where(cfg)
     kwargs: dict[str, Any] = {"local_files_only": True}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
@@ -180,8 +184,8 @@ def load(
     meta = meta_model(auto, config)
     shapes = load_spec.Shapes.of(meta, transformer_blocks(meta)[0])
     load_spec.check_room(shapes, spec, device, memory_limit_bytes, cfg.name_or_path)
-    # GGUF files are quantized in their own format; their blocks are quantized after loading
-    # (see ecoadapt.train.prepare), from the load dtype.
+    # A GGUF file read directly (no room to convert it) is quantized after loading (see
+    # ecoadapt.train.prepare), from the load dtype; a converted one as it loads, as any folder.
     quantize_now = spec.quantize is not None and gguf_file is None
     weights_kwargs = _quantizing(spec, shapes, device) if quantize_now else {}
     torch.manual_seed(seed)  # newly initialised heads start the same in every run of a seed
@@ -198,9 +202,17 @@ def load(
         raise UserError(f"model: {cfg.name_or_path} has no mask token, so it cannot train masked LM; use clm")
     tied = tied_parameter_names(model)
     fresh = sorted(n for n in info.get("missing_keys", []) if n not in tied)
-    source = (str(Path(where) / gguf_file) if gguf_file else where) if local else cfg.name_or_path  # hub id
     quantized = quantize.describe_loaded(model, spec) if quantize_now else None
     return LoadedModel(model, tokenizer, objective, source, fresh, spec, quantized)
+
+
+def _where(cfg: ModelConfig) -> tuple[str, str | None, str]:
+    """(where to load from, a GGUF file read directly or None, what the summary names as the
+    source: the user's folder or GGUF file, or the hub id; never the cache's converted copy)."""
+    where, gguf_file, local = resolve_model(cfg, lean=False)
+    source = (str(Path(where) / gguf_file) if gguf_file else where) if local else cfg.name_or_path
+    where, gguf_file = gguf_cache.lean(where, gguf_file)
+    return where, gguf_file, source
 
 
 def _objective(cfg: ModelConfig, config: Any, seq_len: int) -> str:

