@@ -5,6 +5,7 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from ecoadapt.cli import CONFIG_PAGE, SUMMARY_PAGE, keys_markdown
@@ -63,6 +64,26 @@ def test_benchmarks_opens_with_the_headline_table_generated_from_the_raw_results
     assert headline.in_benchmarks(text) == headline.table()  # regenerate: python bench/headline.py --write
     assert text[: text.index(headline.START)].count("\n") < 60
     assert headline.in_benchmarks((ROOT / "README.md").read_text()) == headline.table()  # and the README's
+
+
+def test_the_task_metrics_come_from_one_table():
+    """task.metric's values, the scores the task computes and the verdict's floors are the table's."""
+    import typing
+
+    import torch
+
+    from ecoadapt.config import TaskConfig
+    from ecoadapt.config.task_metrics import METRICS
+    from ecoadapt.task import stats
+    from ecoadapt.task.metrics import classification
+
+    allowed = typing.get_args(typing.get_type_hints(TaskConfig)["metric"])
+    assert list(allowed) == list(METRICS)
+    scores = classification(torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 1, 1]), 2)
+    assert set(scores) == set(METRICS)
+    counts = {"a": 3, "b": 1}  # always predicting "a": accuracy 0.75, F1 of "a" 6/7, of "b" 0
+    assert stats.trivial_score("accuracy", counts) == 0.75 == stats.trivial_score("micro_f1", counts)
+    assert stats.trivial_score("macro_f1", counts) == pytest.approx((6 / 7) / 2)
 
 
 def test_the_precision_modes_come_from_one_table():

@@ -13,6 +13,8 @@ import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ecoadapt.config.task_metrics import METRICS
+
 CONFIDENCE = 0.95
 """Two-sided confidence level of every interval ecoadapt reports."""
 
@@ -136,12 +138,10 @@ def paired_gain(base: Mapping[int, float], adapted: Mapping[int, float]) -> tupl
 
 
 def trivial_score(metric: str, test_counts: Mapping[str, int]) -> float:
-    """What always predicting the test set's majority class scores on ``metric``."""
-    total = sum(test_counts.values())
-    share = max(test_counts.values()) / total
-    if metric == "macro_f1":  # F1 of the majority class, 0 for every other class present
-        return 2 * share / (1 + share) / len(test_counts)
-    return share  # accuracy and micro-F1
+    """What always predicting the test set's majority class scores on ``metric`` (the metrics'
+    table, :mod:`ecoadapt.config.task_metrics`, gives each one's rule)."""
+    share = max(test_counts.values()) / sum(test_counts.values())
+    return METRICS[metric].floor(share, len(test_counts))
 
 
 @dataclass
