@@ -147,7 +147,7 @@ def test_a_run_reports_what_it_compiled_and_when(tmp_path, tiny_llama, corpus_js
             "output": {"dir": str(tmp_path / "run"), "save_model": False},
         }
     )
-    c = adapt.run(cfg).compile
+    c = adapt.adapt(cfg).compile
     assert c is not None and c["setting"] == "loss" and c["compiled"] == "loss" and c["graphs"] >= 1
     # The kernel is used by the training loss only: its compiling is training's, all of it.
     assert 0 < c["training_compile_s"] <= c["compile_s"] + 1e-6

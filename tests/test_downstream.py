@@ -105,7 +105,7 @@ def test_evaluate_without_an_adapted_model_says_what_to_do(tmp_path, tiny_bert):
     run = RunConfig(model=ModelConfig(str(tiny_bert)), task=TaskConfig(train=[str(task)]))
     run.output.dir = str(tmp_path / "nothing")
     with pytest.raises(UserError, match="run `ecoadapt adapt` with this config first"):
-        evaluate.run(run)
+        evaluate.judge(run)
 
 
 def test_bad_task_records_are_named_or_skipped_and_counted(tmp_path):

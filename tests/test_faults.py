@@ -155,7 +155,7 @@ def test_defect_3_a_sweep_point_reads_the_sweeps_corpus_never_one_planted_in_tmp
     monkeypatch.setattr("tempfile.tempdir", None)
     loaded = sweep_command.load(project / "sweep.yaml")
     assert loaded.paths_from == project
-    results = sweep_command.run(loaded)
+    results = sweep_command.run_points(loaded)
     assert all(r["status"] == "completed" for r in results), [r.get("error") for r in results]
     sources = [source for r in results for source in r["data"]["sources"]]
     assert sources and all(str(project / "docs.jsonl") in str(s) for s in sources), sources

@@ -135,7 +135,7 @@ def test_forecast_against_a_measured_run(tmp_path: Path, corpus_jsonl: Path):
 
     model = _small_llama(tmp_path / "small-llama")
     cfg = _config(model, corpus_jsonl, tmp_path / "run", seq=128, compile=False)
-    summary = adapt.run(cfg)
+    summary = adapt.adapt(cfg)
     f = summary.forecast
     assert f is not None and "error" not in f, f
     assert f["probed_at"] == [8] and f["steps"] == 12 and f["source"] == "the run's own first 5 steps"

@@ -178,7 +178,7 @@ def adapt(
         resolved.paths_from = Path(paths_from).expanduser().resolve()
     if resolved.cfg.parallel.nproc > 1 and not parallel.under_torchrun():
         return _launch_adapt(resolved, overrides)
-    return adapt_command.run(resolved.cfg, base=resolved.base)
+    return adapt_command.adapt(resolved.cfg, base=resolved.base)
 
 
 def _launch_adapt(resolved: ResolvedConfig, overrides: tuple[str, ...]) -> RunSummary:
@@ -220,7 +220,7 @@ def evaluate(config: ConfigLike, overrides: Overrides = ()) -> dict[str, Any]:
     from ecoadapt.commands import evaluate as evaluate_command
 
     resolved = resolve(config, overrides)
-    return evaluate_command.run(resolved.cfg, resolved.base)
+    return evaluate_command.judge(resolved.cfg, resolved.base)
 
 
 def sweep(spec: str | os.PathLike[str], overrides: Overrides = ()) -> SweepResult:
@@ -234,7 +234,7 @@ def sweep(spec: str | os.PathLike[str], overrides: Overrides = ()) -> SweepResul
     from ecoadapt.reports import builder
 
     loaded = sweep_command.load(Path(spec), list(overrides))
-    results = sweep_command.run(loaded)
+    results = sweep_command.run_points(loaded)
     return SweepResult(results, Report.from_built(loaded.out, builder.build(loaded.out)))
 
 
@@ -297,4 +297,4 @@ def demo(out: str | os.PathLike[str] = "runs/demo", quick: bool = False) -> Repo
     from ecoadapt.commands import demo as demo_command
 
     path = Path(out)
-    return Report.from_built(path, demo_command.run(path, quick=quick))
+    return Report.from_built(path, demo_command.run_demo(path, quick=quick))

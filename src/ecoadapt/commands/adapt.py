@@ -56,7 +56,7 @@ from ecoadapt.train.stopping import StopRule
 GENERAL_PAIRS = 16  # batches the general text is split into at least, for the paired interval
 
 
-def run(cfg: RunConfig, base: Path | None = None) -> RunSummary:
+def adapt(cfg: RunConfig, base: Path | None = None) -> RunSummary:
     """Run continued pre-training as ``cfg`` says and return the summary (also in summary.json).
 
     Args:

@@ -30,7 +30,7 @@ QUICK = [
 ]
 
 
-def run(out: Path, quick: bool = False) -> dict[str, Any]:
+def run_demo(out: Path, quick: bool = False) -> dict[str, Any]:
     """Run the demo sweep into ``out`` and build its report; returns the report's headline."""
     import platform
 
@@ -41,5 +41,5 @@ def run(out: Path, quick: bool = False) -> dict[str, Any]:
         spec.points = [p for p in spec.points if p.name != "auto-full"]
     say(SOURCE.format(version=platform.python_version()))
     say(f"{len(spec.points)} recipes, one process each; results in {out}")
-    sweep.run(spec)
+    sweep.run_points(spec)
     return builder.build(out)

@@ -26,7 +26,7 @@ from ecoadapt.results.summary import RunSummary
 from ecoadapt.task import downstream, harness
 
 
-def run(cfg: RunConfig, base: Path | None = None) -> dict[str, Any]:
+def judge(cfg: RunConfig, base: Path | None = None) -> dict[str, Any]:
     """The judges the config names (task.train, task.harness) on the base and on the adapted
     model of ``cfg``'s run directory.
 

@@ -229,7 +229,7 @@ def _wanted_points(spec: SweepFile, path: Path) -> list[tuple[str, dict[str, Any
     return wanted
 
 
-def run(sweep: Sweep, timeout_s: float | None = None) -> list[dict[str, Any]]:
+def run_points(sweep: Sweep, timeout_s: float | None = None) -> list[dict[str, Any]]:
     """Run every point not already completed, one fresh process each; return all results.
 
     Raises:
