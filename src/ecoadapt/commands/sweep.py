@@ -40,7 +40,7 @@ from ecoadapt.core.errors import Interrupted, UserError
 from ecoadapt.core.progress import fmt_duration, say
 from ecoadapt.results import rundir
 from ecoadapt.results.summary import FINISHED, RunSummary
-from ecoadapt.results.sweep_records import latest_results
+from ecoadapt.results.sweep_records import PointFields, PointRecord, latest_results
 
 DEFAULT_BASELINE = {"precision.mode": "fp32", "precision.layers": None, "lora.enabled": False}
 
@@ -272,30 +272,24 @@ def _run_points(sweep: Sweep, timeout_s: float | None) -> list[dict[str, Any]]:
         start = time.perf_counter()
         if sweep.compare == "equal_loss" and not point.baseline:
             cfg = _at_equal_loss(point.config.to_dict(), sweep, results_path)
+        fields = PointFields(point.name, point.key, point.baseline, point.overrides, str(run_dir))
         if cfg is None:  # no target to train to: recorded as a failed point, as run_adapt records one
             error = "compare: equal_loss: the baseline has no finished result to set the target"
-            summary = RunSummary(status="failed", config=point.config.to_dict(), error=error).to_dict()
+            record = PointRecord(fields, RunSummary(status="failed", config=point.config.to_dict(), error=error))
         else:
-            summary = run_adapt(cfg, run_dir, timeout_s=timeout_s, stream_output=True, paths_from=sweep.paths_from)
+            ran = run_adapt(cfg, run_dir, timeout_s=timeout_s, stream_output=True, paths_from=sweep.paths_from)
+            record = PointRecord.from_line({**dataclasses.asdict(fields), **ran}, str(results_path))
         durations.append(time.perf_counter() - start)
-        record = {
-            "name": point.name,
-            "key": point.key,
-            "baseline": point.baseline,
-            "overrides": point.overrides,
-            "run_dir": str(run_dir),
-            **summary,
-        }
-        storage.append_jsonl(results_path, record)
-        if "interrupted_by" in record:  # the signal reached the point, which kept its work: stop here
-            signal_name = str(record["interrupted_by"])
+        storage.append_jsonl(results_path, record.to_line())
+        signal_name = record.point.interrupted_by
+        if signal_name is not None:  # the signal reached the point, which kept its work: stop here
             raise Interrupted(
                 signal_name,
-                f"[sweep] {signal_name}: stopped at point {point.name} ({record.get('status')}); "
+                f"[sweep] {signal_name}: stopped at point {point.name} ({record.summary.status}); "
                 "rerun the same command to resume it and the points after it",
             )
-        if record.get("status") == "failed":
-            say(f"[sweep] point {point.name} failed: {record.get('error')}; going on")
+        if record.summary.status == "failed":
+            say(f"[sweep] point {point.name} failed: {record.summary.error}; going on")
     latest = latest_results(sweep.out, {p.key for p in sweep.points})
     return [latest[p.key] for p in sweep.points if p.key in latest]
 

@@ -32,7 +32,7 @@ from ecoadapt.core.storage import atomic_write, atomic_write_text, read_json
 from ecoadapt.measure import carbon
 from ecoadapt.reports import compute_statement, equal_quality, plots, verdicts
 from ecoadapt.results.summary import RunSummary
-from ecoadapt.results.sweep_records import latest_results, split_record
+from ecoadapt.results.sweep_records import PointFields, PointRecord, latest_results
 
 # Every file a report writes into its folder, claimed in the folder's manifest before any is written.
 REPORT_FILES = ("results.csv", "report.md", "report.html", "compute.md", "compute.tex", *plots.FILES)
@@ -54,14 +54,14 @@ class Metric:
         return best - value if self.higher_is_better else value - best
 
 
-def row(meta: dict[str, Any], summary: RunSummary) -> dict[str, Any]:
+def row(point: PointFields, summary: RunSummary) -> dict[str, Any]:
     """One flat table row from a run's summary (and, in a sweep, its point's fields)."""
     out: dict[str, Any] = {
-        "name": meta.get("name")
+        "name": point.name
         or summary.config.get("name")
         or Path(str(summary.config.get("output", {}).get("dir", "run"))).name,
         "status": summary.status,
-        "baseline": bool(meta.get("baseline")),
+        "baseline": point.baseline,
         "error": summary.error if not summary.finished else None,
     }
     if not summary.finished:
@@ -136,14 +136,14 @@ def load_rows(folder: Path, also: Sequence[Path] = ()) -> tuple[list[dict[str, A
         settings = schema.build(ReportSettings, manifest.get("report"), str(folder / "sweep.json"), "report.")
         wanted = {p["key"] for p in manifest.get("points", [])}  # the sweep as last defined
     if (folder / "results.jsonl").exists():
-        records = [split_record(r) for r in latest_results(folder, wanted).values()]
+        records = [PointRecord.from_line(r) for r in latest_results(folder, wanted).values()]
     elif (folder / "summary.json").exists():
-        records = [({}, RunSummary.read(folder / "summary.json"))]
+        records = [PointRecord(PointFields(), RunSummary.read(folder / "summary.json"))]
     else:
         raise UserError(f"{folder}: no results.jsonl (a sweep) or summary.json (a run) here")
     if not records:
         raise UserError(f"{folder}: results.jsonl holds no results yet")
-    rows = [row(meta, summary) for meta, summary in records]
+    rows = [row(r.point, r.summary) for r in records]
     for other in also:
         rows += [{**r, "baseline": False} for r in load_rows(other)[0]]
     if not any(r["baseline"] for r in rows):
