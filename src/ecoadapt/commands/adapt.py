@@ -286,14 +286,14 @@ class AdaptRun:
             run_summary.fill(self, training, before, after, saved, measured)
             if self.first_steps is not None:
                 self.summary.forecast = self.first_steps.beside_measured(self.summary)
-            task_inputs = self._task_inputs(saved)
+            judge_inputs = self._judge_inputs(saved)
             finish.record_trained(self.run_dir, self.summary, job_energy)
             (self.run_dir / rundir.CHECKPOINT_FILE).unlink(missing_ok=True)  # phases.json resumes from here on
         if late.received is not None and self.cfg.task.judged:
             return self._interrupted_after_training(late.name or "SIGTERM")
-        return finish.finish(self.cfg, self.run_dir, self.summary, job_energy, task_inputs, self.trackers)
+        return finish.finish(self.cfg, self.run_dir, self.summary, job_energy, judge_inputs, self.trackers)
 
-    def _task_inputs(self, saved: list[str]) -> tuple[Any, Any, torch.device, energy.EnergyTracker] | None:
+    def _judge_inputs(self, saved: list[str]) -> finish.JudgeInputs | None:
         """What the judges need: the tokenizer, the adapted weights on demand (the whole LM's
         when the harness judges), the device, the meter."""
         if not self.cfg.task.judged:
@@ -302,8 +302,10 @@ class AdaptRun:
         backbone = self._backbone(saved, whole)
         if backbone is not None and not saved:  # a resumed task needs it, and nothing else holds it
             finish.keep_backbone(self.run_dir, backbone)
+        if backbone is None and not saved:
+            return None
         get = (lambda: backbone) if backbone is not None else (lambda: downstream.adapted_backbone(self.cfg, whole))
-        return (self.p.loaded.tokenizer, get, self.device, self.tracker) if backbone is not None or saved else None
+        return finish.JudgeInputs(self.p.loaded.tokenizer, get, self.device, self.tracker)
 
     def _interrupted_after_training(self, signal_name: str) -> RunSummary:
         """A signal arrived after training: everything up to the task is done and recorded."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,24 @@ BACKBONE_DIR = ".task-backbone"  # the adapted backbone, for a task that must re
 Backbone = Callable[[], dict[str, Any]]
 
 
+@dataclass
+class JudgeInputs:
+    """What the judges (the labelled task, the harness) need of a run.
+
+    Attributes:
+        tokenizer: the model's tokenizer.
+        weights: the adapted weights on demand (from memory, or read from the run folder), read
+            at most once.
+        device: where the judges score.
+        tracker: the energy tracker their windows are measured by.
+    """
+
+    tokenizer: Any
+    weights: Backbone
+    device: Any
+    tracker: EnergyTracker
+
+
 def record_trained(run_dir: Path, summary: RunSummary, job_energy: dict[str, Any] | None) -> None:
     """Record that training and saving are done (the summary so far, the job's energy)."""
     storage.write_json(run_dir / PHASES_FILE, {"summary": summary.to_dict(), "job_energy": job_energy})
@@ -63,7 +82,7 @@ def finish(
     run_dir: Path,
     summary: RunSummary,
     job_energy: dict[str, Any] | None,
-    task_inputs: tuple[Any, Backbone, Any, EnergyTracker] | None,
+    inputs: JudgeInputs | None,
     trackers: Trackers | None = None,
 ) -> RunSummary:
     """Run the judges the config names (the labelled task, the harness), then write model cards
@@ -72,12 +91,12 @@ def finish(
     Args:
         summary: the summary filled with everything but the judges' results.
         job_energy: the job's energy section before the judges (every rank's, summed).
-        task_inputs: (tokenizer, the adapted weights on demand, device, energy tracker).
+        inputs: what the judges need (None: nothing to judge with, as FSDP that saved nothing).
         trackers: log.to, open since training (None: opened here for the headline).
     """
-    if cfg.task.judged and task_inputs is not None:
-        tokenizer, backbone, device, tracker = task_inputs
-        weights = _once(backbone)  # read once (from disk, when resuming) for every judge
+    if cfg.task.judged and inputs is not None:
+        tokenizer, device, tracker = inputs.tokenizer, inputs.device, inputs.tracker
+        weights = _once(inputs.weights)  # read once (from disk, when resuming) for every judge
         seeds_file, harness_file = run_dir / SEEDS_FILE, run_dir / HARNESS_FILE
         try:
             with Interrupts() as interrupts:
@@ -137,18 +156,14 @@ def resume_after_training(cfg: RunConfig, run_dir: Path) -> RunSummary:
     summary = RunSummary.from_dict(recorded["summary"], str(run_dir / PHASES_FILE))
     summary.resumed_from_step = summary.steps
     say(f"resuming after training: {summary.steps} steps trained and the model saved; the task goes on")
-    task_inputs = None
+    inputs = None
     if cfg.task.judged:
         device = pick_device(cfg.train.device)
         tracker = EnergyTracker.for_config(cfg.measure, device.type, device.index, 0, say)
         whole = bool(cfg.task.harness)
-        task_inputs = (
-            pretrained.load_tokenizer(cfg.model),
-            lambda: downstream.adapted_backbone(cfg, whole),
-            device,
-            tracker,
-        )
-    return finish(cfg, run_dir, summary, recorded["job_energy"], task_inputs)
+        weights = lambda: downstream.adapted_backbone(cfg, whole)  # noqa: E731
+        inputs = JudgeInputs(pretrained.load_tokenizer(cfg.model), weights, device, tracker)
+    return finish(cfg, run_dir, summary, recorded["job_energy"], inputs)
 
 
 def _judge_or_failure(
