@@ -1,7 +1,8 @@
 """Faults at random moments of every phase, the same command rerun, and nothing lost.
 
 A tiny fp32 CPU run (tokenizing Python's docstrings, training with checkpoints, saving, a task
-of two seeds) and a 2-point sweep of it (and its report) are each run once uninterrupted, for the
+of two seeds), a 2-point sweep of it (and its report), and ``ecoadapt demo --quick`` (MiniLM,
+three recipes, the probe, the report; with ``--demos``) are each run once uninterrupted, for the
 reference. Then each trial starts the same command afresh (a fresh cache) and injects one fault:
 
 - ``SIGKILL`` (to the whole process group, as the OOM killer or a dead node), ``SIGTERM`` (to
@@ -19,7 +20,7 @@ left alive, a user's file (beside the output, or added inside it after the fault
 changed, or final results that differ from the reference (held-out loss, steps, every task
 score seed by seed). The phase each fault landed in is read from what the folder held then.
 
-    python bench/crash.py --jobs 2   # 200 faults; results in bench/results/crash.json
+    python bench/crash.py --jobs 2   # 220 faults; results in bench/results/crash.json
 
 Energy and times are not compared: a resumed run measures its own.
 """
@@ -55,7 +56,8 @@ from random_llama import build  # noqa: E402
 USER_FILES = {"thesis.tex": "\\documentclass{article}\n", "data/raw.csv": "a,b\n1,2\n"}
 # A user's file added inside the output folder once ecoadapt has made it (a folder with no
 # record of what ecoadapt wrote is refused whole, so it cannot be there before).
-INSIDE = {"run": "run/notes.md", "sweep": "sweep/notes.md"}
+INSIDE = {"run": "run/notes.md", "sweep": "sweep/notes.md", "demo": "demo/notes.md"}
+FOLDER = {"run": "run", "sweep": "sweep", "demo": "demo"}  # each kind's output folder in its trial
 SIGNALS = {"SIGKILL": signal.SIGKILL, "SIGTERM": signal.SIGTERM, "SIGHUP": signal.SIGHUP}
 HANG_S = 900
 ORPHAN_WAIT_S = 15.0  # how long a faulted command's descendants may take to exit after it
@@ -134,10 +136,10 @@ def sweep_phase(sweep: Path) -> str:
         else 0
     )
     if not points:
-        return "sweep: loading and tokenizing"
-    if done >= 2:
-        return "sweep: report"
-    return f"sweep point {len(points)}: {phase_of(points[-1])}"
+        return f"{sweep.name}: loading and tokenizing"
+    if done >= len(points) and done:
+        return f"{sweep.name}: report"
+    return f"{sweep.name} point {len(points)}: {phase_of(points[-1])}"
 
 
 def finish(args: list[str], cache: Path) -> tuple[bool, str]:
@@ -208,6 +210,11 @@ def results_of_sweep(sweep: Path) -> dict[str, Any]:
     }
 
 
+def results_of(kind: str, project: Path) -> dict[str, Any]:
+    """What must equal the reference: a run's summary, or a sweep's (or the demo's) points."""
+    return results_of_run(project / "run") if kind == "run" else results_of_sweep(project / FOLDER[kind])
+
+
 def user_files_intact(project: Path, files: dict[str, str]) -> bool:
     return all((project / n).is_file() and (project / n).read_text() == text for n, text in files.items())
 
@@ -241,7 +248,7 @@ def trial(kind: str, fault: str, model: Path, work: Path, reference: Reference, 
     if ok and (alive := left_alive(project)):
         ok, why = False, f"processes left: {alive}"
     if ok:
-        got = results_of_run(project / "run") if kind == "run" else results_of_sweep(project / "sweep")
+        got = results_of(kind, project)
         if got != reference.results:
             ok, why = False, f"results differ: {got} vs {reference.results}"
     shutil.rmtree(project, ignore_errors=True)
@@ -259,7 +266,7 @@ def inject(
     files: dict[str, str],
 ) -> tuple[str, dict[str, Any], str]:
     """Run the command with one fault; (the phase it struck, what was drawn, why it broke a rule or "")."""
-    where = (lambda: phase_of(project / "run")) if kind == "run" else (lambda: sweep_phase(project / "sweep"))
+    where = (lambda: phase_of(project / "run")) if kind == "run" else (lambda: sweep_phase(project / FOLDER[kind]))
     if fault in SIGNALS:
         proc = start(args, cache)
         delay = rng.uniform(0.2, reference.seconds)
@@ -284,7 +291,7 @@ def inject(
         return "started together", {"exits": [p.returncode for p in procs]}, why
     if fault == "symlinked-lock":
         victim = project / "thesis.tex"
-        folder = project / ("run" if kind == "run" else "sweep")
+        folder = project / FOLDER[kind]
         folder.mkdir()
         (folder / ".ecoadapt-run.lock").symlink_to(victim)
         proc = start(args, cache)
@@ -354,6 +361,8 @@ def _all_ended(
 
 
 def command(kind: str, model: Path, project: Path) -> list[str]:
+    if kind == "demo":
+        return ["demo", "--quick", "--out", str(project / "demo")]
     if kind == "run":
         config = project / "run.yaml"
         config.write_text(yaml.safe_dump(base_config(model, project / "run")))
@@ -388,7 +397,7 @@ def reference_of(kind: str, model: Path, work: Path) -> Reference:
     if proc.returncode != 0:
         raise SystemExit(f"the uninterrupted {kind} failed: {out[-2000:]}")
     seconds = time.perf_counter() - t0
-    got = results_of_run(project / "run") if kind == "run" else results_of_sweep(project / "sweep")
+    got = results_of(kind, project)
     largest = max(f.stat().st_size for f in project.rglob("*") if f.is_file() and not f.is_symlink())
     return Reference(got, seconds, largest)
 
@@ -396,11 +405,12 @@ def reference_of(kind: str, model: Path, work: Path) -> Reference:
 SPECIAL = ("disk-full", "two-at-once", "symlinked-lock")
 
 
-def plan(runs: int, sweeps: int, special: int, rng: random.Random) -> list[tuple[str, str]]:
-    """(kind, fault) of every trial: signals drawn for the run and sweep trials, the special
+def plan(runs: int, sweeps: int, special: int, rng: random.Random, demos: int = 0) -> list[tuple[str, str]]:
+    """(kind, fault) of every trial: signals drawn for the run, sweep and demo trials, the special
     faults in turn (a quarter of them on a sweep), in a shuffled order."""
     trials = [("run", rng.choice(list(SIGNALS))) for _ in range(runs)]
     trials += [("sweep", rng.choice(list(SIGNALS))) for _ in range(sweeps)]
+    trials += [("demo", rng.choice(list(SIGNALS))) for _ in range(demos)]
     trials += [("sweep" if i % 4 == 3 else "run", SPECIAL[i % len(SPECIAL)]) for i in range(special)]
     rng.shuffle(trials)  # kinds interleaved: a harness cut short still has some of each
     return trials
@@ -411,6 +421,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=110)
     parser.add_argument("--sweeps", type=int, default=30)
     parser.add_argument("--special", type=int, default=60)
+    parser.add_argument("--demos", type=int, default=20, help="signals to `demo --quick` (about 2 minutes each)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=1, help="trials at once (each its own folder and cache)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "crash.json")
@@ -421,7 +432,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ecoadapt-crash-") as tmp:
         work = Path(tmp)
         model = build(work / "model", layers=2, hidden=72, intermediate=192, vocab=512, tokenizer_vocab=512)
-        todo = plan(args.runs, args.sweeps, args.special, rng)
+        todo = plan(args.runs, args.sweeps, args.special, rng, args.demos)
         references = {kind: reference_of(kind, model, work) for kind in sorted({k for k, _ in todo})}
         for kind, ref in references.items():
             print(f"{kind}: uninterrupted in {ref.seconds:.1f} s: {ref.results}", flush=True)
