@@ -174,3 +174,11 @@ def test_without_the_package_the_harness_says_how_to_install_it(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_lm_eval)
     with pytest.raises(UserError, match=r"pip install 'ecoadapt\[harness\]'"):
         harness.lm_eval()
+
+
+def test_a_registry_task_whose_data_is_not_cached_offline_is_one_line_naming_why():
+    """HF_HUB_OFFLINE=1 (set for every test): nothing is fetched, and the error says so."""
+    from ecoadapt.config import TaskConfig
+
+    with pytest.raises(UserError, match=r"task\.harness: arc_easy: the harness cannot load it \(.*Offline"):
+        harness.check(TaskConfig(harness=["arc_easy"]))
