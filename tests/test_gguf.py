@@ -83,3 +83,21 @@ def test_a_qlora_run_on_a_gguf_base_quantizes_it_while_loading(tmp_path, corpus_
     assert summary["model"]["source"] == str(path)
     assert summary["precision"]["quantized_base"]["modules"] > 0
     assert summary["precision"]["load"]["quantize"] == "int8"
+
+
+def test_a_tied_head_converts_so_that_a_classifier_reads_the_same_embeddings(tmp_path):
+    """A classifier has no LM head: the converted folder must hold the embedding under its own
+    name (it once held only the head's, and the task's classifier got random embeddings)."""
+    from transformers import AutoModelForSequenceClassification
+
+    path = build_tiny_gguf(tmp_path / "m", tied=True)
+    loaded = pretrained.load(ModelConfig(str(path)), 16)
+    model = loaded.model
+    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()  # still tied
+    direct, _ = _direct(path)
+    assert torch.equal(direct.get_input_embeddings().weight, model.get_input_embeddings().weight)
+    [folder] = [p for p in (cache_root() / "gguf").iterdir() if p.is_dir()]
+    kwargs = {"num_labels": 2, "dtype": torch.float32}
+    converted = AutoModelForSequenceClassification.from_pretrained(folder, **kwargs)
+    gguf_read = AutoModelForSequenceClassification.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
+    assert torch.equal(converted.get_input_embeddings().weight, gguf_read.get_input_embeddings().weight)

@@ -128,9 +128,10 @@ def _byte_symbols() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs), strict=True))
 
 
-def build_tiny_gguf(folder: Path, seed: int = 0) -> Path:
+def build_tiny_gguf(folder: Path, seed: int = 0, tied: bool = False) -> Path:
     """A 2-block Llama as a GGUF file (fp32 tensors, a byte-level BPE tokenizer that knows
-    WORDS), as llama.cpp writes them; returns the file."""
+    WORDS), as llama.cpp writes them; with ``tied`` no output matrix (the head is the input
+    embedding, as in Gemma); returns the file."""
     import gguf
     import numpy as np
 
@@ -181,7 +182,8 @@ def build_tiny_gguf(folder: Path, seed: int = 0) -> Path:
         w.add_tensor(f"blk.{i}.ffn_up.weight", weight(ff, dim))
         w.add_tensor(f"blk.{i}.ffn_down.weight", weight(dim, ff))
     w.add_tensor("output_norm.weight", np.ones(dim, np.float32))
-    w.add_tensor("output.weight", weight(vocab, dim))
+    if not tied:
+        w.add_tensor("output.weight", weight(vocab, dim))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

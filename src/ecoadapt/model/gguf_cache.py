@@ -30,7 +30,7 @@ from ecoadapt.core.progress import say
 from ecoadapt.core.storage import cache_root, fsync
 
 SHARD = "1GB"  # safetensors shard size of a converted folder
-FORMAT = 1  # bump when what a converted folder holds changes: older ones are converted again
+FORMAT = 2  # bump when what a converted folder holds changes: older ones are converted again (2: tied heads)
 MARKER = "converted-from.json"  # written last: the folder is complete
 EDGE = 1 << 20  # bytes hashed at each end of the file for its key
 
@@ -83,6 +83,21 @@ def _fp32_bytes(where: str, gguf_file: str) -> int | None:
     return 4 * sum(p.numel() for p in model.parameters())
 
 
+def _untied_state(model: Any) -> dict[str, torch.Tensor]:
+    """The model's weights with a head tied to the input embedding left out: the embedding is
+    saved under its own name (which every model class of the checkpoint reads, a sequence
+    classifier too), and loading ties the head to it again. (Saving both names lets the saver
+    keep one of them, the head's, and a classifier, which has no head, got random embeddings.)"""
+    state = model.state_dict()
+    embedding = model.get_input_embeddings()
+    weight = getattr(embedding, "weight", None)
+    if weight is None:
+        return state
+    own = next(f"{name}.weight" for name, module in model.named_modules() if module is embedding)
+    shared = [k for k, v in state.items() if k != own and v.data_ptr() == weight.data_ptr()]
+    return {k: v for k, v in state.items() if k not in shared}
+
+
 def _convert(path: Path, folder: Path) -> None:
     """Read ``path`` once through transformers' GGUF reader and write it as a model folder."""
     from huggingface_hub import save_torch_state_dict
@@ -105,7 +120,7 @@ def _convert(path: Path, folder: Path) -> None:
             del config.quantization_config
         config.dtype = torch.float32
         config.save_pretrained(tmp)
-        save_torch_state_dict(model.state_dict(), tmp, max_shard_size=SHARD)
+        save_torch_state_dict(_untied_state(model), tmp, max_shard_size=SHARD)
         tokenizer.save_pretrained(tmp)
         del model
         (tmp / MARKER).write_text(json.dumps({"gguf": str(path), "format": FORMAT}))
