@@ -174,12 +174,15 @@ def verdict(gain: Interval, base_mean: float, adapted_mean: float, floor: float 
             "cannot tell",
             f"gain {gain.text()}: one seed gives no interval; set task.seeds to 3 or more (5 for a tight one)",
         )
-    assert gain.low is not None and gain.high is not None
-    if gain.low > 0:
-        return Verdict("helped", f"adaptation helped: {gain.text()}")
-    if gain.high < 0:
-        return Verdict("hurt", f"adaptation hurt: {gain.text()}")
-    return Verdict("no detectable effect", f"no detectable effect: {gain.text()}")
+    word = {1: "helped", -1: "hurt", 0: "no detectable effect"}[side(gain)]
+    return Verdict(word, f"{'adaptation ' if word != 'no detectable effect' else ''}{word}: {gain.text()}")
+
+
+def side(interval: Interval) -> int:
+    """Where a known interval lies: 1 wholly above 0, -1 wholly below, 0 holding it (no detectable
+    difference)."""
+    assert interval.low is not None and interval.high is not None
+    return 1 if interval.low > 0 else -1 if interval.high < 0 else 0
 
 
 def retained_gain(recipe: Mapping[int, float], baseline: Mapping[int, float]) -> Interval | None:
@@ -216,9 +219,9 @@ def loss_change_verdict(change: Interval, what: str = "general-text loss") -> Ve
     """
     if not change.known:
         return Verdict("cannot tell", f"{what} changed {change.text()}: too few batches for an interval")
-    assert change.low is not None and change.high is not None
-    if change.low > 0:
-        return Verdict("forgot", f"{what} rose {change.text()}: adapting cost the model there")
-    if change.high < 0:
-        return Verdict("improved", f"{what} fell {change.text()}: adapting helped there too")
-    return Verdict("no detectable change", f"{what} changed {change.text()}: no detectable forgetting")
+    word, moved, meaning = {
+        1: ("forgot", "rose", "adapting cost the model there"),
+        -1: ("improved", "fell", "adapting helped there too"),
+        0: ("no detectable change", "changed", "no detectable forgetting"),
+    }[side(change)]
+    return Verdict(word, f"{what} {moved} {change.text()}: {meaning}")
