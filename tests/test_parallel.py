@@ -63,6 +63,14 @@ def test_fsdp_completes_and_saves_a_model_and_an_adapter_that_load(tmp_path, tin
     run(path, 2, "parallel.strategy=fsdp")
     summary = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
     assert summary["parallel"]["strategy"] == "fsdp" and summary["eval"]["loss"] < summary["eval"]["loss_before"]
+    # Every step as one process takes it: the embeddings, final norm and head train too (an
+    # optimizer built after the held-out evaluation once held FSDP's unsharded copies of them).
+    run(config(tmp_path, "one", tiny_llama, corpus_jsonl, micro_batch_size=4))
+    torch.testing.assert_close(
+        torch.tensor(losses(tmp_path / "fsdp")), torch.tensor(losses(tmp_path / "one")), rtol=1e-5, atol=1e-6
+    )
+    single = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert summary["eval"]["loss"] == pytest.approx(single["eval"]["loss"], rel=1e-5)
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "model")
     assert heldout_loss_of(saved, tmp_path / "fsdp", "clm") == pytest.approx(summary["eval"]["loss"], rel=1e-4)
     path = config(tmp_path, "fsdp-lora", tiny_llama, corpus_jsonl, micro_batch_size=2)

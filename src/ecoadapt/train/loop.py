@@ -240,6 +240,7 @@ class Loop:
         lowers the rest.
         """
         model = as_loss_module(model, objective)
+        parallel.reshard(model)  # the optimizer must hold FSDP's sharded parameters, not a forward's copies
         params = [p for p in model.parameters() if p.requires_grad]
         groups = policy.optimizer_params(parameter_groups(model, cfg.weight_decay, cfg.lr, new, cfg.body_lr_scale))
         optimizer = adamw(groups, cfg.lr, cfg.optimizer)
