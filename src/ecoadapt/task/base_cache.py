@@ -21,7 +21,7 @@ from ecoadapt.core.progress import say
 from ecoadapt.data import readers
 from ecoadapt.data.store import source_digest
 from ecoadapt.measure.environment import package_version, source_revision
-from ecoadapt.model import pretrained
+from ecoadapt.model import gguf_cache, pretrained
 
 # Task settings that do not change a base result: which seeds run (each seed is its own entry),
 # whether the cache is used, and where the files are (their contents are in the key instead).
@@ -57,8 +57,10 @@ def _file_contents(path: Path) -> str:
 
 def model_identity(cfg: ModelConfig) -> str:
     """What identifies the base model: its files' contents (a GGUF file alone)."""
-    where, gguf_file, _ = pretrained.resolve_model(cfg, lean=False)  # a GGUF file is its own identity
-    return _digest(Path(where) / gguf_file) if gguf_file else _digest(Path(where))
+    where, gguf_file, _ = pretrained.resolve_model(cfg, lean=False)
+    if gguf_file:  # the file, and how ecoadapt reads it (its converted folder's format)
+        return f"{_digest(Path(where) / gguf_file)}@gguf-format-{gguf_cache.FORMAT}"
+    return _digest(Path(where))
 
 
 def key(run: RunConfig, precision: str, device_type: str) -> str:
