@@ -265,3 +265,25 @@ def test_task_precision_auto_is_fp32_on_a_cpu_and_bf16_or_fp16_on_a_gpu(monkeypa
     assert downstream.task_precision("auto", torch.device("cuda")) == "bf16"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)  # a V100
     assert downstream.task_precision("auto", torch.device("cuda")) == "fp16"
+
+
+def test_probe_features_come_back_in_the_examples_order_whatever_the_batching(tiny_bert):
+    """Batches are made of examples of similar length; each example's features are those it gets
+    alone, in its own place."""
+    import torch
+    from transformers import AutoModel
+
+    from ecoadapt.data import labelled
+    from ecoadapt.model.precision import Policy
+    from ecoadapt.task import linear_probe
+
+    model = AutoModel.from_pretrained(tiny_bert)
+    lengths = [9, 3, 14, 5, 3, 11, 7, 2] * 20  # 160 examples: three batches, unsorted lengths
+    ids = [[1, *[(i * 7 + j) % 25 + 5 for j in range(n)], 2] for i, n in enumerate(lengths)]
+    data = labelled.Encoded(ids, torch.zeros(len(ids), dtype=torch.long))
+    got = linear_probe.features(model, data, 0, Policy("fp32", "cpu"), torch.device("cpu"))
+    assert got.shape == (len(ids), model.config.hidden_size)
+    for i in (0, 1, 2, 79, 159):
+        alone = labelled.Encoded([ids[i]], torch.zeros(1, dtype=torch.long))
+        expected = linear_probe.features(model, alone, 0, Policy("fp32", "cpu"), torch.device("cpu"))[0]
+        torch.testing.assert_close(got[i], expected, rtol=1e-4, atol=1e-5)

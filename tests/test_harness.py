@@ -46,6 +46,8 @@ def test_a_decoder_adapted_to_its_domain_is_judged_helped_by_the_harness_paired_
     assert h["evaluation_joules"] > 0 and summary["energy"]["phases"]["harness"]["joules"] > 0
     out = capsys.readouterr().out
     assert "harness holding acc (0-shot): base" in out and "helped" in out
+    judging = summary["energy"]["phases"]["harness"]["joules"]
+    assert f"{judging:,.0f} J judging ({judging / summary['energy']['joules']:.0%} of all)" in out
 
 
 def test_the_base_models_harness_results_are_computed_once(tmp_path, tiny_llama, capsys):

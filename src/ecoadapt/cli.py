@@ -65,6 +65,9 @@ SUMMARY_PAGE = (
 )
 
 
+JUDGE_WINDOWS = ("task", "harness")  # the energy windows of judging the adapted model
+
+
 def _cmd_adapt(args: argparse.Namespace) -> int:
     from ecoadapt.model import parallel
 
@@ -99,8 +102,10 @@ def _print_run(summary: Any, run_dir: str) -> None:
     if summary.energy is not None:
         e = summary.energy
         per_token = f", {e['mj_per_token']:.2f} mJ per training token" if e.get("mj_per_token") else ""
+        judging = sum((e.get("phases") or {}).get(w, {}).get("joules", 0.0) for w in JUDGE_WINDOWS)
+        judged = f", {judging:,.0f} J judging ({judging / e['joules']:.0%} of all)" if judging and e["joules"] else ""
         print(
-            f"energy: {e['joules']:,.0f} J in all, {e['train_joules']:,.0f} J training{per_token} "
+            f"energy: {e['joules']:,.0f} J in all, {e['train_joules']:,.0f} J training{per_token}{judged} "
             f"({e['method']}, {e['meter']})"
         )
     o = (summary.energy or {}).get("overhead")

@@ -175,9 +175,11 @@ def energy_line(rows: list[dict[str, Any]]) -> str | None:
     evaluation = sum(r.get("eval_joules") or 0.0 for r in rows)
     if not train and not evaluation:
         return None
+    share = evaluation / (train + evaluation)
     return (
-        f"Energy in all: adaptation {train:,.0f} J + evaluation {evaluation:,.0f} J = {train + evaluation:,.0f} J "
-        "(the base model's task results are computed once and reused: their joules count where they were computed)."
+        f"Energy in all: adaptation {train:,.0f} J + evaluation {evaluation:,.0f} J = {train + evaluation:,.0f} J, "
+        f"evaluation {share:.0%} of it (the base model's task results are computed once and reused: their joules "
+        "count where they were computed)."
     )
 
 

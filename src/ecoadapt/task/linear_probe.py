@@ -25,18 +25,27 @@ BATCH = 64  # examples per forward pass when computing features
 
 @torch.no_grad()
 def features(model: Any, data: labelled.Encoded, pad_id: int, policy: Policy, device: Any) -> torch.Tensor:
-    """Mean-pooled last hidden states of ``model`` (a transformers base model), (n, hidden), fp32."""
+    """Mean-pooled last hidden states of ``model`` (a transformers base model), (n, hidden), fp32,
+    in the examples' order.
+
+    The examples go through in batches of similar length (sorted by it): a batch is padded to its
+    longest example, and in file order most of a batch of short texts is padding.
+    """
     model.eval()
-    out = []
-    for i in range(0, len(data.ids), BATCH):
-        input_ids, mask = labelled.pad_batch(data.ids[i : i + BATCH], pad_id)
+    order = sorted(range(len(data.ids)), key=lambda i: len(data.ids[i]))
+    out: torch.Tensor | None = None
+    for start in range(0, len(order), BATCH):
+        rows = order[start : start + BATCH]
+        input_ids, mask = labelled.pad_batch([data.ids[i] for i in rows], pad_id)
         input_ids, mask = input_ids.to(device), mask.to(device)
         with policy.autocast():
             hidden = model(input_ids=input_ids, attention_mask=mask).last_hidden_state
         weights = mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
-        out.append(pooled.float().cpu())
-    return torch.cat(out)
+        pooled = ((hidden * weights).sum(1) / weights.sum(1).clamp(min=1)).float().cpu()
+        if out is None:
+            out = torch.empty(len(order), pooled.shape[1])
+        out[rows] = pooled
+    return out if out is not None else torch.empty(0, 0)
 
 
 def bootstrap(n: int, seed: int) -> torch.Tensor:
