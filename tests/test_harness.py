@@ -184,3 +184,25 @@ def test_a_registry_task_whose_data_is_not_cached_offline_is_one_line_naming_why
 
     with pytest.raises(UserError, match=r"task\.harness: arc_easy: the harness cannot load it \(.*Offline"):
         harness.check(TaskConfig(harness=["arc_easy"]))
+
+
+def test_a_signal_stops_the_harness_between_models_with_the_base_recorded(tmp_path, tiny_llama):
+    corpus, task = write_domain(tmp_path / "domain")
+    config = _config(tmp_path, tiny_llama, task, corpus, task={"harness": [str(task)], "cache": False})
+    cfg = RunConfig.from_yaml(config)
+    from ecoadapt.model import pretrained
+
+    loaded = pretrained.load(cfg.model, 16)
+    weights = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    record = tmp_path / "harness.jsonl"
+    asked = []
+
+    def stop():  # SIGTERM arrives while the base is scored: asked again before the adapted model
+        asked.append(1)
+        return "SIGTERM" if len(asked) > 1 else None
+
+    with pytest.raises(harness.HarnessStopped, match="SIGTERM: the harness stopped between models"):
+        harness.compare(cfg, loaded.tokenizer, weights, torch.device("cpu"), record_file=record, stop=stop)
+    assert [json.loads(line)["model"] for line in record.read_text().splitlines()] == ["base"]
+    done = harness.compare(cfg, loaded.tokenizer, weights, torch.device("cpu"), record_file=record)
+    assert done["tasks"][0]["gain"]["n"] == 40 and len(done["resumed_records"]) == 1

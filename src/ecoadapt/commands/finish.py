@@ -114,7 +114,8 @@ def finish(
         except (downstream.TaskStopped, harness.HarnessStopped) as e:  # phases.json and the records resume it
             summary.status, summary.signal = "interrupted", e.signal_name
             summary.save(run_dir / "summary.json")
-            say(f"{e.signal_name}: the judging stopped; rerun the same command to finish it")
+            what = "the task stopped between seeds" if isinstance(e, downstream.TaskStopped) else e.args[0]
+            say(f"{e.signal_name}: {what.removeprefix(e.signal_name + ': ')}; rerun the same command to finish it")
             return summary
         gain = summary.eval.loss_before - summary.eval.loss if summary.eval else None
         summary.energy = energy_summary(
