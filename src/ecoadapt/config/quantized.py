@@ -40,7 +40,10 @@ def check(cfg: Any, need: Callable[[bool, str, str], None]) -> None:
         need(
             cfg.parallel.strategy != "fsdp",
             "parallel.strategy",
-            "FSDP cannot shard bitsandbytes' packed weights as loaded here; use ddp (or none) with lora.quantize",
+            "FSDP shards parameters of one float dtype, and bitsandbytes' packed 4/8-bit weights are not (FSDP "
+            "+ QLoRA needs them stored in the sharding dtype, bnb_4bit_quant_storage, which ecoadapt does not set "
+            "up); use ddp (or none) with lora.quantize: each GPU then holds the whole quantized base, about "
+            "0.55 bytes a parameter in NF4 (an 8B model: 4.4 GiB)",
         )
     need(
         cfg.train.optimizer != "paged_adamw8bit" or cfg.train.device != "cpu",
