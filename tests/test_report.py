@@ -285,3 +285,49 @@ def test_an_equal_quality_sweep_ranks_by_joules_to_the_baselines_loss(tmp_path):
     assert section.index("- bf16: 450 J in 44 steps, 0.45x") < section.index("- fp32: 1,000 J in 40 steps, 1.00x")
     assert section.index("- fp32") < section.index("- lora: 2,300 J in 120 steps, 2.30x")
     assert "- top2: never reached it within its cap (160 steps; best 2.4000)" in section
+
+
+def _harness(base_items, adapted_items, joules=30.0):
+    """summary.json's harness part for one task judged on these per-item scores (real summarize)."""
+    from ecoadapt.task import harness
+
+    def scores(items):
+        values = {str(i): float(v) for i, v in enumerate(items)}
+        return {"metric": "acc", "higher_is_better": True, "value": sum(items) / len(items), "items": values}
+
+    rows_ = harness.summarize({"stance": scores(base_items)}, {"stance": scores(adapted_items)})
+    return {"harness_version": "0.4.13", "fewshot": 0, "tasks": rows_, "energy": {"joules": joules, "seconds": 1.0}}
+
+
+def test_decoders_judged_by_the_harness_alone_are_ranked_and_recommended_on_it(tmp_path):
+    base = [0, 1] * 50  # 100 items, half right
+    helped = [1] * 80 + [0, 1] * 10  # 90 right: a paired gain well beyond the items' noise
+    small = [1] * 40 + [0, 1] * 30  # 70 right
+    records = []
+    for i, (name, joules, items, change) in enumerate(
+        [("lora", 1000.0, helped, 0.30), ("qlora", 600.0, small, 0.02), ("frugal", 300.0, base, 0.0)]
+    ):
+        record = summary(name, joules, 2.0 + i / 100, 100 * 2**20, baseline=i == 0)
+        record["harness"] = _harness(base, items)
+        record["eval"]["general"] = {
+            "sources": ["builtin:general-english"], "blocks": 16, "target_tokens": 2000, "loss_before": 3.0,
+            "loss": 3.0 + change, "change": change, "ci_low": change - 0.01, "ci_high": change + 0.01, "batches": 16,
+            "verdict": "forgot" if change > 0.01 else "no detectable change", "verdict_text": "",
+        }  # fmt: skip
+        records.append(record)
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    points = [{"name": r["name"], "key": r["key"], "baseline": r["baseline"]} for r in records]
+    report = {"tolerance": 0.1, "max_general_loss_increase": 0.1}
+    (tmp_path / "sweep.json").write_text(json.dumps({"report": report, "points": points}))
+    rows_ = {r["name"]: r for r in builder.load_rows(tmp_path)[0]}
+    assert rows_["lora"]["task_score"] == pytest.approx(0.9) and rows_["lora"]["verdict"] == "helped"
+    assert rows_["lora"]["harness_task"] == "stance acc" and rows_["frugal"]["verdict"] == "no detectable effect"
+    assert rows_["qlora"]["eval_joules"] == 30.0  # the harness's window is the evaluation's energy
+    built = builder.build(tmp_path)
+    assert built["metric"] == "task_score"  # ranked on the harness
+    # lora scores best but its general-text loss rose 0.30 > 0.1: of the others, qlora is best.
+    assert built["recommendation"]["name"] == "qlora"
+    assert "rose by at most 0.1 nats" in built["recommendation"]["text"]
+    unbounded = builder.recommend(list(rows_.values()), builder.Metric("task_score", True), 0.1)
+    assert unbounded is not None and unbounded["name"] == "lora"
+    assert any(n.startswith("General text (forgetting") and "Least: frugal" in n for n in built["notes"])
