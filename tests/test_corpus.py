@@ -34,6 +34,40 @@ def test_blocks_are_cut_from_the_stream_with_nothing_padded(tmp_path):
     assert short[:].tolist() == [[1, 2, 3]] and len(short) == 1
 
 
+def test_blocks_can_each_start_with_the_token_the_model_expects_first(tmp_path):
+    path = tmp_path / "train.bin"
+    path.write_bytes(np.asarray([1, 2, 3, 0, 4, 5, 0, 6, 7, 8], dtype=np.uint16).tobytes())
+    blocks = MemmapBlocks(path, np.dtype(np.uint16), 4, first=99)  # 3 stream tokens after the BOS each
+    assert blocks.shape == (3, 4) and blocks.dropped_tokens == 1
+    assert blocks[:].tolist() == [[99, 1, 2, 3], [99, 0, 4, 5], [99, 0, 6, 7]]
+    assert blocks[1].tolist() == [99, 0, 4, 5] and blocks[torch.tensor([2])].tolist() == [[99, 0, 6, 7]]
+
+
+def test_a_causal_lm_whose_tokenizer_begins_texts_with_bos_gets_it_at_every_blocks_start(tmp_path):
+    """Gemma and Llama read a window without their BOS badly (Gemma 3 270M: 5.28 nats on general
+    English against 3.32 with it); models whose tokenizer adds none (GPT-2's way) keep plain cuts."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from ecoadapt.data.store import block_start
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<bos>", "<eos>", "the", "a", "photo"])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    plain = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>")
+    assert block_start(plain, "clm") is None  # has a BOS token, never puts it first
+    backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    leading = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>")
+    assert block_start(leading, "clm") == 1 and block_start(leading, "mlm") is None
+    corpus_file = tmp_path / "c.txt"
+    corpus_file.write_text("".join(f"the photo {'a ' * (i % 5)}\n" for i in range(300)))
+    cfg = DataConfig(train=[str(corpus_file)], max_seq_len=8, eval_fraction=0.2, cache_dir=str(tmp_path / "cache"))
+    built = corpus.build(cfg, leading, "clm")
+    assert built.stats["block_start"] == 1 and built.train.shape[1] == 8
+    assert (built.train[:][:, 0] == 1).all() and (built.eval[:][:, 0] == 1).all()
+    assert built.train[:][:, 1:].ne(1).all()  # the stream itself holds no BOS: EOS separates documents
+
+
 def test_split_is_deterministic_and_keeps_duplicates_together():
     texts = [f"document number {i}" for i in range(2000)]
     held = [t for t in texts if corpus.is_held_out(t, 0.1)]

@@ -85,7 +85,8 @@ def build(cfg: DataConfig, tokenizer: Any, objective: str, base: Path | None = N
     tokens = store.open_or_prepare(cache_dir(cfg), key_parts, prep, say)
     meta = tokens.meta
     _check_split(meta, cfg.eval_fraction)
-    train, held = tokens.blocks("train", cfg.max_seq_len), tokens.blocks("eval", cfg.max_seq_len)
+    first = store.block_start(tokenizer, objective)
+    train, held = tokens.blocks("train", cfg.max_seq_len, first), tokens.blocks("eval", cfg.max_seq_len, first)
     stats = {
         "sources": sources,
         "documents": meta["documents"],
@@ -97,6 +98,7 @@ def build(cfg: DataConfig, tokenizer: Any, objective: str, base: Path | None = N
         "train_tokens": len(train) * train.seq_len,
         "dropped_tokens": train.dropped_tokens + held.dropped_tokens,
         "token_dtype": meta["dtype"],
+        "block_start": first,  # the BOS each causal-LM block starts with, or None
         "store": str(tokens.folder),
         "cache_key": meta["key"],
         "cache": tokens.cache,

@@ -80,7 +80,8 @@ def build(
     if not tokens.meta["eval_documents"]:
         raise UserError(f"{KEY}: {', '.join(sources)} holds no text")
     _check_no_overlap(cfg, sources, text_field, train_stats, tokens.meta["key"])
-    blocks = tokens.blocks("eval", cfg.max_seq_len)[: cfg.eval_max_blocks]  # a few blocks: read now
+    first = store.block_start(tokenizer, objective)
+    blocks = tokens.blocks("eval", cfg.max_seq_len, first)[: cfg.eval_max_blocks]  # a few blocks: read now
     stats = {
         "sources": sources,
         "documents": tokens.meta["eval_documents"],
