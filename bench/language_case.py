@@ -4,7 +4,7 @@ adapting cost on general text (forgetting).
 
 - Gemma 3 270M (multilingual) on Spanish tweets about Catalan independence (CIC-ES), judged on
   their stance: the harness asks which of "a favor", "en contra", "neutral" is likeliest after
-  the tweet (examples/cic-es-stance-harness.yaml); the probe reads the same labels from its
+  the tweet (examples/harness/cic-es-stance.yaml); the probe reads the same labels from its
   features.
 - SmolLM2-135M on an English domain: SciCite's citation sentences, judged on their intent
   ("background", "method", "result"; bench/harness/sci-cite.yaml) the same two ways.
@@ -81,7 +81,7 @@ def cases(cic_es: Path, items: int) -> dict[str, dict[str, Any]]:
 def write_sweep(folder: Path, base: dict[str, Any], cic_es: Path) -> Path:
     """The sweep file (and the CIC-ES harness task with its data's absolute paths) in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
-    task = yaml.safe_load((ROOT / "examples" / "cic-es-stance-harness.yaml").read_text())
+    task = yaml.safe_load((ROOT / "examples" / "harness" / "cic-es-stance.yaml").read_text())
     task["dataset_kwargs"]["data_files"] = {s: str(cic_es / f"spanish_{s}.tsv") for s in ("train", "test")}
     (folder / "cic-es-stance.yaml").write_text(yaml.safe_dump(task, allow_unicode=True))
     sweep = {

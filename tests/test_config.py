@@ -126,6 +126,19 @@ def test_every_yaml_under_bench_fits_the_schema():
         assert any(p.baseline for p in spec.points) and spec.report.objective in ("energy", "time", "memory")
 
 
+def test_every_harness_task_shipped_names_its_task_and_local_data():
+    """The harness task files beside the examples and benchmarks (their data is not shipped)."""
+    import yaml as _yaml
+
+    root = Path(__file__).parent.parent
+    files = sorted((root / "examples" / "harness").glob("*.yaml")) + sorted((root / "bench" / "harness").glob("*.yaml"))
+    assert files
+    for path in files:
+        task = _yaml.safe_load(path.read_text())
+        assert isinstance(task["task"], str) and task["output_type"] == "multiple_choice", path
+        assert task["dataset_kwargs"]["data_files"]["test"] and task["test_split"] == "test", path
+
+
 def test_summary_reference_lists_every_field_with_help():
     from ecoadapt.results.summary import RunSummary, reference
 
