@@ -178,10 +178,17 @@ def test_without_the_package_the_harness_says_how_to_install_it(monkeypatch):
         harness.lm_eval()
 
 
-def test_a_registry_task_whose_data_is_not_cached_offline_is_one_line_naming_why():
-    """HF_HUB_OFFLINE=1 (set for every test): nothing is fetched, and the error says so."""
+def test_a_registry_task_whose_data_is_not_cached_offline_is_one_line_naming_why(monkeypatch):
+    """HF_HUB_OFFLINE=1 (set for every test): nothing is fetched, and the error says so, also
+    where datasets and the hub client were imported before the variable was set (they read it
+    once, then: a notebook's case, and this test session's)."""
+    import datasets.config
+    import huggingface_hub.constants
+
     from ecoadapt.config import TaskConfig
 
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)  # as imported while online
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     with pytest.raises(UserError, match=r"task\.harness: arc_easy: the harness cannot load it \(.*Offline"):
         harness.check(TaskConfig(harness=["arc_easy"]))
 

@@ -11,9 +11,11 @@ Syntax: ``hf:ORG/NAME`` (split ``train``), with any of ``?config=NAME``, ``&spli
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -74,6 +76,38 @@ def parse(source: str) -> HubDataset:
     return HubDataset(repo_id, options.get("config"), options.get("split", "train"), options.get("revision"))
 
 
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+TRUE = ("1", "ON", "YES", "TRUE")
+
+
+def offline_now() -> bool:
+    """Whether the environment says, now, that the hub must not be contacted."""
+    return any(os.environ.get(name, "").upper() in TRUE for name in OFFLINE_VARIABLES)
+
+
+@contextlib.contextmanager
+def honour_offline() -> Iterator[None]:
+    """``HF_HUB_OFFLINE=1`` as the environment says now, for datasets and the hub client alike.
+
+    Both read the variable once, when they are imported: a process that sets it afterwards (a
+    notebook, a test session, a script that imported datasets first) would still reach for the
+    hub, retrying with back-off, instead of reading the cache alone. Nothing changes when the
+    environment says online.
+    """
+    if not offline_now():
+        yield
+        return
+    import datasets.config
+    import huggingface_hub.constants as hub
+
+    before = (hub.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE)
+    hub.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = before
+
+
 @functools.lru_cache(maxsize=8)
 def load(source: str) -> Any:
     """The ``datasets.Dataset`` of ``source`` (memory-mapped from the cache; downloaded once).
@@ -88,7 +122,8 @@ def load(source: str) -> Any:
     import datasets
 
     try:
-        return datasets.load_dataset(ref.repo_id, ref.config, split=ref.split, revision=ref.revision)
+        with honour_offline():
+            return datasets.load_dataset(ref.repo_id, ref.config, split=ref.split, revision=ref.revision)
     except ConnectionError as e:  # offline (HF_HUB_OFFLINE=1) or unreachable, and not cached
         raise UserError(
             f"data.train: {source} is not in the local datasets cache and the hub could not be used "

@@ -33,6 +33,7 @@ from ecoadapt.config import RunConfig, TaskConfig
 from ecoadapt.core import storage
 from ecoadapt.core.errors import UserError, first_line
 from ecoadapt.core.progress import say
+from ecoadapt.data import hub_datasets
 from ecoadapt.measure.energy import EnergyTracker
 from ecoadapt.measure.environment import package_version, source_revision
 from ecoadapt.model import pretrained
@@ -186,7 +187,8 @@ def load_tasks(cfg: TaskConfig, the_specs: list[Spec]) -> dict[str, Any]:
         loaded: dict[str, Any] = {}
         for s in the_specs:
             try:
-                tasks = manager.load([s.load_as])["tasks"]
+                with hub_datasets.honour_offline():  # a registry task's data: from the cache alone, offline
+                    tasks = manager.load([s.load_as])["tasks"]
             except Exception as e:  # a dataset not cached offline, a malformed config, a data file it rejects
                 raise UserError(f"task.harness: {s.entry}: the harness cannot load it ({first_line(e)})") from None
             loaded.update(tasks)
