@@ -2,7 +2,9 @@
 
 Documents are tokenized with the model's own tokenizer and concatenated into one stream per
 split that is cut into blocks of ``max_seq_len`` tokens: no padding is ever trained on. For
-causal LM each document is followed by EOS; for masked LM each keeps the tokenizer's own
+causal LM each document is followed by EOS, and where the tokenizer begins every text with BOS
+(Llama, Gemma) every block begins with it too, as the model was trained to read a window
+(:func:`ecoadapt.data.store.block_start`); for masked LM each document keeps the tokenizer's own
 [CLS] ... [SEP]. The last partial block is dropped (counted in ``dropped_tokens``).
 
 The held-out split is by document, decided by a hash of the document's text, so it is the same
