@@ -127,6 +127,51 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _gain(result: dict[str, Any] | None) -> str:
+    """A paired difference in a cell: mean (95% CI), verdict."""
+    if not result or not result.get("gain"):
+        return "-"
+    g = result["gain"]
+    return f"{g['mean']:+.3f} ({g['ci_low']:+.3f} to {g['ci_high']:+.3f}), {result['verdict']}"
+
+
+def _harness_cell(harness: dict[str, Any] | None) -> str:
+    if not harness or not harness.get("tasks"):
+        return "-"
+    t = harness["tasks"][0]
+    return f"{t['base']:.3f} -> {t['adapted']:.3f}: {_gain(t)}"
+
+
+def table(results: dict[str, Any]) -> str:
+    """The Markdown table of every case and recipe (what BENCHMARKS.md shows)."""
+    head = (
+        "| case | recipe | steps | training J (x baseline) | peak memory | held-out loss | general-text loss change "
+        "| harness 0-shot acc | harness 3-shot acc | probe macro-F1 | judging J |"
+    )
+    lines = [head, "|" + " --- |" * 11]
+    for case, r in results.items():
+        points = r["points"]
+        base_j = next((p["train_joules"] for p in points if p["name"] == "baseline"), None)
+        for p in points:
+            if p["status"] not in ("completed", "stopped_by_budget"):
+                lines.append(f"| {case} | {p['name']} | {p['status']} |" + " - |" * 8)
+                continue
+            g = p["general"] or {}
+            change = f"{g['change']:+.3f} ({g['ci_low']:+.3f} to {g['ci_high']:+.3f}), {g['verdict']}" if g else "-"
+            ratio = f" ({p['train_joules'] / base_j:.2f}x)" if base_j else ""
+            judging = sum((p["evaluation_joules"].get(w) or {}).get("joules", 0.0) for w in ("task", "harness"))
+            probe = p["probe"]
+            probe_cell = f"{probe['base']:.3f} -> {probe['adapted']:.3f}: {_gain(probe)}" if probe.get("base") else "-"
+            lines.append(
+                f"| {case} | {p['name']} | {p['steps']} | {p['train_joules']:,.0f}{ratio} | "
+                f"{(p['peak_bytes'] or 0) / 2**20:,.0f} MiB | "
+                f"{p['eval']['loss_before']:.3f} -> {p['eval']['loss']:.3f} | "
+                f"{change} | {_harness_cell(p['harness_0shot'])} | {_harness_cell(p['harness_3shot'])} | "
+                f"{probe_cell} | {judging:,.0f} |"
+            )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cic-es", type=Path, default=Path("data/cic-es"), help="CIC-ES's folder (spanish_*.tsv)")
@@ -134,7 +179,11 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=300, help="harness items per task, zero-shot")
     parser.add_argument("--fewshot-items", type=int, default=100, help="harness items per task, 3-shot")
     parser.add_argument("--cases", nargs="*", default=None)
+    parser.add_argument("--table", action="store_true", help="print the table of the results so far, run nothing")
     args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(RESULTS.read_text())))
+        return
     cic_es = args.cic_es.resolve()
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     for name, base in cases(cic_es, args.items).items():
