@@ -74,6 +74,7 @@ def test_without_room_on_disk_a_gguf_file_is_read_directly_and_the_log_says_so(t
     assert torch.equal(direct.lm_head.weight, loaded.model.lm_head.weight)
 
 
+@pytest.mark.slow
 def test_a_qlora_run_on_a_gguf_base_quantizes_it_while_loading(tmp_path, corpus_jsonl):
     pytest.importorskip("bitsandbytes")
     path = build_tiny_gguf(tmp_path / "m")

@@ -50,6 +50,7 @@ def test_a_decoder_adapted_to_its_domain_is_judged_helped_by_the_harness_paired_
     assert f"{judging:,.0f} J judging ({judging / summary['energy']['joules']:.0%} of all)" in out
 
 
+@pytest.mark.slow
 def test_the_base_models_harness_results_are_computed_once(tmp_path, tiny_llama, capsys):
     corpus, task = write_domain(tmp_path / "domain")
     first = _config(tmp_path / "a", tiny_llama, task, corpus)
@@ -63,6 +64,7 @@ def test_the_base_models_harness_results_are_computed_once(tmp_path, tiny_llama,
     assert "harness base: cached" in printed.out + printed.err
 
 
+@pytest.mark.slow
 def test_the_harness_judges_the_saved_adapter_as_it_judged_the_model_in_memory(tmp_path, tiny_llama):
     corpus, task = write_domain(tmp_path / "domain")
     config = _config(tmp_path, tiny_llama, task, corpus, lora={"enabled": True, "r": 4})
@@ -95,6 +97,7 @@ def test_a_killed_judgement_keeps_the_models_it_scored(tmp_path, tiny_llama):
     assert again["resumed_records"] and again["evaluation_joules"] == 0.0
 
 
+@pytest.mark.slow
 def test_a_qlora_decoder_is_judged_on_its_dequantized_base_plus_adapter(tmp_path, tiny_llama):
     pytest.importorskip("bitsandbytes")
     corpus, task = write_domain(tmp_path / "domain")
