@@ -85,7 +85,12 @@ def write_sweep(folder: Path, base: dict[str, Any], cic_es: Path) -> Path:
     task["dataset_kwargs"]["data_files"] = {s: str(cic_es / f"spanish_{s}.tsv") for s in ("train", "test")}
     (folder / "cic-es-stance.yaml").write_text(yaml.safe_dump(task, allow_unicode=True))
     sweep = {
-        "base": {**base, "lora": {"enabled": True, "r": 8, "dropout": 0.0}, "output": {"save_model": True}},
+        "base": {
+            **base,
+            "precision": {"mode": "bf16"},  # every recipe computes in bf16 (QLoRA's NF4 base dequantized to it)
+            "lora": {"enabled": True, "r": 8, "dropout": 0.0},
+            "output": {"save_model": True},
+        },
         "points": [{"name": "qlora-nf4", "set": {"lora.quantize": "nf4"}}],
         "baseline": {"precision.mode": "bf16"},
         "compare": "equal_loss",
@@ -177,7 +182,7 @@ def main() -> None:
     parser.add_argument("--cic-es", type=Path, default=Path("data/cic-es"), help="CIC-ES's folder (spanish_*.tsv)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "language-case")
     parser.add_argument("--items", type=int, default=300, help="harness items per task, zero-shot")
-    parser.add_argument("--fewshot-items", type=int, default=100, help="harness items per task, 3-shot")
+    parser.add_argument("--fewshot-items", type=int, default=50, help="harness items per task, 3-shot")
     parser.add_argument("--cases", nargs="*", default=None)
     parser.add_argument("--table", action="store_true", help="print the table of the results so far, run nothing")
     args = parser.parse_args()
