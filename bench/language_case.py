@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -113,12 +114,13 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
     """Each point's figures from its summary (and the few-shot judgement, when run)."""
     rows = []
     for line in (sweep_dir / "results.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        run_dir = Path(r["run_dir"])
-        s = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else r
+        # The sweep's record, as the point ended: summary.json's harness is the 3-shot judgement
+        # once `ecoadapt evaluate` has run (it rewrites it), the record keeps the 0-shot one.
+        s = json.loads(line)
+        run_dir = Path(s["run_dir"])
         fewshot = run_dir / "harness-3shot.json"
         rows.append({
-            "name": r["name"], "status": s.get("status"), "steps": s.get("steps"),
+            "name": s["name"], "status": s.get("status"), "steps": s.get("steps"),
             "train_joules": (s.get("energy") or {}).get("train_joules"),
             "joules_to_target": ((s.get("target") or {}).get("train_joules")),
             "peak_bytes": (s.get("memory") or {}).get((s.get("memory") or {}).get("compare_with", "peak_bytes")),
@@ -156,6 +158,10 @@ def table(results: dict[str, Any]) -> str:
     lines = [head, "|" + " --- |" * 11]
     for case, r in results.items():
         points = r["points"]
+        side = {n: v["median"] for n, v in (r.get("side_by_side") or {}).items()}
+        for p in points:  # the side-by-side training figures, where measured, replace the sweep's
+            if p["name"] in side:
+                p.update(train_joules=side[p["name"]]["train_joules"], peak_bytes=side[p["name"]]["peak_bytes"])
         base_j = next((p["train_joules"] for p in points if p["name"] == "baseline"), None)
         for p in points:
             if p["status"] not in ("completed", "stopped_by_budget"):
@@ -177,6 +183,38 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def retrain(sweep_dir: Path, repeats: int) -> dict[str, Any]:
+    """Each point's training again, side by side on the machine as it is now: the steps it took,
+    judges and checkpoints off, alternating ``repeats`` times (a sweep's points train at
+    different moments, and a machine shared with other work makes their joules incomparable).
+
+    Returns:
+        {point: {"runs": [...], "median": {"train_joules", "time_s", "peak_bytes"}}}.
+    """
+    from ecoadapt.commands.isolated import run_adapt
+
+    configs = {}
+    for line in (sweep_dir / "results.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r.get("status") in ("completed", "stopped_by_budget"):
+            cfg = r["config"]
+            cfg["train"].update({"max_steps": r["steps"], "target_loss": None, "eval_every": None, "epochs": None})
+            cfg["task"].update({"train": [], "test": [], "harness": []})
+            cfg["output"].update({"save_model": False, "overwrite": True})
+            configs[r["name"]] = cfg
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
+    for i in range(repeats):
+        for name, cfg in configs.items():
+            s = run_adapt(cfg, sweep_dir.parent / f"retrain-{name}-{i}")
+            memory = s.get("memory") or {}
+            runs[name].append({
+                "train_joules": s["energy"]["train_joules"], "time_s": s["time_s"],
+                "peak_bytes": memory.get(memory.get("compare_with", "peak_bytes")), "steps": s["steps"],
+            })  # fmt: skip
+    keys = ("train_joules", "time_s", "peak_bytes")
+    return {n: {"runs": rs, "median": {k: statistics.median(r[k] for r in rs) for k in keys}} for n, rs in runs.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cic-es", type=Path, default=Path("data/cic-es"), help="CIC-ES's folder (spanish_*.tsv)")
@@ -185,9 +223,27 @@ def main() -> None:
     parser.add_argument("--fewshot-items", type=int, default=50, help="harness items per task, 3-shot")
     parser.add_argument("--cases", nargs="*", default=None)
     parser.add_argument("--table", action="store_true", help="print the table of the results so far, run nothing")
+    parser.add_argument("--retrain", type=int, default=2, help="repeats of each point's training, side by side")
+    parser.add_argument("--retrain-only", action="store_true", help="only the side-by-side retraining")
+    parser.add_argument("--collect-only", action="store_true", help="only read the sweeps' results again")
     args = parser.parse_args()
     if args.table:
         print(table(json.loads(RESULTS.read_text())))
+        return
+    if args.collect_only:
+        results = json.loads(RESULTS.read_text())
+        for name in results:
+            results[name]["points"] = collect(args.out / name / "sweep")
+        RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+        return
+    if args.retrain_only:
+        results = json.loads(RESULTS.read_text())
+        for name in results:
+            if args.cases and name not in args.cases:
+                continue
+            results[name]["side_by_side"] = retrain(args.out / name / "sweep", args.retrain)
+            RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+        print(f"results: {RESULTS}")
         return
     cic_es = args.cic_es.resolve()
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
