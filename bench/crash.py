@@ -7,7 +7,10 @@ reference. Then each trial starts the same command afresh (a fresh cache) and in
 
 - ``SIGKILL`` (to the whole process group, as the OOM killer or a dead node), ``SIGTERM`` (to
   the main process, as ``kill`` or a scheduler sends it) or ``SIGHUP`` (to the group, as a closed
-  terminal sends it), at a moment drawn uniformly over the reference's duration;
+  terminal sends it), in a phase drawn uniformly from the command's phases (a run's loading,
+  evaluating, training, saving and task; each sweep or demo point's, and the report), at a
+  moment drawn within the first second of it (a moment drawn over the whole duration struck
+  loading nine times in ten: loading and tokenizing take most of a tiny run's time);
 - a full disk: ``RLIMIT_FSIZE`` (SIGXFSZ ignored, so writes fail with EFBIG as on a full disk)
   at a size drawn between 1 KiB and the largest file the reference wrote, so that it strikes
   the token store, a checkpoint, the export or the summary;
@@ -126,10 +129,11 @@ def phase_of(run: Path) -> str:
     return "loading and tokenizing"
 
 
-def sweep_phase(sweep: Path) -> str:
+def sweep_phase(sweep: Path, total: int) -> str:
+    """Which phase a sweep (or demo) folder of ``total`` points shows, from what it holds."""
     if (sweep / "report.md").is_file():
         return "report written"
-    points = sorted((sweep / "points").glob("*")) if (sweep / "points").is_dir() else []
+    points = [p for p in (sweep / "points").glob("*") if p.is_dir()] if (sweep / "points").is_dir() else []
     done = (
         len([line for line in (sweep / "results.jsonl").read_text().splitlines()])
         if (sweep / "results.jsonl").is_file()
@@ -137,9 +141,31 @@ def sweep_phase(sweep: Path) -> str:
     )
     if not points:
         return f"{sweep.name}: loading and tokenizing"
-    if done >= len(points) and done:
+    if done >= total:
         return f"{sweep.name}: report"
-    return f"{sweep.name} point {len(points)}: {phase_of(points[-1])}"
+    # The point being run is the folder written to last (points run in the sweep's order, not
+    # their names').
+    latest = max(points, key=lambda p: p.stat().st_mtime_ns)
+    return f"{sweep.name} point {len(points)}: {phase_of(latest)}"
+
+
+RUN_PHASES = ("loading and tokenizing", "evaluating before training", "training", "saving", "task")
+
+
+def phases_of(kind: str, points: int) -> list[str]:
+    """Every phase a command goes through, in order, as ``where`` names them."""
+    if kind == "run":
+        return [*RUN_PHASES, "finished"]
+    folder = FOLDER[kind]
+    each = [f"{folder} point {i}: {phase}" for i in range(1, points + 1) for phase in (*RUN_PHASES, "finished")]
+    return [f"{folder}: loading and tokenizing", *each, f"{folder}: report", "report written"]
+
+
+def reached(phase: str, target: str, order: list[str]) -> bool:
+    """Whether the command has reached ``target`` (or gone past it) when it shows ``phase``."""
+    if phase not in order:  # a phase the folder shows in no known way: do not wait on it
+        return True
+    return order.index(phase) >= order.index(target)
 
 
 def finish(args: list[str], cache: Path) -> tuple[bool, str]:
@@ -266,10 +292,24 @@ def inject(
     files: dict[str, str],
 ) -> tuple[str, dict[str, Any], str]:
     """Run the command with one fault; (the phase it struck, what was drawn, why it broke a rule or "")."""
-    where = (lambda: phase_of(project / "run")) if kind == "run" else (lambda: sweep_phase(project / FOLDER[kind]))
+
+    def where() -> str:
+        try:
+            return phase_of(project / "run") if kind == "run" else sweep_phase(project / FOLDER[kind], reference.points)
+        except (OSError, ValueError):  # a file being replaced as it was read: look again
+            return "unreadable for a moment"
+
     if fault in SIGNALS:
+        order = phases_of(kind, reference.points)
+        target = rng.choice([p for p in order if not p.endswith(("finished", "report written"))])
+        delay = rng.uniform(0.0, 1.0)
         proc = start(args, cache)
-        delay = rng.uniform(0.2, reference.seconds)
+        t0 = time.monotonic()
+        # Wait for the phase drawn (or a later one, when the drawn one was too short to see), then
+        # the moment drawn within it; a command taking 4x its reference fires anyway.
+        patience = 4 * reference.seconds
+        while proc.poll() is None and not reached(where(), target, order) and time.monotonic() - t0 < patience:
+            time.sleep(0.05)
         time.sleep(delay)
         phase = where()
         if proc.poll() is not None:
@@ -279,7 +319,8 @@ def inject(
             proc.send_signal(signal.SIGTERM)  # to the main process alone, as `kill PID`
         elif proc.poll() is None:
             os.killpg(proc.pid, SIGNALS[fault])  # the group: the OOM killer's SIGKILL, a terminal's SIGHUP
-        return phase, {"delay_s": round(delay, 2)}, _ended(proc, project, kind, files, tree)
+        detail = {"target": target, "after_s": round(time.monotonic() - t0, 2)}
+        return phase, detail, _ended(proc, project, kind, files, tree)
     if fault == "disk-full":
         size = int(math.exp(rng.uniform(math.log(1024), math.log(reference.largest_file))))
         proc = start(args, cache, file_limit=size)
@@ -385,6 +426,8 @@ class Reference:
     results: dict[str, Any]
     seconds: float
     largest_file: int
+    points: int = 1
+    """How many points (a sweep's or the demo's); 1 for a run."""
 
 
 def reference_of(kind: str, model: Path, work: Path) -> Reference:
@@ -399,7 +442,7 @@ def reference_of(kind: str, model: Path, work: Path) -> Reference:
     seconds = time.perf_counter() - t0
     got = results_of(kind, project)
     largest = max(f.stat().st_size for f in project.rglob("*") if f.is_file() and not f.is_symlink())
-    return Reference(got, seconds, largest)
+    return Reference(got, seconds, largest, points=1 if kind == "run" else len(got))
 
 
 SPECIAL = ("disk-full", "two-at-once", "symlinked-lock")
