@@ -8,6 +8,7 @@ import yaml
 import ecoadapt
 from ecoadapt.cli import main
 from ecoadapt.core.errors import UserError
+from ecoadapt.results.judged import Judgement, TaskResult
 from helpers.runs import write_config
 
 
@@ -62,18 +63,20 @@ def test_adapt_from_python_returns_the_summary_it_wrote_and_report_reads_it(tmp_
     assert report.recommendation_text  # a sentence, whether or not a point was recommended
 
 
-def test_every_command_goes_through_the_api(tmp_path, monkeypatch):
+def test_every_command_goes_through_the_api(tmp_path, monkeypatch, capsys):
     """The CLI parses and prints; what runs is the API's (a notebook gets the same behaviour)."""
     calls = []
 
     def fake_evaluate(config, overrides=()):
         calls.append((config, list(overrides)))
         energy = {"seconds": 1.0, "joules": 2.0, "method": "estimated", "meter": "cpu-time"}
-        return {"metric": "accuracy", "base": 0.5, "adapted": None, "energy": energy}
+        return Judgement(task=TaskResult(metric="accuracy", mode="probe", base=0.5, energy=energy))
 
     monkeypatch.setattr(ecoadapt.api, "evaluate", fake_evaluate)
     assert main(["evaluate", "cfg.yaml", "--set", "task.seeds=[0]"]) == 0
     assert calls == [("cfg.yaml", ["task.seeds=[0]"])]
+    printed = capsys.readouterr().out
+    assert "task accuracy (probe): base 0.5000" in printed and "evaluation: 1.0 s, 2 J (estimated, cpu-time)" in printed
 
 
 def test_a_launched_job_that_wrote_no_summary_keeps_its_exit_status(tmp_path, monkeypatch):

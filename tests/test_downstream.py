@@ -175,15 +175,15 @@ def test_a_probe_is_paired_and_scores_the_same_model_the_same(tmp_path, tiny_ber
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
     same = downstream.backbone_state(finetune.build_classifier(run, 2, 0, 0, None))
     out = downstream.compare(run, tokenizer, same, torch.device("cpu"))
-    assert out["mode"] == "probe" and out["base"] > 0.9  # the colour word is linearly readable
+    assert out.mode == "probe" and out.base is not None and out.base > 0.9  # the colour word is linearly readable
     # The same weights and the same bootstrap resample per seed: a gain of exactly 0 everywhere.
-    assert out["gain"]["per_seed"] == {0: 0.0, 1: 0.0, 2: 0.0}
-    assert out["verdict"] == "no detectable effect"
-    scores = [r["base"]["accuracy"] for r in out["per_seed"]]
+    assert out.gain_by_seed() == {0: 0.0, 1: 0.0, 2: 0.0}
+    assert out.verdict == "no detectable effect"
+    scores = [r.base["accuracy"] for r in out.per_seed if r.base is not None]
     assert len(set(scores)) > 1  # the seeds resample the training examples: they differ
-    assert out["base_cached"] == 0 and downstream.compare(run, tokenizer, same, torch.device("cpu"))["base_cached"] == 3
+    assert out.base_cached == 0 and downstream.compare(run, tokenizer, same, torch.device("cpu")).base_cached == 3
     run.task.cache = False  # computed afresh, and not counted as cached
-    assert downstream.compare(run, tokenizer, same, torch.device("cpu"))["base_cached"] == 0
+    assert downstream.compare(run, tokenizer, same, torch.device("cpu")).base_cached == 0
 
 
 def test_a_new_head_trains_alone_first_and_the_body_at_a_lower_rate(tmp_path, tiny_bert, corpus_jsonl):

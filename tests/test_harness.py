@@ -93,8 +93,8 @@ def test_a_killed_judgement_keeps_the_models_it_scored(tmp_path, tiny_llama):
     scored[0]["scores"]["holding"]["value"] = 0.123
     record.write_text(json.dumps(scored[0]) + "\n")
     again = harness.compare(cfg, loaded.tokenizer, None, torch.device("cpu"), record_file=record)
-    assert first["tasks"][0]["base"] != 0.123 and again["tasks"][0]["base"] == 0.123
-    assert again["resumed_records"] and again["evaluation_joules"] == 0.0
+    assert first.tasks[0].base != 0.123 and again.tasks[0].base == 0.123
+    assert again.resumed_records and again.evaluation_joules == 0.0
 
 
 @pytest.mark.slow
@@ -114,14 +114,15 @@ def test_paired_differences_follow_the_metrics_direction():
     base = {"t": {"metric": "acc", "higher_is_better": True, "value": 0.5, "items": {str(i): i % 2 for i in range(8)}}}
     better = {"t": {**base["t"], "value": 1.0, "items": dict.fromkeys(map(str, range(8)), 1)}}
     [row] = harness.summarize(base, better)
-    assert row["gain"]["mean"] == pytest.approx(0.5) and row["gain"]["n"] == 8 and row["verdict"] == "helped"
+    assert row.gain is not None and row.gain.mean == pytest.approx(0.5) and row.gain.n == 8
+    assert row.verdict == "helped"
     lower = {"t": {**base["t"], "higher_is_better": False}}
     lower_after = {"t": {**better["t"], "higher_is_better": False}}
     [row] = harness.summarize(lower, lower_after)  # a metric that should fall rose: hurt
-    assert row["gain"]["mean"] == pytest.approx(-0.5) and row["verdict"] == "hurt"
+    assert row.gain is not None and row.gain.mean == pytest.approx(-0.5) and row.verdict == "hurt"
     unpaired = {"t": {**base["t"], "items": {}}}
     [row] = harness.summarize(unpaired, {"t": {**better["t"], "items": {}}})
-    assert row["gain"] is None and "not paired" in row["verdict_text"]
+    assert row.gain is None and row.verdict_text is not None and "not paired" in row.verdict_text
 
 
 @pytest.mark.parametrize(
@@ -215,4 +216,5 @@ def test_a_signal_stops_the_harness_between_models_with_the_base_recorded(tmp_pa
         harness.compare(cfg, loaded.tokenizer, weights, torch.device("cpu"), record_file=record, stop=stop)
     assert [json.loads(line)["model"] for line in record.read_text().splitlines()] == ["base"]
     done = harness.compare(cfg, loaded.tokenizer, weights, torch.device("cpu"), record_file=record)
-    assert done["tasks"][0]["gain"]["n"] == 40 and len(done["resumed_records"]) == 1
+    gain = done.tasks[0].gain
+    assert gain is not None and gain.n == 40 and len(done.resumed_records) == 1

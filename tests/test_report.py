@@ -7,6 +7,7 @@ import pytest
 
 from ecoadapt.core.errors import UserError
 from ecoadapt.reports import builder
+from ecoadapt.results.judged import HarnessResult
 from ecoadapt.results.summary import EvalSummary, RunSummary
 from ecoadapt.task import downstream, stats
 
@@ -120,7 +121,8 @@ def task(base, adapted, joules=50.0):
         for s, (b, a) in enumerate(zip(base, adapted, strict=True))
     ]
     out = downstream.summarize("macro_f1", per_seed, {"test_counts": {"x": 60, "y": 40}})
-    return {**out, "mode": "finetune", "energy": {"joules": joules, "seconds": 1.0, "method": "estimated"}}
+    out.mode, out.energy = "finetune", {"joules": joules, "seconds": 1.0, "method": "estimated"}
+    return out.to_dict()
 
 
 def write_points(folder, points):
@@ -296,7 +298,8 @@ def _harness(base_items, adapted_items, joules=30.0):
         return {"metric": "acc", "higher_is_better": True, "value": sum(items) / len(items), "items": values}
 
     rows_ = harness.summarize({"stance": scores(base_items)}, {"stance": scores(adapted_items)})
-    return {"harness_version": "0.4.13", "fewshot": 0, "tasks": rows_, "energy": {"joules": joules, "seconds": 1.0}}
+    result = HarnessResult(harness_version="0.4.13", tasks=rows_, energy={"joules": joules, "seconds": 1.0})
+    return result.to_dict()
 
 
 def test_decoders_judged_by_the_harness_alone_are_ranked_and_recommended_on_it(tmp_path):

@@ -5,7 +5,7 @@ The public API (see README, "Python API")::
     import ecoadapt
 
     summary = ecoadapt.adapt("quickstart", overrides=["train.max_steps=20"])
-    ecoadapt.evaluate(config)          # the downstream task alone, base vs adapted
+    judged = ecoadapt.evaluate(config) # the judges alone, base vs adapted: judged.task, judged.harness
     ecoadapt.sweep("sweep.yaml")       # a grid of runs and its report
     ecoadapt.plan(config, grid=True)   # forecasts before training
     ecoadapt.report("runs/sweep")      # the report of a sweep or run
@@ -19,6 +19,7 @@ from importlib import metadata
 
 from ecoadapt.api import ConfigLike, Plan, Report, SweepResult, adapt, demo, evaluate, plan, report, resolve, sweep
 from ecoadapt.config import RunConfig
+from ecoadapt.results.judged import HarnessResult, Judgement, TaskResult
 from ecoadapt.results.summary import RunSummary
 
 Config = RunConfig  # the name users write: ecoadapt.Config.from_yaml(path)
@@ -31,11 +32,14 @@ except metadata.PackageNotFoundError:  # run from a source tree that was never i
 __all__ = [
     "Config",
     "ConfigLike",
+    "HarnessResult",
+    "Judgement",
     "Plan",
     "Report",
     "RunConfig",
     "RunSummary",
     "SweepResult",
+    "TaskResult",
     "__version__",
     "adapt",
     "demo",

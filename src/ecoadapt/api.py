@@ -26,6 +26,7 @@ from typing import Any
 from ecoadapt.config import RunConfig, dump
 from ecoadapt.config.presets import resolve_config
 from ecoadapt.core.errors import UserError
+from ecoadapt.results.judged import Judgement
 from ecoadapt.results.summary import FINISHED, RunSummary
 
 ConfigLike = RunConfig | Mapping[str, Any] | str | os.PathLike[str]
@@ -210,12 +211,15 @@ def _launch_adapt(resolved: ResolvedConfig, overrides: tuple[str, ...]) -> RunSu
     return RunSummary.from_dir(cfg.output.dir)
 
 
-def evaluate(config: ConfigLike, overrides: Overrides = ()) -> dict[str, Any]:
-    """The downstream task alone: base and adapted model (from ``output.dir``), the same seeds.
+def evaluate(config: ConfigLike, overrides: Overrides = ()) -> Judgement:
+    """The judges alone (task.train, task.harness): base and adapted model (from ``output.dir``),
+    the same seeds.
 
     Returns:
-        The task's result: metric, base and adapted scores, the paired per-seed gains with their
-        95% interval and verdict in words, and its energy window (``energy``: joules, method).
+        ``task``: metric, base and adapted scores, the paired per-seed gains with their 95%
+        interval and verdict in words, and its energy window (``energy``: joules, method);
+        ``harness``: per harness task the same, paired by item. None where the config names no
+        such judge.
     """
     from ecoadapt.commands import evaluate as evaluate_command
 

@@ -15,6 +15,7 @@ from ecoadapt.config import all_keys
 from ecoadapt.config.measure import MEASURED_METERS
 from ecoadapt.config.presets import preset_names
 from ecoadapt.core.errors import Interrupted, UserError, disk_full
+from ecoadapt.results.judged import HarnessResult, TaskResult
 from ecoadapt.results.summary import FINISHED
 
 
@@ -164,25 +165,24 @@ def _compile_and_forecast_lines(summary: Any) -> list[str]:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    result = api.evaluate(args.config, args.set)
-    judged = [result] if "metric" in result else []
-    if "metric" in result:
-        print(task_line(result))
-    if "harness" in result:
-        judged.append(result["harness"])
-        for line in harness_lines(result["harness"]):
+    found = api.evaluate(args.config, args.set)
+    if found.task is not None:
+        print(task_line(found.task))
+    if found.harness is not None:
+        for line in harness_lines(found.harness):
             print(line)
-    for r in judged:
-        e = r["energy"]
-        print(f"evaluation: {e['seconds']:.1f} s, {e['joules']:,.0f} J ({e['method']}, {e['meter']})")
+    for judged in found.each():
+        e = judged.energy or {}
+        if e:
+            print(f"evaluation: {e['seconds']:.1f} s, {e['joules']:,.0f} J ({e['method']}, {e['meter']})")
     return 0
 
 
-def harness_lines(harness: dict[str, Any]) -> list[str]:
+def harness_lines(harness: HarnessResult) -> list[str]:
     """The harness's result, a line per task: each model's metric with its standard error, and
     the verdict on the difference paired by item."""
-    if harness.get("status") == "failed":
-        return [f"harness failed: {harness['error']} (the adaptation's results are kept; retry: {harness['retry']})"]
+    if harness.failed:
+        return [f"harness failed: {harness.error} (the adaptation's results are kept; retry: {harness.retry})"]
 
     def score(value: float | None, stderr: float | None) -> str:
         if value is None:
@@ -190,12 +190,10 @@ def harness_lines(harness: dict[str, Any]) -> list[str]:
         return f"{value:.4f}" + (f" (s.e. {stderr:.4f})" if stderr is not None else "")
 
     lines = []
-    for t in harness["tasks"]:
-        line = (
-            f"harness {t['name']} {t['metric']} ({harness['fewshot']}-shot): base {score(t['base'], t['base_stderr'])}"
-        )
-        if t["adapted"] is not None:
-            line += f", adapted {score(t['adapted'], t['adapted_stderr'])}; {t['verdict_text'] or 'not paired'}"
+    for t in harness.tasks:
+        line = f"harness {t.name} {t.metric} ({harness.fewshot}-shot): base {score(t.base, t.base_stderr)}"
+        if t.adapted is not None:
+            line += f", adapted {score(t.adapted, t.adapted_stderr)}; {t.verdict_text or 'not paired'}"
         lines.append(line)
     return lines
 
@@ -205,14 +203,14 @@ def general_line(general: Any) -> str:
     return f"general-text loss {general.loss_before:.4f} -> {general.loss:.4f}: {general.verdict_text}"
 
 
-def task_line(task: dict[str, Any]) -> str:
+def task_line(task: TaskResult) -> str:
     """The task's result in one line: scores, and the verdict on the paired gain."""
-    if task.get("status") == "failed":
-        return f"task failed: {task['error']} (the adaptation's results are kept; retry: {task['retry']})"
-    line = f"task {task['metric']} ({task.get('mode', 'finetune')}): base {task['base']:.4f}"
-    if task.get("adapted") is None:
+    if task.failed:
+        return f"task failed: {task.error} (the adaptation's results are kept; retry: {task.retry})"
+    line = f"task {task.metric} ({task.mode or 'finetune'}): base {task.base:.4f}"
+    if task.adapted is None:
         return line
-    return f"{line}, adapted {task['adapted']:.4f}; {task['verdict_text']}"
+    return f"{line}, adapted {task.adapted:.4f}; {task.verdict_text}"
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:

@@ -8,8 +8,9 @@ does, and the results go to ``task.json`` / ``harness.json`` and the run's ``sum
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 import yaml
 
@@ -22,11 +23,12 @@ from ecoadapt.measure.phases import Phases
 from ecoadapt.model import pretrained
 from ecoadapt.model.parallel import pick_device
 from ecoadapt.results import rundir
+from ecoadapt.results.judged import HarnessResult, Judgement, TaskResult
 from ecoadapt.results.summary import RunSummary
 from ecoadapt.task import downstream, harness
 
 
-def judge(cfg: RunConfig, base: Path | None = None) -> dict[str, Any]:
+def judge(cfg: RunConfig, base: Path | None = None) -> Judgement:
     """The judges the config names (task.train, task.harness) on the base and on the adapted
     model of ``cfg``'s run directory.
 
@@ -38,7 +40,7 @@ def judge(cfg: RunConfig, base: Path | None = None) -> dict[str, Any]:
         base: the config file's folder (relative task files are looked up there first).
 
     Returns:
-        The task's result (its ``harness`` key: the harness's, when it ran).
+        The task's result and the harness's (each None when the config does not name it).
 
     Raises:
         UserError: no judge configured, or the run directory holds no adapted model.
@@ -59,32 +61,33 @@ def judge(cfg: RunConfig, base: Path | None = None) -> dict[str, Any]:
         adapted = downstream.adapted_backbone(cfg, whole=bool(cfg.task.harness))
         tokenizer = pretrained.load_tokenizer(cfg.model)
         tracker = EnergyTracker.for_config(cfg.measure, device.type, device.index, 0, say)
-        results: dict[str, Any] = {}
+        found = Judgement()
         if cfg.task.train:
-            results["task"] = _judged(
-                "task", tracker, lambda: downstream.compare(cfg, tokenizer, adapted, device, tracker)
-            )
+            found.task = _judged("task", tracker, lambda: downstream.compare(cfg, tokenizer, adapted, device, tracker))
+            storage.write_json(folder / "task.json", found.task.to_dict())
         if cfg.task.harness:
-            results["harness"] = _judged(
+            found.harness = _judged(
                 "harness", tracker, lambda: harness.compare(cfg, tokenizer, adapted, device, tracker)
             )
-        for name, result in results.items():
-            storage.write_json(folder / f"{name}.json", result)
+            storage.write_json(folder / "harness.json", found.harness.to_dict())
         summary_path = folder / "summary.json"
         if summary_path.exists():
             summary = RunSummary.read(summary_path)
-            summary.task = results.get("task", summary.task)
-            summary.harness = results.get("harness", summary.harness)
+            summary.task = found.task or summary.task
+            summary.harness = found.harness or summary.harness
             summary.save(summary_path)
-    return results.get("task", {}) | ({"harness": results["harness"]} if "harness" in results else {})
+    return found
 
 
-def _judged(window_name: str, tracker: EnergyTracker, judge: Any) -> dict[str, Any]:
+J = TypeVar("J", TaskResult, HarnessResult)
+
+
+def _judged(window_name: str, tracker: EnergyTracker, judge: Callable[[], J]) -> J:
     """A judge's result with the energy of its own window."""
     with Phases(tracker).window(window_name) as window:
-        result: dict[str, Any] = judge()
+        result = judge()
     assert window.energy is not None
-    result["energy"] = window.energy.as_dict()
+    result.energy = window.energy.as_dict()
     return result
 
 

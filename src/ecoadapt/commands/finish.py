@@ -14,7 +14,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ecoadapt.config import RunConfig
 from ecoadapt.core import storage
@@ -26,6 +26,7 @@ from ecoadapt.model import pretrained
 from ecoadapt.model.parallel import pick_device
 from ecoadapt.reports import model_card
 from ecoadapt.results import rundir
+from ecoadapt.results.judged import HarnessResult, Judged, TaskResult
 from ecoadapt.results.summary import RunSummary
 from ecoadapt.results.trackers import Trackers
 from ecoadapt.task import downstream, harness
@@ -38,6 +39,7 @@ HARNESS_FILE = "harness.jsonl"  # each model the harness scored so far
 BACKBONE_DIR = ".task-backbone"  # the adapted backbone, for a task that must resume, when nothing was saved
 
 Backbone = Callable[[], dict[str, Any]]
+J = TypeVar("J", TaskResult, HarnessResult)
 
 
 @dataclass
@@ -105,11 +107,13 @@ def finish(
                     summary.task = _judge_or_failure(
                         "task", summary, tracker,
                         lambda: downstream.compare(cfg, tokenizer, weights(), device, tracker, seeds_file, stop),
+                        TaskResult,
                     )  # fmt: skip
                 if cfg.task.harness:
                     summary.harness = _judge_or_failure(
                         "harness", summary, tracker,
                         lambda: harness.compare(cfg, tokenizer, weights(), device, tracker, harness_file, stop),
+                        HarnessResult,
                     )  # fmt: skip
         except (downstream.TaskStopped, harness.HarnessStopped) as e:  # phases.json and the records resume it
             summary.status, summary.signal = "interrupted", e.signal_name
@@ -168,18 +172,18 @@ def resume_after_training(cfg: RunConfig, run_dir: Path) -> RunSummary:
 
 
 def _judge_or_failure(
-    window_name: str, summary: RunSummary, tracker: EnergyTracker, judge: Callable[[], dict[str, Any]]
-) -> dict[str, Any]:
+    window_name: str, summary: RunSummary, tracker: EnergyTracker, judge: Callable[[], J], failed: Callable[..., J]
+) -> J:
     """A judge's result (the labelled task's, the harness's) measured in its own window, or what
-    made it fail: the adaptation's measured sections are kept either way (a signal's stop is not
-    a failure: it propagates)."""
+    made it fail (``failed``: its type, given status, error, retry and energy): the adaptation's
+    measured sections are kept either way (a signal's stop is not a failure: it propagates)."""
     saved = bool(summary.model and summary.model.saved)
     window = None
     try:
         with Phases(tracker).window(window_name, memory=None) as window:
             result = judge()
         assert window.energy is not None
-        result["energy"] = _with_earlier_seeds(window.energy.as_dict(), result)
+        result.energy = _with_earlier_seeds(window.energy.as_dict(), result)
         return result
     except (downstream.TaskStopped, harness.HarnessStopped):
         raise
@@ -187,23 +191,21 @@ def _judge_or_failure(
         error = f"{type(e).__name__}: {e}"
         say(f"{window_name} failed: {error}; the adaptation's results are kept. Retry: ecoadapt evaluate CONFIG")
         measured = window.energy if window is not None else None
-        return {
-            "status": "failed",
-            "error": error,
-            "energy": measured.as_dict() if measured is not None else None,
-            "retry": "ecoadapt evaluate CONFIG" if saved else "save the model (output.save_model) to retry",
-        }
+        return failed(
+            status="failed",
+            error=error,
+            energy=measured.as_dict() if measured is not None else None,
+            retry="ecoadapt evaluate CONFIG" if saved else "save the model (output.save_model) to retry",
+        )
 
 
-def _with_earlier_seeds(measured: dict[str, Any], task: dict[str, Any]) -> dict[str, Any]:
+def _with_earlier_seeds(measured: dict[str, Any], result: Judged) -> dict[str, Any]:
     """A judge's window's energy plus that of what an earlier, killed attempt scored (the task's
     seeds, the harness's models)."""
-    earlier = [
-        scores
-        for row in task.get("per_seed", [])
-        for name in ("base", "adapted")
-        if (scores := row.get(name)) and scores.get("recorded")
-    ] + task.get("resumed_records", [])
+    if isinstance(result, TaskResult):
+        earlier = [x for s in result.per_seed for x in (s.base, s.adapted) if x is not None and x.get("recorded")]
+    else:
+        earlier = list(result.resumed_records)
     if not earlier:
         return measured
     return {
@@ -215,13 +217,13 @@ def _with_earlier_seeds(measured: dict[str, Any], task: dict[str, Any]) -> dict[
 
 
 def energy_summary(
-    job: dict[str, Any] | None, judged: dict[str, dict[str, Any] | None], tokens: int, loss_gain: float | None
+    job: dict[str, Any] | None, judged: dict[str, Judged | None], tokens: int, loss_gain: float | None
 ) -> dict[str, Any] | None:
     """The job's energy with the judges' windows (``judged``: window name -> that judge's result,
     run on rank 0 after the ranks were summed)."""
     if job is None:
         return None
-    windows = {name: result["energy"] for name, result in judged.items() if result and result.get("energy")}
+    windows = {name: result.energy for name, result in judged.items() if result is not None and result.energy}
     for name, measured in windows.items():
         job["phases"][name] = {k: measured[k] for k in ("joules", "seconds")}
     if windows:

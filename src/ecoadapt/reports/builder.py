@@ -92,8 +92,9 @@ def row(point: PointFields, summary: RunSummary) -> dict[str, Any]:
             **_compute_fields(summary),
         }
     )
-    if summary.task and summary.harness and (summary.harness.get("energy") or {}).get("joules"):
-        out["eval_joules"] = (out["eval_joules"] or 0.0) + summary.harness["energy"]["joules"]
+    harness_joules = ((summary.harness.energy if summary.harness else None) or {}).get("joules")
+    if summary.task and harness_joules:
+        out["eval_joules"] = (out["eval_joules"] or 0.0) + harness_joules
     if out["train_joules"] is not None:
         out["total_joules"] = out["train_joules"] + (out["eval_joules"] or 0.0)
     return out

@@ -76,13 +76,13 @@ def _results(summary: RunSummary) -> list[str]:
         lines.append(
             f"- held-out loss: {e.loss_before:.4f} before, {e.loss:.4f} after (perplexity {e.perplexity:,.1f})"
         )
-    task = summary.task or {}
-    if task.get("status") == "failed":
-        lines.append(f"- downstream task: failed ({task.get('error')})")
-    elif task.get("verdict_text"):
+    task = summary.task
+    if task is not None and task.failed:
+        lines.append(f"- downstream task: failed ({task.error})")
+    elif task is not None and task.verdict_text and task.base is not None and task.adapted is not None:
         lines.append(
-            f"- downstream task ({task['metric']}, {task.get('mode')}): base {task['base']:.4f}, adapted "
-            f"{task['adapted']:.4f}; {task['verdict_text']}"
+            f"- downstream task ({task.metric}, {task.mode}): base {task.base:.4f}, adapted "
+            f"{task.adapted:.4f}; {task.verdict_text}"
         )
     return lines
 

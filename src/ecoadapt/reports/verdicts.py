@@ -8,82 +8,80 @@ from __future__ import annotations
 
 from typing import Any
 
+from ecoadapt.results.judged import HarnessResult, PairedGain, TaskResult
 from ecoadapt.task import stats
 
 
-def task_fields(task: dict[str, Any]) -> dict[str, Any]:
+def task_fields(task: TaskResult | None) -> dict[str, Any]:
     """The task's figures for a report row (every key present; None where not known)."""
     out: dict[str, Any] = dict.fromkeys(
         ("task_metric", "task_mode", "task_score", "task_base", "task_std", "task_delta", "gain_low", "gain_high",
          "verdict", "verdict_text", "eval_joules", "task_error"),
     )  # fmt: skip
     out["adapted_by_seed"], out["gain_by_seed"] = {}, {}
-    if not task:
+    if task is None:
         return out
-    if task.get("status") == "failed":
-        out["task_error"] = task.get("error")
-        out["eval_joules"] = (task.get("energy") or {}).get("joules")
+    out["eval_joules"] = (task.energy or {}).get("joules")
+    if task.failed:
+        out["task_error"] = task.error
         return out
-    metric = task.get("metric")
-    gain = task.get("gain") or {}
-    per_seed = task.get("per_seed") or []
     out.update(
         {
-            "task_metric": metric,
-            "task_mode": task.get("mode", "finetune"),
-            "task_score": task.get("adapted"),
-            "task_base": task.get("base"),
-            "task_std": task.get("adapted_std"),
-            "task_delta": task.get("delta"),
-            "gain_low": gain.get("ci_low"),
-            "gain_high": gain.get("ci_high"),
-            "verdict": task.get("verdict"),
-            "verdict_text": task.get("verdict_text"),
-            "eval_joules": (task.get("energy") or {}).get("joules"),
-            "adapted_by_seed": {int(r["seed"]): r["adapted"][metric] for r in per_seed if "adapted" in r},
-            "gain_by_seed": {int(seed): value for seed, value in (gain.get("per_seed") or {}).items()},
+            "task_metric": task.metric,
+            "task_mode": task.mode or "finetune",
+            "task_score": task.adapted,
+            "task_base": task.base,
+            "task_std": task.adapted_std,
+            "task_delta": task.delta,
+            "gain_low": task.gain.ci_low if task.gain else None,
+            "gain_high": task.gain.ci_high if task.gain else None,
+            "verdict": task.verdict,
+            "verdict_text": task.verdict_text,
+            "adapted_by_seed": task.adapted_by_seed(),
+            "gain_by_seed": task.gain_by_seed(),
         }
     )
     return out
 
 
-def harness_as_task(harness: dict[str, Any] | None) -> dict[str, Any]:
+def harness_as_task(harness: HarnessResult | None) -> TaskResult | None:
     """The harness's first task in the shape of a task result, for a run judged by the harness
     alone (a decoder without a labelled task): the report ranks and recommends on it as on a
     task (its gain paired by item, not by seed: no retained share is computed from it)."""
-    if not harness:
-        return {}
-    if harness.get("status") == "failed":
-        return harness
-    first = (harness.get("tasks") or [{}])[0]
-    if first.get("base") is None:
-        return {}
-    gain = first.get("gain") or {}
-    return {
-        "metric": f"{first['name']} {first['metric']}",
-        "mode": f"harness {harness.get('fewshot', 0)}-shot",
-        "adapted": first.get("adapted"),
-        "base": first.get("base"),
-        "adapted_std": first.get("adapted_stderr"),
-        "delta": gain.get("mean"),
-        "gain": {"ci_low": gain.get("ci_low"), "ci_high": gain.get("ci_high")},
-        "verdict": first.get("verdict"),
-        "verdict_text": first.get("verdict_text"),
-        "energy": harness.get("energy"),
-    }
+    if harness is None:
+        return None
+    if harness.failed:
+        return TaskResult(status="failed", error=harness.error, retry=harness.retry, energy=harness.energy)
+    first = harness.tasks[0] if harness.tasks else None
+    if first is None or first.base is None:
+        return None
+    gain = first.gain
+    return TaskResult(
+        metric=f"{first.name} {first.metric}",
+        mode=f"harness {harness.fewshot}-shot",
+        adapted=first.adapted,
+        base=first.base,
+        adapted_std=first.adapted_stderr,
+        delta=gain.mean if gain else None,
+        # Paired by item: no per-seed gains, so no retained share.
+        gain=PairedGain(gain.mean, gain.ci_low, gain.ci_high, gain.n) if gain else None,
+        verdict=first.verdict,
+        verdict_text=first.verdict_text,
+        energy=harness.energy,
+    )
 
 
-def harness_fields(harness: dict[str, Any] | None) -> dict[str, Any]:
+def harness_fields(harness: HarnessResult | None) -> dict[str, Any]:
     """The harness's first task for a report row's own columns (every key present)."""
     out: dict[str, Any] = dict.fromkeys(("harness_task", "harness_score", "harness_delta", "harness_verdict"))
-    first = ((harness or {}).get("tasks") or [None])[0]
-    if not first:
+    first = harness.tasks[0] if harness is not None and harness.tasks else None
+    if first is None:
         return out
     out.update(
-        harness_task=f"{first['name']} {first['metric']}",
-        harness_score=first.get("adapted"),
-        harness_delta=(first.get("gain") or {}).get("mean"),
-        harness_verdict=first.get("verdict"),
+        harness_task=f"{first.name} {first.metric}",
+        harness_score=first.adapted,
+        harness_delta=first.gain.mean if first.gain else None,
+        harness_verdict=first.verdict,
     )
     return out
 

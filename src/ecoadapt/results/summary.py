@@ -2,7 +2,7 @@
 and the command line read.
 
 Each field's docstring is its reference (``ecoadapt keys --summary`` prints them all). Sections
-whose keys depend on the hardware or the meter (energy, memory, flops, precision, task) stay
+whose keys depend on the hardware or the meter (energy, memory, flops, precision) stay
 mappings; their keys are listed in the field's docstring. No torch here: reports are read on
 machines without it.
 """
@@ -18,6 +18,7 @@ from typing import Any, Literal
 from ecoadapt.config import schema
 from ecoadapt.core import storage
 from ecoadapt.core.errors import UserError
+from ecoadapt.results.judged import HarnessResult, TaskResult
 
 Status = Literal["completed", "stopped_by_budget", "interrupted", "failed"]
 FINISHED = ("completed", "stopped_by_budget")  # statuses whose results count (and are not rerun)
@@ -211,17 +212,12 @@ class RunSummary:
     """The run's forecast from its own first steps (measure.forecast: peak memory, seconds per
     step, joules; ``source`` says what it came from), beside the measured figures and their
     ratios (forecast / measured)."""
-    task: dict[str, Any] | None = None
-    """The downstream task: status (failed, with error), mode, precision, metric, floor (a
-    trivial classifier's score), base and adapted scores per seed (base ones cached or not,
-    with joules and seconds), means and stds, gain (adapted minus base, paired by seed: mean,
-    ci_low, ci_high, n, per_seed), verdict and verdict_text, evaluation_joules (computed in this
-    run), base_cached, bad_records, energy of its window."""
-    harness: dict[str, Any] | None = None
-    """task.harness, the evaluation harness on base and adapted model: harness_version, precision,
-    fewshot, limit, per task (tasks: name, metric, base, base_stderr, adapted, adapted_stderr,
-    items, gain {mean, ci_low, ci_high, n} paired by item, verdict, verdict_text, base_cached),
-    evaluation_joules (computed in this run), energy of its window; or status failed with error."""
+    task: TaskResult | None = None
+    """The downstream task (task.train): each seed's base and adapted scores, the gain paired by
+    seed with its interval, the verdict; or status failed with the error (see its fields)."""
+    harness: HarnessResult | None = None
+    """task.harness, the evaluation harness on base and adapted model: per task each model's
+    metric with its standard error and the difference paired by item; or status failed."""
     parallel: ParallelSummary | None = None
     """The processes that trained together."""
     phases_s: dict[str, float] | None = None
@@ -255,7 +251,7 @@ class RunSummary:
 
         if self.status == "interrupted":
             return 128 + int(signal.Signals[self.signal or "SIGTERM"])
-        return 1 if self.task is not None and self.task.get("status") == "failed" else 0
+        return 1 if self.task is not None and self.task.failed else 0
 
     @classmethod
     def read(cls, path: str | Path) -> RunSummary:

@@ -53,7 +53,7 @@ def flat(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 def headline(summary: Any) -> dict[str, Any]:
     """What a dashboard shows of a finished run: numbers, and the labels they need."""
-    energy, memory, task = summary.energy or {}, summary.memory or {}, summary.task or {}
+    energy, memory, task = summary.energy or {}, summary.memory or {}, summary.task
     out: dict[str, Any] = {
         "train_joules": energy.get("train_joules"),
         "mj_per_token": energy.get("mj_per_token"),
@@ -61,8 +61,8 @@ def headline(summary: Any) -> dict[str, Any]:
         "peak_bytes": memory.get(memory.get("compare_with", "peak_bytes")),
         "eval_loss": summary.eval.loss if summary.eval else None,
         "tokens_per_s": summary.tokens_per_s,
-        "task_delta": task.get("delta"),
-        "task_verdict": task.get("verdict_text"),
+        "task_delta": task.delta if task is not None else None,
+        "task_verdict": task.verdict_text if task is not None else None,
     }
     return {k: v for k, v in out.items() if v is not None}
 

@@ -27,6 +27,7 @@ from ecoadapt.core.progress import fmt_duration, say
 from ecoadapt.data import labelled, readers
 from ecoadapt.measure.energy import EnergyTracker
 from ecoadapt.model.precision import Policy
+from ecoadapt.results.judged import PairedGain, SeedScores, TaskResult
 from ecoadapt.task import base_cache, finetune, linear_probe, stats
 from ecoadapt.task.finetune import TaskData
 
@@ -169,7 +170,7 @@ def compare(
     tracker: EnergyTracker | None = None,
     seeds_file: Path | None = None,
     stop: Callable[[], str | None] | None = None,
-) -> dict[str, Any]:
+) -> TaskResult:
     """Score base and adapted model on every seed; the summary's ``task`` part.
 
     Args:
@@ -207,15 +208,8 @@ def compare(
         {"seed": s, **{n: results[(s, n)] for n in ("base", "adapted") if (s, n) in results}} for s in run.task.seeds
     ]
     out = summarize(run.task.metric, per_seed, data.classes)
-    out.update(
-        {
-            "mode": run.task.mode,
-            "precision": precision,
-            "labels": data.labels,
-            "bad_records": data.bad_records,
-            "time_s": time.perf_counter() - start,
-        }
-    )
+    out.mode, out.precision, out.labels = run.task.mode, precision, data.labels
+    out.bad_records, out.time_s = data.bad_records, time.perf_counter() - start
     return out
 
 
@@ -280,43 +274,34 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def summarize(metric: str, per_seed: list[dict[str, Any]], classes: dict[str, Any]) -> dict[str, Any]:
-    """Means, the paired gain with its interval, the verdict, and where the joules went."""
-    base = {r["seed"]: r["base"][metric] for r in per_seed}
+def summarize(metric: str, per_seed: list[dict[str, Any]], classes: dict[str, Any]) -> TaskResult:
+    """Means, the paired gain with its interval, the verdict, and where the joules went.
+
+    Args:
+        per_seed: each seed's ``{"seed": s, "base": scores, "adapted": scores}`` (adapted may be absent).
+    """
+    seeds = [SeedScores(int(r["seed"]), r.get("base"), r.get("adapted")) for r in per_seed]
+    base = {s.seed: s.base[metric] for s in seeds if s.base is not None}
     base_mean, base_std = _mean_std(list(base.values()))
-    floor = stats.trivial_score(metric, classes["test_counts"])
-    out: dict[str, Any] = {
-        "metric": metric,
-        "classes": classes,
-        "per_seed": per_seed,
-        "floor": floor,
-        "base": base_mean,
-        "base_std": base_std,
-        "adapted": None,
-        "adapted_std": None,
-        "delta": None,
-        "gain": None,
-        "verdict": None,
-        "verdict_text": None,
-    }
-    computed = [r[n] for r in per_seed for n in ("base", "adapted") if n in r and not r[n].get("cached")]
-    out["evaluation_joules"] = sum(x.get("joules", 0.0) for x in computed)
-    out["base_cached"] = sum(1 for r in per_seed if r["base"].get("cached"))
-    if all("adapted" in r for r in per_seed):
-        adapted = {r["seed"]: r["adapted"][metric] for r in per_seed}
-        adapted_mean, adapted_std = _mean_std(list(adapted.values()))
+    computed = [x for s in seeds for x in (s.base, s.adapted) if x is not None and not x.get("cached")]
+    out = TaskResult(
+        metric=metric,
+        classes=classes,
+        per_seed=seeds,
+        floor=stats.trivial_score(metric, classes["test_counts"]),
+        base=base_mean,
+        base_std=base_std,
+        evaluation_joules=sum(x.get("joules", 0.0) for x in computed),
+        base_cached=sum(1 for s in seeds if s.base is not None and s.base.get("cached")),
+    )
+    if all(s.adapted is not None for s in seeds):
+        adapted = {s.seed: s.adapted[metric] for s in seeds if s.adapted is not None}
+        out.adapted, out.adapted_std = _mean_std(list(adapted.values()))
         gain, by_seed = stats.paired_gain(base, adapted)
-        word = stats.verdict(gain, base_mean, adapted_mean, floor)
-        out.update(
-            {
-                "adapted": adapted_mean,
-                "adapted_std": adapted_std,
-                "delta": gain.mean,
-                "gain": {**gain.as_dict(), "per_seed": by_seed},
-                "verdict": word.word,
-                "verdict_text": word.text,
-            }
-        )
+        word = stats.verdict(gain, base_mean, out.adapted, out.floor)
+        out.delta = gain.mean
+        out.gain = PairedGain(gain.mean, gain.low, gain.high, gain.n, {str(k): v for k, v in by_seed.items()})
+        out.verdict, out.verdict_text = word.word, word.text
     return out
 
 

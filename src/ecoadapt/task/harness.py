@@ -38,6 +38,7 @@ from ecoadapt.measure.energy import EnergyTracker
 from ecoadapt.measure.environment import package_version, source_revision
 from ecoadapt.model import pretrained
 from ecoadapt.model.precision import Policy
+from ecoadapt.results.judged import HarnessResult, HarnessTask, PairedGain
 from ecoadapt.task import base_cache, stats
 
 INSTALL = "pip install 'ecoadapt[harness]' (lm-eval)"
@@ -270,35 +271,31 @@ def _stderr(items: dict[str, float]) -> float | None:
     return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
 
 
-def summarize(base: dict[str, Any], adapted: dict[str, Any] | None) -> list[dict[str, Any]]:
+def summarize(base: dict[str, Any], adapted: dict[str, Any] | None) -> list[HarnessTask]:
     """Per task: the metric for each model with its standard error, and the paired difference."""
     rows = []
     for name, b in base.items():
-        row: dict[str, Any] = {
-            "name": name,
-            "metric": b["metric"],
-            "higher_is_better": b["higher_is_better"],
-            "base": b["value"],
-            "base_stderr": _stderr(b["items"]),
-            "items": len(b["items"]) or None,
-            "adapted": None,
-            "adapted_stderr": None,
-            "gain": None,
-            "verdict": None,
-            "verdict_text": None,
-        }
+        row = HarnessTask(
+            name=name,
+            metric=b["metric"],
+            higher_is_better=b["higher_is_better"],
+            base=b["value"],
+            base_stderr=_stderr(b["items"]),
+            items=len(b["items"]) or None,
+        )
         a = (adapted or {}).get(name)
         if a is not None:
-            row.update(adapted=a["value"], adapted_stderr=_stderr(a["items"]))
+            row.adapted, row.adapted_stderr = a["value"], _stderr(a["items"])
             shared = sorted(set(b["items"]) & set(a["items"]))
             if shared:
                 sign = 1.0 if b["higher_is_better"] else -1.0  # a gain is an improvement either way
                 diffs = [sign * (a["items"][i] - b["items"][i]) for i in shared]
                 gain = stats.mean_interval(diffs, "item")
                 word = stats.verdict(gain, sign * b["value"], sign * a["value"], None)
-                row.update(gain=gain.as_dict(), verdict=word.word, verdict_text=word.text)
+                row.gain = PairedGain(gain.mean, gain.low, gain.high, gain.n)
+                row.verdict, row.verdict_text = word.word, word.text
             else:
-                row["verdict_text"] = f"{b['metric']} is not a mean over items: not paired"
+                row.verdict_text = f"{b['metric']} is not a mean over items: not paired"
         rows.append(row)
     return rows
 
@@ -340,7 +337,7 @@ def compare(
     tracker: EnergyTracker | None = None,
     record_file: Path | None = None,
     stop: Callable[[], str | None] | None = None,
-) -> dict[str, Any]:
+) -> HarnessResult:
     """The harness's tasks on the base model and on ``adapted`` (the whole model's weights):
     the summary's ``harness`` part.
 
@@ -428,25 +425,22 @@ class _Judge:
         }
 
 
-def _result(cfg: TaskConfig, precision: str, done: dict[str, dict[str, Any]], seconds: float) -> dict[str, Any]:
+def _result(cfg: TaskConfig, precision: str, done: dict[str, dict[str, Any]], seconds: float) -> HarnessResult:
     """The summary's ``harness`` part from the models' records."""
-    rows = summarize(done["base"]["scores"], done["adapted"]["scores"] if "adapted" in done else None)
     computed = [r for r in done.values() if not r.get("cached")]
-    return {
-        "harness_version": package_version("lm_eval"),
-        "precision": precision,
-        "fewshot": cfg.harness_fewshot,
-        "limit": cfg.harness_limit,
-        "seed": cfg.seeds[0],
-        "tasks": rows,
-        "base_cached": bool(done["base"].get("cached")),
-        "evaluation_joules": sum(r.get("joules", 0.0) for r in computed),
+    return HarnessResult(
+        harness_version=package_version("lm_eval"),
+        precision=precision,
+        fewshot=cfg.harness_fewshot,
+        limit=cfg.harness_limit,
+        seed=cfg.seeds[0],
+        tasks=summarize(done["base"]["scores"], done["adapted"]["scores"] if "adapted" in done else None),
+        base_cached=bool(done["base"].get("cached")),
+        evaluation_joules=sum(r.get("joules", 0.0) for r in computed),
         # Scored by an earlier, killed attempt: their joules join this window's (finish adds them).
-        "resumed_records": [
-            {"joules": r["joules"], "seconds": r["seconds"]} for r in done.values() if r.get("recorded")
-        ],
-        "time_s": seconds,
-    }
+        resumed_records=[{"joules": r["joules"], "seconds": r["seconds"]} for r in done.values() if r.get("recorded")],
+        time_s=seconds,
+    )
 
 
 def _model(run: RunConfig, device: torch.device) -> Any:
