@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ecoadapt.commands import finish, run_summary
-from ecoadapt.commands.run_summary import Training
+from ecoadapt.commands.run_summary import Measured, Training
 from ecoadapt.config import RunConfig, dump, paths
 from ecoadapt.core import storage
 from ecoadapt.core.errors import UserError
@@ -112,11 +112,13 @@ def _decide_and_run(
     world, device = parallel.setup(cfg.parallel.strategy, cfg.train.device, cfg.parallel.timeout_s)
     if world.strategy == "fsdp" and cfg.lora.merge:
         raise UserError("lora.merge is not available with parallel.strategy = fsdp; merge the saved adapter afterwards")
-    adapt_run = AdaptRun(cfg, world, device, precision_choice, hold if locked else None)
+    adapt_run = None
     try:
-        return adapt_run.execute(base, out, resume)
+        adapt_run = AdaptRun(cfg, world, device, base, precision_choice, hold if locked else None)
+        return adapt_run.execute(out, resume)
     finally:
-        adapt_run.release_wrapper()
+        if adapt_run is not None:
+            adapt_run.release_wrapper()
         parallel.teardown(barrier=False)  # after an error a peer may never reach a barrier
 
 
@@ -135,54 +137,81 @@ def _auto_precision(cfg: RunConfig) -> dict[str, Any] | None:
 
 
 class AdaptRun:
-    """One adapt run on one rank: the steps of the recipe, and the state they share."""
+    """One adapt run on one rank: the steps of the recipe, and the state they share.
+
+    Constructing it prepares the run (meters, the model, the corpus's blocks, the recipe:
+    nothing is written yet); every attribute is created here. :meth:`execute` then opens the
+    run folder and runs the steps in order: evaluate, train, evaluate, save, measure, then the
+    judges and the summary (:mod:`ecoadapt.commands.finish`).
+    """
 
     def __init__(
         self,
         cfg: RunConfig,
         world: parallel.World,
         device: torch.device,
+        base: Path | None = None,
         precision: dict[str, Any] | None = None,
         hold: contextlib.ExitStack | None = None,
     ) -> None:
+        """Prepare the run.
+
+        Args:
+            cfg: the checked configuration.
+            world: this rank's place in the job.
+            device: where it trains.
+            base: the config file's folder (relative corpus paths are looked up there first).
+            precision: precision.mode: auto's choice, with its probe's energy windows.
+            hold: the run folder's lock, when the resume decision took it.
+        """
         self.cfg, self.world, self.device = cfg, world, device
+        # The meters, first: loading the model is in their windows.
         self.tracker = energy.EnergyTracker.for_config(
             cfg.measure, device.type, device.index, world.local_rank, self.log
         )
         self.memory = memory.MemoryWindows(device)
         self.phases = Phases(self.tracker, self.memory)
-        self.first_steps: FirstSteps | None = None  # the in-run forecast's watcher, once training starts
-        self.batch_choice: MicroBatchChoice | None = None  # train.micro_batch_size: auto's choice
-        self.trackers = Trackers([], Path(), "", "", {})  # log.to, opened with the run directory
         self.precision_choice = precision  # precision.mode: auto's choice
         if precision is not None:  # its matmul probe's joules: the tool's own, in the run's account
             self.tracker.carry(precision.pop("energy_windows", {}))
+        # What the steps fill in as they run.
+        self.first_steps: FirstSteps | None = None  # the in-run forecast's watcher, once training starts
+        self.batch_choice: MicroBatchChoice | None = None  # train.micro_batch_size: auto's choice
+        self.trackers = Trackers([], Path(), "", "", {})  # log.to, opened with the run directory
+        self.summary = RunSummary(status="failed", config=cfg.to_dict(), rank=world.rank)
+        self.run_dir = Path(cfg.output.dir)
         self._input_ids: dict[str, str] | None = None  # what _inputs() found, once
         # The run folder's lock, held by rank 0 while the run uses it (taken for the resume
         # decision where the folder existed, else when it is created).
         self._locked = hold is not None
         self._hold = hold if hold is not None else contextlib.ExitStack()
-        self.summary = RunSummary(status="failed", config=cfg.to_dict(), rank=world.rank)
-        self.run_dir = Path(cfg.output.dir)
+        # The prepared run: model, blocks, recipe.
+        if device.type == "cuda" and cfg.train.max_memory_gb is not None:
+            memory.cap_cuda_memory(device, cfg.train.max_memory_gb)
+        if cfg.measure.idle_s > 0:
+            self.log(f"measuring idle power for {cfg.measure.idle_s:g} s ...")
+            self.log(f"idle power: {self.tracker.measure_idle(cfg.measure.idle_s):.1f} W")
+        self.p = prepare(cfg, base, device, world, self.tracker, self.log, self.memory)
+        self.eval_blocks = self.p.blocks.eval[: cfg.data.eval_max_blocks]
+        self.steps = total_steps(cfg.train, len(self.p.blocks.train) // world.size)
 
     def log(self, message: str) -> None:
         """A line of narration, from rank 0 only."""
         if self.world.is_main:
             say(message)
 
-    def execute(self, base: Path | None, out: Path, resume: rundir.ResumePoint) -> RunSummary:
-        """Prepare, then run the recipe; a failure after the run directory exists is summarised."""
+    def execute(self, out: Path, resume: rundir.ResumePoint) -> RunSummary:
+        """Open the run folder and run the recipe; a failure once the folder exists is summarised."""
+        try:
+            return self._execute(out, resume)
+        finally:
+            self.p.recipe.policy.restore()  # process-wide TF32 settings as they were
+            self._hold.close()  # the run folder's lock
+
+    def _execute(self, out: Path, resume: rundir.ResumePoint) -> RunSummary:
         resumed = checkpoint.load(resume.checkpoint) if resume.checkpoint is not None else None
-        if self.device.type == "cuda" and self.cfg.train.max_memory_gb is not None:
-            memory.cap_cuda_memory(self.device, self.cfg.train.max_memory_gb)
-        if self.cfg.measure.idle_s > 0:
-            self.log(f"measuring idle power for {self.cfg.measure.idle_s:g} s ...")
-            self.log(f"idle power: {self.tracker.measure_idle(self.cfg.measure.idle_s):.1f} W")
-        self.p = prepare(self.cfg, base, self.device, self.world, self.tracker, self.log, self.memory)
         if resumed is not None:
             self._check_inputs(resumed["extra"].get("inputs"))
-        self.eval_blocks = self.p.blocks.eval[: self.cfg.data.eval_max_blocks]
-        self.steps = total_steps(self.cfg.train, len(self.p.blocks.train) // self.world.size)
         if self.world.is_main:
             r = self.p.recipe
             room = checkpoint.room_needed(self.cfg, r.model, r.policy, r.plan.lora)
@@ -197,9 +226,6 @@ class AdaptRun:
                 self.summary.save(self.run_dir / "summary.json")
                 self.trackers.finish(self.summary)
             raise
-        finally:
-            self.p.recipe.policy.restore()  # process-wide TF32 settings as they were
-            self._hold.close()  # the run folder's lock
 
     def _inputs(self) -> dict[str, str]:
         """What the run trains on, by content: the corpus's token store and the model's files."""
@@ -282,7 +308,7 @@ class AdaptRun:
             parallel.teardown(barrier=True)
             if not self.world.is_main:
                 return RunSummary(status="completed", config=self.summary.config, rank=self.world.rank)
-            job_energy = copy.deepcopy(measured["energy"])  # before the task joins it
+            job_energy = copy.deepcopy(measured.energy)  # before the task joins it
             run_summary.fill(self, training, before, after, saved, measured)
             if self.first_steps is not None:
                 self.summary.forecast = self.first_steps.beside_measured(self.summary)
@@ -440,24 +466,23 @@ class AdaptRun:
         self.p.phases["save_s"] = window.seconds
         return saved
 
-    def measure(self, result: TrainResult) -> dict[str, Any]:
+    def measure(self, result: TrainResult) -> Measured:
         """Energy, memory and MFU of the job (collectives: every rank calls it)."""
-        tokens_per_s = result.tokens * self.world.size / max(result.time_s, 1e-9)
         with self.phases.window("peak_flops", memory=None):  # the tool's own: measured once per device
             per_rank_mfu = mfu(self.p, self.cfg, self.device, result.tokens / max(result.time_s, 1e-9))
-        return {
-            "memory": memory.combine_ranks(parallel.gather(self.memory.report(self.p.rss_before_load), self.world)),
-            "energy": energy.combine_ranks(
+        return Measured(
+            memory=memory.combine_ranks(parallel.gather(self.memory.report(self.p.rss_before_load), self.world)),
+            energy=energy.combine_ranks(
                 parallel.gather(self.tracker.summary(self.cfg.measure.grid_g_co2_per_kwh), self.world)
             ),
-            "flops": per_rank_mfu,
-            "tokens_per_s": tokens_per_s,
-        }
+            flops=per_rank_mfu,
+            tokens_per_s=result.tokens * self.world.size / max(result.time_s, 1e-9),
+        )
 
     def release_wrapper(self) -> None:
         """Drop DDP's wrapper while the group lives: freed after it, gloo's destructor deadlocked
         on the GIL at a rank's exit. The model stays (the task reads it)."""
-        if getattr(self, "p", None) is not None and self.world.distributed:
+        if self.world.distributed:
             self.p.recipe.model = parallel.unwrap(self.p.recipe.model)
             gc.collect()
 

@@ -41,6 +41,20 @@ class RunState(Protocol):
 
 
 @dataclass
+class Measured:
+    """What the measure step leaves, for the whole job (every rank summed or gathered)."""
+
+    memory: dict[str, Any] | None
+    """Peak memory per window (summary.json's ``memory``)."""
+    energy: dict[str, Any] | None
+    """Joules per window, with the method and meter (summary.json's ``energy``; None: off)."""
+    flops: dict[str, Any]
+    """FLOPs per token, the device's peak and MFU (summary.json's ``flops``)."""
+    tokens_per_s: float
+    """Training tokens per second, all ranks."""
+
+
+@dataclass
 class Training:
     """What the train step leaves: the loop's result and what produced it."""
 
@@ -60,7 +74,7 @@ def fill(
     before: HeldOut,
     after: HeldOut,
     saved: list[str],
-    measured: dict[str, Any],
+    measured: Measured,
 ) -> None:
     """Fill ``run.summary`` with everything but the task (see :mod:`ecoadapt.commands.finish`)."""
     cfg, p, world, s = run.cfg, run.p, run.world, run.summary
@@ -81,7 +95,7 @@ def fill(
     s.steps, s.epochs = result.steps, training.loader.epochs_done
     s.tokens = result.tokens * world.size  # every rank processes the same number of tokens
     s.target_tokens, s.time_s = result.target_tokens, result.time_s
-    s.tokens_per_s, s.train_loss = measured["tokens_per_s"], result.train_loss
+    s.tokens_per_s, s.train_loss = measured.tokens_per_s, result.train_loss
     s.reliability = ReliabilitySummary(
         result.nonfinite_steps,
         result.rollbacks,
@@ -97,9 +111,9 @@ def fill(
         general_summary(before, after, p.general.stats if p.general is not None else None),
     )  # fmt: skip
     s.precision = {**p.recipe.policy.summary(), **p.recipe.precision_report, "auto": run.precision_choice}
-    s.energy = finish.energy_summary(measured["energy"], {}, s.tokens, before.loss - after.loss)
-    s.memory, s.flops = measured["memory"], measured["flops"]
-    s.mfu = measured["flops"]["mfu"]
+    s.energy = finish.energy_summary(measured.energy, {}, s.tokens, before.loss - after.loss)
+    s.memory, s.flops = measured.memory, measured.flops
+    s.mfu = measured.flops["mfu"]
     s.head_first = training.head_first
     s.notes = finish.notes(cfg, p)
     s.compile = p.recipe.compiled.report()
