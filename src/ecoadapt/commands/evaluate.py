@@ -18,6 +18,7 @@ from ecoadapt.config import RunConfig, paths
 from ecoadapt.core import storage
 from ecoadapt.core.errors import UserError
 from ecoadapt.core.progress import say
+from ecoadapt.measure import environment
 from ecoadapt.measure.energy import EnergyTracker
 from ecoadapt.measure.phases import Phases
 from ecoadapt.model import pretrained
@@ -46,6 +47,7 @@ def judge(cfg: RunConfig, base: Path | None = None) -> Judgement:
         UserError: no judge configured, or the run directory holds no adapted model.
     """
     paths.anchor_task_files(cfg, base)
+    environment.source_revision()  # before any weights load (see commands.adapt.adapt)
     if not cfg.task.judged:
         raise UserError(
             "task.train: name the labelled training files of the downstream task (or task.harness: harness tasks)"
