@@ -55,19 +55,28 @@ def _equal_quality() -> str:
 
 
 def _lean_load() -> str:
-    r = _load("lean_load.json")["results"]["qlora nf4 fp32"]
+    before = _load("lean_load.json")["results"]["qlora nf4 fp32"]  # the run with the whole-fp32 load beside
+    now = _load("lean_load-1.1b.json")["results"]
+
+    def gib(side: dict[str, Any]) -> str:
+        return f"{side['tree_peak_bytes'] / 2**30:.2f}"
+
     return (
-        f"TinyLlama-1.1B shape, NF4 QLoRA: whole-run resident peak {r['ecoadapt']['tree_peak_gib']:.2f} GiB "
-        f"({r['before']['tree_peak_gib']:.2f} loading whole in fp32 first; "
-        f"{r['peer']['tree_peak_gib']:.2f} for transformers + PEFT)"
+        f"TinyLlama-1.1B shape, 2 steps: whole-run resident peak, NF4 QLoRA {gib(now['qlora nf4']['ecoadapt'])} GiB "
+        f"({gib(now['qlora nf4']['peer'])} for transformers + PEFT; {before['before']['tree_peak_gib']:.2f} when "
+        f"ecoadapt loaded whole in fp32 first), bf16-pure LoRA {gib(now['bf16-pure lora']['ecoadapt'])} GiB "
+        f"({gib(now['bf16-pure lora']['peer'])} for transformers + PEFT)"
     )
 
 
 def _faults() -> str:
     r = _load("crash.json")
     kinds = sorted({t["fault"] for t in r["trials"]})
+    commands = [name for name in ("run", "sweep", "demo") if any(t["kind"] == name for t in r["trials"])]
+    where = {"run": "runs", "sweep": "sweeps", "demo": "`demo --quick`"}
+    listed = ", ".join(where[c] for c in commands[:-1]) + (" and " if len(commands) > 1 else "") + where[commands[-1]]
     return (
-        f"{r['faults']} faults ({', '.join(kinds)}) in runs and sweeps: {r['failures']} failures "
+        f"{r['faults']} faults ({', '.join(kinds)}) in {listed}: {r['failures']} failures "
         "(a lost user file, a hang, an orphan, a traceback, or a rerun differing from the uninterrupted run)"
     )
 
@@ -97,6 +106,7 @@ class Claim:
     machine: str
     rerun: str
     source: str
+    """The raw files the figure reads, in bench/results/ (", " between two)."""
 
 
 CLAIMS = (
@@ -111,9 +121,9 @@ CLAIMS = (
     Claim(
         "a 1.1B decoder in little memory",
         _lean_load,
-        "2-core EPYC (no AVX-512)",
-        "python bench/lean_load.py --model DIR --before REV --peer",
-        "lean_load.json",
+        "2-core EPYC",
+        "python bench/lean_load.py --model DIR --peer (--before REV)",
+        "lean_load-1.1b.json, lean_load.json",
     ),
     Claim("nothing lost to a fault", _faults, "2-core EPYC", "python bench/crash.py --jobs 2", "crash.json"),
     Claim(
@@ -129,7 +139,12 @@ CLAIMS = (
 def table() -> str:
     """The headline table, in Markdown, between its markers."""
     rows = ["| claim | figure | machine | rerun | raw data |", "| --- | --- | --- | --- | --- |"]
-    rows += [f"| {c.claim} | {c.figure()} | {c.machine} | `{c.rerun}` | `bench/results/{c.source}` |" for c in CLAIMS]
+    rows += [
+        f"| {c.claim} | {c.figure()} | {c.machine} | `{c.rerun}` | "
+        + ", ".join(f"`bench/results/{name}`" for name in c.source.split(", "))
+        + " |"
+        for c in CLAIMS
+    ]
     return "\n".join([START, *rows, END])
 
 
