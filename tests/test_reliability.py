@@ -235,6 +235,22 @@ def test_checkpoint_round_trip_restores_every_state(tmp_path, tiny_llama):
         assert torch.equal(a, b)
 
 
+def test_a_signal_at_the_last_step_resumes_to_a_finished_run(tmp_path, tiny_llama):
+    """Found by the fault harness: SIGTERM seen at the last step wrote a checkpoint of a loop
+    "stopped by interrupted", and every rerun, with no step left, ended interrupted again."""
+    cfg = TrainConfig(max_steps=4, micro_batch_size=2, lr=1e-2)
+    loop, loader, checkpoints = tiny_loop(tiny_llama, tmp_path, cfg)
+    stop = Hooks(checkpoints=checkpoints, should_stop=lambda r: "interrupted" if r.steps == 4 else None)
+    assert fit(loop, loader, stop).stopped_by == "interrupted"
+    state = checkpoint.load(tmp_path / rundir.CHECKPOINT_FILE)
+    assert state["loop"]["steps"] == 4 and state["loop"]["stopped_by"] == "interrupted"
+
+    fresh, fresh_loader, fresh_checkpoints = tiny_loop(tiny_llama, tmp_path, cfg)
+    fresh_checkpoints.resume(fresh, state)
+    result = fit(fresh, fresh_loader, Hooks(checkpoints=fresh_checkpoints))
+    assert result.steps == 4 and result.stopped_by is None  # finished: the rerun goes on to evaluate and save
+
+
 def test_a_damaged_checkpoint_is_reported_not_loaded(tmp_path):
     bad = tmp_path / rundir.CHECKPOINT_FILE
     bad.write_bytes(b"PK\x03\x04 not really")

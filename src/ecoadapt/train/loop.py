@@ -152,8 +152,13 @@ class TrainResult:
         return out
 
     def load_state(self, state: dict[str, Any]) -> None:
-        """Take the counters of :meth:`state` back, in place (the loop holds this object)."""
-        self.__dict__.update({**state, "logs": [StepLog(**log) for log in state["logs"]]})
+        """Take the counters of :meth:`state` back, in place (the loop holds this object).
+
+        What stopped the attempt that wrote them is not taken: a checkpoint written on a signal
+        at the last step would otherwise end every rerun "interrupted" again, with no step left
+        to clear it.
+        """
+        self.__dict__.update({**state, "logs": [StepLog(**log) for log in state["logs"]], "stopped_by": None})
 
 
 class Checkpoints(Protocol):
