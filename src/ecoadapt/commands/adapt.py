@@ -291,7 +291,7 @@ class AdaptRun:
         training = self.train(before, resumed)
         result = training.result
         if result.stopped_by == "interrupted":
-            return self._interrupted(training)
+            return run_summary.interrupted(self, training)
         if result.stopped_by:
             self.log(
                 f"stopped by {result.stopped_by} after {result.steps} of {self.steps} steps; evaluating and saving"
@@ -320,7 +320,7 @@ class AdaptRun:
             finish.record_trained(self.run_dir, self.summary, job_energy)
             (self.run_dir / rundir.CHECKPOINT_FILE).unlink(missing_ok=True)  # phases.json resumes from here on
         if late.received is not None and self.cfg.task.judged:
-            return self._interrupted_after_training(late.name or "SIGTERM")
+            return run_summary.interrupted_after_training(self, late.name or "SIGTERM")
         return finish.finish(self.cfg, self.run_dir, self.summary, job_energy, judge_inputs, self.trackers)
 
     def _judge_inputs(self, saved: list[str]) -> finish.JudgeInputs | None:
@@ -336,14 +336,6 @@ class AdaptRun:
             return None
         get = (lambda: backbone) if backbone is not None else (lambda: downstream.adapted_backbone(self.cfg, whole))
         return finish.JudgeInputs(self.p.loaded.tokenizer, get, self.device, self.tracker)
-
-    def _interrupted_after_training(self, signal_name: str) -> RunSummary:
-        """A signal arrived after training: everything up to the task is done and recorded."""
-        s = self.summary
-        s.status, s.signal = "interrupted", signal_name
-        s.save(self.run_dir / "summary.json")
-        self.log(f"{signal_name}: stopped after training (the model is saved); rerun the same command to run the task")
-        return s
 
     # -- the steps --------------------------------------------------------------------------
 
@@ -500,22 +492,3 @@ class AdaptRun:
                 "note: with FSDP the task reads the saved model; output.save_model is off: run `ecoadapt evaluate`"
             )
         return None
-
-    def _interrupted(self, training: Training) -> RunSummary:
-        """A signal stopped training: the checkpoint is written; say so, and how to go on."""
-        result, checkpoints = training.result, training.checkpoints
-        kept = checkpoints is not None and checkpoints.saved_at == result.steps
-        s = self.summary
-        s.status, s.signal, s.steps = "interrupted", training.interrupts.name, result.steps
-        s.checkpoint = rundir.CHECKPOINT_FILE if kept else None
-        if self.world.is_main:
-            s.save(self.run_dir / "summary.json")
-        self.log(
-            f"{training.interrupts.name}: stopped after step {result.steps}; "
-            + (
-                "checkpoint saved, rerun the same command to resume"
-                if kept
-                else "no checkpoint (FSDP): rerun to restart"
-            )
-        )
-        return s

@@ -4,6 +4,7 @@ save and the measurements): one place that maps a run's state onto ``summary.jso
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -12,12 +13,14 @@ from ecoadapt.commands import finish
 from ecoadapt.data.batches import BlockLoader
 from ecoadapt.measure import environment
 from ecoadapt.measure.budget import BUDGETS, Budget
+from ecoadapt.results import rundir
 from ecoadapt.results.summary import (
     EvalSummary,
     GeneralSummary,
     ModelSummary,
     ParallelSummary,
     ReliabilitySummary,
+    RunSummary,
 )
 from ecoadapt.task import stats
 from ecoadapt.train import checkpoint, micro_batch
@@ -38,6 +41,10 @@ class RunState(Protocol):
     batch_choice: Any
     eval_blocks: Any
     precision_choice: dict[str, Any] | None
+    run_dir: Path
+
+    def log(self, message: str) -> None:
+        """A line of narration, from rank 0 only."""
 
 
 @dataclass
@@ -149,3 +156,26 @@ def general_summary(before: HeldOut, after: HeldOut, general: dict[str, Any] | N
         general["sources"], general["blocks"], a.target_tokens, b.loss, a.loss, change,
         interval.low, interval.high, interval.n, verdict.word, verdict.text,
     )  # fmt: skip
+
+
+def interrupted(run: RunState, training: Training) -> RunSummary:
+    """A signal stopped training: the checkpoint is written; say so, and how to go on."""
+    result, checkpoints, name = training.result, training.checkpoints, training.interrupts.name
+    kept = checkpoints is not None and checkpoints.saved_at == result.steps
+    s = run.summary
+    s.status, s.signal, s.steps = "interrupted", name, result.steps
+    s.checkpoint = rundir.CHECKPOINT_FILE if kept else None
+    if run.world.is_main:
+        s.save(run.run_dir / "summary.json")
+    how = "checkpoint saved, rerun the same command to resume" if kept else "no checkpoint (FSDP): rerun to restart"
+    run.log(f"{name}: stopped after step {result.steps}; {how}")
+    return s
+
+
+def interrupted_after_training(run: RunState, signal_name: str) -> RunSummary:
+    """A signal arrived after training: everything up to the task is done and recorded."""
+    s = run.summary
+    s.status, s.signal = "interrupted", signal_name
+    s.save(run.run_dir / "summary.json")
+    run.log(f"{signal_name}: stopped after training (the model is saved); rerun the same command to run the task")
+    return s
