@@ -76,8 +76,9 @@ def _faults() -> str:
     where = {"run": "runs", "sweep": "sweeps", "demo": "`demo --quick`"}
     listed = ", ".join(where[c] for c in commands[:-1]) + (" and " if len(commands) > 1 else "") + where[commands[-1]]
     return (
-        f"{r['faults']} faults ({', '.join(kinds)}) in {listed}: {r['failures']} failures "
-        "(a lost user file, a hang, an orphan, a traceback, or a rerun differing from the uninterrupted run)"
+        f"{r['faults']} faults ({', '.join(kinds)}) in {listed}: {r['failures']} "
+        f"failure{'' if r['failures'] == 1 else 's'} (a lost user file, a hang, an orphan, a traceback, an error "
+        "of more than one line, or a rerun differing from the uninterrupted run)"
     )
 
 
