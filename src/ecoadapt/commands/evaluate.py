@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import yaml
 
@@ -24,7 +23,7 @@ from ecoadapt.measure.phases import Phases
 from ecoadapt.model import pretrained
 from ecoadapt.model.parallel import pick_device
 from ecoadapt.results import rundir
-from ecoadapt.results.judged import HarnessResult, Judgement, TaskResult
+from ecoadapt.results.judged import JudgedT, Judgement
 from ecoadapt.results.summary import RunSummary
 from ecoadapt.task import downstream, harness
 
@@ -81,10 +80,7 @@ def judge(cfg: RunConfig, base: Path | None = None) -> Judgement:
     return found
 
 
-J = TypeVar("J", TaskResult, HarnessResult)
-
-
-def _judged(window_name: str, tracker: EnergyTracker, judge: Callable[[], J]) -> J:
+def _judged(window_name: str, tracker: EnergyTracker, judge: Callable[[], JudgedT]) -> JudgedT:
     """A judge's result with the energy of its own window."""
     with Phases(tracker).window(window_name) as window:
         result = judge()

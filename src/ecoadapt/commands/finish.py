@@ -14,7 +14,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from ecoadapt.config import RunConfig
 from ecoadapt.core import storage
@@ -26,7 +26,7 @@ from ecoadapt.model import pretrained
 from ecoadapt.model.parallel import pick_device
 from ecoadapt.reports import model_card
 from ecoadapt.results import rundir
-from ecoadapt.results.judged import HarnessResult, Judged, TaskResult
+from ecoadapt.results.judged import HarnessResult, Judged, JudgedT, TaskResult
 from ecoadapt.results.summary import RunSummary
 from ecoadapt.results.trackers import Trackers
 from ecoadapt.task import downstream, harness
@@ -39,7 +39,6 @@ HARNESS_FILE = "harness.jsonl"  # each model the harness scored so far
 BACKBONE_DIR = ".task-backbone"  # the adapted backbone, for a task that must resume, when nothing was saved
 
 Backbone = Callable[[], dict[str, Any]]
-J = TypeVar("J", TaskResult, HarnessResult)
 
 
 @dataclass
@@ -172,8 +171,12 @@ def resume_after_training(cfg: RunConfig, run_dir: Path) -> RunSummary:
 
 
 def _judge_or_failure(
-    window_name: str, summary: RunSummary, tracker: EnergyTracker, judge: Callable[[], J], failed: Callable[..., J]
-) -> J:
+    window_name: str,
+    summary: RunSummary,
+    tracker: EnergyTracker,
+    judge: Callable[[], JudgedT],
+    failed: Callable[..., JudgedT],
+) -> JudgedT:
     """A judge's result (the labelled task's, the harness's) measured in its own window, or what
     made it fail (``failed``: its type, given status, error, retry and energy): the adaptation's
     measured sections are kept either way (a signal's stop is not a failure: it propagates)."""

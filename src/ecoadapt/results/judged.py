@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from ecoadapt.config import schema
 
@@ -105,11 +105,6 @@ class TaskResult:
         """Whether the task failed (the adaptation's results are kept)."""
         return self.status == "failed"
 
-    @property
-    def judged(self) -> bool:
-        """Whether the adapted model was scored (else the base alone)."""
-        return not self.failed and self.adapted is not None
-
     def adapted_by_seed(self) -> dict[int, float]:
         """The adapted model's score on each seed."""
         if self.metric is None:
@@ -203,6 +198,7 @@ class HarnessResult:
 
 
 Judged = TaskResult | HarnessResult
+JudgedT = TypeVar("JudgedT", TaskResult, HarnessResult)  # a function that returns the judge's own type
 
 
 @dataclass
