@@ -114,3 +114,40 @@ def test_a_sweep_fine_tunes_the_base_once_and_every_point_shares_it(tmp_path, ti
     assert capfd.readouterr().err.count("(cached: computed once before") == 2
     md = (tmp_path / "sweep" / "report.md").read_text()
     assert "**Verdict:**" in md and "evaluation energy (J)" in md
+
+
+@pytest.mark.parametrize("results_fit", [True, False], ids=["results-line-fits", "results-line-too"])
+def test_a_point_stopped_by_a_full_disk_stops_the_sweep_with_its_one_line(tmp_path, monkeypatch, capfd, results_fit):
+    """The point's child prints the disk-full line as it dies; the sweep must not say it again
+    (when results.jsonl cannot be written either) nor run the next point into the same disk."""
+    import errno
+    import sys
+
+    from ecoadapt.core import storage
+    from ecoadapt.core.errors import disk_full_message
+
+    line = f"ecoadapt: error: {disk_full_message('a file')}"
+    ran = []
+
+    def child_on_a_full_disk(cfg, run_dir, **kwargs):
+        ran.append(run_dir.name)
+        print(line, file=sys.stderr)  # what the real child streams through the sweep's stderr
+        return {"status": "failed", "config": cfg, "error": line}
+
+    real_append = storage.append_jsonl
+
+    def append(path, record):
+        if path.name == "results.jsonl" and not results_fit:
+            raise OSError(errno.EFBIG, "File too large", str(path))
+        return real_append(path, record)
+
+    monkeypatch.setattr(sweep, "run_adapt", child_on_a_full_disk)
+    monkeypatch.setattr(storage, "append_jsonl", append)
+    assert main(["sweep", str(write_sweep(tmp_path, "m", "c.txt"))]) == 2
+    err = capfd.readouterr().err
+    assert [x for x in err.splitlines() if x.startswith("ecoadapt")] == [line]
+    assert len(ran) == 1  # the points after it were not run into the same full disk
+    results = tmp_path / "sweep" / "results.jsonl"
+    assert results.exists() == results_fit  # recorded where it could be: the rerun retries the point
+    if results_fit:
+        assert json.loads(results.read_text())["status"] == "failed"

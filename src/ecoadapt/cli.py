@@ -14,7 +14,7 @@ from ecoadapt import __version__, api
 from ecoadapt.config import all_keys
 from ecoadapt.config.measure import MEASURED_METERS
 from ecoadapt.config.presets import preset_names
-from ecoadapt.core.errors import Interrupted, UserError, disk_full
+from ecoadapt.core.errors import AlreadySaid, Interrupted, UserError, disk_full, disk_full_message
 from ecoadapt.results.judged import HarnessResult, TaskResult
 from ecoadapt.results.summary import FINISHED
 
@@ -445,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as e:
         print(f"ecoadapt: {e}", file=sys.stderr)
         return e.exit_status
+    except AlreadySaid as e:
+        return e.exit_status
     except KeyboardInterrupt:
         print("ecoadapt: interrupted", file=sys.stderr)
         return 130
@@ -452,10 +454,5 @@ def main(argv: list[str] | None = None) -> int:
         where = disk_full(e)
         if where is None or args.debug:
             raise
-        print(
-            f"ecoadapt: error: the disk is full (or a file-size limit or quota was reached) writing {where}: "
-            "free some space and rerun the same command; every file was written atomically, so what was "
-            "done before is whole and resumes",
-            file=sys.stderr,
-        )
+        print(f"ecoadapt: error: {disk_full_message(where)}", file=sys.stderr)
         return 2

@@ -36,7 +36,7 @@ from ecoadapt.commands.isolated import run_adapt
 from ecoadapt.config import RunConfig, from_dict, parse_override, schema
 from ecoadapt.config.report import ReportSettings
 from ecoadapt.core import locks, ownership, storage
-from ecoadapt.core.errors import Interrupted, UserError
+from ecoadapt.core.errors import DISK_FULL, AlreadySaid, Interrupted, UserError, disk_full
 from ecoadapt.core.progress import fmt_duration, say
 from ecoadapt.results import rundir
 from ecoadapt.results.summary import FINISHED, RunSummary
@@ -241,11 +241,8 @@ def run_points(sweep: Sweep, timeout_s: float | None = None) -> list[dict[str, A
     folder.check_ours()
     folder.claim(SWEEP_LOCK, *SWEEP_ENTRIES, nested=(POINTS,))
     fix = "wait for it to end, or choose another folder"
-    with locks.held(sweep.out / SWEEP_LOCK, f"{sweep.key}: {sweep.out}", fix=fix):
-        try:
-            return _run_points(sweep, timeout_s)
-        finally:
-            folder.seal()
+    with locks.held(sweep.out / SWEEP_LOCK, f"{sweep.key}: {sweep.out}", fix=fix), folder.sealed_on_exit():
+        return _run_points(sweep, timeout_s)
 
 
 def _run_points(sweep: Sweep, timeout_s: float | None) -> list[dict[str, Any]]:
@@ -280,7 +277,9 @@ def _run_points(sweep: Sweep, timeout_s: float | None) -> list[dict[str, Any]]:
             ran = run_adapt(cfg, run_dir, timeout_s=timeout_s, stream_output=True, paths_from=sweep.paths_from)
             record = PointRecord.from_line({**dataclasses.asdict(fields), **ran}, str(results_path))
         durations.append(time.perf_counter() - start)
-        storage.append_jsonl(results_path, record.to_line())
+        _record(results_path, record)
+        if DISK_FULL in (record.summary.error or ""):  # so would every point after it: stop, said once
+            raise AlreadySaid(2)
         signal_name = record.point.interrupted_by
         if signal_name is not None:  # the signal reached the point, which kept its work: stop here
             raise Interrupted(
@@ -292,6 +291,18 @@ def _run_points(sweep: Sweep, timeout_s: float | None) -> list[dict[str, Any]]:
             say(f"[sweep] point {point.name} failed: {record.summary.error}; going on")
     latest = latest_results(sweep.out, {p.key for p in sweep.points})
     return [latest[p.key] for p in sweep.points if p.key in latest]
+
+
+def _record(results_path: Path, record: PointRecord) -> None:
+    """Append a point's line to results.jsonl. Where the disk is full and the point itself stopped
+    on the full disk, its one error line has already been streamed to the user: the sweep stops
+    without saying it a second time (the same command, rerun, reruns the point, which resumes)."""
+    try:
+        storage.append_jsonl(results_path, record.to_line())
+    except OSError as e:
+        if disk_full(e) is not None and DISK_FULL in (record.summary.error or ""):
+            raise AlreadySaid(2) from e
+        raise
 
 
 def _at_equal_loss(cfg: dict[str, Any], sweep: Sweep, results_path: Path) -> dict[str, Any] | None:

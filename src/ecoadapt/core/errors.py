@@ -28,6 +28,15 @@ class Interrupted(Exception):
         return 128 + int(signal.Signals[self.signal_name])
 
 
+class AlreadySaid(Exception):
+    """A failure whose one line the user has already read (a sweep's point printed it as it ran):
+    the command line exits with ``exit_status`` and prints nothing more."""
+
+    def __init__(self, exit_status: int) -> None:
+        super().__init__(f"exit status {exit_status}")
+        self.exit_status = exit_status
+
+
 def first_line(error: BaseException) -> str:
     """The first line of an error's message (200 characters at most), or its type's name: what
     a one-line message quotes from a library's error."""
@@ -37,6 +46,17 @@ def first_line(error: BaseException) -> str:
 
 DISK_FULL_ERRNOS = frozenset({28, 27, 122})  # ENOSPC, EFBIG (a file-size limit), EDQUOT (a quota)
 DISK_FULL_TEXT = ("No space left on device", "File too large", "Disk quota exceeded", "os error 28", "os error 27")
+
+
+DISK_FULL = "the disk is full (or a file-size limit or quota was reached)"
+
+
+def disk_full_message(where: str) -> str:
+    """The one line a full disk (or a file-size limit or quota) is reported by."""
+    return (
+        f"{DISK_FULL} writing {where}: free some space and rerun the same command; every file was "
+        "written atomically, so what was done before is whole and resumes"
+    )
 
 
 def disk_full(error: BaseException) -> str | None:

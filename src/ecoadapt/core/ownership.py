@@ -232,6 +232,20 @@ class Folder:
                 elif entries[name].get("state") == "open":
                     entries[name] = {**entries[name], "state": "sealed", **_now(entries[name], path)}
 
+    @contextlib.contextmanager
+    def sealed_on_exit(self) -> Iterator[None]:
+        """Seal when the block ends. Where the block failed, a seal that fails too (the full
+        disk that stopped the block stops the manifest's rewrite as well) is dropped, so the
+        user reads the block's own error, once; the claims made before each entry was created
+        still guard it. After a block that succeeded, a failed seal is raised."""
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(UserError, OSError):
+                self.seal()
+            raise
+        self.seal()
+
     def remove(self, names: Iterable[str] | None = None, keep: Iterable[str] = ()) -> list[str]:
         """Remove entries ecoadapt wrote (all of them, or ``names``), after checking that every
         one is still its own; returns what was removed.

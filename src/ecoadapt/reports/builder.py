@@ -333,10 +333,8 @@ def build(
     images = plots.draw(metric.name, metric.higher_is_better, _metric_label(metric), front, usable) if usable else {}
     out = ownership.Folder(folder, "report")
     out.claim(*REPORT_FILES)  # refused, before anything is written, where one is the user's
-    try:
+    with out.sealed_on_exit():
         _write_files(folder, rows, metric, tolerance, objective, rec, front_names, equal, table, images)
-    finally:
-        out.seal()
     return {
         "recommendation": rec,
         "verdict": verdicts.headline(rows),

@@ -269,9 +269,7 @@ def locked(path: Path) -> Iterator[None]:
     folder = ownership.Folder(path)
     folder.check_ours()
     folder.claim(*RUN_ENTRIES)
-    with locks.held(path / LOCK_FILE, f"output.dir: {path}", fix="wait for it, or choose another output.dir"):
-        try:
-            yield
-        finally:  # sealed by the lock's holder only: a refused second run leaves the first's entries open
-            with contextlib.suppress(UserError, OSError):  # sealing must not hide the run's own error
-                folder.seal()
+    # Sealed by the lock's holder only: a refused second run leaves the first's entries open.
+    lock = locks.held(path / LOCK_FILE, f"output.dir: {path}", fix="wait for it, or choose another output.dir")
+    with lock, folder.sealed_on_exit():
+        yield
