@@ -69,20 +69,29 @@ def config(model: str, recipe: str) -> dict[str, Any]:
     return cfg
 
 
-def tree_peak(command: list[str], env: dict[str, str], log: Path) -> tuple[int, int]:
-    """Run ``command``; (its exit status, the peak of its process tree's summed resident set)."""
+def tree_peak(command: list[str], env: dict[str, str], log: Path) -> tuple[int, int, dict[str, Any]]:
+    """Run ``command``; (its exit status, the peak of its process tree's summed resident set,
+    what made that peak: seconds since the start and each process's command and resident bytes,
+    so that a child forked from a loaded parent, whose shared pages a sum counts twice, is seen)."""
     peak = 0
+    at: dict[str, Any] = {}
     with log.open("w") as out:
+        start = time.perf_counter()
         child = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
         root = psutil.Process(child.pid)
         done = threading.Event()
 
         def sample() -> None:
-            nonlocal peak
+            nonlocal peak, at
             while not done.is_set():
                 try:
                     procs = [root, *root.children(recursive=True)]
-                    peak = max(peak, sum(p.memory_info().rss for p in procs))
+                    sizes = [(p, p.memory_info().rss) for p in procs]
+                    total = sum(rss for _, rss in sizes)
+                    if total > peak:
+                        peak = total
+                        parts = [{"pid": p.pid, "command": " ".join(p.cmdline())[:120], "rss": rss} for p, rss in sizes]
+                        at = {"s": round(time.perf_counter() - start, 2), "processes": parts}
                 except psutil.Error:
                     pass
                 time.sleep(0.02)
@@ -92,7 +101,7 @@ def tree_peak(command: list[str], env: dict[str, str], log: Path) -> tuple[int, 
         status = child.wait()
         done.set()
         sampler.join()
-    return status, peak
+    return status, peak, at
 
 
 def run_ecoadapt(model: str, recipe: str, work: Path, src: Path | None) -> dict[str, Any]:
@@ -104,7 +113,7 @@ def run_ecoadapt(model: str, recipe: str, work: Path, src: Path | None) -> dict[
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if src is not None:
         env["PYTHONPATH"] = str(src)
-    status, peak = tree_peak([sys.executable, "-m", "ecoadapt", "adapt", str(path)], env, work / "log.txt")
+    status, peak, at = tree_peak([sys.executable, "-m", "ecoadapt", "adapt", str(path)], env, work / "log.txt")
     summary_path = work / "run" / "summary.json"
     if status != 0 or not summary_path.exists():
         tail = (work / "log.txt").read_text().strip().splitlines()[-1:]
@@ -113,6 +122,7 @@ def run_ecoadapt(model: str, recipe: str, work: Path, src: Path | None) -> dict[
     mem = s.get("memory") or {}
     return {
         "tree_peak_bytes": peak,
+        "tree_peak_at": at,
         "load_peak_bytes": mem.get("load_peak_bytes"),
         "train_peak_bytes": mem.get("train_peak_bytes"),
         "train_peak_above_baseline_bytes": mem.get("train_peak_above_baseline_bytes"),
@@ -168,11 +178,11 @@ def run_peer(model: str, recipe: str, work: Path) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     out = work / "peer.json"
     command = [sys.executable, __file__, "--peer-child", recipe, "--model", model, "--json", str(out)]
-    status, peak = tree_peak(command, dict(os.environ), work / "log.txt")
+    status, peak, at = tree_peak(command, dict(os.environ), work / "log.txt")
     if status != 0 or not out.exists():
         tail = (work / "log.txt").read_text().strip().splitlines()[-1:]
         return {"error": f"exit {status}: {tail[0] if tail else ''}"[:300], "tree_peak_bytes": peak}
-    return {"tree_peak_bytes": peak, **json.loads(out.read_text())}
+    return {"tree_peak_bytes": peak, "tree_peak_at": at, **json.loads(out.read_text())}
 
 
 def planned(model: str, recipe: str) -> dict[str, Any]:

@@ -67,10 +67,7 @@ def adapt(cfg: RunConfig, base: Path | None = None) -> RunSummary:
         UserError: bad input found before the run directory is created.
     """
     paths.anchor_task_files(cfg, base)  # before anything compares or records the config
-    # Asked (and kept) before any weights load: git forked later shares the loaded model's pages,
-    # and a sampler summing a process tree's resident sets counts them twice (5.2 GiB for a
-    # 2.6 GiB 1.1B bf16-pure run).
-    environment.source_revision()
+    environment.read_before_loading()
     out = Path(cfg.output.dir)
     # Cheap checks first: a typo in a path fails in milliseconds, not after loading a model.
     rank = int(os.environ.get("RANK", "0"))  # torchrun's; the process group starts later

@@ -46,7 +46,7 @@ def judge(cfg: RunConfig, base: Path | None = None) -> Judgement:
         UserError: no judge configured, or the run directory holds no adapted model.
     """
     paths.anchor_task_files(cfg, base)
-    environment.source_revision()  # before any weights load (see commands.adapt.adapt)
+    environment.read_before_loading()
     if not cfg.task.judged:
         raise UserError(
             "task.train: name the labelled training files of the downstream task (or task.harness: harness tasks)"

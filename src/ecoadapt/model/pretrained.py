@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ecoadapt.config import ModelConfig
+from ecoadapt.core import heap
 from ecoadapt.core.errors import UserError
 from ecoadapt.model import gguf_cache, load_spec, quantize, voice
 from ecoadapt.model.load_spec import LoadSpec, Recipe
@@ -245,9 +246,10 @@ def read_into_memory(on: bool) -> Iterator[None]:
     """With ``on``, transformers reads each safetensors tensor with ``pread`` instead of mapping the
     shards: for a load that converts or quantizes every weight, so that the read pages of the
     files do not stay mapped (and counted in the resident set) until the whole load ends; each
-    tensor's read copy is freed once converted or quantized. A load in the files' own dtype
-    keeps the memory map: its weights are the mapped pages themselves, with no copy at all.
-    (transformers 5.24 picks the backend by platform; ecoadapt pins that version.)"""
+    tensor's read copy is freed once converted or quantized, and goes back to the system then
+    (:func:`ecoadapt.core.heap.large_blocks_mapped`), not to the heap's free lists. A load in the
+    files' own dtype keeps the memory map: its weights are the mapped pages themselves, with no
+    copy at all. (transformers 5.24 picks the backend by platform; ecoadapt pins that version.)"""
     if not on:
         yield
         return
@@ -260,27 +262,10 @@ def read_into_memory(on: bool) -> Iterator[None]:
 
     setattr(modeling_utils, "safe_open", pread_open)  # noqa: B010 (a module attribute mypy types as a class)
     try:
-        yield
+        with heap.large_blocks_mapped():
+            yield
     finally:
         setattr(modeling_utils, "safe_open", original)  # noqa: B010
-        release_freed_memory()
-
-
-def release_freed_memory() -> None:
-    """Hand the heap's freed pages back to the system (glibc's ``malloc_trim``): a load that read
-    and freed a copy of every tensor leaves them in the allocator's free lists, where they count
-    in the resident set (0.3 GiB of a 1.1B model's NF4 load, measured). Nothing elsewhere."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return
-    try:
-        trim = ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl, macOS)
-        return
-    trim(0)
 
 
 def meta_model(auto: Any, config: Any) -> nn.Module:
