@@ -192,7 +192,7 @@ def planned(model: str, recipe: str) -> dict[str, Any]:
     from ecoadapt.config import from_dict
     from ecoadapt.forecast import from_shapes
 
-    probe = from_shapes.probe(from_dict(config(model, recipe)))
+    probe = from_shapes.probe(from_dict(config(model, recipe)), device_type="cpu")  # as measured here
     static = sum(int(v) for v in probe["static_bytes"].values())
     return {"planned_bytes": static + int(probe["activation_bytes_per_row"]), "static_bytes": probe["static_bytes"]}
 

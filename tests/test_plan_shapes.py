@@ -3,6 +3,7 @@ weights, gradients and optimizer state as the recipe built from the real weights
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import torch
 from ecoadapt.cli import main
 from ecoadapt.config import from_dict
 from ecoadapt.forecast import from_shapes
-from ecoadapt.model import footprint, parallel
+from ecoadapt.model import footprint, parallel, pretrained
+from ecoadapt.model.losses import chunk_rows
 from ecoadapt.train import prepare
 from helpers.tiny_models import build_tiny_llama
 
@@ -62,6 +64,20 @@ def test_the_shapes_count_what_the_real_recipe_stores(llama64, corpus_jsonl, sec
         assert planned[part] == real[part], part
     # NF4's scales are counted per block of values, bitsandbytes' own layout rounds them: within 3%
     assert planned["weights"] == pytest.approx(real["weights"], rel=0.03)
+    if sections.get("lora", {}).get("quantize"):  # the one weight dequantized at a time, in bf16
+        _, blocks = pretrained.transformer_blocks(model)
+        largest = max(m.in_features * m.out_features for m in blocks.modules() if hasattr(m, "quant_state"))
+        assert planned["dequantized_weight"] == 2 * largest
+    else:
+        assert "dequantized_weight" not in planned
+
+
+def test_the_logits_chunk_is_planned_for_the_device_it_runs_on(llama64, corpus_jsonl):
+    cfg = _cfg(llama64, corpus_jsonl, lora={"enabled": True, "r": 4})
+    vocab = int(json.loads((llama64 / "config.json").read_text())["vocab_size"])
+    chunks = {d: from_shapes.probe(cfg, device_type=d)["static_bytes"]["logits_chunk"] for d in ("cpu", "cuda")}
+    assert chunks == {d: 2 * chunk_rows(vocab, d) * vocab * 4 for d in ("cpu", "cuda")}
+    assert chunks["cpu"] < chunks["cuda"]  # a CPU's chunks are cache-sized; a plan for a CPU run counts those
 
 
 def test_a_model_with_no_weights_here_is_planned_for_a_gpu_from_its_config(tmp_path, llama64, corpus_jsonl, capsys):

@@ -60,11 +60,17 @@ def model_config(cfg: RunConfig) -> Any:
         raise UserError(f"model.name_or_path: cannot read a config.json for {cfg.model.name_or_path} ({e})") from None
 
 
-def probe(cfg: RunConfig) -> dict[str, Any]:
+def probe(cfg: RunConfig, device_type: str = "cuda") -> dict[str, Any]:
     """What :func:`ecoadapt.forecast.devices.project` needs of ``cfg``'s recipe, from its shapes.
 
+    Args:
+        cfg: the recipe.
+        device_type: where it would run ("cuda" for ``plan --device``): the loss's chunk of
+            logits is sized per device (:func:`ecoadapt.model.losses.chunk_rows`).
+
     Returns:
-        ``static_bytes`` (weights, gradients, optimizer, logits chunk), ``activation_bytes_per_row``,
+        ``static_bytes`` (weights, gradients, optimizer, logits chunk, and for a quantized base
+        the one weight it dequantizes at a time), ``activation_bytes_per_row``,
         ``flops_per_token``, ``counts`` and ``source``.
     """
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
@@ -87,12 +93,14 @@ def probe(cfg: RunConfig) -> dict[str, Any]:
     policy.apply(model)  # bf16-pure: every weight (adapters too) in bf16, as the run stores them
     policy.keep_fp32_weights(model)
     static = footprint.static_bytes(model, _masters(model, spec_mode(cfg)), cfg.train.optimizer)
+    value_bytes = 4 if spec.compute_dtype == torch.float32 else 2
     if spec.quantize is not None:  # the blocks' Linears at their packed size, not as built here
         stored = shapes.weight_bytes(dataclasses.replace(spec, quantize=None))
         static["weights"] += shapes.weight_bytes(spec) - stored
-    value_bytes = 4 if spec.compute_dtype == torch.float32 else 2
+        # bitsandbytes multiplies by a dequantized copy of the weight, one Linear at a time.
+        static["dequantized_weight"] = shapes.largest_block_linear * value_bytes
     vocab = int(getattr(config, "vocab_size", 0) or 0)
-    static["logits_chunk"] = 2 * chunk_rows(vocab, "cuda") * vocab * 4 if vocab else 0  # fp32 logits + gradient
+    static["logits_chunk"] = 2 * chunk_rows(vocab, device_type) * vocab * 4 if vocab else 0  # fp32 logits + gradient
     _, blocks = pretrained.transformer_blocks(model)
     head_fraction = cfg.data.mlm_probability if objective == "mlm" else 1.0
     count = flops.training_flops(model, blocks, cfg.data.max_seq_len, int(config.hidden_size), head_fraction)

@@ -139,12 +139,15 @@ class Shapes:
             a tied matrix once).
         outside_blocks: names of the ``nn.Linear`` modules outside the blocks (kept as loaded
             when quantizing, as transformers keeps the head).
+        largest_block_linear: values in the blocks' largest ``nn.Linear`` weight (a quantized
+            base dequantizes one such weight at a time, forward and backward).
     """
 
     block_linear_values: int
     block_linear_rows: int
     other_values: int
     outside_blocks: list[str]
+    largest_block_linear: int = 0
 
     @classmethod
     def of(cls, model: torch.nn.Module, blocks_name: str) -> Shapes:
@@ -160,7 +163,7 @@ class Shapes:
             else:
                 outside.append(name)
         other = sum(p.numel() for p in model.parameters() if id(p) not in linear_weights)
-        return cls(sum(linear_weights.values()), rows, other, outside)
+        return cls(sum(linear_weights.values()), rows, other, outside, max(linear_weights.values(), default=0))
 
     def weight_bytes(self, spec: LoadSpec) -> int:
         """Bytes the weights take when read as ``spec`` says."""
