@@ -61,11 +61,13 @@ def _lean_load() -> str:
     def gib(side: dict[str, Any]) -> str:
         return f"{side['tree_peak_bytes'] / 2**30:.2f}"
 
+    big = _load("lean_load-3b.json")["results"]
     return (
         f"TinyLlama-1.1B shape, 2 steps: whole-run resident peak, NF4 QLoRA {gib(now['qlora nf4']['ecoadapt'])} GiB "
         f"({gib(now['qlora nf4']['peer'])} for transformers + PEFT; {before['before']['tree_peak_gib']:.2f} when "
         f"ecoadapt loaded whole in fp32 first), bf16-pure LoRA {gib(now['bf16-pure lora']['ecoadapt'])} GiB "
-        f"({gib(now['bf16-pure lora']['peer'])} for transformers + PEFT)"
+        f"({gib(now['bf16-pure lora']['peer'])} for transformers + PEFT); Llama 3.2 3B shape, NF4 QLoRA "
+        f"{gib(big['qlora nf4']['ecoadapt'])} GiB"
     )
 
 
@@ -120,11 +122,11 @@ CLAIMS = (
         "tasks-equal-loss-finetune.json",
     ),
     Claim(
-        "a 1.1B decoder in little memory",
+        "1-3B decoders in little memory",
         _lean_load,
         "2-core EPYC",
         "python bench/lean_load.py --model DIR --peer (--before REV)",
-        "lean_load-1.1b.json, lean_load.json",
+        "lean_load-1.1b.json, lean_load-3b.json, lean_load.json",
     ),
     Claim("nothing lost to a fault", _faults, "2-core EPYC", "python bench/crash.py --jobs 2", "crash.json"),
     Claim(
