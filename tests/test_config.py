@@ -150,3 +150,22 @@ def test_summary_reference_lists_every_field_with_help():
     assert all(doc for _, _, _, doc in rows), [n for n, _, _, d in rows if not d]
     text = keys_help(rows, defaults=False)
     assert "memory  (map | null)" in text and "train_peak_bytes" in text
+
+
+def test_task_files_are_looked_up_beside_the_config_first_then_from_the_working_folder(tmp_path, monkeypatch):
+    from ecoadapt.config import paths
+
+    beside = tmp_path / "project"
+    beside.mkdir()
+    (beside / "labels.jsonl").write_text('{"text": "a", "label": "x"}\n')
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    (elsewhere / "labels.jsonl").write_text('{"text": "planted", "label": "y"}\n')
+    (elsewhere / "test.jsonl").write_text('{"text": "b", "label": "x"}\n')
+    monkeypatch.chdir(elsewhere)
+    task = {"train": ["labels.jsonl"], "test": ["test.jsonl"], "harness": ["builtin:x"]}
+    cfg = config.from_dict({"model": {"name_or_path": "m"}, "data": {"train": ["c.txt"]}, "task": task})
+    paths.anchor_task_files(cfg, beside)
+    assert cfg.task.train == [str(beside / "labels.jsonl")]  # the config's own, not the working folder's
+    assert cfg.task.test == ["test.jsonl"]  # not beside the config: left to the working folder
+    assert cfg.task.harness == ["builtin:x"]
