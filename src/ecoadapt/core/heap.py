@@ -57,4 +57,4 @@ def large_blocks_mapped() -> Iterator[None]:
     finally:
         libc.mallopt(M_MMAP_THRESHOLD, STEADY_MMAP_BYTES)
         libc.mallopt(M_TRIM_THRESHOLD, 2 * STEADY_MMAP_BYTES)
-        libc.malloc_trim(0)
+        release_freed()
