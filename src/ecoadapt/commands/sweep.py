@@ -278,8 +278,6 @@ def _run_points(sweep: Sweep, timeout_s: float | None) -> list[dict[str, Any]]:
             record = PointRecord.from_line({**dataclasses.asdict(fields), **ran}, str(results_path))
         durations.append(time.perf_counter() - start)
         _record(results_path, record)
-        if DISK_FULL in (record.summary.error or ""):  # so would every point after it: stop, said once
-            raise AlreadySaid(2)
         signal_name = record.point.interrupted_by
         if signal_name is not None:  # the signal reached the point, which kept its work: stop here
             raise Interrupted(
@@ -294,15 +292,19 @@ def _run_points(sweep: Sweep, timeout_s: float | None) -> list[dict[str, Any]]:
 
 
 def _record(results_path: Path, record: PointRecord) -> None:
-    """Append a point's line to results.jsonl. Where the disk is full and the point itself stopped
-    on the full disk, its one error line has already been streamed to the user: the sweep stops
-    without saying it a second time (the same command, rerun, reruns the point, which resumes)."""
+    """Append a point's line to results.jsonl. A point that stopped on a full disk has streamed its
+    one error line already, and every point after it would meet the same disk: the sweep stops
+    there, saying nothing more, whether or not its line could still be written (the same
+    command, rerun, reruns the point, which resumes)."""
+    if DISK_FULL not in (record.summary.error or ""):
+        storage.append_jsonl(results_path, record.to_line())
+        return
     try:
         storage.append_jsonl(results_path, record.to_line())
     except OSError as e:
-        if disk_full(e) is not None and DISK_FULL in (record.summary.error or ""):
-            raise AlreadySaid(2) from e
-        raise
+        if disk_full(e) is None:
+            raise
+    raise AlreadySaid(2)
 
 
 def _at_equal_loss(cfg: dict[str, Any], sweep: Sweep, results_path: Path) -> dict[str, Any] | None:
