@@ -355,7 +355,7 @@ def _loads_here(cfg: RunConfig) -> bool:
     the recipe is planned from its shapes)."""
     from ecoadapt.model import load_spec
 
-    probe = from_shapes.probe(cfg)
+    probe = from_shapes.probe(cfg, device_type="cpu")
     needed = sum(int(v) for v in probe["static_bytes"].values())
     return needed * 1.2 < load_spec.available_bytes(pick_device("cpu"))
 
