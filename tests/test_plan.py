@@ -234,6 +234,58 @@ def test_a_projection_onto_a_gpu_adds_shapes_activations_and_the_cuda_context():
         devices.device("V100")
 
 
+def test_a_cpu_machine_is_planned_at_this_cpus_speed_with_its_own_process_in_place_of_a_cuda_context():
+    import torch
+
+    from ecoadapt.forecast import devices
+    from ecoadapt.measure import flops
+
+    machine = devices.device("CPU-24GB", cpu_watts_per_core=10.0, memory_watts_per_gib=0.5)
+    assert machine.kind == "cpu" and machine.capacity_bytes == 24 * 2**30 - int(0.1 * 24 * 2**30)  # 10% to the system
+    here = torch.device("cpu")
+    assert machine.peaks == {"fp32": flops.peak_flops(here, torch.float32)[0],
+                             "bf16": flops.peak_flops(here, torch.bfloat16)[0]}  # fmt: skip
+    assert machine.watts == 10.0 * torch.get_num_threads()
+    assert machine.overhead_bytes > 50 * 2**20  # the interpreter and the libraries, measured
+    probe = {  # from the shapes: no trial steps
+        "static_bytes": {"weights": 2**30, "gradients": 2**29, "optimizer": 2**29},
+        "activation_bytes_per_row": 50 * 2**20,
+        "flops_per_token": 6e8,
+    }
+    row = devices.project(probe, machine, "bf16-pure", micro_batch=4, tokens_per_step=512, steps=10, mfu=0.5)
+    assert row["peak_bytes"] == 2 * 2**30 + 4 * 50 * 2**20 + machine.overhead_bytes and row["fits"]
+    assert row["parts_bytes"]["process"] == machine.overhead_bytes and "cuda_context" not in row["parts_bytes"]
+    assert row["step_s"] == pytest.approx(512 * 6e8 / (machine.peaks["bf16"] * 0.5))
+    assert row["joules"] == pytest.approx(row["time_s"] * (machine.watts + 0.5 * row["peak_bytes"] / 2**30))
+    # 22 GiB of weights would fit 24 GiB, not what the system leaves of it.
+    huge = devices.project({**probe, "static_bytes": {"weights": 22 * 2**30}}, machine, "fp32", 1, 512, 10, 0.5)
+    assert not huge["fits"]
+    # Trial steps on this machine: their peak above the baseline plus the process, their own time.
+    trial = {**probe, "sizes": [
+        {"micro_batch": 1, "micro_s": 2.0, "optimizer_s": 0.5, "step_s": 2.5, "first_step_s": 3.0,
+         "peak_bytes": 3 * 2**30, "watts": 12.0},
+        {"micro_batch": 2, "micro_s": 3.0, "optimizer_s": 0.5, "step_s": 3.5, "first_step_s": 3.5,
+         "peak_bytes": 3 * 2**30 + 2**28, "watts": 12.0},
+    ]}  # fmt: skip
+    step = costs.per_step(trial, micro_batch=4, grad_accum=2, tokens_per_step=1024)
+    measured = devices.from_trial_steps(step, machine, "bf16", tokens_per_step=1024, steps=10)
+    assert measured["peak_bytes"] == 3 * 2**30 + 3 * 2**28 + machine.overhead_bytes
+    assert measured["peak_bytes"] == sum(measured["parts_bytes"].values())
+    assert measured["step_s"] == pytest.approx(2 * 5.0 + 0.5)  # 2 micro-batches of 4 rows, then the optimizer
+    assert measured["joules"] == pytest.approx(10 * 10.5 * 12.0)
+    with pytest.raises(UserError, match="cpu-1gb: a machine needs more than 1 GiB"):
+        devices.device("cpu-1gb")
+    # A quantized base's projected time on a CPU leaves out its dequantizing: recommended only
+    # where nothing else fits, however few joules it projects.
+    lora = {**row, "recipe": "bf16 lora ckpt"}
+    qlora = {**row, "recipe": "bf16 qlora-nf4 ckpt", "joules": row["joules"] / 2, "time_understated": True}
+    assert "recommended on a CPU machine with 24 GiB of RAM: bf16 lora ckpt" in devices.table(
+        [lora, qlora], machine, 0.5
+    )
+    alone = devices.table([{**lora, "fits": False}, qlora], machine, 0.5)
+    assert "recommended on a CPU machine with 24 GiB of RAM: bf16 qlora-nf4 ckpt" in alone
+
+
 def test_plan_projects_a_recipe_onto_a_gpu_from_this_machines_trial_steps(tmp_path, tiny_llama, corpus_jsonl, capsys):
     config = tmp_path / "plan.yaml"
     config.write_text(json.dumps(_config(tiny_llama, corpus_jsonl, tmp_path / "run").to_dict()))
@@ -252,6 +304,14 @@ def test_plan_projects_a_recipe_onto_a_gpu_from_this_machines_trial_steps(tmp_pa
     per_token = flops.training_flops(model, pretrained.transformer_blocks(model)[1], 32, model.config.hidden_size)
     assert row["step_s"] == pytest.approx(8 * 32 * per_token.per_token / (67e12 * 0.2))
     assert row["parts_bytes"]["cuda_context"] == 2**29 and row["parts_bytes"]["weights"] > 0
+    # A CPU machine (the system keeps 1 GiB of 8): the same trial steps (cached), at their own
+    # measured seconds, not an MFU.
+    assert main(["plan", str(config), "--device", "cpu-8gb", "--json", str(out_json)]) == 0
+    assert "projection for a CPU machine with 8 GiB of RAM (7.0 GiB usable)" in capsys.readouterr().out
+    (on_cpu,) = json.loads(out_json.read_text())["recipes"]
+    assert on_cpu["fits"] and on_cpu["peak_bytes"] == sum(on_cpu["parts_bytes"].values())
+    assert on_cpu["parts_bytes"]["process"] > 0 and "from the trial steps here" in on_cpu["notes"][0]
+    assert on_cpu["step_s"] != pytest.approx(row["step_s"])
     with pytest.raises(UserError, match=r"plan --mfu 2.0: a fraction of the peak"):
         planner.on_device(RunConfig.from_yaml(config), 12, "H100", 2.0)
 

@@ -80,11 +80,16 @@ def test_the_logits_chunk_is_planned_for_the_device_it_runs_on(llama64, corpus_j
     assert chunks["cpu"] < chunks["cuda"]  # a CPU's chunks are cache-sized; a plan for a CPU run counts those
 
 
-def test_a_model_with_no_weights_here_is_planned_for_a_gpu_from_its_config(tmp_path, llama64, corpus_jsonl, capsys):
-    shapes_only = tmp_path / "config-only"
-    shapes_only.mkdir()
+def _config_only(model: Path, folder: Path) -> Path:
+    """A model folder as a hub id's config and tokenizer without its weights."""
+    folder.mkdir()
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(llama64 / name, shapes_only / name)
+        shutil.copy(model / name, folder / name)
+    return folder
+
+
+def test_a_model_with_no_weights_here_is_planned_for_a_gpu_from_its_config(tmp_path, llama64, corpus_jsonl, capsys):
+    shapes_only = _config_only(llama64, tmp_path / "config-only")
     config = tmp_path / "plan.yaml"
     config.write_text(
         f"model: {{name_or_path: {shapes_only}}}\n"
@@ -99,3 +104,27 @@ def test_a_model_with_no_weights_here_is_planned_for_a_gpu_from_its_config(tmp_p
     assert main(["plan", str(config)]) == 2
     err = capsys.readouterr().err
     assert "holds a config.json and no weights" in err and "plan --device NAME" in err
+
+
+def test_a_model_with_no_weights_here_is_planned_for_a_cpu_machine_from_its_config(
+    tmp_path, llama64, corpus_jsonl, capsys
+):
+    shapes_only = _config_only(llama64, tmp_path / "config-only")
+    config = tmp_path / "plan.yaml"
+    config.write_text(
+        f"model: {{name_or_path: {shapes_only}}}\n"
+        f"data: {{train: [{corpus_jsonl}], text_field: caption, max_seq_len: 16}}\n"
+        "precision: {mode: bf16-pure}\nlora: {enabled: true, r: 4}\ntrain: {max_steps: 10}\n"
+    )
+    out_json = tmp_path / "plan.json"
+    assert main(["plan", str(config), "--device", "cpu-16gb", "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    assert "projection for a CPU machine with 16 GiB of RAM (14.4 GiB usable)" in out
+    assert "time at this machine's measured matmul rate" in out
+    assert "recommended on a CPU machine with 16 GiB of RAM: bf16-pure lora" in out
+    (row,) = json.loads(out_json.read_text())["recipes"]
+    cpu = from_shapes.probe(_cfg(shapes_only, corpus_jsonl, precision={"mode": "bf16-pure"},
+                                 lora={"enabled": True, "r": 4}), device_type="cpu")  # fmt: skip
+    # A CPU's logits chunk, not a GPU's, and the process's own resident set beside the shapes.
+    assert row["parts_bytes"]["logits_chunk"] == cpu["static_bytes"]["logits_chunk"]
+    assert row["peak_bytes"] == sum(row["parts_bytes"].values()) and row["parts_bytes"]["process"] > 0

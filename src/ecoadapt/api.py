@@ -257,8 +257,10 @@ def plan(
     Each recipe is measured for a few trial steps in a child process; the forecasts are
     labelled as such. Given ``memory_gb`` or ``energy_j``, the grid is forecast and each recipe
     is marked as fitting or not. Given ``device`` (a GPU of
-    :data:`ecoadapt.forecast.devices.DEVICES`), a projection onto it instead, at ``mfu``
-    (default :data:`ecoadapt.forecast.devices.DEFAULT_MFU`), labelled as a projection.
+    :data:`ecoadapt.forecast.devices.DEVICES`, or ``cpu-<N>gb``: a CPU machine with N GiB of
+    RAM), a projection onto it instead, at ``mfu`` (default
+    :data:`ecoadapt.forecast.devices.DEFAULT_MFU`) where no trial steps measure the time,
+    labelled as a projection.
     """
     from ecoadapt.core.progress import say
     from ecoadapt.forecast import planner

@@ -377,7 +377,8 @@ def _add_run_commands(sub: Any) -> None:
     plan_cmd.add_argument(
         "--device",
         default=None,
-        help="project onto a GPU you do not have: T4, A10, L4, A100-40GB, A100-80GB, H100, H200",
+        help="project onto a GPU you do not have (T4, A10, L4, A100-40GB, A100-80GB, H100, H200) or onto a CPU "
+        "machine's memory (cpu-16gb, cpu-24gb, cpu-32gb: any cpu-<N>gb)",
     )
     plan_cmd.add_argument("--mfu", type=float, default=None, help="with --device: the MFU to assume (default 0.3)")
     plan_cmd.add_argument("--json", default=None, help="also write the forecast to this JSON file")

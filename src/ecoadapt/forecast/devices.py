@@ -1,4 +1,6 @@
-"""`ecoadapt plan CONFIG --device NAME`: what a recipe would need on a GPU you do not have.
+"""`ecoadapt plan CONFIG --device NAME`: what a recipe would need on a GPU you do not have, or
+on a CPU machine with a given memory (``cpu-16gb``, ``cpu-24gb``, ``cpu-32gb``: any
+``cpu-<N>gb``).
 
 A **projection**, not a measurement, and labelled so:
 
@@ -14,13 +16,23 @@ A **projection**, not a measurement, and labelled so:
 - energy: that time at the board's rated power, an upper bound.
 
 Peaks are NVIDIA's datasheet figures for dense math (without structured sparsity).
+
+A CPU machine (:func:`cpu_machine`) is the same projection with this machine's own figures where
+a GPU has a datasheet's: its RAM in GiB (as RAM is sold), of which the system keeps
+:data:`SYSTEM_SHARE` (at least 1 GiB); in place of the CUDA context, the resident set of the
+planning process itself (the interpreter, torch and transformers, measured); the matmul rate
+this machine's probe measures in each dtype (:func:`ecoadapt.measure.flops.peak_flops`), so the
+time is "at this machine's speed"; and the energy estimated as a CPU run's is (cores x
+``measure.cpu_watts_per_core`` + resident GiB x ``measure.memory_watts_per_gib``).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
+from ecoadapt.config.measure import CPU_WATTS_PER_CORE, MEMORY_WATTS_PER_GIB
 from ecoadapt.config.precision_modes import MODES
 from ecoadapt.core.errors import UserError
 
@@ -31,17 +43,54 @@ DEFAULT_MFU = 0.3
 CUDA_OVERHEAD_BYTES = GIB // 2
 # The compute dtype of each precision mode (bf16-pure computes in bf16 too), from the one table.
 COMPUTE = {name: mode.compute for name, mode in MODES.items()}
+# What a CPU machine's system (kernel, services, page cache it cannot drop) keeps of its RAM.
+SYSTEM_SHARE = 0.1
+SYSTEM_MIN_BYTES = GIB
+# The compute dtypes a CPU runs as themselves (the planner's CPU grid: fp32, bf16, bf16-pure),
+# with torch's names for them.
+_CPU_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+CPU_NAME = re.compile(r"cpu-(\d+(?:\.\d+)?)gb", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
 class Device:
-    """A GPU's figures: name, memory (GB as sold, 10^9 bytes), dense peak FLOP/s per compute
-    dtype, and rated board power (W)."""
+    """A device's figures: name, memory (GB as sold, 10^9 bytes), dense peak FLOP/s per compute
+    dtype, and power (W: a GPU's rated board power; a CPU machine's cores, estimated).
+
+    A CPU machine also carries what a GPU's datasheet does not give: ``usable_bytes`` (its RAM
+    less the system's share), ``overhead_bytes`` (the process's own resident set, in place of
+    the CUDA context), ``watts_per_gib`` (memory power per resident GiB) and ``basis`` (where
+    its figures come from, for the table's first line)."""
 
     name: str
     memory_gb: float
     peaks: dict[str, float]
     watts: float
+    kind: str = "cuda"
+    overhead_bytes: int = CUDA_OVERHEAD_BYTES
+    usable_bytes: int | None = None
+    watts_per_gib: float = 0.0
+    basis: str = (
+        "memory from the shapes and this machine's activations per block; time from the datasheet's dense peak; "
+        "energy at the rated power, an upper bound"
+    )
+
+    @property
+    def capacity_bytes(self) -> int:
+        """What a run may use of the device's memory (bytes)."""
+        return self.usable_bytes if self.usable_bytes is not None else int(self.memory_gb * 1e9)
+
+    @property
+    def overhead_name(self) -> str:
+        """What ``overhead_bytes`` is, as the projection's parts name it."""
+        return "cuda_context" if self.kind == "cuda" else "process"
+
+    @property
+    def label(self) -> str:
+        """The device as the table's first line names it."""
+        if self.kind == "cuda":
+            return f"{self.name} ({self.memory_gb:g} GB, {self.watts:g} W)"
+        return f"{self.name} ({self.capacity_bytes / GIB:.1f} GiB usable)"
 
 
 _HOPPER = {"fp32": 67e12, "tf32": 494.5e12, "bf16": 989.5e12, "fp16": 989.5e12}
@@ -57,16 +106,68 @@ DEVICES = {
 }
 
 
-def device(name: str) -> Device:
-    """The device called ``name`` (case-insensitive).
+def device(
+    name: str, cpu_watts_per_core: float = CPU_WATTS_PER_CORE, memory_watts_per_gib: float = MEMORY_WATTS_PER_GIB
+) -> Device:
+    """The device called ``name`` (case-insensitive): a GPU of :data:`DEVICES`, or ``cpu-<N>gb``
+    (:func:`cpu_machine`, with the power figures given).
 
     Raises:
         UserError: an unknown name, with the known ones.
     """
+    cpu = CPU_NAME.fullmatch(name.strip())
+    if cpu is not None:
+        return cpu_machine(float(cpu.group(1)), cpu_watts_per_core, memory_watts_per_gib)
     found = {key.lower(): value for key, value in DEVICES.items()}.get(name.lower())
     if found is None:
-        raise UserError(f"plan --device {name}: unknown device; known: {', '.join(DEVICES)}")
+        known = ", ".join([*DEVICES, "cpu-16gb, cpu-24gb, cpu-32gb (any cpu-<N>gb: a CPU machine's RAM)"])
+        raise UserError(f"plan --device {name}: unknown device; known: {known}")
     return found
+
+
+def cpu_machine(
+    memory_gib: float,
+    cpu_watts_per_core: float = CPU_WATTS_PER_CORE,
+    memory_watts_per_gib: float = MEMORY_WATTS_PER_GIB,
+) -> Device:
+    """A CPU machine with ``memory_gib`` GiB of RAM, at this machine's speed (see the module's
+    docstring): its matmul peaks measured here (cached per CPU model and thread count), its
+    overhead this process's resident set now, before any weights.
+
+    Raises:
+        UserError: a memory too small to hold the system's share.
+    """
+    import psutil
+    import torch
+
+    from ecoadapt.measure import flops
+    from ecoadapt.measure.environment import cpu_name
+
+    total = int(memory_gib * GIB)
+    system = max(SYSTEM_MIN_BYTES, int(SYSTEM_SHARE * total))
+    if total <= system:
+        raise UserError(f"plan --device cpu-{memory_gib:g}gb: a machine needs more than {system / GIB:g} GiB of RAM")
+    here = torch.device("cpu")
+    peaks = {dtype: flops.peak_flops(here, getattr(torch, name))[0] for dtype, name in _CPU_DTYPES.items()}
+    threads = torch.get_num_threads()
+    rates = ", ".join(f"{dtype} {peak / 1e9:,.0f}" for dtype, peak in peaks.items())
+    basis = (
+        f"memory from the shapes and this machine's activations per block, plus this process's own resident set; "
+        f"{system / GIB:.1f} GiB left to the system; time at this machine's measured matmul rate ({cpu_name()}, "
+        f"{threads} threads: {rates} GFLOP/s); energy estimated: {threads} cores x {cpu_watts_per_core:g} W + "
+        f"{memory_watts_per_gib:g} W per resident GiB"
+    )
+    return Device(
+        name=f"a CPU machine with {memory_gib:g} GiB of RAM",
+        memory_gb=total / 1e9,
+        peaks=peaks,
+        watts=threads * cpu_watts_per_core,
+        kind="cpu",
+        overhead_bytes=int(psutil.Process().memory_info().rss),
+        usable_bytes=total - system,
+        watts_per_gib=memory_watts_per_gib,
+        basis=basis,
+    )
 
 
 def activation_bytes_per_row(probe: dict[str, Any]) -> float:
@@ -88,7 +189,7 @@ def project(
     joules (at rated power) and mJ per token, from this machine's trial steps (``probe``)."""
     static = sum(int(v) for v in probe["static_bytes"].values())
     per_row = activation_bytes_per_row(probe)
-    peak = static + per_row * micro_batch + CUDA_OVERHEAD_BYTES
+    peak = static + per_row * micro_batch + gpu.overhead_bytes
     dtype = COMPUTE[mode]
     notes = []
     if dtype not in gpu.peaks:  # no such tensor-core path: it runs, emulated or in fp32, slowly
@@ -96,12 +197,12 @@ def project(
         dtype = "fp32"
     step_s = tokens_per_step * float(probe["flops_per_token"]) / (gpu.peaks[dtype] * mfu)
     time_s = steps * step_s
-    joules = time_s * gpu.watts
+    joules = time_s * (gpu.watts + gpu.watts_per_gib * peak / GIB)
     return {
         "peak_bytes": int(peak),
         "parts_bytes": {**{k: int(v) for k, v in probe["static_bytes"].items()},
-                        "activations": int(per_row * micro_batch), "cuda_context": CUDA_OVERHEAD_BYTES},
-        "fits": peak <= gpu.memory_gb * 1e9,
+                        "activations": int(per_row * micro_batch), gpu.overhead_name: gpu.overhead_bytes},
+        "fits": peak <= gpu.capacity_bytes,
         "step_s": step_s,
         "tokens_per_s": tokens_per_step / step_s,
         "steps": steps,
@@ -113,6 +214,32 @@ def project(
     }  # fmt: skip
 
 
+def from_trial_steps(
+    step: dict[str, Any], machine: Device, mode: str, tokens_per_step: int, steps: int
+) -> dict[str, Any]:
+    """One recipe on a CPU ``machine`` from this machine's own trial steps (``step``:
+    :func:`ecoadapt.forecast.costs.per_step` at the run's micro-batch): their resident peak above
+    the pre-load baseline plus the process's own resident set, and their seconds and estimated
+    joules per step, measured here (no MFU: a CPU's time is what it measured, quantized kernels
+    included)."""
+    peak = int(step["peak_bytes"]) + machine.overhead_bytes
+    time_s = steps * float(step["step_s"])
+    joules = steps * float(step["joules_per_step"])
+    return {
+        "peak_bytes": peak,
+        "parts_bytes": {**step["parts_bytes"], machine.overhead_name: machine.overhead_bytes},
+        "fits": peak <= machine.capacity_bytes,
+        "step_s": float(step["step_s"]),
+        "tokens_per_s": tokens_per_step / float(step["step_s"]),
+        "steps": steps,
+        "time_s": time_s,
+        "joules": joules,
+        "mj_per_token": 1000 * joules / (steps * tokens_per_step),
+        "compute_dtype": COMPUTE[mode],
+        "notes": ["time and energy from the trial steps here, not at the MFU"],
+    }
+
+
 def table(rows: list[dict[str, Any]], gpu: Device, mfu: float) -> str:
     """The projection as a text table, labelled as one."""
     head = (
@@ -120,9 +247,7 @@ def table(rows: list[dict[str, Any]], gpu: Device, mfu: float) -> str:
         f"{'mJ/tok':>7}"
     )
     lines = [
-        f"projection for {gpu.name} ({gpu.memory_gb:g} GB, {gpu.watts:g} W) at MFU {mfu:g}: not a measurement "
-        "(memory from the shapes and this machine's activations per block; time from the datasheet's dense "
-        "peak; energy at the rated power, an upper bound)",
+        f"projection for {gpu.label} at MFU {mfu:g}: not a measurement ({gpu.basis})",
         head,
     ]
     for r in rows:
@@ -135,10 +260,19 @@ def table(rows: list[dict[str, Any]], gpu: Device, mfu: float) -> str:
     lines += [f"from {source}" for source in sources]
     fitting = [r for r in rows if r["fits"]]
     if fitting:
-        best = min(fitting, key=lambda r: (r["joules"], r["peak_bytes"]))
+        # A row whose projected time leaves out known work (a quantized base's dequantizing on a
+        # CPU) would win on joules it does not have: it is recommended only where nothing else fits.
+        best = min(fitting, key=lambda r: (bool(r.get("time_understated")), r["joules"], r["peak_bytes"]))
+        passed = any(r.get("time_understated") for r in fitting) and not best.get("time_understated")
         lines.append(
             f"recommended on {gpu.name}: {best['recipe']} (fits in {best['peak_bytes'] / GIB:.1f} GiB, the fewest "
-            "joules of those that fit, then the least memory; a projection says nothing of accuracy)"
+            "joules of those that fit, then the least memory; a projection says nothing of accuracy"
+            + (
+                "; a quantized base only where nothing else fits, as its time here leaves out dequantizing"
+                if passed
+                else ""
+            )
+            + ")"
         )
     else:
         lines.append(f"no recipe fits {gpu.name}: try lora.quantize: nf4, gradient checkpointing, a shorter sequence")

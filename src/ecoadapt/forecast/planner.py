@@ -21,6 +21,7 @@ from typing import Any
 
 from ecoadapt.config import RunConfig, from_dict
 from ecoadapt.config.precision_modes import MODES
+from ecoadapt.config.run import PrecisionMode
 from ecoadapt.core import storage
 from ecoadapt.core.errors import UserError
 from ecoadapt.core.processes import run_child
@@ -301,28 +302,46 @@ def beside_measured(cfg: RunConfig, planned: int, probed: dict[str, Any] | None,
 def on_device(
     cfg: RunConfig, steps: int, name: str, mfu: float, grid: bool = False, fresh: bool = False, log: Any = None
 ) -> tuple[list[dict[str, Any]], str]:
-    """:func:`ecoadapt.forecast.devices.project` of each recipe (the grid a GPU runs, with
-    ``grid``) on the GPU called ``name``, from trial steps on this machine at micro-batches of
-    1 and 2 blocks; the rows and their table."""
-    gpu = devices.device(name)
+    """:func:`ecoadapt.forecast.devices.project` of each recipe (the grid that device runs, with
+    ``grid``) on the device called ``name`` (a GPU, or a CPU machine's ``cpu-<N>gb``), from trial
+    steps on this machine at micro-batches of 1 and 2 blocks, or from the shapes where this
+    machine cannot load the model; the rows and their table."""
     if not 0 < mfu <= 1:
         raise UserError(f"plan --mfu {mfu}: a fraction of the peak, in (0, 1]")
-    if cfg.precision.mode == "auto":  # what auto picks on that GPU
-        cfg = dataclasses.replace(
-            cfg, precision=dataclasses.replace(cfg.precision, mode="bf16" if "bf16" in gpu.peaks else "fp16")
-        )
+    target = devices.device(name, cfg.measure.cpu_watts_per_core, cfg.measure.memory_watts_per_gib)
+    if cfg.precision.mode == "auto":  # what auto picks on that device
+        cfg = dataclasses.replace(cfg, precision=dataclasses.replace(cfg.precision, mode=_auto_mode(target)))
     rows = []
-    candidates = recipes(cfg, grid, gpu.name)
+    candidates = recipes(cfg, grid, "cpu" if target.kind == "cpu" else target.name)
     shapes_only = from_shapes.weights_missing(cfg) or not _loads_here(cfg)
     for i, (recipe, point) in enumerate(candidates, 1):
         if log is not None:
             how = "from its shapes" if shapes_only else "trial steps on this machine"
             log(f"{recipe}: {how} ({i}/{len(candidates)}) ...")
-        probe = from_shapes.probe(point) if shapes_only else _small_trials(point, recipe, steps, fresh)
-        micro = _micro_batch_on(point, probe, gpu)
-        row = devices.project(probe, gpu, point.precision.mode, micro, tokens_per_step(point), steps, mfu)
+        probe = from_shapes.probe(point, target.kind) if shapes_only else _small_trials(point, recipe, steps, fresh)
+        micro = _micro_batch_on(point, probe, target)
+        per = tokens_per_step(point)
+        if target.kind == "cpu" and "sizes" in probe:  # this machine's own steps: its speed, measured
+            step = costs.per_step(probe, micro, point.train.grad_accum, per)
+            row = devices.from_trial_steps(step, target, point.precision.mode, per, steps)
+        else:
+            row = devices.project(probe, target, point.precision.mode, micro, per, steps, mfu)
+            if target.kind == "cpu" and point.lora.quantize:
+                # Measured at 1.1B: 31 s a step of 128 tokens against 2 s at MFU 0.3 (BENCHMARKS.md).
+                row["notes"].append("a quantized base dequantizes every weight at every pass on a CPU: far slower")
+                row["time_understated"] = True
         rows.append({"recipe": recipe, "micro_batch": micro, "source": probe.get("source"), **row})
-    return rows, devices.table(rows, gpu, mfu)
+    return rows, devices.table(rows, target, mfu)
+
+
+def _auto_mode(target: devices.Device) -> PrecisionMode:
+    """precision.mode auto on ``target``: bf16 on a GPU with bf16 tensor cores, else fp16; on a
+    CPU machine what auto picks here (bf16 where this CPU's bf16 matmuls are fast enough)."""
+    if target.kind == "cpu":
+        import torch
+
+        return "bf16" if precision_choice.choose(torch.device("cpu"))["mode"] == "bf16" else "fp32"
+    return "bf16" if "bf16" in target.peaks else "fp16"
 
 
 TRIALS_SOURCE = "trial steps on this machine at micro-batches of 1 and 2 blocks, scaled to the device's"
@@ -360,14 +379,14 @@ def _loads_here(cfg: RunConfig) -> bool:
     return needed * 1.2 < load_spec.available_bytes(pick_device("cpu"))
 
 
-def _micro_batch_on(cfg: RunConfig, probe: dict[str, Any], gpu: devices.Device) -> int:
+def _micro_batch_on(cfg: RunConfig, probe: dict[str, Any], target: devices.Device) -> int:
     """The run's micro-batch, or with train.micro_batch_size: auto what the run would choose on
-    ``gpu`` (:func:`ecoadapt.train.micro_batch.fitting_splits`, as on a real GPU: the memory
-    left after the weights and the CUDA context)."""
+    ``target`` (:func:`ecoadapt.train.micro_batch.fitting_splits`, as on the device itself: the
+    memory left after the weights and the CUDA context, or a CPU process's own resident set)."""
     if not cfg.train.fill_micro_batch:
         return cfg.train.micro_batch_size
     blocks, parts = cfg.train.micro_batch_size, probe["static_bytes"]
-    free = int(gpu.memory_gb * 1e9) - int(parts.get("weights", 0)) - devices.CUDA_OVERHEAD_BYTES
+    free = target.capacity_bytes - int(parts.get("weights", 0)) - target.overhead_bytes
     later = int(parts.get("gradients", 0)) + int(parts.get("optimizer", 0))
     per_row = int(devices.activation_bytes_per_row(probe))
     splits, _ = micro_batch.fitting_splits(blocks, max(0, free), later, per_row)
