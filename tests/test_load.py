@@ -2,6 +2,7 @@
 it loads, the load's peak reported, and a model too large for the memory refused before reading."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -157,3 +158,49 @@ def test_under_autocast_a_16_bit_base_keeps_its_matmul_weights_in_16_bits_and_it
     assert {m.weight.dtype for m in linears} == {BF16}
     assert model.get_input_embeddings().weight.dtype == BF16
     assert Policy("fp32", "cpu").keep_fp32_weights(model) == 0  # nothing to do outside autocast
+
+
+def _mapped_ranges(folder) -> list[tuple[int, int]]:
+    """The address ranges this process maps from ``folder``'s safetensors shards (/proc/self/maps)."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[5].startswith(str(folder)) and fields[5].endswith(".safetensors"):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
+@pytest.mark.parametrize("lora", [False, True])
+def test_weights_that_train_get_memory_of_their_own_while_a_frozen_base_stays_in_the_mapped_shards(
+    tmp_path, corpus_jsonl, lora
+):
+    from ecoadapt.config import from_dict
+    from ecoadapt.model import parallel
+    from ecoadapt.train import prepare
+
+    model_dir = build_tiny_llama(tmp_path / "model", hidden=64)  # fp32 shards: an fp32 run reads them as they are
+    raw = {
+        "model": {"name_or_path": str(model_dir)},
+        "data": {"train": [str(corpus_jsonl)], "text_field": "caption", "max_seq_len": 16},
+        "precision": {"mode": "fp32"},
+        "lora": {"enabled": lora, "r": 4},
+        "train": {"max_steps": 2, "micro_batch_size": 2, "compile": False},
+    }
+    cfg = from_dict(raw)
+    device = torch.device("cpu")
+    loaded = prepare.load_model(cfg, device)
+    built = prepare.build(cfg, loaded, torch.randint(0, 50, (4, 16)), device, parallel.World(), lambda _: None)
+    ranges = _mapped_ranges(model_dir)  # none once every weight read from them has been copied
+
+    def in_files(p: torch.Tensor) -> bool:
+        return any(start <= p.data_ptr() < end for start, end in ranges)
+
+    model = parallel.unwrap(built.model)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    assert trained and not any(in_files(p) for p in trained)  # written at every step: not the file's pages
+    if lora:
+        assert ranges and all(in_files(p) for p in frozen)  # only read: the mapped pages, no copy
+    del built, loaded, model, trained, frozen

@@ -268,6 +268,29 @@ def read_into_memory(on: bool) -> Iterator[None]:
         setattr(modeling_utils, "safe_open", original)  # noqa: B010
 
 
+def own_memory_for_trained(model: nn.Module) -> int:
+    """Copy every CPU weight that trains into memory of its own, out of the shards' mapped pages.
+
+    A load in the files' own dtype leaves the weights in the memory-mapped shards
+    (:func:`read_into_memory`): right for a frozen base, which is only read. A weight the
+    optimizer writes at every step would live in a private file mapping (each page copied on its
+    first write) at the file's offsets, which are not 64-byte aligned: bf16-pure full training
+    of SmolLM2-135M's shape ran its steps 10-18% slower that way (BENCHMARKS.md, "Memory of 1-8B
+    decoders"). The copy is made before any gradient or optimizer state exists, so it does not
+    raise the run's peak.
+
+    Returns:
+        The values copied.
+    """
+    copied = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad and p.device.type == "cpu":
+                p.data = p.data.clone()
+                copied += p.numel()
+    return copied
+
+
 def meta_model(auto: Any, config: Any) -> nn.Module:
     """The model ``config`` describes, built on the meta device: its shapes, no memory."""
     with torch.device("meta"):

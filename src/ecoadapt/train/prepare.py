@@ -164,6 +164,7 @@ def build(
     model, plan = adapters.prepare(loaded, cfg.train, cfg.lora)
     policy.keep_fp32_weights(model)
     model.to(setup_device)
+    pretrained.own_memory_for_trained(model)  # a CPU run's trained weights out of the mapped shards
     mask = mask_spec(loaded.tokenizer, cfg.data.mlm_probability) if loaded.objective == "mlm" else None
     checks = phases.window("precision_checks", memory=None) if phases else contextlib.nullcontext()
     with checks:
