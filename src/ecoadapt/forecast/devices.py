@@ -23,7 +23,9 @@ a GPU has a datasheet's: its RAM in GiB (as RAM is sold), of which the system ke
 planning process itself (the interpreter, torch and transformers, measured); the matmul rate
 this machine's probe measures in each dtype (:func:`ecoadapt.measure.flops.peak_flops`), so the
 time is "at this machine's speed"; and the energy estimated as a CPU run's is (cores x
-``measure.cpu_watts_per_core`` + resident GiB x ``measure.memory_watts_per_gib``).
+``measure.cpu_watts_per_core`` + resident GiB x ``measure.memory_watts_per_gib``). Where the
+model loads here, a CPU machine takes the trial steps' own peak, seconds and joules per step
+instead (:func:`from_trial_steps`): no MFU, and a quantized base's dequantizing counted.
 """
 
 from __future__ import annotations
