@@ -8,9 +8,9 @@ projections) on ROWS x SEQ random tokens, two ways, each in a fresh process:
 - ``full``: the model's own forward with ``labels`` (transformers' loss over whole logits), what
   a plain loop or the Trainer does.
 
-Figure: the resident set's peak during the step above the resident set just before it (sampled
-every 5 ms; the weights and the LoRA model are already there), and the step's seconds. Energy is
-not the point here. Raw: ``bench/results/big_vocab.json``.
+Figure: the resident set's peak during the step above the resident set just before it (the
+kernel's high-water mark, reset before the step; the weights and the LoRA model are already
+there), and the step's seconds. Energy is not the point here. Raw: ``bench/results/big_vocab.json``.
 
     python bench/big_vocab.py [--model pkg:gemma3-270m] [--rows 4] [--seq 128]
 """
@@ -21,7 +21,6 @@ import argparse
 import json
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -32,12 +31,12 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def child(model_name: str, mode: str, rows: int, seq: int) -> dict[str, Any]:
     """One step in this process; what it cost above the loaded model."""
-    import psutil
     import torch
     from peft import LoraConfig, get_peft_model
 
     from ecoadapt.config import ModelConfig
     from ecoadapt.core import heap
+    from ecoadapt.measure import memory
     from ecoadapt.model import pretrained
     from ecoadapt.model.load_spec import Recipe
     from ecoadapt.model.losses import LossModule
@@ -61,24 +60,13 @@ def child(model_name: str, mode: str, rows: int, seq: int) -> dict[str, Any]:
 
     step()  # the first step allocates the LoRA gradients and warms the kernels
     heap.release_freed()
-    proc = psutil.Process()
-    before = proc.memory_info().rss
-    peak = before
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, proc.memory_info().rss)
-            time.sleep(0.005)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+    if not memory.reset_rss_peak():
+        raise SystemExit("needs Linux's /proc/self/clear_refs to reset the resident peak before the step")
+    before = memory.rss_bytes()
     start = time.perf_counter()
     loss = step()
     seconds = time.perf_counter() - start
-    done.set()
-    sampler.join()
+    peak = memory.peak_rss_bytes()
     return {"vocab": vocab, "above_before_bytes": peak - before, "step_s": seconds, "loss_sum": float(loss)}
 
 

@@ -6,8 +6,9 @@ fresh process each way, alternating.
 - ``glibc``: the same load with that context replaced by nothing (glibc's own threshold, which
   rises to the largest block freed and keeps later freed copies in the heap).
 
-Figure: the process's resident peak during ``pretrained.load`` (sampled every 20 ms) and what stays
-resident after it. Raw: ``bench/results/heap_load.json``.
+Figure: the process's resident peak during ``pretrained.load`` (the kernel's high-water mark,
+reset just before it: :func:`ecoadapt.measure.memory.reset_rss_peak`) and what stays resident
+after it. Raw: ``bench/results/heap_load.json``.
 
     python bench/heap_load.py --model /tmp/tinyllama [--repeats 2]
 """
@@ -19,7 +20,6 @@ import contextlib
 import json
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -28,34 +28,21 @@ HERE = Path(__file__).resolve().parent
 
 
 def child(model: str, side: str) -> dict[str, Any]:
-    import psutil
-
     from ecoadapt.config import ModelConfig
     from ecoadapt.core import heap
+    from ecoadapt.measure import memory
     from ecoadapt.model import pretrained
     from ecoadapt.model.load_spec import Recipe
 
     if side == "glibc":
         heap.large_blocks_mapped = contextlib.nullcontext  # type: ignore[assignment]
-    proc = psutil.Process()
-    before = proc.memory_info().rss
-    peak = before
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, proc.memory_info().rss)
-            time.sleep(0.02)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+    before = memory.rss_bytes()
+    memory.reset_rss_peak()  # where the kernel refuses, the peak since start: imports only, below the load's
     start = time.perf_counter()
     pretrained.load(ModelConfig(name_or_path=model, objective="clm"), 128, recipe=Recipe("bf16", True, False, "nf4"))
     seconds = time.perf_counter() - start
-    done.set()
-    sampler.join()
-    return {"before_bytes": before, "peak_bytes": peak, "after_bytes": proc.memory_info().rss, "load_s": seconds}
+    peak = memory.peak_rss_bytes()
+    return {"before_bytes": before, "peak_bytes": peak, "after_bytes": memory.rss_bytes(), "load_s": seconds}
 
 
 def main() -> None:
