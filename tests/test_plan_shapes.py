@@ -88,14 +88,17 @@ def _config_only(model: Path, folder: Path) -> Path:
     return folder
 
 
+def _written(tmp_path: Path, cfg) -> Path:
+    """``cfg`` as the config file `ecoadapt plan` reads (JSON is YAML)."""
+    path = tmp_path / "plan.yaml"
+    path.write_text(json.dumps(cfg.to_dict()))
+    return path
+
+
 def test_a_model_with_no_weights_here_is_planned_for_a_gpu_from_its_config(tmp_path, llama64, corpus_jsonl, capsys):
     shapes_only = _config_only(llama64, tmp_path / "config-only")
-    config = tmp_path / "plan.yaml"
-    config.write_text(
-        f"model: {{name_or_path: {shapes_only}}}\n"
-        f"data: {{train: [{corpus_jsonl}], text_field: caption, max_seq_len: 16}}\n"
-        "precision: {mode: bf16}\nlora: {enabled: true, r: 4}\ntrain: {max_steps: 10, gradient_checkpointing: true}\n"
-    )
+    config = _written(tmp_path, _cfg(shapes_only, corpus_jsonl, precision={"mode": "bf16"},
+                                     lora={"enabled": True, "r": 4}, train={"max_steps": 10}))  # fmt: skip
     assert main(["plan", str(config), "--device", "t4"]) == 0
     out = capsys.readouterr().out
     assert "from the model's shapes on the meta device" in out
@@ -110,12 +113,9 @@ def test_a_model_with_no_weights_here_is_planned_for_a_cpu_machine_from_its_conf
     tmp_path, llama64, corpus_jsonl, capsys
 ):
     shapes_only = _config_only(llama64, tmp_path / "config-only")
-    config = tmp_path / "plan.yaml"
-    config.write_text(
-        f"model: {{name_or_path: {shapes_only}}}\n"
-        f"data: {{train: [{corpus_jsonl}], text_field: caption, max_seq_len: 16}}\n"
-        "precision: {mode: bf16-pure}\nlora: {enabled: true, r: 4}\ntrain: {max_steps: 10}\n"
-    )
+    recipe = {"precision": {"mode": "bf16-pure"}, "lora": {"enabled": True, "r": 4}}
+    no_ckpt = {"max_steps": 10, "gradient_checkpointing": False}
+    config = _written(tmp_path, _cfg(shapes_only, corpus_jsonl, train=no_ckpt, **recipe))
     out_json = tmp_path / "plan.json"
     assert main(["plan", str(config), "--device", "cpu-16gb", "--json", str(out_json)]) == 0
     out = capsys.readouterr().out
@@ -123,8 +123,7 @@ def test_a_model_with_no_weights_here_is_planned_for_a_cpu_machine_from_its_conf
     assert "time at this machine's measured matmul rate" in out
     assert "recommended on a CPU machine with 16 GiB of RAM: bf16-pure lora" in out
     (row,) = json.loads(out_json.read_text())["recipes"]
-    cpu = from_shapes.probe(_cfg(shapes_only, corpus_jsonl, precision={"mode": "bf16-pure"},
-                                 lora={"enabled": True, "r": 4}), device_type="cpu")  # fmt: skip
+    cpu = from_shapes.probe(_cfg(shapes_only, corpus_jsonl, train=no_ckpt, **recipe), device_type="cpu")
     # A CPU's logits chunk, not a GPU's, and the process's own resident set beside the shapes.
     assert row["parts_bytes"]["logits_chunk"] == cpu["static_bytes"]["logits_chunk"]
     assert row["peak_bytes"] == sum(row["parts_bytes"].values()) and row["parts_bytes"]["process"] > 0
