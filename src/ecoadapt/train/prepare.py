@@ -164,7 +164,8 @@ def build(
     model, plan = adapters.prepare(loaded, cfg.train, cfg.lora)
     policy.keep_fp32_weights(model)
     model.to(setup_device)
-    pretrained.own_memory_for_trained(model)  # a CPU run's trained weights out of the mapped shards
+    if device.type == "cpu":  # a CPU run's trained weights out of the mapped shards (a GPU run copies them anyway)
+        pretrained.own_memory_for_trained(model)
     mask = mask_spec(loaded.tokenizer, cfg.data.mlm_probability) if loaded.objective == "mlm" else None
     checks = phases.window("precision_checks", memory=None) if phases else contextlib.nullcontext()
     with checks:
