@@ -57,17 +57,22 @@ def _equal_quality() -> str:
 def _lean_load() -> str:
     before = _load("lean_load.json")["results"]["qlora nf4 fp32"]  # the run with the whole-fp32 load beside
     now = _load("lean_load-1.1b.json")["results"]
-
-    def gib(side: dict[str, Any]) -> str:
-        return f"{side['tree_peak_bytes'] / 2**30:.2f}"
-
     big = _load("lean_load-3b.json")["results"]
+
+    def gib(rows: dict[str, Any], recipe: str, side: str = "ecoadapt") -> str:
+        return f"{rows[recipe][side]['tree_peak_bytes'] / 2**30:.2f}"
+
+    def ratio(rows: dict[str, Any]) -> str:
+        peak = {r: rows[r]["ecoadapt"]["tree_peak_bytes"] for r in ("qlora nf4", "bf16 lora")}
+        return f"{peak['qlora nf4'] / peak['bf16 lora']:.2f}x bf16 LoRA's"
+
     return (
-        f"TinyLlama-1.1B shape, 2 steps: whole-run resident peak, NF4 QLoRA {gib(now['qlora nf4']['ecoadapt'])} GiB "
-        f"({gib(now['qlora nf4']['peer'])} for transformers + PEFT; {before['before']['tree_peak_gib']:.2f} when "
-        f"ecoadapt loaded whole in fp32 first), bf16-pure LoRA {gib(now['bf16-pure lora']['ecoadapt'])} GiB "
-        f"({gib(now['bf16-pure lora']['peer'])} for transformers + PEFT); Llama 3.2 3B shape, NF4 QLoRA "
-        f"{gib(big['qlora nf4']['ecoadapt'])} GiB"
+        f"TinyLlama-1.1B shape, 2 steps: whole-run resident peak, NF4 QLoRA {gib(now, 'qlora nf4')} GiB "
+        f"({ratio(now)}; {gib(now, 'qlora nf4', 'peer')} for transformers + PEFT; "
+        f"{before['before']['tree_peak_gib']:.2f} when ecoadapt loaded whole in fp32 first), bf16-pure LoRA "
+        f"{gib(now, 'bf16-pure lora')} GiB ({gib(now, 'bf16-pure lora', 'peer')} for transformers + PEFT); "
+        f"Llama 3.2 3B shape, NF4 QLoRA {gib(big, 'qlora nf4')} GiB ({ratio(big)}; "
+        f"{gib(big, 'qlora nf4', 'peer')} for transformers + PEFT)"
     )
 
 

@@ -154,12 +154,18 @@ def peer_child(model: str, recipe: str, out: Path, steps: int = STEPS) -> None:
     if mode == "bf16" and not lora:
         kwargs["dtype"] = torch.float32  # autocast trains fp32 weights
     t0 = time.perf_counter()
-    model_ = AutoModelForCausalLM.from_pretrained(model, **kwargs)
+    folder, gguf_file = peer_source(model)
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file  # transformers dequantizes the GGUF file into kwargs["dtype"]
+    model_ = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     load_s = time.perf_counter() - t0
     model_.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model_.config.use_cache = False
     if lora:
         model_ = get_peft_model(model_, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS))
+    # from_pretrained returns the model in eval mode, where transformers skips checkpointing (and
+    # bitsandbytes' int8 layers take their inference path): a loop must say it trains.
+    model_.train()
     params = [p for p in model_.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     ids = torch.randint(0, model_.config.vocab_size, (1, SEQ), generator=torch.Generator().manual_seed(0)).to(device)
@@ -174,6 +180,17 @@ def peer_child(model: str, recipe: str, out: Path, steps: int = STEPS) -> None:
         times.append(time.perf_counter() - t)
     cuda_peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
     out.write_text(json.dumps({"step_s": sum(times) / len(times), "load_s": load_s, "train_peak_bytes": cuda_peak}))
+
+
+def peer_source(model: str) -> tuple[str, str | None]:
+    """Where transformers reads ``model`` from: a folder, or a GGUF file's folder and name (a
+    ``pkg:`` model is found where ecoadapt finds it; the peer then loads it as a user would)."""
+    if model.startswith("pkg:") or model.endswith(".gguf"):
+        from ecoadapt.model.pretrained import resolve
+
+        folder, gguf_file, _ = resolve(model)
+        return folder, gguf_file
+    return model, None
 
 
 def run_peer(model: str, recipe: str, work: Path, steps: int = STEPS) -> dict[str, Any]:
@@ -212,7 +229,7 @@ def gib(n: int | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="a model folder (bench/random_llama.py)")
+    parser.add_argument("--model", required=True, help="a model folder (bench/random_llama.py), or pkg:gemma3-270m")
     parser.add_argument("--recipes", nargs="*", default=["bf16 lora", "bf16-pure lora", "qlora nf4", "qlora int8"])
     parser.add_argument("--before", help="also run each recipe with the ecoadapt of this git revision")
     parser.add_argument("--peer", action="store_true", help="also run transformers + PEFT + a plain loop")

@@ -102,3 +102,22 @@ def test_a_tied_head_converts_so_that_a_classifier_reads_the_same_embeddings(tmp
     converted = AutoModelForSequenceClassification.from_pretrained(folder, **kwargs)
     gguf_read = AutoModelForSequenceClassification.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
     assert torch.equal(converted.get_input_embeddings().weight, gguf_read.get_input_embeddings().weight)
+
+
+def test_the_shapes_of_a_gguf_model_are_read_from_its_file_for_a_plan(tmp_path):
+    """`plan` from the shapes alone (and bench/lean_load.py's planned column) reads a GGUF
+    file's metadata as transformers does, not a hub id named like the file."""
+    from ecoadapt.config import from_dict
+    from ecoadapt.forecast import from_shapes
+
+    path = build_tiny_gguf(tmp_path / "m")
+    cfg = from_dict(
+        {"model": {"name_or_path": str(path), "objective": "clm"}, "data": {"train": ["builtin:python-docstrings"]}}
+    )
+    config = from_shapes.model_config(cfg)
+    direct, _ = _direct(path)
+    assert config.hidden_size == direct.config.hidden_size
+    assert config.num_hidden_layers == direct.config.num_hidden_layers
+    probe = from_shapes.probe(cfg, device_type="cpu")
+    weights = sum(p.numel() for p in direct.parameters()) * 4  # fp32 full: 4 bytes a weight
+    assert probe["static_bytes"]["weights"] == pytest.approx(weights, rel=0.05)

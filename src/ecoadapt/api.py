@@ -25,6 +25,7 @@ from typing import Any
 
 from ecoadapt.config import RunConfig, dump
 from ecoadapt.config.presets import resolve_config
+from ecoadapt.core import heap
 from ecoadapt.core.errors import UserError
 from ecoadapt.results.judged import Judgement
 from ecoadapt.results.summary import FINISHED, RunSummary
@@ -170,11 +171,14 @@ def adapt(
     Raises:
         UserError: bad input, found before anything is written.
     """
+    overrides = (*overrides, *(("output.resume=true",) if resume else ()))
+    resolved = resolve(config, overrides)
+    if resolved.cfg.lora.quantize:
+        heap.huge_pages_for_torch()  # read once by torch's allocator: before anything imports torch
+
     from ecoadapt.commands import adapt as adapt_command
     from ecoadapt.model import parallel
 
-    overrides = (*overrides, *(("output.resume=true",) if resume else ()))
-    resolved = resolve(config, overrides)
     if paths_from is not None:
         resolved.paths_from = Path(paths_from).expanduser().resolve()
     if resolved.cfg.parallel.nproc > 1 and not parallel.under_torchrun():

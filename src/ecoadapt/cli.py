@@ -70,12 +70,12 @@ JUDGE_WINDOWS = ("task", "harness")  # the energy windows of judging the adapted
 
 
 def _cmd_adapt(args: argparse.Namespace) -> int:
-    from ecoadapt.model import parallel
-
     try:
         summary = api.adapt(args.config, args.set, resume=args.resume, paths_from=args.paths_from)
     except api.JobFailed as e:  # its ranks printed why
         return e.exit_code
+    from ecoadapt.model import parallel  # imports torch: only after adapt has decided how to (heap.py)
+
     code = summary.exit_status
     if summary.status != "interrupted" and summary.rank == 0:
         _print_run(summary, summary.config["output"]["dir"])

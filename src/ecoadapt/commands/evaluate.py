@@ -8,22 +8,21 @@ does, and the results go to ``task.json`` / ``harness.json`` and the run's ``sum
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import yaml
 
+from ecoadapt.commands.finish import judge_in_window
 from ecoadapt.config import RunConfig, paths
 from ecoadapt.core import storage
 from ecoadapt.core.errors import UserError
 from ecoadapt.core.progress import say
 from ecoadapt.measure import environment
 from ecoadapt.measure.energy import EnergyTracker
-from ecoadapt.measure.phases import Phases
 from ecoadapt.model import pretrained
 from ecoadapt.model.parallel import pick_device
 from ecoadapt.results import rundir
-from ecoadapt.results.judged import JudgedT, Judgement
+from ecoadapt.results.judged import Judgement
 from ecoadapt.results.summary import RunSummary
 from ecoadapt.task import downstream, harness
 
@@ -64,10 +63,12 @@ def judge(cfg: RunConfig, base: Path | None = None) -> Judgement:
         tracker = EnergyTracker.for_config(cfg.measure, device.type, device.index, 0, say)
         found = Judgement()
         if cfg.task.train:
-            found.task = _judged("task", tracker, lambda: downstream.compare(cfg, tokenizer, adapted, device, tracker))
+            found.task = judge_in_window(
+                "task", tracker, lambda: downstream.compare(cfg, tokenizer, adapted, device, tracker)
+            )
             storage.write_json(folder / "task.json", found.task.to_dict())
         if cfg.task.harness:
-            found.harness = _judged(
+            found.harness = judge_in_window(
                 "harness", tracker, lambda: harness.compare(cfg, tokenizer, adapted, device, tracker)
             )
             storage.write_json(folder / "harness.json", found.harness.to_dict())
@@ -78,15 +79,6 @@ def judge(cfg: RunConfig, base: Path | None = None) -> Judgement:
             summary.harness = found.harness or summary.harness
             summary.save(summary_path)
     return found
-
-
-def _judged(window_name: str, tracker: EnergyTracker, judge: Callable[[], JudgedT]) -> JudgedT:
-    """A judge's result with the energy of its own window."""
-    with Phases(tracker).window(window_name) as window:
-        result = judge()
-    assert window.energy is not None
-    result.energy = window.energy.as_dict()
-    return result
 
 
 MODEL_SECTIONS = ("model", "lora")  # what decides which model the run folder holds

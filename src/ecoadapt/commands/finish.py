@@ -103,16 +103,16 @@ def finish(
             with Interrupts() as interrupts:
                 stop = interrupts.name_if_received
                 if cfg.task.train:
-                    summary.task = _judge_or_failure(
-                        "task", summary, tracker,
+                    summary.task = judge_in_window(
+                        "task", tracker,
                         lambda: downstream.compare(cfg, tokenizer, weights(), device, tracker, seeds_file, stop),
-                        TaskResult,
+                        _kept_failure("task", summary, TaskResult),
                     )  # fmt: skip
                 if cfg.task.harness:
-                    summary.harness = _judge_or_failure(
-                        "harness", summary, tracker,
+                    summary.harness = judge_in_window(
+                        "harness", tracker,
                         lambda: harness.compare(cfg, tokenizer, weights(), device, tracker, harness_file, stop),
-                        HarnessResult,
+                        _kept_failure("harness", summary, HarnessResult),
                     )  # fmt: skip
         except (downstream.TaskStopped, harness.HarnessStopped) as e:  # phases.json and the records resume it
             summary.status, summary.signal = "interrupted", e.signal_name
@@ -170,36 +170,49 @@ def resume_after_training(cfg: RunConfig, run_dir: Path) -> RunSummary:
     return finish(cfg, run_dir, summary, recorded["job_energy"], inputs)
 
 
-def _judge_or_failure(
+def judge_in_window(
     window_name: str,
-    summary: RunSummary,
     tracker: EnergyTracker,
     judge: Callable[[], JudgedT],
-    failed: Callable[..., JudgedT],
+    on_failure: Callable[[Exception, dict[str, Any] | None], JudgedT] | None = None,
 ) -> JudgedT:
-    """A judge's result (the labelled task's, the harness's) measured in its own window, or what
-    made it fail (``failed``: its type, given status, error, retry and energy): the adaptation's
-    measured sections are kept either way (a signal's stop is not a failure: it propagates)."""
-    saved = bool(summary.model and summary.model.saved)
+    """A judge's result (the labelled task's, the harness's) with the energy of its own window,
+    plus what an earlier, killed attempt of it scored; a signal's stop propagates.
+
+    Args:
+        on_failure: turns any other failure and the failed window's energy (None if the window
+            never opened) into a result; None: the failure propagates.
+    """
     window = None
     try:
         with Phases(tracker).window(window_name, memory=None) as window:
             result = judge()
-        assert window.energy is not None
-        result.energy = _with_earlier_seeds(window.energy.as_dict(), result)
-        return result
     except (downstream.TaskStopped, harness.HarnessStopped):
         raise
-    except Exception as e:  # any failure of a judge must not lose the run
+    except Exception as e:  # after training, a judge's failure must not lose the run: on_failure keeps it
+        if on_failure is None:
+            raise
+        measured = window.energy if window is not None else None
+        return on_failure(e, measured.as_dict() if measured is not None else None)
+    assert window.energy is not None
+    result.energy = _with_earlier_seeds(window.energy.as_dict(), result)
+    return result
+
+
+def _kept_failure(
+    window_name: str, summary: RunSummary, failed: Callable[..., JudgedT]
+) -> Callable[[Exception, dict[str, Any] | None], JudgedT]:
+    """What a judge's failure becomes after training (``failed``: its result type, given status,
+    error, retry and energy): the adaptation's measured sections are kept."""
+    saved = bool(summary.model and summary.model.saved)
+    retry = "ecoadapt evaluate CONFIG" if saved else "save the model (output.save_model) to retry"
+
+    def failure(e: Exception, energy: dict[str, Any] | None) -> JudgedT:
         error = f"{type(e).__name__}: {e}"
         say(f"{window_name} failed: {error}; the adaptation's results are kept. Retry: ecoadapt evaluate CONFIG")
-        measured = window.energy if window is not None else None
-        return failed(
-            status="failed",
-            error=error,
-            energy=measured.as_dict() if measured is not None else None,
-            retry="ecoadapt evaluate CONFIG" if saved else "save the model (output.save_model) to retry",
-        )
+        return failed(status="failed", error=error, energy=energy, retry=retry)
+
+    return failure
 
 
 def _with_earlier_seeds(measured: dict[str, Any], result: Judged) -> dict[str, Any]:

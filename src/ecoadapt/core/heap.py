@@ -16,9 +16,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-from collections.abc import Iterator
+import os
+import sys
+from collections.abc import Iterator, Mapping
 from typing import Any
 
+TORCH_HUGE_PAGES = "THP_MEM_ALLOC_ENABLE"  # PyTorch's own switch (read once, when torch first allocates)
 M_TRIM_THRESHOLD = -1  # mallopt's parameters (glibc's malloc.h)
 M_MMAP_THRESHOLD = -3
 MAPPED_FROM_BYTES = 128 * 1024  # glibc's own starting threshold: blocks above it get their own mapping
@@ -60,3 +63,30 @@ def large_blocks_mapped() -> Iterator[None]:
         libc.mallopt(M_MMAP_THRESHOLD, STEADY_MMAP_BYTES)
         libc.mallopt(M_TRIM_THRESHOLD, 2 * STEADY_MMAP_BYTES)
         release_freed()
+
+
+def huge_pages_for_torch() -> bool:
+    """Ask PyTorch's CPU allocator for transparent huge pages (``THP_MEM_ALLOC_ENABLE=1``: every
+    tensor of 2 MiB or more is ``madvise``d ``MADV_HUGEPAGE``), unless the variable is set already
+    (a user's ``0`` is kept). Only a process that has not imported torch yet can still ask:
+    ``adapt`` asks for a quantized base, before it imports torch; a sweep's points and torchrun's
+    ranks are such processes too.
+
+    Why a quantized base: on a CPU, bitsandbytes dequantizes every 4-bit weight into a new block
+    at every pass, and how much of that glibc keeps resident varies from run to run (the 1.1B NF4
+    run's training peak: 1.64-1.82 GiB without huge pages, 1.51-1.53 with, at the same time per
+    step: bench/huge_pages.py, BENCHMARKS.md). A run without a quantized base is left as it was.
+
+    Returns:
+        whether the variable asks for them (what torch's allocator read, if it was set before
+        torch was imported).
+    """
+    if "torch" not in sys.modules:
+        os.environ.update(with_huge_pages(os.environ))
+    return os.environ.get(TORCH_HUGE_PAGES) == "1"
+
+
+def with_huge_pages(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` with huge pages asked for, as :func:`huge_pages_for_torch` asks (a value already
+    there is kept): the environment of a child that will load a quantized base (plan's trial steps)."""
+    return {**env, TORCH_HUGE_PAGES: env.get(TORCH_HUGE_PAGES, "1")}

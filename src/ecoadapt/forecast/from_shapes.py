@@ -48,16 +48,24 @@ def weights_missing(cfg: RunConfig) -> bool:
 
 
 def model_config(cfg: RunConfig) -> Any:
-    """The model's transformers config: a local folder's config.json, or a hub id's (cache first)."""
+    """The model's transformers config: a local folder's config.json, a GGUF file's (or a packaged
+    model's: ``pkg:NAME``) metadata, or a hub id's config.json (cache first; no weights fetched)."""
     from transformers import AutoConfig
 
-    folder = Path(cfg.model.name_or_path).expanduser()
-    where = str(folder) if folder.is_dir() else cfg.model.name_or_path
+    name = cfg.model.name_or_path
+    kwargs: dict[str, Any] = {"revision": cfg.model.revision}
+    if name.startswith("pkg:") or name.endswith(".gguf"):
+        where, gguf_file, _ = pretrained.resolve(name)  # on this machine: the folder and file name
+        kwargs["gguf_file"] = gguf_file
+    else:
+        folder = Path(name).expanduser()
+        where = str(folder) if folder.is_dir() else name
+    local = Path(where).expanduser().is_dir()
     try:
-        with pretrained.offline() if cfg.model.offline or folder.is_dir() else contextlib.nullcontext():
-            return AutoConfig.from_pretrained(where, revision=cfg.model.revision)
+        with pretrained.offline() if cfg.model.offline or local else contextlib.nullcontext():
+            return AutoConfig.from_pretrained(where, **kwargs)
     except (OSError, ValueError) as e:
-        raise UserError(f"model.name_or_path: cannot read a config.json for {cfg.model.name_or_path} ({e})") from None
+        raise UserError(f"model.name_or_path: cannot read a config.json for {name} ({e})") from None
 
 
 def probe(cfg: RunConfig, device_type: str = "cuda") -> dict[str, Any]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -22,7 +23,7 @@ from typing import Any
 from ecoadapt.config import RunConfig, from_dict
 from ecoadapt.config.precision_modes import MODES
 from ecoadapt.config.run import PrecisionMode
-from ecoadapt.core import storage
+from ecoadapt.core import heap, storage
 from ecoadapt.core.errors import UserError
 from ecoadapt.core.processes import run_child
 from ecoadapt.core.progress import say
@@ -101,6 +102,7 @@ def _run_trials(cfg: RunConfig, sizes: list[int]) -> dict[str, Any]:
     """:func:`ecoadapt.forecast.trial_steps.measure_trial_steps` at each size, each in a fresh child process (a CPU's
     resident peak depends on what the process held before); the results merged."""
     merged: dict[str, Any] = {}
+    env = heap.with_huge_pages(os.environ) if cfg.lora.quantize else None  # as `adapt` runs it
     with tempfile.TemporaryDirectory() as tmp:
         config_path = Path(tmp) / "config.json"
         config_path.write_text(json.dumps(cfg.to_dict()))
@@ -114,7 +116,7 @@ def _run_trials(cfg: RunConfig, sizes: list[int]) -> dict[str, Any]:
                 str(size),
                 str(out_path),
             ]
-            done = run_child(command, timeout_s=TRIAL_TIMEOUT_S, capture_stderr=True, stdout=subprocess.DEVNULL)
+            done = run_child(command, env, timeout_s=TRIAL_TIMEOUT_S, capture_stderr=True, stdout=subprocess.DEVNULL)
             if done.exit_status != 0 or not out_path.exists():
                 lines = [line for line in "".join(done.tail).strip().splitlines() if line.strip()]
                 why = "timed out" if done.timed_out else (lines[-1] if lines else f"exit status {done.exit_status}")
