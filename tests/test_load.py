@@ -101,6 +101,47 @@ def test_a_model_whose_weights_cannot_fit_is_refused_before_reading_naming_a_rec
         pretrained.load(ModelConfig(str(tiny_llama)), 16, memory_limit_bytes=100)
 
 
+def test_a_full_fine_tune_whose_gradients_and_optimizer_cannot_fit_is_refused_before_reading(
+    tiny_llama, corpus_jsonl, monkeypatch
+):
+    """The weights alone fit; every weight's gradient and AdamW moments do not: refused before
+    reading (a 3B fp32 full fine-tune on a 24 GiB machine would load its 12 GB and be killed at
+    its first step). LoRA on the same room reads its weights; so does adamw8bit's smaller state."""
+    from ecoadapt.config import from_dict
+    from ecoadapt.train.prepare import load_model
+
+    meta = pretrained.meta_model(
+        AutoModelForCausalLM, pretrained._read_config(ModelConfig(str(tiny_llama)), str(tiny_llama), {})
+    )
+    shapes = Shapes.of(meta, "model.layers")
+    values = shapes.block_linear_values + shapes.other_values
+    weights = shapes.weight_bytes(LoadSpec(FP32))
+    assert load_spec.full_training_bytes(shapes, LoadSpec(FP32), False, "adamw") == values * (4 + 8)
+    assert load_spec.full_training_bytes(shapes, LoadSpec(BF16), True, "adamw") == values * (2 + 4 + 8)
+    assert load_spec.full_training_bytes(shapes, LoadSpec(BF16), False, "adamw8bit") == values * (2 + 4 + 2)
+    monkeypatch.setattr(load_spec, "available_bytes", lambda device: weights + values * 8)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the weights were read")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", never)
+
+    def cfg(**sections):
+        return from_dict(
+            {
+                "model": {"name_or_path": str(tiny_llama)},
+                "data": {"train": [str(corpus_jsonl)], "max_seq_len": 16},
+                **sections,
+            }
+        )
+
+    with pytest.raises(UserError, match=r"gradients and optimizer state of training every one .* GiB are free on cpu"):
+        load_model(cfg(), torch.device("cpu"))
+    for fits in (cfg(lora={"enabled": True}), cfg(train={"optimizer": "adamw8bit"})):
+        with pytest.raises(AssertionError, match="the weights were read"):
+            load_model(fits, torch.device("cpu"))
+
+
 def test_the_free_memory_of_the_device_is_checked_without_a_limit(tiny_llama, monkeypatch):
     monkeypatch.setattr(load_spec, "available_bytes", lambda device: 1000)
     with pytest.raises(UserError, match="free on cpu"):

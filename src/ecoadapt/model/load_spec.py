@@ -186,8 +186,27 @@ def available_bytes(device: torch.device) -> int:
     return int(psutil.virtual_memory().available)
 
 
-def check_room(shapes: Shapes, spec: LoadSpec, device: torch.device, limit_bytes: int | None, name: str) -> None:
-    """Refuse, before anything is read, weights that cannot fit the memory there is.
+def full_training_bytes(shapes: Shapes, spec: LoadSpec, pure: bool, optimizer: str) -> int:
+    """Bytes that training every weight adds to the weights as read (``spec``): gradients, the
+    optimizer's two moments (fp32, or 8-bit for adamw8bit and paged_adamw8bit), and fp32 masters
+    for 16-bit weights (``pure``: bf16-pure; under autocast a 16-bit read is cast up to fp32)."""
+    values = shapes.block_linear_values + shapes.other_values
+    moments = 8 if optimizer == "adamw" else 2
+    read = torch.finfo(spec.dtype).bits // 8
+    per_value = 2 + 4 + moments if pure else (4 - read) + 4 + moments
+    return int(values * per_value)
+
+
+def check_room(
+    shapes: Shapes,
+    spec: LoadSpec,
+    device: torch.device,
+    limit_bytes: int | None,
+    name: str,
+    training_bytes: int = 0,
+) -> None:
+    """Refuse, before anything is read, weights (and the training state of a full fine-tune)
+    that cannot fit the memory there is.
 
     Args:
         shapes: the model's shapes.
@@ -196,6 +215,8 @@ def check_room(shapes: Shapes, spec: LoadSpec, device: torch.device, limit_bytes
         limit_bytes: memory the weights may take (train.max_memory_gb, less what the process
             holds already); None: only what ``device`` has free.
         name: the model, for the message.
+        training_bytes: what training adds on ``device`` (:func:`full_training_bytes`; 0: none
+            counted, as for LoRA, whose adapters are a few MB).
 
     Raises:
         UserError: naming the bytes needed, the bytes there are, and the recipes whose weights fit.
@@ -206,7 +227,8 @@ def check_room(shapes: Shapes, spec: LoadSpec, device: torch.device, limit_bytes
     where = f"free on {device.type}"
     if limit_bytes is not None and limit_bytes < room:
         room, where = max(0, limit_bytes), "left under train.max_memory_gb"
-    needed = shapes.weight_bytes(spec)
+    weights = shapes.weight_bytes(spec)
+    needed = weights + training_bytes
     if needed <= room:
         return
     lighter = [
@@ -217,8 +239,14 @@ def check_room(shapes: Shapes, spec: LoadSpec, device: torch.device, limit_bytes
     sizes = [(what, shapes.weight_bytes(s)) for what, s in lighter]
     fits = [f"{what}, {size / 2**30:.2f} GiB" for what, size in sizes if size <= room]
     advice = f"recipes whose weights fit: {'; '.join(fits)}" if fits else "no recipe's weights fit: use a smaller model"
+    what = f"weights need {weights / 2**30:.2f} GiB"
+    if training_bytes:
+        what = (
+            f"weights ({weights / 2**30:.2f} GiB) and the gradients and optimizer state of training every one "
+            f"({training_bytes / 2**30:.2f} GiB) need {needed / 2**30:.2f} GiB"
+        )
     raise UserError(
-        f"model.name_or_path: {name}'s weights need {needed / 2**30:.2f} GiB as this recipe reads them "
+        f"model.name_or_path: {name}'s {what} as this recipe reads them "
         f"({spec.as_dict()['dtype']}{', ' + spec.quantize if spec.quantize else ''}), and {room / 2**30:.2f} GiB "
         f"are {where}; {advice}"
     )

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ecoadapt.config import ModelConfig
+from ecoadapt.config.precision_modes import MODES
 from ecoadapt.core import heap
 from ecoadapt.core.errors import UserError
 from ecoadapt.model import gguf_cache, load_spec, quantize, voice
@@ -153,6 +154,7 @@ def load(
     recipe: Recipe | None = None,
     device: torch.device | None = None,
     memory_limit_bytes: int | None = None,
+    trains_every_weight_with: str | None = None,
 ) -> LoadedModel:
     """Load the model and tokenizer named by ``cfg``, with the head its objective needs.
 
@@ -165,6 +167,8 @@ def load(
         device: where a quantized base's weights are placed as they load (default: the CPU).
         memory_limit_bytes: memory the weights may take besides what the process holds now
             (train.max_memory_gb); the memory free on ``device`` is checked in any case.
+        trains_every_weight_with: train.optimizer, when every weight will train on ``device``
+            (a full fine-tune): the check counts their gradients and optimizer state too.
 
     Raises:
         UserError: the model is not there (not downloaded, wrong path), does not fit, or its
@@ -184,7 +188,11 @@ def load(
     spec = (recipe or Recipe()).spec(stored)
     meta = meta_model(auto, config)
     shapes = load_spec.Shapes.of(meta, transformer_blocks(meta)[0])
-    load_spec.check_room(shapes, spec, device, memory_limit_bytes, cfg.name_or_path)
+    training = 0
+    if trains_every_weight_with is not None:
+        pure = MODES[(recipe or Recipe()).mode].storage == "bf16"
+        training = load_spec.full_training_bytes(shapes, spec, pure, trains_every_weight_with)
+    load_spec.check_room(shapes, spec, device, memory_limit_bytes, cfg.name_or_path, training)
     # A GGUF file read directly (no room to convert it) is quantized after loading (see
     # ecoadapt.train.prepare), from the load dtype; a converted one as it loads, as any folder.
     quantize_now = spec.quantize is not None and gguf_file is None

@@ -98,9 +98,14 @@ def load_model(
     if cfg.train.max_memory_gb is not None and guard:
         held = torch.cuda.memory_allocated(load_device) if load_device.type == "cuda" else memory.rss_bytes()
         limit = int(cfg.train.max_memory_gb * 2**30) - held
+    # A full fine-tune keeps every weight's gradient and optimizer state where it loads (FSDP
+    # shards them across ranks instead; plan's trial steps have their own guard).
+    sharded = world is not None and world.strategy == "fsdp"
+    trains_all = guard and not sharded and not cfg.lora.enabled and cfg.train.trainable_layers == "all"
     return pretrained.load(
-        cfg.model, cfg.data.max_seq_len, cfg.train.seed, Recipe.of(cfg), load_device, memory_limit_bytes=limit
-    )
+        cfg.model, cfg.data.max_seq_len, cfg.train.seed, Recipe.of(cfg), load_device, memory_limit_bytes=limit,
+        trains_every_weight_with=cfg.train.optimizer if trains_all else None,
+    )  # fmt: skip
 
 
 @dataclass
