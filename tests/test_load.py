@@ -116,9 +116,10 @@ def test_a_full_fine_tune_whose_gradients_and_optimizer_cannot_fit_is_refused_be
     shapes = Shapes.of(meta, "model.layers")
     values = shapes.block_linear_values + shapes.other_values
     weights = shapes.weight_bytes(LoadSpec(FP32))
-    assert load_spec.full_training_bytes(shapes, LoadSpec(FP32), False, "adamw") == values * (4 + 8)
-    assert load_spec.full_training_bytes(shapes, LoadSpec(BF16), True, "adamw") == values * (2 + 4 + 8)
-    assert load_spec.full_training_bytes(shapes, LoadSpec(BF16), False, "adamw8bit") == values * (2 + 4 + 2)
+    assert load_spec.full_training_bytes(shapes, LoadSpec(FP32), Recipe("fp32"), "adamw") == values * (4 + 8)
+    assert load_spec.full_training_bytes(shapes, LoadSpec(BF16), Recipe("bf16-pure"), "adamw") == values * (2 + 4 + 8)
+    assert load_spec.full_training_bytes(shapes, LoadSpec(BF16), Recipe("bf16"), "adamw8bit") == values * (2 + 4 + 2)
+    assert load_spec.full_training_bytes(shapes, LoadSpec(FP32), Recipe("fp32"), None) == 0  # not every weight trains
     monkeypatch.setattr(load_spec, "available_bytes", lambda device: weights + values * 8)
 
     def never(*args, **kwargs):

@@ -186,15 +186,22 @@ def available_bytes(device: torch.device) -> int:
     return int(psutil.virtual_memory().available)
 
 
-def full_training_bytes(shapes: Shapes, spec: LoadSpec, pure: bool, optimizer: str) -> int:
+def full_training_bytes(shapes: Shapes, spec: LoadSpec, recipe: Recipe, optimizer: str | None) -> int:
     """Bytes that training every weight adds to the weights as read (``spec``): gradients, the
     optimizer's two moments (fp32, or 8-bit for adamw8bit and paged_adamw8bit), and fp32 masters
-    for 16-bit weights (``pure``: bf16-pure; under autocast a 16-bit read is cast up to fp32)."""
+    for 16-bit weights (bf16-pure; under autocast a 16-bit read is cast up to fp32).
+
+    Args:
+        optimizer: train.optimizer; None: not every weight trains (LoRA, a few layers): 0.
+    """
+    if optimizer is None:
+        return 0
     values = shapes.block_linear_values + shapes.other_values
     moments = 8 if optimizer == "adamw" else 2
+    if MODES[recipe.mode].storage == "bf16":
+        return int(values * (2 + 4 + moments))  # bf16 gradients, fp32 masters
     read = torch.finfo(spec.dtype).bits // 8
-    per_value = 2 + 4 + moments if pure else (4 - read) + 4 + moments
-    return int(values * per_value)
+    return int(values * ((4 - read) + 4 + moments))
 
 
 def check_room(

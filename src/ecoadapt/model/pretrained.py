@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from ecoadapt.config import ModelConfig
-from ecoadapt.config.precision_modes import MODES
 from ecoadapt.core import heap
 from ecoadapt.core.errors import UserError
 from ecoadapt.model import gguf_cache, load_spec, quantize, voice
@@ -167,31 +166,25 @@ def load(
         device: where a quantized base's weights are placed as they load (default: the CPU).
         memory_limit_bytes: memory the weights may take besides what the process holds now
             (train.max_memory_gb); the memory free on ``device`` is checked in any case.
-        trains_every_weight_with: train.optimizer, when every weight will train on ``device``
-            (a full fine-tune): the check counts their gradients and optimizer state too.
+        trains_every_weight_with: a full fine-tune's train.optimizer: its state is checked too.
 
     Raises:
-        UserError: the model is not there (not downloaded, wrong path), does not fit, or its
-            weights alone need more memory than there is (naming a recipe that fits).
+        UserError: the model is not there (not downloaded, wrong path), or it (with a full
+            fine-tune's state) needs more memory than there is (naming a recipe that fits).
     """
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
     device = device or torch.device("cpu")
     where, gguf_file, source = _where(cfg)
-    kwargs: dict[str, Any] = {"local_files_only": True}
-    if gguf_file:
-        kwargs["gguf_file"] = gguf_file
+    kwargs: dict[str, Any] = {"local_files_only": True, **({"gguf_file": gguf_file} if gguf_file else {})}
     config = _read_config(cfg, where, kwargs)
     objective = _objective(cfg, config, seq_len)
     auto = AutoModelForMaskedLM if objective == "mlm" else AutoModelForCausalLM
     stored = load_spec.checkpoint_dtype(config)
-    spec = (recipe or Recipe()).spec(stored)
-    meta = meta_model(auto, config)
+    recipe = recipe or Recipe()
+    spec, meta = recipe.spec(stored), meta_model(auto, config)
     shapes = load_spec.Shapes.of(meta, transformer_blocks(meta)[0])
-    training = 0
-    if trains_every_weight_with is not None:
-        pure = MODES[(recipe or Recipe()).mode].storage == "bf16"
-        training = load_spec.full_training_bytes(shapes, spec, pure, trains_every_weight_with)
+    training = load_spec.full_training_bytes(shapes, spec, recipe, trains_every_weight_with)
     load_spec.check_room(shapes, spec, device, memory_limit_bytes, cfg.name_or_path, training)
     # A GGUF file read directly (no room to convert it) is quantized after loading (see
     # ecoadapt.train.prepare), from the load dtype; a converted one as it loads, as any folder.
@@ -310,9 +303,7 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     from transformers import AutoTokenizer
 
     where, gguf_file, _ = resolve_model(cfg)
-    kwargs: dict[str, Any] = {"local_files_only": True}
-    if gguf_file:
-        kwargs["gguf_file"] = gguf_file
+    kwargs: dict[str, Any] = {"local_files_only": True, **({"gguf_file": gguf_file} if gguf_file else {})}
     with offline():
         return AutoTokenizer.from_pretrained(where, **kwargs)
 
