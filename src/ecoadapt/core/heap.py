@@ -74,7 +74,7 @@ def huge_pages_for_torch() -> bool:
 
     Why a quantized base: on a CPU, bitsandbytes dequantizes every 4-bit weight into a new block
     at every pass, and how much of that glibc keeps resident varies from run to run (the 1.1B NF4
-    run's training peak: 1.64-1.82 GiB without huge pages, 1.51-1.53 with, at the same time per
+    run's training peak: 1.64-1.82 GiB without huge pages, 1.51-1.58 with, at the same time per
     step: bench/huge_pages.py, BENCHMARKS.md). A run without a quantized base is left as it was.
 
     Returns:

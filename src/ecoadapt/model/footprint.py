@@ -46,9 +46,15 @@ def static_bytes(model: torch.nn.Module, policy: Any, optimizer: str = "adamw") 
 
 
 def _moments_bytes(p: torch.Tensor, value_bytes: int, optimizer: str) -> int:
-    if optimizer == "adamw" or p.numel() < MIN_8BIT_VALUES:
-        return 2 * p.numel() * value_bytes
-    return 2 * (p.numel() + 4 * -(-p.numel() // 256))
+    return moments_bytes(p.numel(), value_bytes, optimizer)
+
+
+def moments_bytes(values: int, value_bytes: int, optimizer: str) -> int:
+    """Bytes of AdamW's two moments for one tensor of ``values`` values (``value_bytes`` each in
+    full precision; 1 byte each plus an fp32 scale per 256 for the 8-bit kinds, from 4,096 on)."""
+    if optimizer == "adamw" or values < MIN_8BIT_VALUES:
+        return 2 * values * value_bytes
+    return 2 * (values + 4 * -(-values // 256))
 
 
 def activation_bytes_per_row(config: Any, seq_len: int, bytes_per_value: int, checkpointing: bool) -> int:

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from ecoadapt.config.precision_modes import MODES
+from ecoadapt.model.footprint import moments_bytes
 from ecoadapt.model.precision import AUTOCAST_DTYPES
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -197,11 +198,11 @@ def full_training_bytes(shapes: Shapes, spec: LoadSpec, recipe: Recipe, optimize
     if optimizer is None:
         return 0
     values = shapes.block_linear_values + shapes.other_values
-    moments = 8 if optimizer == "adamw" else 2
+    moments = moments_bytes(values, 4, optimizer)  # as the forecast counts them: for fp32 weights or masters
     if MODES[recipe.mode].storage == "bf16":
-        return int(values * (2 + 4 + moments))  # bf16 gradients, fp32 masters
+        return values * (2 + 4) + moments  # bf16 gradients, fp32 masters
     read = torch.finfo(spec.dtype).bits // 8
-    return int(values * ((4 - read) + 4 + moments))
+    return values * ((4 - read) + 4) + moments
 
 
 def check_room(
