@@ -206,15 +206,36 @@ def run_peer(model: str, recipe: str, work: Path, steps: int = STEPS) -> dict[st
 
 
 def planned(model: str, recipe: str) -> dict[str, Any]:
-    """What `plan --device` would count for the recipe from the model's shapes alone (no CUDA
-    context): static bytes plus one micro-batch row of activations, to hold against the run's
-    measured training peak above its pre-load baseline."""
+    """What ``ecoadapt plan --device cpu-24gb`` projects for the recipe from the model's shapes
+    alone (a fresh process, on a copy of the model's config.json and tokenizer without its
+    weights, as for a model this machine cannot load): the peak it projects (static bytes, one
+    row of activations, and its own process with the model's code and tokenizer loaded), to
+    hold against the run's measured process-tree peak."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = config_only(model, Path(tmp) / "config-only")
+        cfg = config(str(folder), recipe)
+        path = Path(tmp) / "plan.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        out = Path(tmp) / "plan.json"
+        command = [sys.executable, "-m", "ecoadapt", "plan", str(path), "--device", "cpu-24gb", "--json", str(out)]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            return {"planned_error": (done.stderr.strip().splitlines() or [""])[-1][:300]}
+        (row,) = json.loads(out.read_text())["recipes"]
+    return {"planned_bytes": int(row["peak_bytes"]), "planned_parts_bytes": row["parts_bytes"]}
+
+
+def config_only(model: str, folder: Path) -> Path:
+    """``model``'s config.json and tokenizer in ``folder``, without weights (a GGUF or ``pkg:``
+    model's from its file's metadata)."""
     from ecoadapt.config import from_dict
     from ecoadapt.forecast import from_shapes
+    from ecoadapt.model import pretrained
 
-    probe = from_shapes.probe(from_dict(config(model, recipe)), device_type="cpu")  # as measured here
-    static = sum(int(v) for v in probe["static_bytes"].values())
-    return {"planned_bytes": static + int(probe["activation_bytes_per_row"]), "static_bytes": probe["static_bytes"]}
+    cfg = from_dict(config(model, "bf16 lora"))
+    from_shapes.model_config(cfg).save_pretrained(folder)
+    pretrained.load_tokenizer(cfg.model).save_pretrained(folder)
+    return folder
 
 
 def worktree(rev: str, where: Path) -> Path:
@@ -244,7 +265,7 @@ def main() -> None:
         return
     if args.planned:
         for recipe in args.recipes:
-            print(f"{recipe:<16} planned {gib(planned(args.model, recipe)['planned_bytes'])} GiB", flush=True)
+            print(f"{recipe:<16} planned {gib(planned(args.model, recipe).get('planned_bytes'))} GiB", flush=True)
         return
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:

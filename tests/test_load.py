@@ -247,3 +247,22 @@ def test_weights_that_train_get_memory_of_their_own_while_a_frozen_base_stays_in
     if lora:
         assert ranges and all(in_files(p) for p in frozen)  # only read: the mapped pages, no copy
     del built, loaded, model, trained, frozen
+
+
+def test_a_loaded_tokenizer_drops_the_python_copies_its_constructor_built_from(tmp_path):
+    from transformers import AutoTokenizer, GPT2Config, GPT2Tokenizer
+
+    symbols = ["<|endoftext|>", "h", "e", "l", "o", "he", "ll", "hell", "hello", "w", "r", "d"]
+    merges = [("h", "e"), ("l", "l"), ("he", "ll"), ("hell", "o")]
+    GPT2Tokenizer(vocab={s: i for i, s in enumerate(symbols)}, merges=merges).save_pretrained(tmp_path / "tok")
+    GPT2Config(vocab_size=len(symbols), n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path / "tok")
+    plain = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert len(plain._vocab) == len(symbols) and len(plain._merges) == len(merges)  # what transformers keeps
+    lean = pretrained.load_tokenizer(ModelConfig(str(tmp_path / "tok")))
+    assert lean._vocab == {} and lean._merges == []
+    for text in ("hello", "held world", "dollhello"):
+        assert lean(text)["input_ids"] == plain(text)["input_ids"], text
+    assert lean.get_vocab() == plain.get_vocab()  # read from the Rust tokenizer
+    lean.save_pretrained(tmp_path / "saved")
+    reloaded = AutoTokenizer.from_pretrained(tmp_path / "saved")
+    assert reloaded("hello held")["input_ids"] == plain("hello held")["input_ids"]

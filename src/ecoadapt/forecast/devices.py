@@ -87,6 +87,15 @@ class Device:
         """What ``overhead_bytes`` is, as the projection's parts name it."""
         return "cuda_context" if self.kind == "cuda" else "process"
 
+    def overhead_for(self, probe: dict[str, Any]) -> int:
+        """``overhead_bytes`` for one recipe (bytes): on a CPU machine, the resident set the probe
+        measured once it held what a run of the recipe imports (a plan from the shapes: the
+        model's code and PEFT, about 0.2 GiB above a bare interpreter with torch), else the
+        device's own."""
+        if self.kind == "cpu" and "process_bytes" in probe:
+            return max(self.overhead_bytes, int(probe["process_bytes"]))
+        return self.overhead_bytes
+
     @property
     def label(self) -> str:
         """The device as the table's first line names it."""
@@ -154,7 +163,8 @@ def cpu_machine(
     threads = torch.get_num_threads()
     rates = ", ".join(f"{dtype} {peak / 1e9:,.0f}" for dtype, peak in peaks.items())
     basis = (
-        f"memory from the shapes and this machine's activations per block, plus this process's own resident set; "
+        "memory from the shapes and this machine's activations per block, plus this process's own resident set "
+        f"(with the model's code, PEFT and the tokenizer loaded, as a run holds them); "
         f"{system / GIB:.1f} GiB left to the system; time at this machine's measured matmul rate ({cpu_name()}, "
         f"{threads} threads: {rates} GFLOP/s); energy estimated: {threads} cores x {cpu_watts_per_core:g} W + "
         f"{memory_watts_per_gib:g} W per resident GiB"
@@ -191,7 +201,8 @@ def project(
     joules (at rated power) and mJ per token, from this machine's trial steps (``probe``)."""
     static = sum(int(v) for v in probe["static_bytes"].values())
     per_row = activation_bytes_per_row(probe)
-    peak = static + per_row * micro_batch + gpu.overhead_bytes
+    overhead = gpu.overhead_for(probe)
+    peak = static + per_row * micro_batch + overhead
     dtype = COMPUTE[mode]
     notes = []
     if dtype not in gpu.peaks:  # no such tensor-core path: it runs, emulated or in fp32, slowly
@@ -203,7 +214,7 @@ def project(
     return {
         "peak_bytes": int(peak),
         "parts_bytes": {**{k: int(v) for k, v in probe["static_bytes"].items()},
-                        "activations": int(per_row * micro_batch), gpu.overhead_name: gpu.overhead_bytes},
+                        "activations": int(per_row * micro_batch), gpu.overhead_name: overhead},
         "fits": peak <= gpu.capacity_bytes,
         "step_s": step_s,
         "tokens_per_s": tokens_per_step / step_s,

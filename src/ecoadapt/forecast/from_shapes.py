@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from ecoadapt.config import RunConfig
+from ecoadapt.config.precision_modes import MODES
 from ecoadapt.core.errors import UserError
 from ecoadapt.model import adapters, footprint, load_spec, pretrained
 from ecoadapt.model.load_spec import Recipe
@@ -79,16 +80,54 @@ def probe(cfg: RunConfig, device_type: str = "cuda") -> dict[str, Any]:
     Returns:
         ``static_bytes`` (weights, gradients, optimizer, logits chunk, and for a quantized base
         the one weight it dequantizes at a time), ``activation_bytes_per_row``,
-        ``flops_per_token``, ``counts`` and ``source``.
+        ``flops_per_token``, ``counts``, ``source`` and ``process_bytes``: this process's resident
+        set once it holds the model's code and PEFT, as a run does (a CPU machine's plan counts
+        it in place of a CUDA context).
     """
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
-
-    from ecoadapt.measure import flops
+    from ecoadapt.measure import flops, memory
 
     config = model_config(cfg)
     objective = pretrained.detect_objective(config) if cfg.model.objective == "auto" else cfg.model.objective
-    auto = AutoModelForMaskedLM if objective == "mlm" else AutoModelForCausalLM
     spec = Recipe.of(cfg).spec(load_spec.checkpoint_dtype(config))
+    model, shapes = _meta_recipe(cfg, config, objective, spec)
+    static = footprint.static_bytes(model, _masters(model, spec_mode(cfg)), cfg.train.optimizer)
+    value_bytes = 4 if spec.compute_dtype == torch.float32 else 2
+    autocast = MODES[spec_mode(cfg)].autocast
+    if spec.quantize is not None:  # the blocks' Linears at their packed size, not as built here
+        stored = shapes.weight_bytes(dataclasses.replace(spec, quantize=None))
+        static["weights"] += shapes.weight_bytes(spec) - stored
+        static["dequantized_weight"] = shapes.largest_block_linear * _dequantized_value_bytes(
+            spec.quantize, value_bytes, autocast, device_type
+        )
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
+    static["logits_chunk"] = _logits_chunk_bytes(cfg, vocab, value_bytes, device_type)
+    _, blocks = pretrained.transformer_blocks(model)
+    head_fraction = cfg.data.mlm_probability if objective == "mlm" else 1.0
+    count = flops.training_flops(model, blocks, cfg.data.max_seq_len, int(config.hidden_size), head_fraction)
+    per_row = footprint.activation_bytes_per_row(
+        config, cfg.data.max_seq_len, value_bytes, cfg.train.gradient_checkpointing, 4 if autocast else None
+    )
+    _hold_tokenizer(cfg)
+    return {
+        "static_bytes": static,
+        "activation_bytes_per_row": per_row,
+        "flops_per_token": count.per_token,
+        "counts": pretrained.parameter_counts(model),
+        "source": "the model's shapes on the meta device (config.json alone; activations estimated)",
+        # Measured here, after the meta model and its adapters were built and with the tokenizer
+        # held: a run imports the same modules and holds its tokenizer as it trains (at 1.1B:
+        # 0.43 GiB resident against 0.22 GiB before them; Gemma 3's 262k-word tokenizer alone
+        # holds 0.27-0.31 GiB).
+        "process_bytes": memory.rss_bytes(),
+    }
+
+
+def _meta_recipe(cfg: RunConfig, config: Any, objective: str, spec: Any) -> tuple[torch.nn.Module, Any]:
+    """(the recipe's model on the meta device, what trains set as the run sets it and stored as
+    the run stores it; the base's :class:`ecoadapt.model.load_spec.Shapes`)."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    auto = AutoModelForMaskedLM if objective == "mlm" else AutoModelForCausalLM
     meta = pretrained.meta_model(auto, config).to(spec.dtype)
     blocks_name, _ = pretrained.transformer_blocks(meta)
     shapes = load_spec.Shapes.of(meta, blocks_name)
@@ -100,28 +139,50 @@ def probe(cfg: RunConfig, device_type: str = "cuda") -> dict[str, Any]:
     policy = Policy(spec_mode(cfg), "cpu")
     policy.apply(model)  # bf16-pure: every weight (adapters too) in bf16, as the run stores them
     policy.keep_fp32_weights(model)
-    static = footprint.static_bytes(model, _masters(model, spec_mode(cfg)), cfg.train.optimizer)
-    value_bytes = 4 if spec.compute_dtype == torch.float32 else 2
-    if spec.quantize is not None:  # the blocks' Linears at their packed size, not as built here
-        stored = shapes.weight_bytes(dataclasses.replace(spec, quantize=None))
-        static["weights"] += shapes.weight_bytes(spec) - stored
-        # bitsandbytes multiplies by a dequantized copy of the weight, one Linear at a time.
-        static["dequantized_weight"] = shapes.largest_block_linear * value_bytes
-    vocab = int(getattr(config, "vocab_size", 0) or 0)
-    static["logits_chunk"] = 2 * chunk_rows(vocab, device_type) * vocab * 4 if vocab else 0  # fp32 logits + gradient
-    _, blocks = pretrained.transformer_blocks(model)
-    head_fraction = cfg.data.mlm_probability if objective == "mlm" else 1.0
-    count = flops.training_flops(model, blocks, cfg.data.max_seq_len, int(config.hidden_size), head_fraction)
-    per_row = footprint.activation_bytes_per_row(
-        config, cfg.data.max_seq_len, value_bytes, cfg.train.gradient_checkpointing
-    )
-    return {
-        "static_bytes": static,
-        "activation_bytes_per_row": per_row,
-        "flops_per_token": count.per_token,
-        "counts": pretrained.parameter_counts(model),
-        "source": "the model's shapes on the meta device (config.json alone; activations estimated)",
-    }
+    return model, shapes
+
+
+def _logits_chunk_bytes(cfg: RunConfig, vocab: int, value_bytes: int, device_type: str) -> int:
+    """Bytes of one chunk of the chunked head's loss (:mod:`ecoadapt.model.losses`) at its peak:
+    per row and vocabulary entry the logits and their gradient in the compute dtype, an fp32 copy
+    of 16-bit logits, and logsumexp's fp32 temporary (12 bytes in 16 bits, 8 in fp32). A chunk
+    holds at most the micro-batch's rows (its tokens)."""
+    if not vocab:
+        return 0
+    rows_available = cfg.data.max_seq_len * (1 if cfg.train.fill_micro_batch else cfg.train.micro_batch_size)
+    rows = min(chunk_rows(vocab, device_type), rows_available)
+    per_value = 8 if value_bytes == 4 else 2 * value_bytes + 8
+    return rows * vocab * per_value
+
+
+_TOKENIZERS: dict[str, Any] = {}
+
+
+def _hold_tokenizer(cfg: RunConfig) -> bool:
+    """Load the model's tokenizer (where its files are here) and keep it for this process's life,
+    so that its resident memory is counted as a run's is; whether it could be loaded."""
+    name = cfg.model.name_or_path
+    if name not in _TOKENIZERS:
+        try:
+            _TOKENIZERS[name] = pretrained.load_tokenizer(cfg.model)
+        except (OSError, ValueError, UserError):
+            _TOKENIZERS[name] = None
+    return _TOKENIZERS[name] is not None
+
+
+def _dequantized_value_bytes(kind: str, value_bytes: int, autocast: bool, device_type: str) -> int:
+    """Bytes per weight value of the dequantized copies bitsandbytes makes of one Linear at a time.
+
+    NF4 casts its input to the compute dtype and dequantizes to it (``value_bytes``). The int8
+    layer dequantizes to its input's dtype, fp32 under autocast (the residual stream and the
+    norms' outputs stay fp32); on a CPU (bitsandbytes' MatMul8bitFp) autocast then copies that
+    fp32 weight to the compute dtype for the matmul, both alive at once.
+    """
+    if kind != "int8":
+        return value_bytes
+    if not autocast:
+        return value_bytes
+    return 4 + (value_bytes if device_type == "cpu" else 0)
 
 
 def spec_mode(cfg: RunConfig) -> str:

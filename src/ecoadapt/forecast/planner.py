@@ -388,7 +388,7 @@ def _micro_batch_on(cfg: RunConfig, probe: dict[str, Any], target: devices.Devic
     if not cfg.train.fill_micro_batch:
         return cfg.train.micro_batch_size
     blocks, parts = cfg.train.micro_batch_size, probe["static_bytes"]
-    free = target.capacity_bytes - int(parts.get("weights", 0)) - target.overhead_bytes
+    free = target.capacity_bytes - int(parts.get("weights", 0)) - target.overhead_for(probe)
     later = int(parts.get("gradients", 0)) + int(parts.get("optimizer", 0))
     per_row = int(devices.activation_bytes_per_row(probe))
     splits, _ = micro_batch.fitting_splits(blocks, max(0, free), later, per_row)

@@ -57,7 +57,9 @@ def moments_bytes(values: int, value_bytes: int, optimizer: str) -> int:
     return 2 * (values + 4 * -(-values // 256))
 
 
-def activation_bytes_per_row(config: Any, seq_len: int, bytes_per_value: int, checkpointing: bool) -> int:
+def activation_bytes_per_row(
+    config: Any, seq_len: int, bytes_per_value: int, checkpointing: bool, residual_bytes: int | None = None
+) -> int:
     """Bytes of activations one block row (``seq_len`` tokens) keeps for the backward pass.
 
     Args:
@@ -67,6 +69,10 @@ def activation_bytes_per_row(config: Any, seq_len: int, bytes_per_value: int, ch
         bytes_per_value: 2 when the forward pass computes in 16 bits, 4 in fp32.
         checkpointing: train.gradient_checkpointing: each layer keeps only its input, and one
             layer's activations are recomputed at a time.
+        residual_bytes: bytes per value of the residual stream, the input each checkpointed
+            layer keeps: 4 under autocast, whose residual stream stays fp32 (even over a 16-bit
+            base, :meth:`ecoadapt.model.precision.Policy.keep_residual_fp32`); default
+            ``bytes_per_value``.
 
     Returns:
         An estimate that errs high (frozen lower blocks keep nothing, which is not counted).
@@ -75,5 +81,7 @@ def activation_bytes_per_row(config: Any, seq_len: int, bytes_per_value: int, ch
     layers = int(getattr(config, "num_hidden_layers", 12))
     intermediate = int(getattr(config, "intermediate_size", None) or 4 * hidden)
     per_layer = KEPT_PER_HIDDEN * hidden + KEPT_PER_INTERMEDIATE * intermediate
-    per_token = layers * hidden + per_layer if checkpointing else layers * per_layer
-    return per_token * seq_len * bytes_per_value
+    if not checkpointing:
+        return layers * per_layer * seq_len * bytes_per_value
+    kept_inputs = layers * hidden * seq_len * (residual_bytes or bytes_per_value)
+    return kept_inputs + per_layer * seq_len * bytes_per_value

@@ -186,10 +186,11 @@ def choose(
     if device.type != "cuda":
         return MicroBatchChoice.on_cpu(blocks, steps_left, compiled, processes)
     parts = footprint.static_bytes(model, policy, cfg.train.optimizer)
-    sixteen_bit = MODES[policy.mode].sixteen_bit
+    mode = MODES[policy.mode]
     per_row = footprint.activation_bytes_per_row(
-        getattr(model, "config", None), cfg.data.max_seq_len, 2 if sixteen_bit else 4, cfg.train.gradient_checkpointing
-    )
+        getattr(model, "config", None), cfg.data.max_seq_len, 2 if mode.sixteen_bit else 4,
+        cfg.train.gradient_checkpointing, residual_bytes=4 if mode.autocast else None,
+    )  # fmt: skip
     free = cuda_free_bytes(device, cfg.train.max_memory_gb)
     splits, how = fitting_splits(blocks, free, parts["gradients"] + parts["optimizer"], per_row)
     return MicroBatchChoice(blocks, splits, f"{part_size(blocks, splits)} blocks, {how}")
