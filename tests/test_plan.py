@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -130,22 +132,28 @@ def test_forecast_against_a_measured_run(tmp_path: Path, corpus_jsonl: Path):
     of its own (no child process ran). The bands are wider than the 15% / 25% the benchmark
     shows on real models (bench/plan_check.py): this model's tensors are tens of MB, the size of
     the allocator's own noise, and CI machines are shared; a forecast off by a factor of two
-    still fails. `ecoadapt plan`'s trial steps forecast the same recipe before training."""
-    from ecoadapt.commands import adapt
+    still fails. `ecoadapt plan`'s trial steps forecast the same recipe before training.
 
+    The run is a process of its own, as the trial steps are: run inside this long-lived test
+    process it reused pages earlier tests had left resident, and its peak above its baseline read
+    low (planned / measured 1.606 once, in a CI run)."""
     model = _small_llama(tmp_path / "small-llama")
     cfg = _config(model, corpus_jsonl, tmp_path / "run", seq=128, compile=False)
-    summary = adapt.adapt(cfg)
-    f = summary.forecast
+    path = tmp_path / "run.yaml"
+    path.write_text(json.dumps(cfg.to_dict()))
+    done = subprocess.run([sys.executable, "-m", "ecoadapt", "adapt", str(path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    f = summary["forecast"]
     assert f is not None and "error" not in f, f
     assert f["probed_at"] == [8] and f["steps"] == 12 and f["source"] == "the run's own first 5 steps"
     versus = f["versus_measured"]
-    assert versus["peak_bytes"]["measured"] == summary.memory["peak_above_baseline_bytes"]
+    assert versus["peak_bytes"]["measured"] == summary["memory"]["peak_above_baseline_bytes"]
     assert 0.6 < versus["peak_bytes"]["ratio"] < 1.6, versus["peak_bytes"]
     assert 0.5 < versus["step_s"]["ratio"] < 2.0, versus["step_s"]
     print("forecast / measured:", {k: round(v["ratio"], 3) for k, v in versus.items()})
-    assert versus["train_joules"]["measured"] == summary.energy["train_joules"]
-    assert "forecast" not in summary.energy["phases"]  # nothing ran apart from training to forecast it
+    assert versus["train_joules"]["measured"] == summary["energy"]["train_joules"]
+    assert "forecast" not in summary["energy"]["phases"]  # nothing ran apart from training to forecast it
     parts = f["parts_bytes"]
     assert parts["weights"] == 4 * sum(p.numel() for p in _params(model))  # fp32, counted from the shapes
     assert parts["optimizer"] == 2 * parts["weights"]
