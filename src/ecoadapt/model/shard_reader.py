@@ -26,12 +26,18 @@ BAND_BYTES = 32 << 20  # read buffer per band (bytes): small beside the tensors 
 DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
-@functools.lru_cache(maxsize=64)
 def header(path: str) -> tuple[int, dict[str, Any]]:
-    """(byte offset where the shard's data begins, its JSON header) of a safetensors file."""
+    """(byte offset where the shard's data begins, its JSON header) of a safetensors file, read
+    once per version of the file: a shard saved again at the same path is read again."""
+    stat = os.stat(path)
+    return _header(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _header(path: str, mtime_ns: int, size: int) -> tuple[int, dict[str, Any]]:
     with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        return 8 + size, json.loads(f.read(size))
+        (length,) = struct.unpack("<Q", f.read(8))
+        return 8 + length, json.loads(f.read(length))
 
 
 def read_as(path: str | Path, name: str, dtype: torch.dtype) -> torch.Tensor | None:
@@ -87,7 +93,7 @@ class NamedShard:
     def get_slice(self, name: str) -> NamedSlice:
         return NamedSlice(self._handle.get_slice(name), self._path, name)
 
-    def __getattr__(self, attribute: str) -> Any:  # keys, get_tensor, metadata, __exit__ ...
+    def __getattr__(self, attribute: str) -> Any:  # keys, get_tensor, metadata ...
         return getattr(self._handle, attribute)
 
     def __enter__(self) -> NamedShard:
