@@ -89,9 +89,9 @@ class Device:
 
     def overhead_for(self, probe: dict[str, Any]) -> int:
         """``overhead_bytes`` for one recipe (bytes): on a CPU machine, the resident set the probe
-        measured once it held what a run of the recipe imports (a plan from the shapes: the
-        model's code and PEFT, about 0.2 GiB above a bare interpreter with torch), else the
-        device's own."""
+        measured once it held what a run of the recipe holds besides its tensors (a plan from the
+        shapes: the model's code, PEFT and the tokenizer; at 1.1B about 0.2 GiB above a bare
+        interpreter with torch), else the device's own."""
         if self.kind == "cpu" and "process_bytes" in probe:
             return max(self.overhead_bytes, int(probe["process_bytes"]))
         return self.overhead_bytes

@@ -81,8 +81,8 @@ def probe(cfg: RunConfig, device_type: str = "cuda") -> dict[str, Any]:
         ``static_bytes`` (weights, gradients, optimizer, logits chunk, and for a quantized base
         the one weight it dequantizes at a time), ``activation_bytes_per_row``,
         ``flops_per_token``, ``counts``, ``source`` and ``process_bytes``: this process's resident
-        set once it holds the model's code and PEFT, as a run does (a CPU machine's plan counts
-        it in place of a CUDA context).
+        set once it holds the model's code, PEFT and the tokenizer, as a run does (a CPU
+        machine's plan counts it in place of a CUDA context).
     """
     from ecoadapt.measure import flops, memory
 
@@ -178,9 +178,7 @@ def _dequantized_value_bytes(kind: str, value_bytes: int, autocast: bool, device
     norms' outputs stay fp32); on a CPU (bitsandbytes' MatMul8bitFp) autocast then copies that
     fp32 weight to the compute dtype for the matmul, both alive at once.
     """
-    if kind != "int8":
-        return value_bytes
-    if not autocast:
+    if kind != "int8" or not autocast:
         return value_bytes
     return 4 + (value_bytes if device_type == "cpu" else 0)
 
