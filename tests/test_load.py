@@ -266,3 +266,27 @@ def test_a_loaded_tokenizer_drops_the_python_copies_its_constructor_built_from(t
     lean.save_pretrained(tmp_path / "saved")
     reloaded = AutoTokenizer.from_pretrained(tmp_path / "saved")
     assert reloaded("hello held")["input_ids"] == plain("hello held")["input_ids"]
+
+
+def test_every_tokenizer_class_that_reads_its_vocabulary_copies_later_keeps_them():
+    """The classes of the installed transformers whose methods other than ``__init__`` read
+    ``self._vocab`` or ``self._merges`` are exactly those ``without_construction_copies`` leaves
+    alone: an upgrade that adds a reader fails here instead of breaking that tokenizer."""
+    import ast
+
+    import transformers
+
+    root = Path(transformers.__file__).parent
+    readers = set()
+    for path in root.rglob("tokenization_*.py"):
+        for cls in (n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ClassDef)):
+            for method in (n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name != "__init__"):
+                for node in ast.walk(method):
+                    if (
+                        isinstance(node, ast.Attribute)
+                        and node.attr in ("_vocab", "_merges")
+                        and isinstance(node.value, ast.Name)
+                        and node.value.id == "self"
+                    ):
+                        readers.add(cls.name)
+    assert readers == pretrained.READ_AFTER_CONSTRUCTION

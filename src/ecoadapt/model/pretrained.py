@@ -321,12 +321,20 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
         return without_construction_copies(AutoTokenizer.from_pretrained(where, **kwargs))
 
 
+# transformers 5.24's tokenizer classes whose methods other than __init__ read ``_vocab`` or
+# ``_merges`` (tests/test_load.py finds them in the installed transformers and checks this list).
+READ_AFTER_CONSTRUCTION = frozenset({"LayoutXLMTokenizer", "WhisperTokenizer"})
+
+
 def without_construction_copies(tokenizer: Any) -> Any:
     """``tokenizer`` without the Python copies of its vocabulary and merges that transformers 5's
     BPE tokenizer classes (Llama, Qwen 2, GPT-2, Gemma, ...) keep after building the Rust
     tokenizer from them: only their constructor reads ``_vocab`` and ``_merges``, and for Gemma
     3's 262,144 words and 514,906 merges they hold 0.13 GiB for the whole run. Encoding, decoding
-    and saving use the Rust tokenizer and are unchanged."""
+    and saving use the Rust tokenizer and are unchanged. The classes that read them later
+    (:data:`READ_AFTER_CONSTRUCTION`) keep them."""
+    if type(tokenizer).__name__ in READ_AFTER_CONSTRUCTION:
+        return tokenizer
     for name, empty in (("_vocab", {}), ("_merges", [])):
         if isinstance(getattr(tokenizer, name, None), (dict, list)):
             setattr(tokenizer, name, empty)
